@@ -1,0 +1,36 @@
+"""The frontend: a Flask application factory, served by gunicorn as ``app:create_app()``."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import redis
+from flask import Flask
+
+from config import Settings, load_settings
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    from app.errors import register_error_handlers
+    from app.gateway import Gateway
+    from app.processor import Processor
+    from app.routes import bp
+    from tasks.celery_app import make_celery
+
+    settings = settings or load_settings()
+    app = Flask(__name__)
+    app.config.update(
+        LLMQ_SETTINGS=settings,
+        LLMQ_STARTED=int(time.time()),
+        MAX_CONTENT_LENGTH=settings.frontend.max_body_bytes,
+        JSON_SORT_KEYS=False,
+    )
+    app.json.ensure_ascii = False
+    client = redis.Redis.from_url(settings.redis_url, health_check_interval=30)
+    app.extensions["llmq.gateway"] = Gateway(settings, make_celery(settings), client)
+    app.extensions["llmq.processor"] = Processor(settings)
+    app.register_blueprint(bp)
+    register_error_handlers(app)
+    logging.getLogger(__name__).info("frontend ready: model=%s redis=%s", settings.model.name, settings.redis_url)
+    return app

@@ -1,0 +1,82 @@
+"""One error shape for every failure: OpenAI's {"error": {"message", "type", "param", "code"}}."""
+
+from __future__ import annotations
+
+from flask import Flask, jsonify
+from werkzeug.exceptions import HTTPException
+
+
+class APIError(Exception):
+    """An error the client should see, with its HTTP status."""
+
+    status = 400
+    type = "invalid_request_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+                 status: int | None = None, type: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+        if status is not None:
+            self.status = status
+        if type is not None:
+            self.type = type
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code}}
+
+
+class BadRequest(APIError):
+    """Malformed or invalid request (400)."""
+
+
+class Unauthorized(APIError):
+    """Missing or wrong API key (401)."""
+
+    status = 401
+    type = "authentication_error"
+
+
+class ModelNotFound(APIError):
+    """The request names a model this deployment does not serve (404)."""
+
+    status = 404
+    type = "not_found_error"
+
+
+class NoWorkers(APIError):
+    """No live worker can take the request (503)."""
+
+    status = 503
+    type = "service_unavailable"
+
+
+class UpstreamTimeout(APIError):
+    """The request did not finish within its deadline (504)."""
+
+    status = 504
+    type = "timeout"
+
+
+def error_response(err: APIError):
+    return jsonify(err.body()), err.status
+
+
+def register_error_handlers(app: Flask) -> None:
+    app.register_error_handler(APIError, error_response)
+
+    # Routing errors (404, 405) and body limits (413) come from werkzeug before any blueprint
+    # sees the request, so they are handled on the app, in the same shape.
+    @app.errorhandler(HTTPException)
+    def _http_error(e: HTTPException):
+        kind = {404: "not_found_error", 405: "invalid_request_error", 413: "request_too_large"}
+        return error_response(APIError(e.description or e.name, status=e.code,
+                                       type=kind.get(e.code, "invalid_request_error")))
+
+    @app.errorhandler(Exception)
+    def _unexpected(e: Exception):
+        app.logger.exception("unhandled error")
+        return error_response(APIError(f"internal error: {type(e).__name__}", status=503,
+                                       type="server_error"))

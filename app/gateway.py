@@ -1,0 +1,144 @@
+"""The frontend's side of the task queue: enqueue generation tasks, then read their output streams.
+
+Every wait here is bounded. A request fails with 504 when no worker takes it within
+``first_token_timeout_s`` or it runs past ``request_timeout_s``, and with 503 when the worker
+that took it stops renewing its lease. Nothing waits on Celery results.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import redis
+from celery import Celery
+
+from app.errors import APIError, NoWorkers, UpstreamTimeout
+from config import Settings
+from tasks import keys, queues
+from tasks.messages import (
+    Accepted, Delta, Failed, Finished, GenerateRequest, SamplingSpec, decode_event, request_to_task_arg,
+)
+from tasks.registry import is_alive, live_workers
+
+logger = logging.getLogger(__name__)
+
+# How long one XREAD blocks before the gateway re-checks deadlines and worker leases.
+POLL_INTERVAL_MS = 1000
+# Live-worker lookups are cached this long, so a burst of requests costs one SCAN.
+WORKER_CACHE_S = 1.0
+
+
+@dataclass
+class SubRequest:
+    """One engine request: a completion with k prompts fans out into k of these."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    choice_offset: int  # this sub-request's choice i is the response's choice offset + i
+    worker_id: str | None = None
+    finished: Finished | None = None
+
+
+class Gateway:
+    def __init__(self, settings: Settings, celery: Celery, client: redis.Redis):
+        self.settings = settings
+        self.celery = celery
+        self.redis = client
+        self._workers_checked_at = 0.0
+        self._num_workers = 0
+        self._lock = threading.Lock()
+
+    # -- liveness --------------------------------------------------------------------------
+
+    def num_live_workers(self, use_cache: bool = True) -> int:
+        with self._lock:
+            if not use_cache or time.monotonic() - self._workers_checked_at > WORKER_CACHE_S:
+                self._num_workers = len(live_workers(self.redis, role="decode"))
+                self._workers_checked_at = time.monotonic()
+            return self._num_workers
+
+    def require_workers(self) -> None:
+        if self.num_live_workers() == 0:
+            raise NoWorkers("no live decode worker; start one with `celery -A tasks worker -Q decode`")
+
+    # -- submit and stream -----------------------------------------------------------------
+
+    def submit(self, request_id: str, prompts: list[list[int]], spec: SamplingSpec) -> list[SubRequest]:
+        self.require_workers()
+        deadline = time.time() + self.settings.frontend.request_timeout_s
+        subs = [
+            SubRequest(f"{request_id}-{i}" if len(prompts) > 1 else request_id, ids, i * spec.n)
+            for i, ids in enumerate(prompts)
+        ]
+        for sub in subs:
+            msg = GenerateRequest(request_id=sub.request_id, prompt_token_ids=sub.prompt_token_ids,
+                                  sampling=spec, deadline_unix=deadline)
+            self.celery.send_task(
+                queues.GENERATE_TASK, args=[request_to_task_arg(msg)],
+                # A task nobody waits for any more is dropped by the broker-side expiry.
+                expires=self.settings.frontend.first_token_timeout_s,
+            )
+        logger.info("[%s] enqueued %d task(s), %s prompt tokens", request_id, len(subs),
+                    "+".join(str(len(s.prompt_token_ids)) for s in subs))
+        return subs
+
+    def events(self, subs: list[SubRequest]) -> Iterator[tuple[SubRequest, Delta]]:
+        """Yields (sub-request, delta) until every sub-request has finished. Raises APIError on
+        failure or timeout, after cancelling whatever is still running."""
+        by_key = {keys.output_stream(s.request_id): s for s in subs}
+        cursors = {key: "0-0" for key in by_key}
+        started = next_check = time.monotonic()
+        try:
+            while cursors:
+                if time.monotonic() >= next_check:  # at most once a poll interval, not per token
+                    self._check_deadlines(subs, started)
+                    next_check = time.monotonic() + POLL_INTERVAL_MS / 1000
+                reply = self.redis.xread(cursors, block=POLL_INTERVAL_MS)
+                for raw_key, entries in reply or []:
+                    key = raw_key.decode() if isinstance(raw_key, bytes) else raw_key
+                    sub = by_key[key]
+                    for entry_id, fields in entries:
+                        cursors[key] = entry_id
+                        event = decode_event(fields[b"m"])
+                        if isinstance(event, Delta):
+                            yield sub, event
+                        elif isinstance(event, Accepted):
+                            sub.worker_id = event.worker_id
+                            logger.info("[%s] taken by %s", sub.request_id, event.worker_id)
+                        elif isinstance(event, Finished):
+                            sub.finished = event
+                            del cursors[key]
+                        elif isinstance(event, Failed):
+                            raise APIError(event.message, status=event.status, type=event.type)
+        except BaseException:
+            # The client went away (GeneratorExit) or the request failed: stop the others.
+            self.cancel(s for s in subs if s.finished is None)
+            raise
+
+    def _check_deadlines(self, subs: list[SubRequest], started: float) -> None:
+        waited = time.monotonic() - started
+        if waited > self.settings.frontend.request_timeout_s:
+            raise UpstreamTimeout(f"the request did not finish within {self.settings.frontend.request_timeout_s:.0f}s")
+        for sub in subs:
+            if sub.finished is not None:
+                continue
+            if sub.worker_id is None:
+                if waited > self.settings.frontend.first_token_timeout_s:
+                    raise UpstreamTimeout(
+                        f"no worker took the request within {self.settings.frontend.first_token_timeout_s:.0f}s")
+            elif not is_alive(self.redis, sub.worker_id):
+                raise APIError(f"worker {sub.worker_id} was lost while serving the request; retry it",
+                               status=503, type="service_unavailable")
+
+    def cancel(self, subs) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        for sub in subs:
+            pipe.set(keys.cancel_flag(sub.request_id), 1, ex=int(self.settings.frontend.request_timeout_s))
+        try:
+            pipe.execute()
+        except redis.RedisError as e:
+            logger.warning("could not flag cancellation: %s", e)

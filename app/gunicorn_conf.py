@@ -1,0 +1,26 @@
+"""gunicorn settings, taken from the deployment config: ``gunicorn -c app/gunicorn_conf.py``.
+
+gthread workers: each open request holds one thread, mostly blocked on Redis, so
+``frontend.workers x frontend.threads`` is how many streaming clients stay open at once
+(2 x 160 = 320 by default).
+"""
+
+from config import load_settings
+
+_settings = load_settings()
+
+wsgi_app = "app:create_app()"
+bind = f"{_settings.frontend.host}:{_settings.frontend.port}"
+workers = _settings.frontend.workers
+worker_class = "gthread"
+threads = _settings.frontend.threads
+# Load the tokenizer once in the master; workers share it after fork.
+preload_app = True
+# The worker's own liveness timeout; a long stream is not a hung worker under gthread.
+timeout = 60
+graceful_timeout = 30
+keepalive = 5
+loglevel = _settings.log_level.lower()
+accesslog = "-"
+errorlog = "-"
+proc_name = "llmq-frontend"

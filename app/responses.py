@@ -1,0 +1,123 @@
+"""OpenAI response bodies and stream chunks, built from the workers' Delta events."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+
+from tasks.messages import Delta, TokenLogprob
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+    def body(self) -> dict:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
+        }
+
+
+@dataclass
+class Choice:
+    """One choice's text, accumulated for a non-streaming response."""
+
+    text: str = ""
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+def _chat_logprobs(items: list[TokenLogprob]) -> dict:
+    def entry(token: str, logprob: float) -> dict:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+    return {"content": [
+        {**entry(lp.token, lp.logprob), "top_logprobs": [entry(t.token, t.logprob) for t in lp.top]}
+        for lp in items
+    ]}
+
+
+def _completion_logprobs(items: list[TokenLogprob], text_offset: int) -> dict:
+    offsets = []
+    for lp in items:
+        offsets.append(text_offset)
+        text_offset += len(lp.token)
+    return {
+        "tokens": [lp.token for lp in items],
+        "token_logprobs": [lp.logprob for lp in items],
+        "top_logprobs": [{t.token: t.logprob for t in lp.top} for lp in items],
+        "text_offset": offsets,
+    }
+
+
+class Formatter:
+    """Shapes one request's output, as /v1/chat/completions or /v1/completions wants it."""
+
+    def __init__(self, kind: str, request_id: str, model: str, want_logprobs: bool):
+        self.chat = kind == "chat"
+        self.id = f"chatcmpl-{request_id}" if self.chat else f"cmpl-{request_id}"
+        self.model = model
+        self.created = int(time.time())
+        self.want_logprobs = want_logprobs
+        self._text_offsets: dict[int, int] = {}
+
+    # -- streaming -------------------------------------------------------------------------
+
+    def _chunk(self, choices: list[dict], usage: Usage | None, include_usage: bool) -> str:
+        body = {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
+                "created": self.created, "model": self.model, "choices": choices}
+        if include_usage:
+            body["usage"] = usage.body() if usage else None
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    def role_chunk(self, index: int, include_usage: bool) -> str:
+        return self._chunk([{"index": index, "delta": {"role": "assistant", "content": ""},
+                             "logprobs": None, "finish_reason": None}], None, include_usage)
+
+    def delta_chunk(self, index: int, delta: Delta, include_usage: bool) -> str:
+        choice: dict = {"index": index, "finish_reason": delta.finish_reason}
+        choice["logprobs"] = self._logprobs(index, delta.logprobs) if self.want_logprobs and delta.logprobs else None
+        if self.chat:
+            choice["delta"] = {"content": delta.text} if delta.text or not delta.finish_reason else {}
+        else:
+            choice["text"] = delta.text
+        return self._chunk([choice], None, include_usage)
+
+    def usage_chunk(self, usage: Usage) -> str:
+        return self._chunk([], usage, True)
+
+    @staticmethod
+    def error_chunk(body: dict) -> str:
+        return f"data: {json.dumps(body)}\n\n"
+
+    DONE = "data: [DONE]\n\n"
+
+    # -- whole responses -------------------------------------------------------------------
+
+    def response(self, choices: dict[int, Choice], usage: Usage) -> dict:
+        out = []
+        for index in sorted(choices):
+            c = choices[index]
+            logprobs = self._logprobs(index, c.logprobs) if self.want_logprobs else None
+            if self.chat:
+                out.append({"index": index, "message": {"role": "assistant", "content": c.text},
+                            "logprobs": logprobs, "finish_reason": c.finish_reason})
+            else:
+                out.append({"index": index, "text": c.text, "logprobs": logprobs,
+                            "finish_reason": c.finish_reason})
+        return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
+                "created": self.created, "model": self.model, "choices": out, "usage": usage.body()}
+
+    def _logprobs(self, index: int, items: list[TokenLogprob] | None) -> dict:
+        items = items or []
+        if self.chat:
+            return _chat_logprobs(items)
+        offset = self._text_offsets.get(index, 0)
+        self._text_offsets[index] = offset + sum(len(lp.token) for lp in items)
+        return _completion_logprobs(items, offset)

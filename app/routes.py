@@ -1,0 +1,184 @@
+"""The OpenAI HTTP API: /v1/chat/completions, /v1/completions, /v1/models, and /health."""
+
+from __future__ import annotations
+
+import logging
+import itertools
+import re
+import uuid
+from collections.abc import Iterator
+
+import redis
+from flask import Blueprint, Response, current_app, g, jsonify, request, stream_with_context
+
+from app.errors import APIError, BadRequest, ModelNotFound, Unauthorized
+from app.gateway import Gateway, SubRequest
+from app.processor import Processor
+from app.responses import Choice, Formatter, Usage
+from app.schemas import ChatCompletionRequest, CompletionRequest, parse
+from tasks.messages import Delta
+
+logger = logging.getLogger(__name__)
+
+bp = Blueprint("openai", __name__)
+
+_CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._\-]{1,64}$")
+
+
+def _gateway() -> Gateway:
+    return current_app.extensions["llmq.gateway"]
+
+
+def _processor() -> Processor:
+    return current_app.extensions["llmq.processor"]
+
+
+@bp.before_app_request
+def _assign_request_id() -> None:
+    # A caller's own id is kept when it is safe to put in Redis keys and logs.
+    given = request.headers.get("X-Request-Id", "")
+    g.request_id = given if _CLIENT_REQUEST_ID.match(given) else uuid.uuid4().hex
+
+
+@bp.after_app_request
+def _echo_request_id(response: Response) -> Response:
+    response.headers["X-Request-Id"] = g.get("request_id", "")
+    return response
+
+
+def _check_api_key() -> None:
+    expected = current_app.config["LLMQ_SETTINGS"].frontend.api_key
+    if expected and request.headers.get("Authorization", "") != f"Bearer {expected}":
+        raise Unauthorized("missing or invalid API key; send 'Authorization: Bearer <key>'")
+
+
+def _json_body() -> object:
+    body = request.get_json(silent=True)
+    if body is None:
+        raise BadRequest("the request body is not valid JSON (or Content-Type is not application/json)")
+    return body
+
+
+def _check_model(name: str) -> None:
+    served = current_app.config["LLMQ_SETTINGS"].model.name
+    if name != served:
+        raise ModelNotFound(f"the model '{name}' does not exist; this deployment serves '{served}'",
+                            param="model", code="model_not_found")
+
+
+# -- endpoints -------------------------------------------------------------------------------
+
+
+@bp.get("/health")
+def health():
+    gateway = _gateway()
+    try:
+        gateway.redis.ping()
+        num_workers = gateway.num_live_workers(use_cache=False)
+    except redis.RedisError as e:
+        return jsonify({"status": "unhealthy", "reason": f"redis: {e}"}), 503
+    if num_workers == 0:
+        return jsonify({"status": "unhealthy", "reason": "no live decode worker"}), 503
+    return jsonify({"status": "ok", "workers": num_workers})
+
+
+@bp.get("/v1/models")
+def list_models():
+    _check_api_key()
+    return jsonify({"object": "list", "data": [_model_card()]})
+
+
+@bp.get("/v1/models/<path:model_id>")
+def get_model(model_id: str):
+    _check_api_key()
+    _check_model(model_id)
+    return jsonify(_model_card())
+
+
+def _model_card() -> dict:
+    settings = current_app.config["LLMQ_SETTINGS"]
+    return {"id": settings.model.name, "object": "model", "created": current_app.config["LLMQ_STARTED"],
+            "owned_by": "llmq", "root": settings.model.resolved_path,
+            "max_model_len": settings.engine.max_model_len}
+
+
+@bp.post("/v1/chat/completions")
+def chat_completions():
+    _check_api_key()
+    req = parse(ChatCompletionRequest, _json_body())
+    _check_model(req.model)
+    prompt = _processor().chat_prompt(req)
+    return _generate("chat", req, [prompt])
+
+
+@bp.post("/v1/completions")
+def completions():
+    _check_api_key()
+    req = parse(CompletionRequest, _json_body())
+    _check_model(req.model)
+    return _generate("completion", req, _processor().completion_prompts(req))
+
+
+# -- generation ------------------------------------------------------------------------------
+
+
+def _generate(kind: str, req: ChatCompletionRequest | CompletionRequest, prompts: list[list[int]]):
+    processor, gateway = _processor(), _gateway()
+    max_tokens = min(processor.max_tokens_for(p, req.requested_max_tokens) for p in prompts)
+    spec = processor.sampling(req, max_tokens)
+    subs = gateway.submit(g.request_id, prompts, spec)
+    fmt = Formatter(kind, g.request_id, req.model, want_logprobs=req.num_logprobs is not None)
+    usage = Usage(prompt_tokens=sum(len(p) for p in prompts))
+    events = gateway.events(subs)
+    deltas = _numbered(events, usage)
+    if req.stream:
+        return _stream(fmt, deltas, events, subs, usage, req)
+    choices: dict[int, Choice] = {}
+    for index, delta in deltas:
+        choice = choices.setdefault(index, Choice())
+        choice.text += delta.text
+        choice.logprobs.extend(delta.logprobs or [])
+        choice.finish_reason = delta.finish_reason or choice.finish_reason
+    usage.cached_tokens = sum(s.finished.num_cached_tokens for s in subs if s.finished)
+    return jsonify(fmt.response(choices, usage))
+
+
+def _numbered(events: Iterator[tuple[SubRequest, Delta]], usage: Usage) -> Iterator[tuple[int, Delta]]:
+    """Gives each delta its choice index in the response, and counts completion tokens."""
+    for sub, delta in events:
+        usage.completion_tokens += len(delta.token_ids)
+        yield sub.choice_offset + delta.index, delta
+
+
+def _stream(fmt: Formatter, deltas: Iterator[tuple[int, Delta]], events, subs: list[SubRequest], usage: Usage,
+            req: ChatCompletionRequest | CompletionRequest) -> Response:
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    # Wait for the first delta before answering, so that failures before any output (no worker
+    # took it, the engine refused it) still get their own status code rather than a 200 stream.
+    first = next(deltas, None)
+    request_id = g.request_id
+
+    def body() -> Iterator[str]:
+        started: set[int] = set()
+        try:
+            pending = [first] if first is not None else []
+            for index, delta in itertools.chain(pending, deltas):
+                if fmt.chat and index not in started:
+                    started.add(index)
+                    yield fmt.role_chunk(index, include_usage)
+                yield fmt.delta_chunk(index, delta, include_usage)
+            if include_usage:
+                usage.cached_tokens = sum(s.finished.num_cached_tokens for s in subs if s.finished)
+                yield fmt.usage_chunk(usage)
+        except APIError as e:
+            logger.warning("[%s] failed mid-stream: %s", request_id, e.message)
+            yield fmt.error_chunk(e.body())
+        finally:
+            # Runs when the client disconnects too: closing the event reader cancels the work.
+            events.close()
+        yield fmt.DONE
+
+    return Response(stream_with_context(body()), mimetype="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+

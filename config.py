@@ -1,0 +1,186 @@
+"""The one typed configuration of a deployment.
+
+Loaded in three layers, each overriding the one before:
+
+1. a YAML file (``configs/*.yaml``; ``LLMQ_CONFIG`` names it for processes the launcher starts);
+2. the environment: ``REDIS_URL`` and ``PORT`` as shortcuts, and ``LLMQ__SECTION__KEY=value`` for any
+   key (``LLMQ__ENGINE__KV_CACHE_GIB=0.5``);
+3. the command line: ``--set section.key=value``.
+
+Every section forbids unknown keys, so a typo fails at start with the key's dotted name instead of
+being silently ignored.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+ENV_PREFIX = "LLMQ__"
+DEFAULT_CONFIG_PATH = Path(__file__).parent / "configs" / "agg.yaml"
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names every offending key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def default_model_cache() -> Path:
+    return Path(os.environ.get("LLMQ_MODEL_CACHE", Path.home() / ".cache" / "llmq" / "models"))
+
+
+class ModelConfig(_Section):
+    # The name clients put in "model". Any hub id or local path serves under it.
+    name: str = "tiny-llama"
+    # Hub id or local path. Empty means the project's own tiny model (scripts/build_tiny_model.py).
+    path: str = ""
+
+    @property
+    def resolved_path(self) -> str:
+        return self.path or str(default_model_cache() / "tiny-llama")
+
+
+class EngineConfig(_Section):
+    """vLLM engine arguments. Defaults suit several engines sharing two CPU cores."""
+
+    # The CPU attention backend only accepts multiples of 32.
+    block_size: int = Field(32, gt=0, multiple_of=16)
+    kv_cache_gib: float = Field(0.25, gt=0)
+    max_model_len: int = Field(2048, gt=0)
+    max_num_seqs: int = Field(64, gt=0)
+    max_num_batched_tokens: int | None = Field(None, gt=0)
+    enforce_eager: bool = True
+    dtype: str = "bfloat16"
+    enable_prefix_caching: bool = True
+    seed: int = 0
+    # OpenMP threads for the engine; "auto" lets vLLM bind. Several engines on 2 cores
+    # compete for the same cores, so deployments usually pin this.
+    omp_threads_bind: str = "auto"
+
+
+class FrontendConfig(_Section):
+    host: str = "0.0.0.0"
+    port: int = Field(8000, ge=1, le=65535)
+    # gunicorn gthread workers x threads = concurrent requests held open (streaming holds one).
+    workers: int = Field(2, ge=1)
+    threads: int = Field(160, ge=1)
+    max_body_bytes: int = Field(1_048_576, gt=0)
+    # Bounds on how long a request may wait: for any output at all, and in total.
+    first_token_timeout_s: float = Field(120.0, gt=0)
+    request_timeout_s: float = Field(600.0, gt=0)
+    # When set, clients must send "Authorization: Bearer <api_key>".
+    api_key: str | None = None
+
+
+class WorkerConfig(_Section):
+    # Decode (or aggregated) worker processes the launcher starts on this node.
+    num_decode: int = Field(1, ge=0)
+    # Concurrent requests one worker hands to its engine (Celery thread pool size).
+    concurrency: int = Field(64, ge=1)
+    heartbeat_interval_s: float = Field(1.0, gt=0)
+    # A worker whose heartbeat is older than this is dead: it leaves /health and routing.
+    lease_s: float = Field(5.0, gt=0)
+    # How long a request's output stream stays in Redis after it is written.
+    stream_ttl_s: int = Field(600, gt=0)
+
+    @model_validator(mode="after")
+    def _lease_outlives_heartbeat(self) -> WorkerConfig:
+        if self.lease_s <= 2 * self.heartbeat_interval_s:
+            raise ValueError("workers.lease_s must be more than twice workers.heartbeat_interval_s")
+        return self
+
+
+class FlowerConfig(_Section):
+    enabled: bool = True
+    port: int = Field(5555, ge=1, le=65535)
+
+
+class Settings(_Section):
+    deployment: Literal["agg"] = "agg"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    # Prefix of every Redis key and Celery queue, so deployments can share one Redis.
+    namespace: str = Field("llmq", pattern=r"^[A-Za-z0-9_\-]+$")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    model: ModelConfig = ModelConfig()
+    engine: EngineConfig = EngineConfig()
+    frontend: FrontendConfig = FrontendConfig()
+    workers: WorkerConfig = WorkerConfig()
+    flower: FlowerConfig = FlowerConfig()
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{dotted}: {part} is not a section")
+        node = child
+    node[leaf] = value
+
+
+def _parse_scalar(text: str) -> Any:
+    # YAML's scalar rules, so "0.5", "true" and "null" mean the same on the CLI as in the file.
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def _env_overrides(environ: dict[str, str]) -> list[tuple[str, Any]]:
+    pairs: list[tuple[str, Any]] = []
+    if environ.get("REDIS_URL"):
+        pairs.append(("redis_url", environ["REDIS_URL"]))
+    if environ.get("PORT"):
+        pairs.append(("frontend.port", _parse_scalar(environ["PORT"])))
+    for key, value in sorted(environ.items()):
+        if key.startswith(ENV_PREFIX):
+            dotted = key[len(ENV_PREFIX):].lower().replace("__", ".")
+            pairs.append((dotted, _parse_scalar(value)))
+    return pairs
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        lines.append(f"  {key}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def load_settings(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    environ: dict[str, str] | None = None,
+) -> Settings:
+    """File, then environment, then ``key=value`` overrides. Raises ConfigError naming bad keys."""
+    environ = dict(os.environ if environ is None else environ)
+    path = Path(path or environ.get("LLMQ_CONFIG") or DEFAULT_CONFIG_PATH)
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    for dotted, value in _env_overrides(environ):
+        _set_dotted(tree, dotted, value)
+    for item in overrides or []:
+        dotted, sep, text = item.partition("=")
+        if not sep or not dotted:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        _set_dotted(tree, dotted.strip(), _parse_scalar(text))
+    try:
+        return Settings.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, str(path))) from None
+
+
+def dump_settings(settings: Settings, path: str | Path) -> None:
+    """Write resolved settings so child processes load exactly what the launcher validated."""
+    Path(path).write_text(yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False))

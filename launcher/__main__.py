@@ -1,0 +1,159 @@
+"""One command per deployment: ``python -m launcher serve -f configs/agg.yaml``.
+
+It validates the config, starts Redis if none answers (and the URL is local), then the workers,
+the frontend and Flower, waits until /health answers, and runs until Ctrl-C. ``--roles`` starts a
+subset, which is how another node joins: point REDIS_URL at the head node and start only workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlparse
+
+import redis
+
+from config import ConfigError, Settings, dump_settings, load_settings
+from launcher.supervisor import Child, Supervisor
+from tasks import queues
+
+logger = logging.getLogger("launcher")
+
+ROOT = Path(__file__).resolve().parent.parent
+ROLES = ("decode", "frontend", "flower")
+LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
+
+
+def _redis_answers(url: str) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1).ping())
+    except redis.RedisError:
+        return False
+
+
+def ensure_redis(settings: Settings, supervisor: Supervisor, timeout_s: float = 15.0) -> None:
+    url = settings.redis_url
+    if _redis_answers(url):
+        return
+    parsed = urlparse(url)
+    if parsed.hostname not in LOCAL_HOSTS:
+        raise SystemExit(f"Redis at {url} does not answer, and it is not local, so it is not started here")
+    server = shutil.which("redis-server")
+    if server is None:
+        raise SystemExit("no Redis answers and redis-server is not installed (apt-get install redis-server)")
+    port = str(parsed.port or 6379)
+    supervisor.start(Child("redis", [server, "--port", port, "--bind", parsed.hostname, "--save", "",
+                                     "--appendonly", "no"], stop_order=9))
+    deadline = time.monotonic() + timeout_s
+    while not _redis_answers(url):
+        if time.monotonic() > deadline:
+            raise SystemExit(f"started redis-server, but {url} did not answer within {timeout_s:.0f}s")
+        time.sleep(0.2)
+    logger.info("started a local Redis at %s", url)
+
+
+def worker_children(settings: Settings) -> list[Child]:
+    python = sys.executable
+    loglevel = settings.log_level
+    return [
+        Child(f"decode{i}", [python, "-m", "celery", "-A", "tasks", "worker", "-Q", queues.DECODE,
+                             "-n", f"decode{i}@%h", "--loglevel", loglevel], stop_order=2)
+        for i in range(settings.workers.num_decode)
+    ]
+
+
+def frontend_child(settings: Settings) -> Child:
+    return Child("frontend", [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "app" / "gunicorn_conf.py")],
+                 stop_order=1)
+
+
+def flower_child(settings: Settings) -> Child:
+    return Child("flower", [sys.executable, "-m", "celery", "-A", "tasks", "flower",
+                            f"--port={settings.flower.port}", "--address=0.0.0.0"], stop_order=3)
+
+
+def wait_healthy(settings: Settings, supervisor: Supervisor, timeout_s: float) -> bool:
+    url = f"http://127.0.0.1:{settings.frontend.port}/health"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and not supervisor.stopping:
+        if any(not c.running for c in supervisor.children):
+            return False
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return True
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.5)
+    return False
+
+
+def serve(args: argparse.Namespace) -> int:
+    try:
+        settings = load_settings(args.config, args.set)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return 2
+    roles = set(args.roles.split(",")) if args.roles else set(ROLES)
+    unknown = roles - set(ROLES)
+    if unknown:
+        print(f"--roles: unknown role(s) {sorted(unknown)}; choose from {list(ROLES)}", file=sys.stderr)
+        return 2
+
+    run_dir = ROOT / "run"
+    run_dir.mkdir(exist_ok=True)
+    resolved = run_dir / f"{settings.deployment}-{os.getpid()}.yaml"
+    dump_settings(settings, resolved)
+    env = dict(os.environ, LLMQ_CONFIG=str(resolved), PYTHONPATH=str(ROOT))
+    for key in [k for k in env if k.startswith("LLMQ__")] + ["REDIS_URL", "PORT"]:
+        env.pop(key, None)  # already folded into the resolved file
+
+    supervisor = Supervisor(env, grace_s=args.grace_s)
+    supervisor.install_signal_handlers()
+    try:
+        ensure_redis(settings, supervisor)
+        if "decode" in roles:
+            for child in worker_children(settings):
+                supervisor.start(child)
+        if "frontend" in roles:
+            supervisor.start(frontend_child(settings))
+        if "flower" in roles and settings.flower.enabled:
+            supervisor.start(flower_child(settings))
+        if "frontend" in roles:
+            if not wait_healthy(settings, supervisor, args.ready_timeout_s):
+                if not supervisor.stopping:
+                    logger.error("deployment did not become healthy within %.0fs", args.ready_timeout_s)
+                return 1
+            logger.info("ready: http://127.0.0.1:%d/v1  (model %s; Flower on :%d)", settings.frontend.port,
+                        settings.model.name, settings.flower.port)
+        return supervisor.wait()
+    finally:
+        supervisor.stop_all()
+        resolved.unlink(missing_ok=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m launcher")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("serve", help="start a deployment and run until Ctrl-C")
+    p.add_argument("-f", "--config", default=os.environ.get("CONFIG") or None,
+                   help="YAML config (default: configs/agg.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set engine.kv_cache_gib=0.5")
+    p.add_argument("--roles", default="", help=f"comma-separated subset of {','.join(ROLES)} (default: all)")
+    p.add_argument("--ready-timeout-s", type=float, default=600.0)
+    p.add_argument("--grace-s", type=float, default=30.0, help="how long each process gets to stop")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s [launcher] %(message)s", stream=sys.stdout)
+    return serve(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

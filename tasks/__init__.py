@@ -1,0 +1,23 @@
+"""Celery entry point: ``celery -A tasks worker -Q decode`` and ``celery -A tasks flower``.
+
+``tasks.app`` is built on first access (PEP 562), from ``LLMQ_CONFIG`` (default
+configs/agg.yaml) plus the environment. That keeps ``tasks.messages`` and ``tasks.queues``
+importable by the frontend and the launcher without loading a config as a side effect.
+Nothing here imports vllm; workers load it when their role needs an engine.
+"""
+
+from __future__ import annotations
+
+
+def __getattr__(name: str):
+    if name != "app":
+        raise AttributeError(f"module 'tasks' has no attribute {name!r}")
+    global app
+    from config import load_settings
+    from tasks.celery_app import make_celery
+
+    app = make_celery(load_settings())
+    from tasks import generation  # noqa: F401  registers the tasks on `app`
+    from workers import lifecycle  # noqa: F401  engine start/stop on worker signals
+
+    return app

@@ -1,0 +1,39 @@
+"""The Celery application. Routes and queues are data (tasks/queues.py); workers pick with -Q."""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Queue
+
+from config import Settings
+from tasks import queues
+
+
+def make_celery(settings: Settings) -> Celery:
+    app = Celery("llmq", broker=settings.redis_url, set_as_current=False)
+    app.conf.update(
+        task_queues=[Queue(name) for name in queues.ALL_QUEUES],
+        task_default_queue=queues.DECODE,
+        task_routes=queues.TASK_ROUTES,
+        # Plain JSON on the wire: readable in Flower, and no pickle.
+        task_serializer="json",
+        accept_content=["json"],
+        # Results travel over per-request Redis Streams, not Celery's result backend.
+        task_ignore_result=True,
+        # A generation task spends its life waiting on the engine's event loop, so many run as
+        # threads in one process around one engine (see workers/engine.py). Prefork would give
+        # each child its own engine, and its 4 s worker_process_init limit is shorter than an
+        # engine's start.
+        worker_pool="threads",
+        worker_concurrency=settings.workers.concurrency,
+        # Take one message per free thread, so an idle worker elsewhere can get the rest.
+        worker_prefetch_multiplier=1,
+        # Flower shows tasks only when workers send events.
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        worker_hijack_root_logger=False,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={"socket_timeout": 10, "socket_connect_timeout": 5},
+        llmq_settings=settings,
+    )
+    return app

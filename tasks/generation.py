@@ -1,0 +1,24 @@
+"""Generation tasks. Thin by design: decode the message, hand it to the worker runtime."""
+
+from __future__ import annotations
+
+import logging
+
+from tasks import app
+from tasks.messages import WireVersionError, request_from_task_arg
+from tasks.queues import GENERATE_TASK
+
+logger = logging.getLogger(__name__)
+
+
+@app.task(name=GENERATE_TASK, ignore_result=True)
+def generate(payload: dict) -> None:
+    from workers.runtime import current_runtime
+
+    runtime = current_runtime()
+    try:
+        req = request_from_task_arg(payload)
+    except (WireVersionError, ValueError) as e:
+        runtime.reject_malformed(payload, str(e))
+        return
+    runtime.serve(req)

@@ -1,0 +1,21 @@
+"""Redis key names shared by the frontend and the workers."""
+
+PREFIX = "llmq"
+
+
+def output_stream(request_id: str) -> str:
+    """Per-request stream of OutputEvents, written by the worker, read by the frontend."""
+    return f"{PREFIX}:out:{request_id}"
+
+
+def cancel_flag(request_id: str) -> str:
+    """Set by the frontend when the client went away, so the worker aborts the request."""
+    return f"{PREFIX}:cancel:{request_id}"
+
+
+def worker_lease(worker_id: str) -> str:
+    """A live worker's status; it expires when the worker stops renewing it."""
+    return f"{PREFIX}:worker:{worker_id}"
+
+
+WORKER_LEASE_PATTERN = f"{PREFIX}:worker:*"

@@ -1,0 +1,111 @@
+"""Wire messages between the frontend and the workers. This module is their only home.
+
+A generation task carries a ``GenerateRequest`` (as plain JSON data, so Flower can show it).
+The worker answers on a per-request Redis Stream with ``OutputEvent``s: ``Accepted`` once, then
+``Delta``s, then exactly one ``Finished`` or ``Failed``. Finish and failure are explicit events,
+never inferred from a timeout.
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import msgspec
+
+# Bump when a field changes meaning or a required field is added; peers reject other versions
+# before decoding the rest, so a mixed-version rollout fails loudly instead of mis-parsing.
+WIRE_VERSION = 1
+
+
+class SamplingSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = disabled
+    min_tokens: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    stop: list[str] = []
+    stop_token_ids: list[int] = []
+    seed: int | None = None
+    n: int = 1
+    ignore_eos: bool = False
+    logprobs: int | None = None  # number of top alternatives; None = no logprobs
+
+
+class GenerateRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingSpec
+    # Unix time after which nobody waits for the answer; a worker drops work past it.
+    deadline_unix: float
+    version: int = WIRE_VERSION
+
+
+class TopLogprob(msgspec.Struct, frozen=True, array_like=True):
+    token: str
+    logprob: float
+
+
+class TokenLogprob(msgspec.Struct, frozen=True, array_like=True):
+    token_id: int
+    token: str
+    logprob: float
+    top: list[TopLogprob]
+
+
+class Accepted(msgspec.Struct, frozen=True, tag_field="event", tag="accepted"):
+    """A worker took the request. The frontend watches this worker's lease from now on."""
+
+    worker_id: str
+
+
+class Delta(msgspec.Struct, frozen=True, tag_field="event", tag="delta"):
+    index: int  # which of the n choices
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None  # "stop", "length" or "abort" on a choice's last delta
+
+
+class Finished(msgspec.Struct, frozen=True, tag_field="event", tag="finished"):
+    num_prompt_tokens: int
+    num_cached_tokens: int = 0
+
+
+class Failed(msgspec.Struct, frozen=True, tag_field="event", tag="failed"):
+    # An HTTP status the frontend passes on (400 for a request the engine rejects, 503 for a
+    # dead engine, 504 for a missed deadline) with an OpenAI error type and message.
+    status: int
+    type: str
+    message: str
+
+
+OutputEvent = Union[Accepted, Delta, Finished, Failed]
+
+_encoder = msgspec.json.Encoder()
+_event_decoder = msgspec.json.Decoder(OutputEvent)
+
+
+def encode_event(event: OutputEvent) -> bytes:
+    return _encoder.encode(event)
+
+
+def decode_event(raw: bytes) -> OutputEvent:
+    return _event_decoder.decode(raw)
+
+
+class WireVersionError(ValueError):
+    """A message from a peer speaking another wire version."""
+
+
+def request_to_task_arg(req: GenerateRequest) -> dict:
+    return msgspec.to_builtins(req)
+
+
+def request_from_task_arg(payload: dict) -> GenerateRequest:
+    version = payload.get("version") if isinstance(payload, dict) else None
+    if version != WIRE_VERSION:
+        raise WireVersionError(f"wire version {version!r}, this worker speaks {WIRE_VERSION}")
+    return msgspec.convert(payload, GenerateRequest)

@@ -1,0 +1,54 @@
+"""Worker leases in Redis: who is alive, in which role, and how loaded.
+
+Each worker renews one key with a TTL. A worker that dies stops renewing, and its key expires:
+that is the whole failure detector, with no separate bookkeeping to go stale.
+"""
+
+from __future__ import annotations
+
+import msgspec
+import redis
+
+from tasks import keys
+
+
+class WorkerStatus(msgspec.Struct, frozen=True):
+    worker_id: str
+    role: str
+    queues: list[str]
+    hostname: str
+    pid: int
+    started_unix: float
+    updated_unix: float
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_blocks_used: int = 0
+    kv_blocks_total: int = 0
+    # Largest number of requests the engine ran in one step since start: proof of batching.
+    max_running_seen: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+
+
+_decoder = msgspec.json.Decoder(WorkerStatus)
+
+
+def renew_lease(client: redis.Redis, status: WorkerStatus, lease_s: float) -> None:
+    client.set(keys.worker_lease(status.worker_id), msgspec.json.encode(status), px=int(lease_s * 1000))
+
+
+def drop_lease(client: redis.Redis, worker_id: str) -> None:
+    client.delete(keys.worker_lease(worker_id))
+
+
+def live_workers(client: redis.Redis, role: str | None = None) -> list[WorkerStatus]:
+    lease_keys = list(client.scan_iter(match=keys.WORKER_LEASE_PATTERN, count=500))
+    if not lease_keys:
+        return []
+    found = [_decoder.decode(raw) for raw in client.mget(lease_keys) if raw is not None]
+    return sorted((w for w in found if role is None or w.role == role), key=lambda w: w.worker_id)
+
+
+def is_alive(client: redis.Redis, worker_id: str) -> bool:
+    return bool(client.exists(keys.worker_lease(worker_id)))
+

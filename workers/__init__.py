@@ -1,0 +1,1 @@
+"""Worker hosts: one vLLM engine per Celery worker process, and how it serves tasks."""

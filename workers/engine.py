@@ -1,0 +1,210 @@
+"""One vLLM engine per worker process, shared by all of that worker's task threads.
+
+Why this shape: vLLM's ``AsyncLLM`` batches every request it holds into each step (continuous
+batching), but it must be driven from one asyncio event loop. A Celery worker runs its tasks on a
+thread pool, so the engine lives on a dedicated event-loop thread, and each task thread submits
+its request there and reads outputs back through a thread-safe queue. Sixty-four task threads
+waiting on one engine means up to sixty-four sequences in its batch, which a prefork pool (one
+engine per child, one request per child) could never give.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from config import Settings
+from tasks.messages import SamplingSpec
+
+logger = logging.getLogger(__name__)
+
+_END = object()
+
+
+class DeadlineExceeded(Exception):
+    """The request's deadline passed before the engine finished it."""
+
+
+@dataclass
+class EngineLoad:
+    """Latest scheduler figures, written by vLLM's stat-logger hook on the engine loop thread."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    max_running_seen: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    updated_unix: float = field(default_factory=time.time)
+
+
+def engine_args(settings: Settings, **extra: Any):
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    e = settings.engine
+    return AsyncEngineArgs(
+        model=settings.model.resolved_path,
+        served_model_name=[settings.model.name],
+        block_size=e.block_size,
+        kv_cache_memory_bytes=int(e.kv_cache_gib * 2**30),
+        max_model_len=e.max_model_len,
+        max_num_seqs=e.max_num_seqs,
+        max_num_batched_tokens=e.max_num_batched_tokens,
+        enforce_eager=e.enforce_eager,
+        dtype=e.dtype,
+        enable_prefix_caching=e.enable_prefix_caching,
+        seed=e.seed,
+        disable_log_stats=False,
+        **extra,
+    )
+
+
+def sampling_params(spec: SamplingSpec):
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    return SamplingParams(
+        n=spec.n,
+        max_tokens=spec.max_tokens,
+        min_tokens=spec.min_tokens,
+        temperature=spec.temperature,
+        top_p=spec.top_p,
+        top_k=spec.top_k,
+        presence_penalty=spec.presence_penalty,
+        frequency_penalty=spec.frequency_penalty,
+        repetition_penalty=spec.repetition_penalty,
+        stop=list(spec.stop) or None,
+        stop_token_ids=list(spec.stop_token_ids) or None,
+        seed=spec.seed,
+        ignore_eos=spec.ignore_eos,
+        logprobs=spec.logprobs,
+        # Only what is new since the last output, which is exactly what we stream.
+        output_kind=RequestOutputKind.DELTA,
+    )
+
+
+def _make_stat_logger(load: EngineLoad):
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class LoadRecorder(StatLoggerBase):
+        def __init__(self, vllm_config, engine_index: int = 0):
+            pass
+
+        def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx=0):
+            if scheduler_stats is None:
+                return
+            load.num_running = scheduler_stats.num_running_reqs
+            load.num_waiting = scheduler_stats.num_waiting_reqs
+            load.kv_cache_usage = scheduler_stats.kv_cache_usage
+            load.max_running_seen = max(load.max_running_seen, scheduler_stats.num_running_reqs)
+            load.prefix_cache_queries += scheduler_stats.prefix_cache_stats.queries
+            load.prefix_cache_hits += scheduler_stats.prefix_cache_stats.hits
+            load.updated_unix = time.time()
+
+        def log_engine_initialized(self):
+            pass
+
+    return LoadRecorder
+
+
+class EngineHost:
+    """Owns the AsyncLLM and the event-loop thread it runs on."""
+
+    def __init__(self, settings: Settings, extra_engine_args: dict[str, Any] | None = None):
+        self.settings = settings
+        self.load = EngineLoad()
+        self._extra = extra_engine_args or {}
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="engine-loop", daemon=True)
+        self._engine = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self.settings.engine.omp_threads_bind != "auto":
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = self.settings.engine.omp_threads_bind
+        started = time.monotonic()
+        self._thread.start()
+        self._engine = self._run(self._create()).result()
+        logger.info(
+            "engine ready: model=%s kv_blocks=%d block_size=%d in %.1fs",
+            self.settings.model.resolved_path, self.num_kv_blocks,
+            self.settings.engine.block_size, time.monotonic() - started,
+        )
+
+    async def _create(self):
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = engine_args(self.settings, **self._extra)
+        return AsyncLLM.from_engine_args(args, stat_loggers=[_make_stat_logger(self.load)])
+
+    def shutdown(self) -> None:
+        if self._engine is not None:
+            self._engine.shutdown()
+            self._engine = None
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return self._engine.vllm_config.cache_config.num_gpu_blocks or 0
+
+    @property
+    def is_dead(self) -> bool:
+        return self._engine is None or self._engine.errored
+
+    # -- requests --------------------------------------------------------------------------
+
+    def generate(
+        self, request_id: str, prompt_token_ids: list[int], spec: SamplingSpec, deadline_unix: float
+    ) -> Iterator[list[Any]]:
+        """Yields batches of vLLM RequestOutputs (deltas): everything that arrived since the last
+        batch, so the caller can write them to Redis in one round trip. Closing the iterator
+        early aborts the request in the engine."""
+        outputs: queue.Queue = queue.Queue()
+        params = sampling_params(spec)
+
+        async def pump() -> None:
+            try:
+                prompt = {"prompt_token_ids": prompt_token_ids}
+                async for out in self._engine.generate(prompt, params, request_id):
+                    outputs.put(out)
+                outputs.put(_END)
+            except BaseException as e:  # noqa: BLE001  handed to the task thread, which re-raises
+                outputs.put(e)
+                if isinstance(e, asyncio.CancelledError):
+                    raise
+
+        future = self._run(pump())
+        try:
+            while True:
+                remaining = deadline_unix - time.time()
+                try:
+                    batch = [outputs.get(timeout=remaining) if remaining > 0 else outputs.get_nowait()]
+                except queue.Empty:
+                    raise DeadlineExceeded(request_id) from None
+                while not outputs.empty():
+                    batch.append(outputs.get_nowait())
+                done = batch[-1] is _END
+                for item in batch:
+                    if isinstance(item, BaseException):
+                        raise item
+                yield [item for item in batch if item is not _END]
+                if done:
+                    return
+        finally:
+            if not future.done():
+                # Cancelling the coroutine makes AsyncLLM.generate abort the request in the engine.
+                self._loop.call_soon_threadsafe(future.cancel)
+
+    def _run(self, coro) -> Future:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)

@@ -1,0 +1,68 @@
+"""Renews this worker's lease in Redis with its current load, on a steady interval."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+import redis
+
+from tasks.registry import WorkerStatus, drop_lease, renew_lease
+
+logger = logging.getLogger(__name__)
+
+
+class Heartbeat:
+    def __init__(
+        self,
+        client: redis.Redis,
+        worker_id: str,
+        role: str,
+        queues: list[str],
+        interval_s: float,
+        lease_s: float,
+        load: Callable[[], dict],
+    ):
+        self._client = client
+        self._interval_s = interval_s
+        self._lease_s = lease_s
+        self._load = load
+        self._identity = dict(
+            worker_id=worker_id, role=role, queues=queues, hostname=socket.gethostname(),
+            pid=os.getpid(), started_unix=time.time(),
+        )
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+
+    @property
+    def worker_id(self) -> str:
+        return self._identity["worker_id"]
+
+    def start(self) -> None:
+        self.beat()
+        self._thread.start()
+
+    def beat(self) -> None:
+        status = WorkerStatus(**self._identity, updated_unix=time.time(), **self._load())
+        renew_lease(self._client, status, self._lease_s)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=self._interval_s * 2)
+        try:
+            drop_lease(self._client, self.worker_id)
+        except redis.RedisError:
+            logger.warning("could not drop lease of %s; it expires on its own", self.worker_id)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            try:
+                self.beat()
+            except redis.RedisError as e:
+                # Redis being away is not fatal here: the lease just lapses until it is back.
+                logger.warning("heartbeat failed: %s", e)

@@ -1,0 +1,55 @@
+"""Turns vLLM's RequestOutputs into wire events and appends them to the request's Redis Stream."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+
+from tasks import keys
+from tasks.messages import Delta, Failed, OutputEvent, TokenLogprob, TopLogprob, encode_event
+
+
+class OutputWriter:
+    """Appends events to one request's stream. The stream expires, so nothing is left behind."""
+
+    def __init__(self, client: redis.Redis, request_id: str, ttl_s: int):
+        self._client = client
+        self._key = keys.output_stream(request_id)
+        self._ttl_s = ttl_s
+
+    def write(self, events: list[OutputEvent]) -> None:
+        if not events:
+            return
+        pipe = self._client.pipeline(transaction=False)
+        for event in events:
+            pipe.xadd(self._key, {"m": encode_event(event)})
+        pipe.expire(self._key, self._ttl_s)
+        pipe.execute()
+
+    def fail(self, status: int, error_type: str, message: str) -> None:
+        self.write([Failed(status=status, type=error_type, message=message)])
+
+
+def _logprobs(completion: Any, num_top: int) -> list[TokenLogprob]:
+    result = []
+    for token_id, candidates in zip(completion.token_ids, completion.logprobs):
+        chosen = candidates[token_id]
+        ranked = sorted(candidates.values(), key=lambda lp: lp.rank)
+        top = [TopLogprob(lp.decoded_token or "", lp.logprob) for lp in ranked[:num_top]]
+        result.append(TokenLogprob(token_id, chosen.decoded_token or "", chosen.logprob, top))
+    return result
+
+
+def deltas_from(output: Any, num_logprobs: int | None) -> list[Delta]:
+    """One Delta per choice that moved in this RequestOutput (DELTA output kind)."""
+    return [
+        Delta(
+            index=c.index,
+            text=c.text,
+            token_ids=list(c.token_ids),
+            logprobs=_logprobs(c, num_logprobs) if num_logprobs is not None and c.logprobs else None,
+            finish_reason=c.finish_reason,
+        )
+        for c in output.outputs
+    ]

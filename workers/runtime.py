@@ -1,0 +1,158 @@
+"""What one worker process is: its role, its engine, its heartbeat, and how it serves a request.
+
+Plain classes, created by workers/lifecycle.py on Celery's worker signals, and usable without a
+broker: a test can build a WorkerRuntime and call ``serve`` directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+
+import redis
+
+from config import Settings
+from tasks import keys
+from tasks.messages import Accepted, Finished, GenerateRequest
+from workers.engine import DeadlineExceeded, EngineHost
+from workers.heartbeat import Heartbeat
+from workers.outputs import OutputWriter, deltas_from
+
+logger = logging.getLogger(__name__)
+
+# How often a running request looks for the frontend's cancel flag (client went away).
+CANCEL_CHECK_INTERVAL_S = 0.5
+
+_current: WorkerRuntime | None = None
+
+
+def current_runtime() -> WorkerRuntime:
+    if _current is None:
+        raise RuntimeError("no worker runtime in this process: tasks run only inside `celery -A tasks worker`")
+    return _current
+
+
+def set_current_runtime(runtime: WorkerRuntime | None) -> None:
+    global _current
+    _current = runtime
+
+
+class WorkerRuntime:
+    def __init__(self, settings: Settings, worker_id: str, role: str, queues: list[str]):
+        self.settings = settings
+        self.worker_id = worker_id
+        self.role = role
+        self.redis = redis.Redis.from_url(settings.redis_url, health_check_interval=30)
+        self.engine = EngineHost(settings)
+        self.heartbeat = Heartbeat(
+            self.redis, worker_id, role, queues,
+            interval_s=settings.workers.heartbeat_interval_s,
+            lease_s=settings.workers.lease_s,
+            load=self._load_figures,
+        )
+
+    def start(self) -> None:
+        self.engine.start()
+        # The lease goes up only once the engine can serve: the frontend's liveness check
+        # and the router never see a worker that would just queue requests behind a cold start.
+        self.heartbeat.start()
+        logger.info("worker %s serving as %s", self.worker_id, self.role)
+
+    def stop(self) -> None:
+        self.heartbeat.stop()
+        self.engine.shutdown()
+        logger.info("worker %s stopped", self.worker_id)
+
+    def _load_figures(self) -> dict:
+        load = self.engine.load
+        total = self.engine.num_kv_blocks
+        return dict(
+            num_running=load.num_running,
+            num_waiting=load.num_waiting,
+            kv_blocks_used=round(load.kv_cache_usage * total),
+            kv_blocks_total=total,
+            max_running_seen=load.max_running_seen,
+            prefix_cache_queries=load.prefix_cache_queries,
+            prefix_cache_hits=load.prefix_cache_hits,
+        )
+
+    # -- serving ---------------------------------------------------------------------------
+
+    def serve(self, req: GenerateRequest) -> None:
+        rid = req.request_id
+        out = OutputWriter(self.redis, rid, self.settings.workers.stream_ttl_s)
+        if time.time() >= req.deadline_unix:
+            logger.warning("[%s] dropped: deadline passed while queued", rid)
+            out.fail(504, "timeout", "the request waited in the queue past its deadline")
+            return
+        out.write([Accepted(worker_id=self.worker_id)])
+        started = time.monotonic()
+        try:
+            num_tokens, last = self._stream(req, out)
+        except DeadlineExceeded:
+            logger.warning("[%s] deadline passed during generation; aborted", rid)
+            out.fail(504, "timeout", "generation did not finish before the request deadline")
+        except Exception as e:  # noqa: BLE001  every failure must reach the client as an event
+            self._fail(req, out, e)
+        else:
+            if last is None:  # cancelled by the client
+                return
+            out.write([Finished(num_prompt_tokens=len(req.prompt_token_ids),
+                                num_cached_tokens=last.num_cached_tokens or 0)])
+            logger.info("[%s] done: prompt=%d completion=%d cached=%d in %.3fs", rid,
+                        len(req.prompt_token_ids), num_tokens, last.num_cached_tokens or 0,
+                        time.monotonic() - started)
+
+    def _stream(self, req: GenerateRequest, out: OutputWriter):
+        """Relays engine outputs to the stream. Returns (tokens, last output), or (n, None) if
+        the client cancelled."""
+        rid = req.request_id
+        num_tokens, last = 0, None
+        next_cancel_check = time.monotonic() + CANCEL_CHECK_INTERVAL_S
+        batches = self.engine.generate(rid, req.prompt_token_ids, req.sampling, req.deadline_unix)
+        try:
+            for batch in batches:
+                events = [d for output in batch for d in deltas_from(output, req.sampling.logprobs)]
+                num_tokens += sum(len(d.token_ids) for d in events)
+                out.write(events)
+                last = batch[-1] if batch else last
+                if time.monotonic() >= next_cancel_check:
+                    next_cancel_check = time.monotonic() + CANCEL_CHECK_INTERVAL_S
+                    if self.redis.exists(keys.cancel_flag(rid)):
+                        logger.info("[%s] client went away; aborting after %d tokens", rid, num_tokens)
+                        return num_tokens, None
+        finally:
+            batches.close()  # aborts the request in the engine if it is still running
+        return num_tokens, last
+
+    def _fail(self, req: GenerateRequest, out: OutputWriter, error: Exception) -> None:
+        from vllm.exceptions import VLLMClientError
+        from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
+
+        rid = req.request_id
+        cause = error.__cause__ if isinstance(error, EngineGenerateError) else error
+        if isinstance(cause, (VLLMClientError, ValueError, TypeError)):
+            logger.info("[%s] rejected by the engine: %s", rid, cause)
+            out.fail(400, "invalid_request_error", str(cause))
+        elif isinstance(error, EngineDeadError):
+            logger.error("[%s] engine died; worker %s shuts down", rid, self.worker_id)
+            out.fail(503, "engine_unavailable", "the worker's engine died; retry the request")
+            self._shutdown_worker()
+        else:
+            logger.exception("[%s] generation failed", rid)
+            out.fail(503, "server_error", f"generation failed: {type(error).__name__}: {error}")
+
+    def _shutdown_worker(self) -> None:
+        # Stop renewing the lease at once so no new work is routed here, then ask Celery for a
+        # warm shutdown (the same as a first Ctrl-C): in-flight tasks end, the process exits.
+        self.heartbeat.stop()
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def reject_malformed(self, payload: object, reason: str) -> None:
+        rid = payload.get("request_id") if isinstance(payload, dict) else None
+        logger.error("[%s] malformed generation task: %s", rid, reason)
+        if isinstance(rid, str):
+            OutputWriter(self.redis, rid, self.settings.workers.stream_ttl_s).fail(
+                400, "invalid_request_error", f"malformed task: {reason}")
