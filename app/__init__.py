@@ -19,6 +19,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     from tasks.celery_app import make_celery
 
     settings = settings or load_settings()
+    if not logging.getLogger().handlers:  # under gunicorn only its own loggers have handlers
+        logging.basicConfig(level=settings.log_level,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = Flask(__name__)
     app.config.update(
         LLMQ_SETTINGS=settings,

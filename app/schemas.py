@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, model_validator
 
 from app.errors import BadRequest
 
 PositiveInt = Annotated[int, Field(ge=1)]
+# JSON booleans only: pydantic would otherwise read "yes" as true.
+Bool = StrictBool
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 
 
@@ -19,7 +21,7 @@ class _Body(BaseModel):
 
 
 class StreamOptions(_Body):
-    include_usage: bool = False
+    include_usage: Bool = False
 
 
 class TextPart(_Body):
@@ -53,9 +55,9 @@ class _Sampling(_Body):
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
     seed: int | None = None
     n: int = Field(1, ge=1, le=16)
-    stream: bool = False
+    stream: Bool = False
     stream_options: StreamOptions | None = None
-    ignore_eos: bool = False
+    ignore_eos: Bool = False
 
     @property
     def stop_list(self) -> list[str]:
@@ -73,7 +75,7 @@ class _Sampling(_Body):
 class ChatCompletionRequest(_Sampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: PositiveInt | None = None
-    logprobs: bool = False
+    logprobs: Bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list | None = None
     response_format: dict | None = None
@@ -100,7 +102,7 @@ class ChatCompletionRequest(_Sampling):
 class CompletionRequest(_Sampling):
     prompt: str | TokenIds | Annotated[list[str], Field(min_length=1)] | Annotated[list[TokenIds], Field(min_length=1)]
     logprobs: int | None = Field(None, ge=0, le=20)
-    echo: bool = False
+    echo: Bool = False
     suffix: str | None = None
     best_of: int | None = None
 

@@ -31,7 +31,6 @@ def make_celery(settings: Settings) -> Celery:
         # Flower shows tasks only when workers send events.
         worker_send_task_events=True,
         task_send_sent_event=True,
-        worker_hijack_root_logger=False,
         broker_connection_retry_on_startup=True,
         broker_transport_options={"socket_timeout": 10, "socket_connect_timeout": 5},
         llmq_settings=settings,

@@ -1,0 +1,148 @@
+"""Shared fixtures. Integration tests use real Redis, real gunicorn, real Celery workers with real
+vLLM engines on the tiny model, and the official openai client. Each deployment gets its own
+Redis database so tests never see each other's keys or queues."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from config import Settings, default_model_cache, load_settings  # noqa: E402
+
+REDIS_BASE = os.environ.get("LLMQ_TEST_REDIS", "redis://127.0.0.1:6379")
+# Databases 8-15 belong to the tests; each deployment fixture takes the next one.
+_next_db = iter(range(8, 16))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.2):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        result = predicate()
+        if result:
+            return result
+        time.sleep(interval_s)
+    raise TimeoutError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+
+
+@pytest.fixture(scope="session")
+def model_path() -> str:
+    path = default_model_cache() / "tiny-llama"
+    if not (path / ".complete").exists():
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "build_tiny_model.py")], check=True)
+    return str(path)
+
+
+def fresh_redis_url() -> str:
+    url = f"{REDIS_BASE}/{next(_next_db)}"
+    redis.Redis.from_url(url).flushdb()
+    return url
+
+
+def make_settings(redis_url: str, **sections) -> Settings:
+    overrides = [
+        f"redis_url={redis_url}",
+        f"frontend.port={free_port()}",
+        "frontend.workers=1",
+        "frontend.threads=300",
+        "frontend.first_token_timeout_s=60",
+        "frontend.request_timeout_s=120",
+        "engine.kv_cache_gib=0.125",
+        "flower.enabled=false",
+        "workers.heartbeat_interval_s=0.5",
+        "workers.lease_s=2",
+    ] + [f"{k}={v}" for k, v in sections.items()]
+    return load_settings(ROOT / "configs" / "agg.yaml", overrides, environ={})
+
+
+@dataclass
+class Deployment:
+    settings: Settings
+    proc: subprocess.Popen
+    log_path: Path
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.settings.frontend.port}/v1"
+
+    @property
+    def redis(self) -> redis.Redis:
+        return redis.Redis.from_url(self.settings.redis_url)
+
+    def client(self, **kwargs):
+        import openai
+
+        return openai.OpenAI(base_url=self.base_url, api_key=self.settings.frontend.api_key or "none",
+                             max_retries=0, timeout=kwargs.pop("timeout", 120), **kwargs)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout_s: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+        return self.proc.returncode
+
+
+def start_deployment(settings: Settings, tmp: Path, roles: str = "", ready_timeout_s: float = 240) -> Deployment:
+    """Runs the real launcher (`python -m launcher serve`) and waits until it says ready."""
+    from config import dump_settings
+
+    cfg = tmp / "config.yaml"
+    dump_settings(settings, cfg)
+    log_path = tmp / "deployment.log"
+    argv = [sys.executable, "-m", "launcher", "serve", "-f", str(cfg), "--grace-s", "20"]
+    if roles:
+        argv += ["--roles", roles]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLMQ__") and k not in ("REDIS_URL", "PORT")}
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log_path.open("wb"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    dep = Deployment(settings, proc, log_path)
+    marker = "ready: http" if "frontend" in (roles or "frontend") else None
+    try:
+        if marker:
+            wait_for(lambda: marker in dep.log() or proc.poll() is not None, ready_timeout_s, "deployment ready")
+            if proc.poll() is not None:
+                raise RuntimeError(f"deployment exited early:\n{dep.log()[-4000:]}")
+    except BaseException:
+        dep.stop()
+        raise
+    return dep
+
+
+@pytest.fixture(scope="session")
+def deployment(model_path, tmp_path_factory) -> Iterator[Deployment]:
+    """The aggregated deployment most integration tests share: frontend + one decode worker."""
+    settings = make_settings(fresh_redis_url())
+    dep = start_deployment(settings, tmp_path_factory.mktemp("agg"))
+    yield dep
+    dep.stop()
+
+
+def live_status(dep: Deployment, role: str = "decode"):
+    from tasks.registry import live_workers
+
+    return live_workers(dep.redis, role=role)
