@@ -35,9 +35,14 @@ def _processor() -> Processor:
 
 @bp.before_app_request
 def _assign_request_id() -> None:
-    # A caller's own id is kept when it is safe to put in Redis keys and logs.
+    # A caller's own id is kept when it is safe to put in Redis keys and logs. Callers may
+    # reuse ids, so the id the engine and Redis see gets a unique suffix; it still starts with
+    # the caller's id, so one grep finds every log line about the request.
     given = request.headers.get("X-Request-Id", "")
-    g.request_id = given if _CLIENT_REQUEST_ID.match(given) else uuid.uuid4().hex
+    if _CLIENT_REQUEST_ID.match(given):
+        g.request_id, g.internal_id = given, f"{given}-{uuid.uuid4().hex[:12]}"
+    else:
+        g.request_id = g.internal_id = uuid.uuid4().hex
 
 
 @bp.after_app_request
@@ -126,7 +131,7 @@ def _generate(kind: str, req: ChatCompletionRequest | CompletionRequest, prompts
     processor, gateway = _processor(), _gateway()
     max_tokens = min(processor.max_tokens_for(p, req.requested_max_tokens) for p in prompts)
     spec = processor.sampling(req, max_tokens)
-    subs = gateway.submit(g.request_id, prompts, spec)
+    subs = gateway.submit(g.internal_id, prompts, spec)
     fmt = Formatter(kind, g.request_id, req.model, want_logprobs=req.num_logprobs is not None)
     usage = Usage(prompt_tokens=sum(len(p) for p in prompts))
     events = gateway.events(subs)
@@ -156,7 +161,7 @@ def _stream(fmt: Formatter, deltas: Iterator[tuple[int, Delta]], events, subs: l
     # Wait for the first delta before answering, so that failures before any output (no worker
     # took it, the engine refused it) still get their own status code rather than a 200 stream.
     first = next(deltas, None)
-    request_id = g.request_id
+    request_id = g.internal_id
 
     def body() -> Iterator[str]:
         started: set[int] = set()

@@ -50,7 +50,7 @@ def ensure_redis(settings: Settings, supervisor: Supervisor, timeout_s: float = 
         raise SystemExit("no Redis answers and redis-server is not installed (apt-get install redis-server)")
     port = str(parsed.port or 6379)
     supervisor.start(Child("redis", [server, "--port", port, "--bind", parsed.hostname, "--save", "",
-                                     "--appendonly", "no"], stop_order=9))
+                                     "--appendonly", "no"], stop_order=9, restart=False))
     deadline = time.monotonic() + timeout_s
     while not _redis_answers(url):
         if time.monotonic() > deadline:
@@ -79,16 +79,19 @@ def flower_child(settings: Settings) -> Child:
                             f"--port={settings.flower.port}", "--address=0.0.0.0"], stop_order=3)
 
 
-def wait_healthy(settings: Settings, supervisor: Supervisor, timeout_s: float) -> bool:
+def wait_ready(settings: Settings, supervisor: Supervisor, timeout_s: float, need_workers: bool) -> bool:
+    """Until /health says 200, or, when this node starts no workers, until the frontend answers."""
     url = f"http://127.0.0.1:{settings.frontend.port}/health"
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and not supervisor.stopping:
         if any(not c.running for c in supervisor.children):
             return False
         try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                if resp.status == 200:
-                    return True
+            with urllib.request.urlopen(url, timeout=2):
+                return True
+        except urllib.error.HTTPError:
+            if not need_workers:
+                return True
         except (urllib.error.URLError, OSError):
             pass
         time.sleep(0.5)
@@ -127,7 +130,7 @@ def serve(args: argparse.Namespace) -> int:
         if "flower" in roles and settings.flower.enabled:
             supervisor.start(flower_child(settings))
         if "frontend" in roles:
-            if not wait_healthy(settings, supervisor, args.ready_timeout_s):
+            if not wait_ready(settings, supervisor, args.ready_timeout_s, need_workers="decode" in roles):
                 if not supervisor.stopping:
                     logger.error("deployment did not become healthy within %.0fs", args.ready_timeout_s)
                 return 1

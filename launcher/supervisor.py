@@ -20,6 +20,9 @@ from dataclasses import dataclass, field
 
 logger = logging.getLogger("launcher")
 
+MAX_RESTARTS = 5
+RESTART_WINDOW_S = 120
+
 
 @dataclass
 class Child:
@@ -27,7 +30,11 @@ class Child:
     argv: list[str]
     # Lower stops first.
     stop_order: int
+    # Restart when it exits on its own (a crashed worker, an engine that died), as circus does
+    # for Dynamo; a child that keeps crashing stops the deployment instead.
+    restart: bool = True
     proc: subprocess.Popen | None = field(default=None, repr=False)
+    restarts: list[float] = field(default_factory=list, repr=False)
 
     @property
     def running(self) -> bool:
@@ -50,12 +57,15 @@ class Supervisor:
 
     def start(self, child: Child) -> None:
         logger.info("starting %s: %s", child.name, " ".join(child.argv))
+        self._spawn(child)
+        self.children.append(child)
+
+    def _spawn(self, child: Child) -> None:
         child.proc = subprocess.Popen(
             child.argv, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         threading.Thread(target=_relay, args=(child.name, child.proc.stdout), daemon=True).start()
-        self.children.append(child)
 
     def install_signal_handlers(self) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -76,15 +86,28 @@ class Supervisor:
         return self._stopping.is_set()
 
     def wait(self, poll_s: float = 0.5) -> int:
-        """Blocks until a stop is asked for or a child dies. Returns the exit code to use."""
+        """Blocks until a stop is asked for, restarting children that exit on their own.
+        Returns the exit code to use: 0 after a requested stop, 1 when a child gave up."""
         while not self._stopping.wait(poll_s):
             for child in self.children:
-                if not child.running:
-                    logger.error("%s exited with code %s; stopping the deployment", child.name,
-                                 child.proc.returncode)
+                if not child.running and not self._stopping.is_set() and not self._revive(child):
                     self._stopping.set()
                     return 1
         return 0
+
+    def _revive(self, child: Child) -> bool:
+        code = child.proc.returncode
+        now = time.monotonic()
+        child.restarts = [t for t in child.restarts if now - t < RESTART_WINDOW_S]
+        if not child.restart or len(child.restarts) >= MAX_RESTARTS:
+            logger.error("%s exited with code %s; stopping the deployment", child.name, code)
+            return False
+        self._kill(child)  # reap anything left in its process group, such as an engine
+        child.restarts.append(now)
+        logger.warning("%s exited with code %s; restarting it (%d/%d in %ds)", child.name, code,
+                       len(child.restarts), MAX_RESTARTS, RESTART_WINDOW_S)
+        self._spawn(child)
+        return True
 
     def stop_all(self) -> None:
         self._stopping.set()
