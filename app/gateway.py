@@ -56,7 +56,9 @@ class Gateway:
 
     def num_live_workers(self, use_cache: bool = True) -> int:
         with self._lock:
-            if not use_cache or time.monotonic() - self._workers_checked_at > WORKER_CACHE_S:
+            # Zero is never served from the cache: a worker that just came up must be seen at once.
+            stale = time.monotonic() - self._workers_checked_at > WORKER_CACHE_S
+            if not use_cache or stale or self._num_workers == 0:
                 self._num_workers = len(live_workers(self.redis, role="decode"))
                 self._workers_checked_at = time.monotonic()
             return self._num_workers

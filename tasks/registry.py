@@ -26,6 +26,7 @@ class WorkerStatus(msgspec.Struct, frozen=True):
     kv_blocks_total: int = 0
     # Largest number of requests the engine ran in one step since start: proof of batching.
     max_running_seen: int = 0
+    num_batched_steps: int = 0
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
 

@@ -61,8 +61,6 @@ def make_settings(redis_url: str, **sections) -> Settings:
     overrides = [
         f"redis_url={redis_url}",
         f"frontend.port={free_port()}",
-        "frontend.workers=1",
-        "frontend.threads=300",
         "frontend.first_token_timeout_s=60",
         "frontend.request_timeout_s=120",
         "engine.kv_cache_gib=0.125",

@@ -41,6 +41,7 @@ class EngineLoad:
     num_waiting: int = 0
     kv_cache_usage: float = 0.0
     max_running_seen: int = 0
+    num_batched_steps: int = 0  # steps that ran two or more requests together
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
     updated_unix: float = field(default_factory=time.time)
@@ -105,6 +106,7 @@ def _make_stat_logger(load: EngineLoad):
             load.num_waiting = scheduler_stats.num_waiting_reqs
             load.kv_cache_usage = scheduler_stats.kv_cache_usage
             load.max_running_seen = max(load.max_running_seen, scheduler_stats.num_running_reqs)
+            load.num_batched_steps += scheduler_stats.num_running_reqs >= 2
             load.prefix_cache_queries += scheduler_stats.prefix_cache_stats.queries
             load.prefix_cache_hits += scheduler_stats.prefix_cache_stats.hits
             load.updated_unix = time.time()

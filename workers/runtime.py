@@ -74,6 +74,7 @@ class WorkerRuntime:
             kv_blocks_used=round(load.kv_cache_usage * total),
             kv_blocks_total=total,
             max_running_seen=load.max_running_seen,
+            num_batched_steps=load.num_batched_steps,
             prefix_cache_queries=load.prefix_cache_queries,
             prefix_cache_hits=load.prefix_cache_hits,
         )

@@ -1,0 +1,36 @@
+"""Runs prompts through vLLM's own LLM class, with no Celery, Redis or HTTP in between.
+
+Used by test_determinism.py as the reference: python tests/direct_engine.py CONFIG < prompts.json
+prints, per prompt, the greedy text, token ids and logprobs as JSON.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def main() -> None:
+    from vllm import LLM, SamplingParams
+
+    from config import load_settings
+
+    settings = load_settings(sys.argv[1], environ={})
+    e = settings.engine
+    llm = LLM(model=settings.model.resolved_path, block_size=e.block_size, enforce_eager=e.enforce_eager,
+              max_model_len=e.max_model_len, dtype=e.dtype, seed=e.seed,
+              kv_cache_memory_bytes=int(e.kv_cache_gib * 2**30))
+    jobs = json.load(sys.stdin)
+    prompts = [{"prompt_token_ids": job["prompt_token_ids"]} for job in jobs]
+    params = [SamplingParams(temperature=0, max_tokens=job["max_tokens"], ignore_eos=True, logprobs=0) for job in jobs]
+    results = []
+    for out in llm.generate(prompts, params):
+        c = out.outputs[0]
+        results.append({"text": c.text, "token_ids": list(c.token_ids),
+                        "logprobs": [lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)]})
+    print("RESULT " + json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
