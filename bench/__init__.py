@@ -1,0 +1,6 @@
+"""Benchmark harness for any OpenAI-compatible endpoint: `python -m bench run --help`.
+
+Modules: `workloads` (seeded request sets, pure), `client` (the streaming client and the
+open/closed-loop load generator), `runner` (targets x load points under one deadline), `stats`
+(percentiles and summaries, pure), `report` (results.json, report.md, PNG plots).
+"""
