@@ -97,13 +97,32 @@ class WorkerConfig(_Section):
         return self
 
 
+class RouterConfig(_Section):
+    """How requests find a decode worker. See router/policy.py for the cost."""
+
+    # queue: no router; decode workers share one Celery queue. random / round-robin / kv: a
+    # router task picks the worker; kv weighs KV-cache prefix overlap against load.
+    mode: Literal["queue", "random", "round-robin", "kv"] = "queue"
+    num_replicas: int = Field(1, ge=1)
+    overlap_weight: float = Field(1.0, ge=0)
+    temperature: float = Field(0.0, ge=0)
+    # A booking counts until the worker reports metrics this much newer than it.
+    booking_lag_s: float = Field(1.0, ge=0)
+    # The KV event stream is trimmed to about this many entries.
+    kv_events_maxlen: int = Field(1_000_000, gt=0)
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "queue"
+
+
 class FlowerConfig(_Section):
     enabled: bool = True
     port: int = Field(5555, ge=1, le=65535)
 
 
 class Settings(_Section):
-    deployment: Literal["agg"] = "agg"
+    deployment: Literal["agg", "agg_router"] = "agg"
     redis_url: str = "redis://127.0.0.1:6379/0"
     # Prefix of every Redis key and Celery queue, so deployments can share one Redis.
     namespace: str = Field("llmq", pattern=r"^[A-Za-z0-9_\-]+$")
@@ -112,6 +131,7 @@ class Settings(_Section):
     engine: EngineConfig = EngineConfig()
     frontend: FrontendConfig = FrontendConfig()
     workers: WorkerConfig = WorkerConfig()
+    router: RouterConfig = RouterConfig()
     flower: FlowerConfig = FlowerConfig()
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -20,7 +21,7 @@ from app.errors import APIError, NoWorkers, UpstreamTimeout
 from config import Settings
 from tasks import keys, queues
 from tasks.messages import (
-    Accepted, Delta, Failed, Finished, GenerateRequest, SamplingSpec, decode_event, request_to_task_arg,
+    Accepted, Delta, Failed, Finished, GenerateRequest, Routed, SamplingSpec, decode_event, request_to_task_arg,
 )
 from tasks.registry import is_alive, live_workers
 
@@ -40,6 +41,7 @@ class SubRequest:
     prompt_token_ids: list[int]
     choice_offset: int  # this sub-request's choice i is the response's choice offset + i
     worker_id: str | None = None
+    routed: Routed | None = None
     finished: Finished | None = None
 
 
@@ -49,23 +51,32 @@ class Gateway:
         self.celery = celery
         self.redis = client
         self._workers_checked_at = 0.0
-        self._num_workers = 0
+        self._roles: Counter = Counter()
         self._lock = threading.Lock()
 
     # -- liveness --------------------------------------------------------------------------
 
-    def num_live_workers(self, use_cache: bool = True) -> int:
+    def live_roles(self, use_cache: bool = True) -> dict[str, int]:
+        """How many live workers each role has, e.g. {"decode": 2, "router": 1}."""
         with self._lock:
-            # Zero is never served from the cache: a worker that just came up must be seen at once.
+            # An empty answer is never served from the cache: a worker that just came up must be
+            # seen at once.
             stale = time.monotonic() - self._workers_checked_at > WORKER_CACHE_S
-            if not use_cache or stale or self._num_workers == 0:
-                self._num_workers = len(live_workers(self.redis, role="decode"))
+            if not use_cache or stale or not self._roles:
+                self._roles = Counter(w.role for w in live_workers(self.redis))
                 self._workers_checked_at = time.monotonic()
-            return self._num_workers
+            return self._roles
+
+    def missing_roles(self, use_cache: bool = True) -> list[str]:
+        needed = ["decode"] + (["router"] if self.settings.router.enabled else [])
+        roles = self.live_roles(use_cache)
+        return [r for r in needed if not roles.get(r)]
 
     def require_workers(self) -> None:
-        if self.num_live_workers() == 0:
-            raise NoWorkers("no live decode worker; start one with `celery -A tasks worker -Q decode`")
+        missing = self.missing_roles()
+        if missing:
+            raise NoWorkers(f"no live {' or '.join(missing)} worker; start one with "
+                            f"`celery -A tasks worker -Q {missing[0]}`")
 
     # -- submit and stream -----------------------------------------------------------------
 
@@ -80,7 +91,8 @@ class Gateway:
             msg = GenerateRequest(request_id=sub.request_id, prompt_token_ids=sub.prompt_token_ids,
                                   sampling=spec, deadline_unix=deadline)
             self.celery.send_task(
-                queues.GENERATE_TASK, args=[request_to_task_arg(msg)],
+                queues.ROUTE_TASK if self.settings.router.enabled else queues.GENERATE_TASK,
+                args=[request_to_task_arg(msg)],
                 # A task nobody waits for any more is dropped by the broker-side expiry.
                 expires=self.settings.frontend.first_token_timeout_s,
             )
@@ -108,6 +120,8 @@ class Gateway:
                         event = decode_event(fields[b"m"])
                         if isinstance(event, Delta):
                             yield sub, event
+                        elif isinstance(event, Routed):
+                            sub.routed = event
                         elif isinstance(event, Accepted):
                             sub.worker_id = event.worker_id
                             logger.info("[%s] taken by %s", sub.request_id, event.worker_id)

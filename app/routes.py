@@ -79,12 +79,13 @@ def health():
     gateway = _gateway()
     try:
         gateway.redis.ping()
-        num_workers = gateway.num_live_workers(use_cache=False)
+        missing = gateway.missing_roles(use_cache=False)
+        roles = gateway.live_roles()
     except redis.RedisError as e:
         return jsonify({"status": "unhealthy", "reason": f"redis: {e}"}), 503
-    if num_workers == 0:
-        return jsonify({"status": "unhealthy", "reason": "no live decode worker"}), 503
-    return jsonify({"status": "ok", "workers": num_workers})
+    if missing:
+        return jsonify({"status": "unhealthy", "reason": f"no live {' or '.join(missing)} worker"}), 503
+    return jsonify({"status": "ok", "workers": roles.get("decode", 0), "roles": dict(roles)})
 
 
 @bp.get("/v1/models")
@@ -145,7 +146,17 @@ def _generate(kind: str, req: ChatCompletionRequest | CompletionRequest, prompts
         choice.logprobs.extend(delta.logprobs or [])
         choice.finish_reason = delta.finish_reason or choice.finish_reason
     usage.cached_tokens = sum(s.finished.num_cached_tokens for s in subs if s.finished)
-    return jsonify(fmt.response(choices, usage))
+    return jsonify(fmt.response(choices, usage)), 200, _routing_headers(subs)
+
+
+def _routing_headers(subs: list[SubRequest]) -> dict[str, str]:
+    """Where the request went and why, for the first prompt (one per prompt is rarely wanted)."""
+    sub = subs[0]
+    headers = {"X-Worker-Id": sub.routed.worker_id if sub.routed else (sub.worker_id or "")}
+    if sub.routed:
+        headers.update({"X-Route-Mode": sub.routed.mode, "X-Overlap-Blocks": str(sub.routed.overlap_blocks),
+                        "X-Prompt-Blocks": str(sub.routed.prompt_blocks)})
+    return headers
 
 
 def _numbered(events: Iterator[tuple[SubRequest, Delta]], usage: Usage) -> Iterator[tuple[int, Delta]]:
@@ -184,6 +195,6 @@ def _stream(fmt: Formatter, deltas: Iterator[tuple[int, Delta]], events, subs: l
         yield fmt.DONE
 
     return Response(stream_with_context(body()), mimetype="text/event-stream",
-                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **_routing_headers(subs)})
 
 

@@ -130,12 +130,13 @@ class PointComparison:
     tok_per_s_ratio: float | None
     ttft_p50_diff_ms: float | None
     itl_p50_ratio: float | None
+    tpot_p50_ratio: float | None
 
 
 @dataclass(frozen=True)
 class Headline:
-    """The three numbers: throughput at saturation (best output tok/s over the load points), and
-    TTFT p50 and ITL p50 at the lowest load point."""
+    """The headline numbers: throughput at saturation (best output tok/s over the load points), and
+    TTFT p50, ITL p50 and TPOT p50 at the lowest load point both targets ran."""
 
     target: str
     baseline: str
@@ -145,6 +146,7 @@ class Headline:
     low_load: str
     ttft_p50_diff_ms: float | None
     itl_p50_ratio: float | None
+    tpot_p50_ratio: float | None
 
 
 def _by_target(summaries: Sequence[Summary], target: str) -> list[Summary]:
@@ -156,7 +158,8 @@ def compare_points(summaries: Sequence[Summary], target: str, baseline: str) -> 
     return [PointComparison(target, baseline, s.load,
                             ratio(s.output_tok_per_s, base[s.load].output_tok_per_s),
                             difference(s.ttft_ms.p50, base[s.load].ttft_ms.p50),
-                            ratio(s.itl_ms.p50, base[s.load].itl_ms.p50))
+                            ratio(s.itl_ms.p50, base[s.load].itl_ms.p50),
+                            ratio(s.tpot_ms.p50, base[s.load].tpot_ms.p50))
             for s in _by_target(summaries, target) if s.load in base]
 
 
@@ -166,8 +169,9 @@ def headline(summaries: Sequence[Summary], target: str, baseline: str) -> Headli
         return None
     ours_sat = max(s.output_tok_per_s for s in ours)
     base_sat = max(s.output_tok_per_s for s in base)
-    low = compare_points(summaries, target, baseline)
-    low_point = low[0] if low else None
-    return Headline(target, baseline, ours_sat, base_sat, ratio(ours_sat, base_sat),
-                    low_point.load if low_point else "", low_point.ttft_p50_diff_ms if low_point else None,
-                    low_point.itl_p50_ratio if low_point else None)
+    points = compare_points(summaries, target, baseline)
+    if not points:
+        return Headline(target, baseline, ours_sat, base_sat, ratio(ours_sat, base_sat), "", None, None, None)
+    low = points[0]
+    return Headline(target, baseline, ours_sat, base_sat, ratio(ours_sat, base_sat), low.load,
+                    low.ttft_p50_diff_ms, low.itl_p50_ratio, low.tpot_p50_ratio)

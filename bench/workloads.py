@@ -87,9 +87,11 @@ river stone light water village morning evening shore queue worker model token s
 """.split())
 
 
-def build_workload(kind: WorkloadKind, params: WorkloadParams, num_requests: int, seed: int) -> list[Session]:
-    """The sessions of one workload; equal arguments give equal sessions."""
-    rng = random.Random(f"{kind.value}:{seed}")
+def build_workload(kind: WorkloadKind, params: WorkloadParams, num_requests: int, seed: int,
+                   variant: int = 0) -> list[Session]:
+    """The sessions of one workload; equal arguments give equal sessions. Each load point uses its
+    own `variant`, so a point never hits prefixes that an earlier point left in the cache."""
+    rng = random.Random(f"{kind.value}:{seed}:{variant}")
     if kind is WorkloadKind.SYNTHETIC:
         return synthetic(rng, params, num_requests)
     if kind is WorkloadKind.MULTITURN:

@@ -27,7 +27,7 @@ from tasks import queues
 logger = logging.getLogger("launcher")
 
 ROOT = Path(__file__).resolve().parent.parent
-ROLES = ("decode", "frontend", "flower")
+ROLES = ("decode", "router", "frontend", "flower")
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
 
@@ -59,14 +59,30 @@ def ensure_redis(settings: Settings, supervisor: Supervisor, timeout_s: float = 
     logger.info("started a local Redis at %s", url)
 
 
+def _celery_worker(name: str, queue: str, settings: Settings, stop_order: int, env: dict | None = None) -> Child:
+    return Child(name, [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-Q", queue, "-n", f"{name}@%h",
+                        "--loglevel", settings.log_level], stop_order=stop_order, env=env or {})
+
+
+def engine_cores(num_engines: int, bind: str) -> list[dict]:
+    """Per-engine environment for vLLM's CPU thread binding. With "auto", vLLM binds every
+    engine to the same first core; several engines on one node get a core each instead."""
+    if bind != "auto" or num_engines < 2:
+        return [{} for _ in range(num_engines)]
+    cores = os.cpu_count() or 1
+    return [{"VLLM_CPU_OMP_THREADS_BIND": str(i % cores)} for i in range(num_engines)]
+
+
 def worker_children(settings: Settings) -> list[Child]:
-    python = sys.executable
-    loglevel = settings.log_level
-    return [
-        Child(f"decode{i}", [python, "-m", "celery", "-A", "tasks", "worker", "-Q", queues.DECODE,
-                             "-n", f"decode{i}@%h", "--loglevel", loglevel], stop_order=2)
-        for i in range(settings.workers.num_decode)
-    ]
+    envs = engine_cores(settings.workers.num_decode, settings.engine.omp_threads_bind)
+    return [_celery_worker(f"decode{i}", queues.DECODE, settings, 3, envs[i])
+            for i in range(settings.workers.num_decode)]
+
+
+def router_children(settings: Settings) -> list[Child]:
+    if not settings.router.enabled:
+        return []
+    return [_celery_worker(f"router{i}", queues.ROUTER, settings, 2) for i in range(settings.router.num_replicas)]
 
 
 def frontend_child(settings: Settings) -> Child:
@@ -76,7 +92,7 @@ def frontend_child(settings: Settings) -> Child:
 
 def flower_child(settings: Settings) -> Child:
     return Child("flower", [sys.executable, "-m", "celery", "-A", "tasks", "flower",
-                            f"--port={settings.flower.port}", "--address=0.0.0.0"], stop_order=3)
+                            f"--port={settings.flower.port}", "--address=0.0.0.0"], stop_order=4)
 
 
 def wait_ready(settings: Settings, supervisor: Supervisor, timeout_s: float, need_workers: bool) -> bool:
@@ -124,6 +140,9 @@ def serve(args: argparse.Namespace) -> int:
         ensure_redis(settings, supervisor)
         if "decode" in roles:
             for child in worker_children(settings):
+                supervisor.start(child)
+        if "router" in roles:
+            for child in router_children(settings):
                 supervisor.start(child)
         if "frontend" in roles:
             supervisor.start(frontend_child(settings))

@@ -33,6 +33,7 @@ class Child:
     # Restart when it exits on its own (a crashed worker, an engine that died), as circus does
     # for Dynamo; a child that keeps crashing stops the deployment instead.
     restart: bool = True
+    env: dict[str, str] = field(default_factory=dict)  # on top of the supervisor's
     proc: subprocess.Popen | None = field(default=None, repr=False)
     restarts: list[float] = field(default_factory=list, repr=False)
 
@@ -62,7 +63,7 @@ class Supervisor:
 
     def _spawn(self, child: Child) -> None:
         child.proc = subprocess.Popen(
-            child.argv, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            child.argv, env={**self.env, **child.env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         threading.Thread(target=_relay, args=(child.name, child.proc.stdout), daemon=True).start()

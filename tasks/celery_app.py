@@ -28,6 +28,8 @@ def make_celery(settings: Settings) -> Celery:
         worker_concurrency=settings.workers.concurrency,
         # Take one message per free thread, so an idle worker elsewhere can get the rest.
         worker_prefetch_multiplier=1,
+        # Each worker also consumes a queue of its own, so a router can pick the worker.
+        worker_direct=True,
         # Flower shows tasks only when workers send events.
         worker_send_task_events=True,
         task_send_sent_event=True,

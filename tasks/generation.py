@@ -6,7 +6,7 @@ import logging
 
 from tasks import app
 from tasks.messages import WireVersionError, request_from_task_arg
-from tasks.queues import GENERATE_TASK
+from tasks.queues import GENERATE_TASK, ROUTE_TASK
 
 logger = logging.getLogger(__name__)
 
@@ -22,3 +22,18 @@ def generate(payload: dict) -> None:
         runtime.reject_malformed(payload, str(e))
         return
     runtime.serve(req)
+
+
+@app.task(name=ROUTE_TASK, ignore_result=True)
+def route(payload: dict) -> None:
+    """Picks a decode worker, then sends the generation task to that worker's own queue. It
+    forwards rather than answers, so no task ever waits on another."""
+    from workers.runtime import current_runtime
+
+    runtime = current_runtime()
+    try:
+        req = request_from_task_arg(payload)
+    except (WireVersionError, ValueError) as e:
+        runtime.reject_malformed(payload, str(e))
+        return
+    runtime.route(req, payload, lambda body, queue: generate.apply_async(args=[body], queue=queue))

@@ -19,3 +19,9 @@ def worker_lease(worker_id: str) -> str:
 
 
 WORKER_LEASE_PATTERN = f"{PREFIX}:worker:*"
+
+
+KV_EVENTS = f"{PREFIX}:kv-events"  # every engine's KV cache events, replayed by routers
+ROUTER_OVERLAP_BLOCKS = f"{PREFIX}:router:overlap-blocks"  # running hit rate: overlap / prompt
+ROUTER_PROMPT_BLOCKS = f"{PREFIX}:router:prompt-blocks"
+ROUTER_ROUND_ROBIN = f"{PREFIX}:router:round-robin"

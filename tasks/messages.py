@@ -55,6 +55,15 @@ class TokenLogprob(msgspec.Struct, frozen=True, array_like=True):
     top: list[TopLogprob]
 
 
+class Routed(msgspec.Struct, frozen=True, tag_field="event", tag="routed"):
+    """Where the router sent the request, and why. Written before the worker's Accepted."""
+
+    worker_id: str
+    mode: str
+    overlap_blocks: int
+    prompt_blocks: int
+
+
 class Accepted(msgspec.Struct, frozen=True, tag_field="event", tag="accepted"):
     """A worker took the request. The frontend watches this worker's lease from now on."""
 
@@ -82,7 +91,10 @@ class Failed(msgspec.Struct, frozen=True, tag_field="event", tag="failed"):
     message: str
 
 
-OutputEvent = Union[Accepted, Delta, Finished, Failed]
+
+
+
+OutputEvent = Union[Routed, Accepted, Delta, Finished, Failed]
 
 _encoder = msgspec.json.Encoder()
 _event_decoder = msgspec.json.Decoder(OutputEvent)
@@ -109,3 +121,31 @@ def request_from_task_arg(payload: dict) -> GenerateRequest:
     if version != WIRE_VERSION:
         raise WireVersionError(f"wire version {version!r}, this worker speaks {WIRE_VERSION}")
     return msgspec.convert(payload, GenerateRequest)
+
+
+class KvEvent(msgspec.Struct, frozen=True, array_like=True):
+    """One engine's KV cache change, as forwarded into the Redis Stream that routers replay.
+
+    ``kind`` is "stored", "removed" or "cleared". Hashes are the engine's own (opaque bytes or
+    ints); routers recompute content hashes from ``token_ids`` (one run of whole blocks, in
+    order, after ``parent_hash``) so that their index matches prompts they have never seen.
+    """
+
+    worker_id: str
+    kind: str
+    block_hashes: list[Union[bytes, int]] = []
+    parent_hash: Union[bytes, int, None] = None
+    token_ids: list[int] = []
+    block_size: int = 0
+
+
+_kv_encoder = msgspec.msgpack.Encoder()
+_kv_decoder = msgspec.msgpack.Decoder(KvEvent)
+
+
+def encode_kv_event(event: KvEvent) -> bytes:
+    return _kv_encoder.encode(event)
+
+
+def decode_kv_event(raw: bytes) -> KvEvent:
+    return _kv_decoder.decode(raw)

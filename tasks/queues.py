@@ -14,7 +14,16 @@ ALL_QUEUES = (DECODE, PREFILL, ROUTER)
 ENGINE_ROLES = {DECODE: "decode", PREFILL: "prefill"}
 
 GENERATE_TASK = "tasks.generate"
+ROUTE_TASK = "tasks.route"
 
 TASK_ROUTES = {
     GENERATE_TASK: {"queue": DECODE},
+    ROUTE_TASK: {"queue": ROUTER},
 }
+
+
+def worker_queue(worker_id: str):
+    """The queue only this worker consumes (Celery's worker_direct), where the router sends."""
+    from celery.utils.nodenames import worker_direct
+
+    return worker_direct(worker_id)

@@ -29,6 +29,9 @@ class WorkerStatus(msgspec.Struct, frozen=True):
     num_batched_steps: int = 0
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
+    # Routers only: how many blocks their index holds for each worker, and events applied.
+    index_blocks: dict[str, int] = {}
+    num_events_applied: int = 0
 
 
 _decoder = msgspec.json.Decoder(WorkerStatus)

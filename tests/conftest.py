@@ -57,7 +57,7 @@ def fresh_redis_url() -> str:
     return url
 
 
-def make_settings(redis_url: str, **sections) -> Settings:
+def make_settings(redis_url: str, base: str = "agg.yaml", **sections) -> Settings:
     overrides = [
         f"redis_url={redis_url}",
         f"frontend.port={free_port()}",
@@ -68,7 +68,7 @@ def make_settings(redis_url: str, **sections) -> Settings:
         "workers.heartbeat_interval_s=0.5",
         "workers.lease_s=2",
     ] + [f"{k}={v}" for k, v in sections.items()]
-    return load_settings(ROOT / "configs" / "agg.yaml", overrides, environ={})
+    return load_settings(ROOT / "configs" / base, overrides, environ={})
 
 
 @dataclass

@@ -1,8 +1,9 @@
 """Starts and stops the worker runtime on Celery's worker signals.
 
-``worker_init`` fires after ``-Q`` is parsed and before the consumer starts, so the role comes
-from the queues this worker consumes, and the engine is ready before the first task arrives.
-Under the thread pool this runs in the worker's only process; no 4 s prefork limit applies.
+``celeryd_after_setup`` fires once ``-Q`` is applied and logging is configured, and before the
+worker starts consuming. So the role comes from the queues this worker consumes, the engine is
+ready before the first task arrives, and its start-up is in the log. Under the thread pool this
+runs in the worker's only process; no 4 s prefork limit applies.
 """
 
 from __future__ import annotations
@@ -29,22 +30,24 @@ def role_for(queue_names: list[str]) -> str:
     return "router"
 
 
-@signals.worker_init.connect
-def _start_runtime(sender=None, **_kwargs) -> None:
-    from workers.runtime import WorkerRuntime, set_current_runtime
+@signals.celeryd_after_setup.connect
+def _start_runtime(sender=None, instance=None, **_kwargs) -> None:
+    from workers.runtime import RouterRuntime, WorkerRuntime, set_current_runtime
 
-    settings = sender.app.conf.llmq_settings
-    queue_names = sorted(sender.app.amqp.queues.consume_from)
+    settings = instance.app.conf.llmq_settings
+    # worker_direct adds a queue of the worker's own, named after it; the role comes from the rest.
+    queue_names = sorted(q for q in instance.app.amqp.queues.consume_from if not q.endswith(".dq2"))
     try:
         role = role_for(queue_names)
         if role == "router":
-            return  # routing arrives with the KV-routing work; it needs no engine
-        runtime = WorkerRuntime(settings, sender.hostname, role, queue_names)
+            runtime = RouterRuntime(settings, instance.hostname, queue_names)
+        else:
+            runtime = WorkerRuntime(settings, instance.hostname, role, queue_names)
         runtime.start()
     except Exception:
         # Celery logs and swallows exceptions from signal handlers; a worker without its
         # engine must not start consuming, so leave now with the reason in the log.
-        logger.exception("worker %s failed to start", sender.hostname)
+        logger.exception("worker %s failed to start", instance.hostname)
         sys.exit(1)
     set_current_runtime(runtime)
 

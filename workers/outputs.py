@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import logging
+
 import redis
 
 from tasks import keys
 from tasks.messages import Delta, Failed, OutputEvent, TokenLogprob, TopLogprob, encode_event
+
+logger = logging.getLogger(__name__)
 
 
 class OutputWriter:
@@ -53,3 +57,11 @@ def deltas_from(output: Any, num_logprobs: int | None) -> list[Delta]:
         )
         for c in output.outputs
     ]
+
+
+def reject_malformed(client: redis.Redis, payload: object, reason: str, ttl_s: int) -> None:
+    """A task whose message does not decode: tell its client, if it says who that is."""
+    rid = payload.get("request_id") if isinstance(payload, dict) else None
+    logger.error("[%s] malformed task: %s", rid, reason)
+    if isinstance(rid, str):
+        OutputWriter(client, rid, ttl_s).fail(400, "invalid_request_error", f"malformed task: {reason}")

@@ -9,16 +9,18 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 import time
 
 import redis
 
 from config import Settings
 from tasks import keys
-from tasks.messages import Accepted, Finished, GenerateRequest
+from tasks.messages import Accepted, Finished, GenerateRequest, Routed
 from workers.engine import DeadlineExceeded, EngineHost
 from workers.heartbeat import Heartbeat
-from workers.outputs import OutputWriter, deltas_from
+from workers.kv_events import KvEventForwarder, kv_events_config, kv_events_endpoint
+from workers.outputs import OutputWriter, deltas_from, reject_malformed
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +47,14 @@ class WorkerRuntime:
         self.worker_id = worker_id
         self.role = role
         self.redis = redis.Redis.from_url(settings.redis_url, health_check_interval=30)
-        self.engine = EngineHost(settings)
+        extra_engine_args = {}
+        self.kv_events: KvEventForwarder | None = None
+        if settings.router.mode == "kv":
+            # KV routing needs to know what each engine caches; others skip the overhead.
+            endpoint = kv_events_endpoint(worker_id)
+            extra_engine_args["kv_events_config"] = kv_events_config(endpoint)
+            self.kv_events = KvEventForwarder(self.redis, worker_id, endpoint, settings.router.kv_events_maxlen)
+        self.engine = EngineHost(settings, extra_engine_args)
         self.heartbeat = Heartbeat(
             self.redis, worker_id, role, queues,
             interval_s=settings.workers.heartbeat_interval_s,
@@ -55,6 +64,8 @@ class WorkerRuntime:
 
     def start(self) -> None:
         self.engine.start()
+        if self.kv_events is not None:
+            self.kv_events.start()
         # The lease goes up only once the engine can serve: the frontend's liveness check
         # and the router never see a worker that would just queue requests behind a cold start.
         self.heartbeat.start()
@@ -62,6 +73,8 @@ class WorkerRuntime:
 
     def stop(self) -> None:
         self.heartbeat.stop()
+        if self.kv_events is not None:
+            self.kv_events.stop()
         self.engine.shutdown()
         logger.info("worker %s stopped", self.worker_id)
 
@@ -152,8 +165,71 @@ class WorkerRuntime:
         os.kill(os.getpid(), signal.SIGTERM)
 
     def reject_malformed(self, payload: object, reason: str) -> None:
-        rid = payload.get("request_id") if isinstance(payload, dict) else None
-        logger.error("[%s] malformed generation task: %s", rid, reason)
-        if isinstance(rid, str):
-            OutputWriter(self.redis, rid, self.settings.workers.stream_ttl_s).fail(
-                400, "invalid_request_error", f"malformed task: {reason}")
+        reject_malformed(self.redis, payload, reason, self.settings.workers.stream_ttl_s)
+
+class RouterRuntime:
+    """A router worker: keeps the KV index current and forwards each request to a worker queue."""
+
+    # How often the index catches up with the event stream while no request arrives.
+    CATCH_UP_INTERVAL_S = 0.5
+
+    def __init__(self, settings: Settings, worker_id: str, queues: list[str]):
+        from router.service import RouterService
+
+        self.settings = settings
+        self.worker_id = worker_id
+        self.redis = redis.Redis.from_url(settings.redis_url, health_check_interval=30)
+        self.service = RouterService(settings, self.redis)
+        self.heartbeat = Heartbeat(self.redis, worker_id, "router", queues,
+                                   interval_s=settings.workers.heartbeat_interval_s,
+                                   lease_s=settings.workers.lease_s, load=self._index_figures)
+        self._stop = threading.Event()
+        self._follower = threading.Thread(target=self._follow, name="kv-index", daemon=True)
+
+    def _index_figures(self) -> dict:
+        with self.service.lock:
+            return dict(index_blocks=self.service.index.blocks_per_worker(),
+                        num_events_applied=self.service.num_events_applied)
+
+    def start(self) -> None:
+        started = time.monotonic()
+        applied = self.service.catch_up()  # replay everything before taking any request
+        logger.info("router %s (%s) replayed %d KV events into %d blocks in %.2fs", self.worker_id,
+                    self.settings.router.mode, applied, self.service.index.num_blocks, time.monotonic() - started)
+        self._follower.start()
+        self.heartbeat.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.heartbeat.stop()
+        self._follower.join(timeout=5)
+
+    def _follow(self) -> None:
+        while not self._stop.wait(self.CATCH_UP_INTERVAL_S):
+            try:
+                self.service.catch_up()
+                self.service.live_workers()
+            except redis.RedisError as e:
+                logger.warning("router could not read KV events: %s", e)
+
+    def reject_malformed(self, payload: object, reason: str) -> None:
+        reject_malformed(self.redis, payload, reason, self.settings.workers.stream_ttl_s)
+
+    def route(self, req: GenerateRequest, payload: dict, send) -> None:
+        """Picks a worker and hands the request to its own queue via ``send(payload, queue)``."""
+        from router.service import NoCandidates
+        from tasks.queues import worker_queue
+
+        out = OutputWriter(self.redis, req.request_id, self.settings.workers.stream_ttl_s)
+        started = time.perf_counter()
+        try:
+            decision = self.service.decide(req.prompt_token_ids)
+        except NoCandidates as e:
+            logger.warning("[%s] cannot route: %s", req.request_id, e)
+            out.fail(503, "service_unavailable", str(e))
+            return
+        out.write([Routed(decision.worker_id, decision.mode, decision.overlap_blocks, decision.prompt_blocks)])
+        send(payload, worker_queue(decision.worker_id))
+        logger.info("[%s] routed to %s (%s): overlap %d/%d blocks in %.2fms", req.request_id, decision.worker_id,
+                    decision.mode, decision.overlap_blocks, decision.prompt_blocks,
+                    (time.perf_counter() - started) * 1000)

@@ -1,0 +1,220 @@
+"""The load generator: one streaming request with its timings, sessions, and open/closed loops.
+
+Every request is bounded by `request_timeout_s`; every load point by the run's deadline. A request
+cut off by the deadline is recorded as an error, and one never sent as "not sent", so each load
+point has exactly one record per planned request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+import openai
+
+from bench.records import LoadMode, LoadPoint, RequestRecord, Target
+from bench.workloads import Session, Turn, poisson_arrivals
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ClientOptions:
+    api_key: str = "none"
+    request_timeout_s: float = 120.0
+    temperature: float = 0.0
+
+
+@dataclass
+class StreamTiming:
+    """Arrival times (time.perf_counter) of each output-carrying chunk, and the final usage."""
+
+    sent: float
+    chunk_times: list[float] = field(default_factory=list)
+    text: str = ""
+    prompt_tokens: int | None = None
+    output_tokens: int | None = None
+    cached_tokens: int = 0
+
+
+def _is_output(chunk, chat: bool) -> bool:
+    """A chunk that carries generated output: not the usage-only chunk, nor chat's role-only one."""
+    if not chunk.choices:
+        return False
+    if not chat:
+        return True
+    delta = chunk.choices[0].delta
+    return bool(delta.content) or delta.role is None
+
+
+def _take_usage(timing: StreamTiming, usage) -> None:
+    timing.prompt_tokens = usage.prompt_tokens
+    timing.output_tokens = usage.completion_tokens
+    details = getattr(usage, "prompt_tokens_details", None)
+    timing.cached_tokens = (details.cached_tokens or 0) if details else 0
+
+
+class StreamingClient:
+    """Sends streaming requests to one target with the official AsyncOpenAI client."""
+
+    def __init__(self, target: Target, options: ClientOptions):
+        self.target = target
+        self.options = options
+        self._client = openai.AsyncOpenAI(base_url=target.base_url, api_key=options.api_key,
+                                          max_retries=0, timeout=options.request_timeout_s)
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    def _common(self, max_tokens: int) -> dict:
+        return dict(model=self.target.model, max_tokens=max_tokens, temperature=self.options.temperature,
+                    stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+
+    async def completion(self, prompt_ids: list[int], max_tokens: int) -> StreamTiming:
+        timing = StreamTiming(sent=time.perf_counter())
+        stream = await self._client.completions.create(prompt=prompt_ids, **self._common(max_tokens))
+        return await self._consume(stream, timing, chat=False)
+
+    async def chat(self, messages: list[dict], max_tokens: int) -> StreamTiming:
+        timing = StreamTiming(sent=time.perf_counter())
+        stream = await self._client.chat.completions.create(messages=messages, **self._common(max_tokens))
+        return await self._consume(stream, timing, chat=True)
+
+    async def _consume(self, stream, timing: StreamTiming, chat: bool) -> StreamTiming:
+        pieces = []
+        async with stream:  # closes the connection if we are cancelled mid-stream
+            async for chunk in stream:
+                now = time.perf_counter()
+                if chunk.usage is not None:
+                    _take_usage(timing, chunk.usage)
+                if _is_output(chunk, chat):
+                    timing.chunk_times.append(now)
+                    choice = chunk.choices[0]
+                    pieces.append((choice.delta.content or "") if chat else (choice.text or ""))
+        timing.text = "".join(pieces)
+        return timing
+
+
+def to_record(base: RequestRecord, timing: StreamTiming, origin: float, end: float) -> RequestRecord:
+    """Fills a record from a finished stream; times become seconds since the load point's origin."""
+    times = timing.chunk_times
+    base.start_s, base.end_s = timing.sent - origin, end - origin
+    base.num_chunks = len(times)
+    base.usage_reported = timing.output_tokens is not None
+    base.output_tokens = timing.output_tokens if base.usage_reported else len(times)
+    base.prompt_tokens, base.cached_tokens = timing.prompt_tokens, timing.cached_tokens
+    if times:
+        base.ttft_ms = (times[0] - timing.sent) * 1000
+        base.itl_ms = [(b - a) * 1000 for a, b in zip(times, times[1:])]
+    base.ok = bool(times)
+    base.error = "" if times else "stream ended with no output"
+    return base
+
+
+class SessionRunner:
+    """Runs sessions against one target at one load point, appending a record per request."""
+
+    def __init__(self, client: StreamingClient, point: LoadPoint, origin: float):
+        self.client = client
+        self.point = point
+        self.origin = origin
+        self.records: list[RequestRecord] = []
+
+    def _blank(self, session: Session, turn: int) -> RequestRecord:
+        return RequestRecord(target=self.client.target.label, load=self.point.label, session_id=session.session_id,
+                             turn=turn, max_tokens=session.turns[turn].max_tokens, ok=False)
+
+    async def run_session(self, session: Session) -> None:
+        history: list[dict] = [{"role": "system", "content": session.system_text}] if session.system_text else []
+        for index, turn in enumerate(session.turns):
+            record = await self._one(session, index, turn, history)
+            if not record.ok:
+                return  # later turns depend on this one; they are recorded as not sent
+
+    async def _one(self, session: Session, index: int, turn: Turn, history: list[dict]) -> RequestRecord:
+        record = self._blank(session, index)
+        self.records.append(record)
+        sent = time.perf_counter()
+        try:
+            timing = await asyncio.wait_for(self._send(session, turn, history), self.client.options.request_timeout_s)
+        except asyncio.CancelledError:
+            self._fail(record, sent, "cancelled: the run's deadline passed")
+            raise
+        except (openai.OpenAIError, asyncio.TimeoutError, OSError) as e:
+            self._fail(record, sent, f"{type(e).__name__}: {e}")
+            logger.warning("[%s %s session %d turn %d] failed: %s", record.target, record.load,
+                           record.session_id, index, record.error)
+            return record
+        to_record(record, timing, self.origin, time.perf_counter())
+        if session.is_chat and record.ok:
+            history.append({"role": "user", "content": turn.user_text})
+            history.append({"role": "assistant", "content": timing.text})
+        return record
+
+    async def _send(self, session: Session, turn: Turn, history: list[dict]) -> StreamTiming:
+        if session.is_chat:
+            messages = history + [{"role": "user", "content": turn.user_text}]
+            return await self.client.chat(messages, turn.max_tokens)
+        return await self.client.completion(list(turn.prompt_ids), turn.max_tokens)
+
+    def _fail(self, record: RequestRecord, sent: float, error: str) -> None:
+        record.start_s, record.end_s = sent - self.origin, time.perf_counter() - self.origin
+        record.ok, record.error = False, error
+
+    def add_unsent(self, sessions: list[Session]) -> None:
+        """Records every planned request that never went out (deadline, or an earlier turn failed)."""
+        seen = {(r.session_id, r.turn) for r in self.records}
+        broken = {r.session_id for r in self.records if not r.ok}
+        for session in sessions:
+            why = "an earlier turn failed" if session.session_id in broken else "the run's deadline passed"
+            for turn in range(session.num_requests):
+                if (session.session_id, turn) not in seen:
+                    record = self._blank(session, turn)
+                    record.error = f"not sent: {why}"
+                    self.records.append(record)
+
+
+async def run_closed(runner: SessionRunner, sessions: list[Session], concurrency: int) -> None:
+    """`concurrency` loops, each taking the next session as soon as its last one finished."""
+    queue: asyncio.Queue[Session] = asyncio.Queue()
+    for session in sessions:
+        queue.put_nowait(session)
+
+    async def loop() -> None:
+        while not queue.empty():
+            await runner.run_session(queue.get_nowait())
+
+    await asyncio.gather(*(loop() for _ in range(max(1, concurrency))))
+
+
+async def run_open(runner: SessionRunner, sessions: list[Session], rate_per_s: float, seed: int) -> None:
+    """Starts session i at its Poisson arrival time, whatever is still in flight."""
+    arrivals = poisson_arrivals(rate_per_s, len(sessions), seed)
+    tasks = []
+    try:
+        for session, at in zip(sessions, arrivals):
+            await asyncio.sleep(max(0.0, runner.origin + at - time.perf_counter()))
+            tasks.append(asyncio.create_task(runner.run_session(session)))
+        await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def run_load_point(client: StreamingClient, point: LoadPoint, sessions: list[Session],
+                         seed: int, budget_s: float) -> list[RequestRecord]:
+    """Runs every session at one load point within budget_s; one record per planned request."""
+    runner = SessionRunner(client, point, origin=time.perf_counter())
+    if point.mode is LoadMode.CLOSED:
+        work = run_closed(runner, sessions, point.concurrency)
+    else:
+        work = run_open(runner, sessions, point.value, seed)
+    try:
+        await asyncio.wait_for(work, timeout=max(0.0, budget_s))
+    except asyncio.TimeoutError:
+        logger.warning("[%s %s] the run's deadline passed; cut short", client.target.label, point.label)
+    runner.add_unsent(sessions)
+    return runner.records

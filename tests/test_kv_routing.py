@@ -1,0 +1,133 @@
+"""KV-aware routing against real engines: two decode workers, a kv-mode router, real KV events.
+
+The tests run in order on one deployment; each states the state it starts from.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import redis
+
+from config import dump_settings
+from conftest import ROOT, fresh_redis_url, live_status, make_settings, start_deployment, wait_for
+from router.index import block_keys
+from router.service import RouterService
+from tasks import keys
+from tasks.messages import decode_kv_event
+
+pytestmark = pytest.mark.integration
+
+MODEL = "tiny-llama"
+BLOCK = 32
+SHARED = [10 + (i * 37) % 1500 for i in range(20 * BLOCK)]  # 20 blocks of a shared "system prompt"
+OTHER = [10 + (i * 53) % 1500 for i in range(20 * BLOCK)]
+
+
+def prompt(prefix: list[int], turn: int) -> list[int]:
+    return prefix + [100 + turn, 200 + turn, 300 + turn]
+
+
+@pytest.fixture(scope="module")
+def routed(model_path, tmp_path_factory):
+    settings = make_settings(fresh_redis_url(), base="agg_router.yaml")
+    assert settings.router.mode == "kv" and settings.workers.num_decode == 2
+    dep = start_deployment(settings, tmp_path_factory.mktemp("kv"))
+    wait_for(lambda: len(live_status(dep)) == 2, 120, "both decode workers")
+    yield dep
+    dep.stop()
+
+
+def complete(dep, ids: list[int], max_tokens: int = 2):
+    raw = dep.client().completions.with_raw_response.create(model=MODEL, prompt=ids, max_tokens=max_tokens,
+                                                            extra_body={"ignore_eos": True})
+    out = raw.parse()
+    assert out.usage.completion_tokens == max_tokens
+    return raw.headers["x-worker-id"], int(raw.headers["x-overlap-blocks"]), int(raw.headers["x-prompt-blocks"])
+
+
+def stored_blocks(dep, worker: str) -> int:
+    entries = dep.redis.xrange(keys.KV_EVENTS)
+    events = [decode_kv_event(fields[b"e"]) for _, fields in entries]
+    return sum(len(e.block_hashes) for e in events if e.worker_id == worker and e.kind == "stored")
+
+
+def router_status(dep, name_prefix: str = "router0@"):
+    return next(w for w in live_status(dep, role="router") if w.worker_id.startswith(name_prefix))
+
+
+def test_shared_prefix_sticks_to_the_worker_that_holds_it(routed):
+    holder, overlap, blocks = complete(routed, prompt(SHARED, 0))
+    assert blocks == 20 and overlap == 0
+    # The engine's KV events reach the stream the router replays; wait for them, not for a time.
+    wait_for(lambda: stored_blocks(routed, holder) >= 20, 30, "the holder's KV events")
+    for turn in range(1, 6):
+        worker, overlap, blocks = complete(routed, prompt(SHARED, turn))
+        assert worker == holder, f"turn {turn} left the worker holding the prefix"
+        assert overlap == 20
+    rate = int(routed.redis.get(keys.ROUTER_OVERLAP_BLOCKS)) / int(routed.redis.get(keys.ROUTER_PROMPT_BLOCKS))
+    assert rate == pytest.approx(100 / 120)
+
+
+def test_a_different_prefix_goes_to_the_less_loaded_worker(routed):
+    holder, _, _ = complete(routed, prompt(SHARED, 9))
+    # Keep the holder busy with a long request, then send a prefix nobody holds.
+    stream = routed.client().completions.create(model=MODEL, prompt=prompt(SHARED, 10), max_tokens=1200,
+                                                stream=True, extra_body={"ignore_eos": True})
+    next(iter(stream))
+    worker, overlap, _ = complete(routed, prompt(OTHER, 0))
+    stream.close()
+    assert worker != holder and overlap == 0
+
+
+def test_the_router_hashes_prompts_as_the_engine_stored_them(routed):
+    """Self-check: the router's own hashes of a prompt are exactly the keys it derived from the
+    blocks the engine reported storing for that prompt."""
+    ids = [10 + (i * 71) % 1500 for i in range(6 * BLOCK + 5)]
+    worker, _, _ = complete(routed, ids, max_tokens=1)
+    service = RouterService(routed.settings, routed.redis)
+
+    def indexed() -> bool:
+        service.catch_up()
+        return {k for k, _ in block_keys(ids, BLOCK)} <= service.index.blocks_of(worker)
+
+    wait_for(indexed, 30, "the prompt's blocks in a replayed index")
+    assert service.index.overlaps(ids)[worker] == 6
+
+
+def test_a_late_router_replays_to_the_same_index_and_decisions(routed, tmp_path):
+    cfg = tmp_path / "config.yaml"
+    dump_settings(routed.settings, cfg)
+    late = subprocess.Popen([sys.executable, "-m", "celery", "-A", "tasks", "worker", "-Q", "router", "-n",
+                             "router9@%h", "--loglevel", "INFO"], cwd=ROOT, env=dict(os.environ, LLMQ_CONFIG=str(cfg)),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        late_status = wait_for(lambda: next((w for w in live_status(routed, role="router")
+                                             if w.worker_id.startswith("router9@")), None), 60, "the late router")
+        # Both replicas have applied the same stream, so their indexes agree block for block.
+        wait_for(lambda: router_status(routed, "router9@").index_blocks == router_status(routed).index_blocks,
+                 10, "the late router to catch up")
+        assert sum(late_status.index_blocks.values()) > 0
+        # And a router built from the stream alone decides as the live one did.
+        holder, overlap, _ = complete(routed, prompt(SHARED, 20))
+        fresh = RouterService(routed.settings, routed.redis).decide(prompt(SHARED, 21))
+        assert (fresh.worker_id, fresh.overlap_blocks) == (holder, overlap)
+    finally:
+        late.send_signal(signal.SIGTERM)
+        late.wait(timeout=30)
+
+
+def test_a_killed_worker_leaves_the_index_and_traffic_moves(routed):
+    holder, _, _ = complete(routed, prompt(SHARED, 30))
+    victim = next(w for w in live_status(routed) if w.worker_id == holder)
+    os.kill(victim.pid, signal.SIGKILL)
+    # Once its lease lapses the router drops its blocks...
+    wait_for(lambda: holder not in router_status(routed).index_blocks, 30, "the dead worker's blocks to leave")
+    # ...and the shared prefix goes to the survivor, which never held it.
+    worker, overlap, _ = complete(routed, prompt(SHARED, 31))
+    assert worker != holder and overlap == 0
