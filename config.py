@@ -89,6 +89,11 @@ class WorkerConfig(_Section):
     lease_s: float = Field(5.0, gt=0)
     # How long a request's output stream stays in Redis after it is written.
     stream_ttl_s: int = Field(600, gt=0)
+    # Each worker serves /metrics on this port (0: any free port). The address goes into the
+    # worker's lease, and the frontend's /metrics/targets lists them for Prometheus.
+    metrics_port: int = Field(0, ge=0, le=65535)
+    # The host others reach this worker's /metrics on; empty: this host's address.
+    advertise_host: str = ""
 
     @model_validator(mode="after")
     def _lease_outlives_heartbeat(self) -> WorkerConfig:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import redis
 from celery import Celery
 
+from app import metrics
 from app.errors import APIError, NoWorkers, UpstreamTimeout
 from config import Settings
 from tasks import keys, queues
@@ -105,7 +106,8 @@ class Gateway:
         failure or timeout, after cancelling whatever is still running."""
         by_key = {keys.output_stream(s.request_id): s for s in subs}
         cursors = {key: "0-0" for key in by_key}
-        started = next_check = time.monotonic()
+        started = next_check = last_delta = time.monotonic()
+        first_delta = True
         try:
             while cursors:
                 if time.monotonic() >= next_check:  # at most once a poll interval, not per token
@@ -119,10 +121,17 @@ class Gateway:
                         cursors[key] = entry_id
                         event = decode_event(fields[b"m"])
                         if isinstance(event, Delta):
+                            now = time.monotonic()
+                            if first_delta:
+                                metrics.TTFT.observe(now - started)
+                            else:
+                                metrics.ITL.observe(now - last_delta)
+                            first_delta, last_delta = False, now
                             yield sub, event
                         elif isinstance(event, Routed):
                             sub.routed = event
                         elif isinstance(event, Accepted):
+                            metrics.QUEUE_WAIT.observe(time.monotonic() - started)
                             sub.worker_id = event.worker_id
                             logger.info("[%s] taken by %s", sub.request_id, event.worker_id)
                         elif isinstance(event, Finished):

@@ -5,9 +5,27 @@ gthread workers: each open request holds one thread, mostly blocked on Redis, so
 (2 x 160 = 320 by default).
 """
 
+import glob
+import os
+import tempfile
+
 from config import load_settings
 
 _settings = load_settings()
+
+# Metrics from all gunicorn workers are summed from files in this folder (app/metrics.py). It must
+# be set before the app, and so prometheus_client, is imported, and start empty.
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="llmq-frontend-metrics-")
+os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
+for _stale in glob.glob(os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], "*.db")):
+    os.remove(_stale)  # counts from an earlier run would otherwise be summed in
+
+
+def child_exit(server, worker):
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
 
 wsgi_app = "app:create_app()"
 bind = f"{_settings.frontend.host}:{_settings.frontend.port}"

@@ -11,12 +11,14 @@ from collections.abc import Iterator
 import redis
 from flask import Blueprint, Response, current_app, g, jsonify, request, stream_with_context
 
+from app import metrics
 from app.errors import APIError, BadRequest, ModelNotFound, Unauthorized
 from app.gateway import Gateway, SubRequest
 from app.processor import Processor
 from app.responses import Choice, Formatter, Usage
 from app.schemas import ChatCompletionRequest, CompletionRequest, parse
 from tasks.messages import Delta
+from tasks.registry import live_workers
 
 logger = logging.getLogger(__name__)
 
@@ -45,10 +47,39 @@ def _assign_request_id() -> None:
         g.request_id = g.internal_id = uuid.uuid4().hex
 
 
+@bp.before_app_request
+def _count_in_flight() -> None:
+    if request.path.startswith("/v1/"):
+        metrics.IN_FLIGHT.inc()
+        g.in_flight = True
+
+
 @bp.after_app_request
-def _echo_request_id(response: Response) -> Response:
+def _finish(response: Response) -> Response:
     response.headers["X-Request-Id"] = g.get("request_id", "")
+    endpoint = request.url_rule.rule if request.url_rule else "unmatched"
+    metrics.REQUESTS.labels(endpoint, str(response.status_code)).inc()
+    if g.pop("in_flight", False):
+        # A stream is in flight until its last chunk is sent, not when its headers are.
+        response.call_on_close(metrics.IN_FLIGHT.dec)
     return response
+
+
+@bp.get("/metrics")
+def prometheus_metrics():
+    body, content_type = metrics.render()
+    return Response(body, content_type=content_type)
+
+
+@bp.get("/metrics/targets")
+def prometheus_targets():
+    """Prometheus HTTP service discovery: every live worker's and router's /metrics, so one
+    scrape config (configs/prometheus.yml) reaches the whole deployment."""
+    groups: dict[str, list[str]] = {}
+    for w in live_workers(_gateway().redis):
+        if w.metrics_address:
+            groups.setdefault(w.role, []).append(w.metrics_address)
+    return jsonify([{"targets": sorted(t), "labels": {"role": role}} for role, t in sorted(groups.items())])
 
 
 def _check_api_key() -> None:
@@ -135,6 +166,7 @@ def _generate(kind: str, req: ChatCompletionRequest | CompletionRequest, prompts
     subs = gateway.submit(g.internal_id, prompts, spec)
     fmt = Formatter(kind, g.request_id, req.model, want_logprobs=req.num_logprobs is not None)
     usage = Usage(prompt_tokens=sum(len(p) for p in prompts))
+    metrics.PROMPT_TOKENS.inc(usage.prompt_tokens)
     events = gateway.events(subs)
     deltas = _numbered(events, usage)
     if req.stream:
@@ -163,6 +195,7 @@ def _numbered(events: Iterator[tuple[SubRequest, Delta]], usage: Usage) -> Itera
     """Gives each delta its choice index in the response, and counts completion tokens."""
     for sub, delta in events:
         usage.completion_tokens += len(delta.token_ids)
+        metrics.COMPLETION_TOKENS.inc(len(delta.token_ids))
         yield sub.choice_offset + delta.index, delta
 
 

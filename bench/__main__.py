@@ -133,7 +133,12 @@ def main(argv: list[str] | None = None) -> int:
         except UsageError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        path = report.write_all(runner.run(config), args.out)
+        result = runner.run(config)
+        num_failed = sum(not r.ok for r in result.records)
+        if num_failed:
+            logging.getLogger("bench").warning("%d of %d requests failed; see report.md", num_failed,
+                                               len(result.records))
+        path = report.write_all(result, args.out)
     print(path)
     return 0
 

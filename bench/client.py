@@ -136,13 +136,18 @@ class SessionRunner:
     async def _one(self, session: Session, index: int, turn: Turn, history: list[dict]) -> RequestRecord:
         record = self._blank(session, index)
         self.records.append(record)
-        sent = time.perf_counter()
+        sent, timeout_s = time.perf_counter(), self.client.options.request_timeout_s
         try:
-            timing = await asyncio.wait_for(self._send(session, turn, history), self.client.options.request_timeout_s)
+            timing = await asyncio.wait_for(self._send(session, turn, history), timeout_s)
         except asyncio.CancelledError:
             self._fail(record, sent, "cancelled: the run's deadline passed")
             raise
-        except (openai.OpenAIError, asyncio.TimeoutError, OSError) as e:
+        except asyncio.TimeoutError:
+            self._fail(record, sent, f"timed out after {timeout_s:g} s")
+            logger.warning("[%s %s session %d turn %d] %s", record.target, record.load, record.session_id,
+                           index, record.error)
+            return record
+        except (openai.OpenAIError, OSError) as e:
             self._fail(record, sent, f"{type(e).__name__}: {e}")
             logger.warning("[%s %s session %d turn %d] failed: %s", record.target, record.load,
                            record.session_id, index, record.error)

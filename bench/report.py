@@ -214,7 +214,7 @@ def _cdf_plot(result: RunResult, values_of, xlabel: str, path: Path) -> None:
     ax.set(xlabel=xlabel, ylabel="fraction of samples", title=f"{xlabel.split()[0]} CDF")
     ax.set_xscale("log")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize="small")
+    _legend(ax)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -238,7 +238,12 @@ def _throughput_plot(result: RunResult, summaries: Sequence[Summary], path: Path
         ax.set_xscale("log", base=2)
         ax.set_xticks(list(result.config.load_values), [f"{v:g}" for v in result.config.load_values])
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize="small")
+        _legend(ax)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _legend(ax) -> None:
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize="small")

@@ -85,9 +85,9 @@ def router_children(settings: Settings) -> list[Child]:
     return [_celery_worker(f"router{i}", queues.ROUTER, settings, 2) for i in range(settings.router.num_replicas)]
 
 
-def frontend_child(settings: Settings) -> Child:
+def frontend_child(settings: Settings, metrics_dir: Path) -> Child:
     return Child("frontend", [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "app" / "gunicorn_conf.py")],
-                 stop_order=1)
+                 stop_order=1, env={"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)})
 
 
 def flower_child(settings: Settings) -> Child:
@@ -129,6 +129,7 @@ def serve(args: argparse.Namespace) -> int:
     run_dir = ROOT / "run"
     run_dir.mkdir(exist_ok=True)
     resolved = run_dir / f"{settings.deployment}-{os.getpid()}.yaml"
+    metrics_dir = run_dir / f"{settings.deployment}-{os.getpid()}-metrics"
     dump_settings(settings, resolved)
     env = dict(os.environ, LLMQ_CONFIG=str(resolved), PYTHONPATH=str(ROOT))
     for key in [k for k in env if k.startswith("LLMQ__")] + ["REDIS_URL", "PORT"]:
@@ -145,7 +146,7 @@ def serve(args: argparse.Namespace) -> int:
             for child in router_children(settings):
                 supervisor.start(child)
         if "frontend" in roles:
-            supervisor.start(frontend_child(settings))
+            supervisor.start(frontend_child(settings, metrics_dir))
         if "flower" in roles and settings.flower.enabled:
             supervisor.start(flower_child(settings))
         if "frontend" in roles:
@@ -159,6 +160,7 @@ def serve(args: argparse.Namespace) -> int:
     finally:
         supervisor.stop_all()
         resolved.unlink(missing_ok=True)
+        shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,6 +20,7 @@ class WorkerStatus(msgspec.Struct, frozen=True):
     pid: int
     started_unix: float
     updated_unix: float
+    metrics_address: str = ""  # host:port of this worker's /metrics
     num_running: int = 0
     num_waiting: int = 0
     kv_blocks_used: int = 0

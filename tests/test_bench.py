@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 
 import pytest
 
@@ -13,8 +14,6 @@ from bench.records import LoadMode, LoadPoint, RequestRecord, Slo
 from bench.stats import Distribution, compare_points, headline, meets_slo, percentile, summarize
 from bench.workloads import (LengthDist, WorkloadKind, WorkloadParams, build_workload, poisson_arrivals,
                              sample_lengths)
-
-import random
 
 # -- stats ------------------------------------------------------------------------------------
 
@@ -176,6 +175,10 @@ def test_cli_targets_defaults_and_errors():
 # -- against the live deployment ------------------------------------------------------------------
 
 
+def _api_key(deployment) -> str:
+    return deployment.settings.frontend.api_key or "none"
+
+
 @pytest.mark.integration
 def test_harness_against_live_deployment(deployment, tmp_path):
     out = tmp_path / "run"
@@ -184,8 +187,7 @@ def test_harness_against_live_deployment(deployment, tmp_path):
             "--mode", "closed", "--concurrency", "1,4", "--num-requests", "8", "--seed", "5",
             "--input-len-mean", "24", "--input-len-std", "6", "--output-len-mean", "8", "--output-len-std", "2",
             "--slo-ttft-ms", "100000", "--slo-itl-ms", "100000", "--request-timeout-s", "60",
-            "--deadline-s", "240", "--warmup-sessions", "1", "--api-key", deployment.settings.frontend.api_key or "none",
-            "--out", str(out)]
+            "--deadline-s", "240", "--warmup-sessions", "1", "--api-key", _api_key(deployment), "--out", str(out)]
     assert main(argv) == 0
     for name in ("results.json", "report.md", "ttft_cdf.png", "itl_cdf.png", "throughput.png"):
         assert (out / name).stat().st_size > 0, name
@@ -218,3 +220,24 @@ def test_harness_against_live_deployment(deployment, tmp_path):
     report = (out / "report.md").read_text()
     assert "## Target `agg`" in report and "## Against the baseline `again`" in report
     assert "| c=4 | 8/8 |" in report and "All requests succeeded." in report
+
+
+@pytest.mark.integration
+def test_multiturn_open_loop_against_live_deployment(deployment, tmp_path):
+    """The chat path and the open loop: each turn carries the conversation so far."""
+    out = tmp_path / "multiturn"
+    argv = ["run", "--url", deployment.base_url, "--label", "agg", "--model", deployment.settings.model.name,
+            "--workload", "multiturn", "--mode", "open", "--rate", "4", "--num-requests", "6",
+            "--turns-per-session", "2", "--system-prompt-words", "40", "--user-turn-words", "6",
+            "--output-len-mean", "6", "--warmup-sessions", "0", "--deadline-s", "180",
+            "--api-key", _api_key(deployment), "--out", str(out)]
+    assert main(argv) == 0
+    records = json.loads((out / "results.json").read_text())["records"]
+    assert len(records) == 6 and all(r["ok"] for r in records), [r["error"] for r in records]
+    assert all(r["output_tokens"] == r["max_tokens"] and r["ttft_ms"] <= r["e2e_ms"] for r in records)
+    first = {r["session_id"]: r for r in records if r["turn"] == 0}
+    second = [r for r in records if r["turn"] == 1]
+    assert len(second) == 3
+    for r in second:  # sent after turn 0 finished, with turn 0's question and answer in the prompt
+        assert r["start_s"] >= first[r["session_id"]]["end_s"]
+        assert r["prompt_tokens"] > first[r["session_id"]]["prompt_tokens"] + r["max_tokens"]

@@ -26,6 +26,7 @@ class Heartbeat:
         interval_s: float,
         lease_s: float,
         load: Callable[[], dict],
+        metrics_address: str = "",
     ):
         self._client = client
         self._interval_s = interval_s
@@ -33,7 +34,7 @@ class Heartbeat:
         self._load = load
         self._identity = dict(
             worker_id=worker_id, role=role, queues=queues, hostname=socket.gethostname(),
-            pid=os.getpid(), started_unix=time.time(),
+            pid=os.getpid(), started_unix=time.time(), metrics_address=metrics_address,
         )
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)

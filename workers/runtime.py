@@ -15,14 +15,19 @@ import time
 import redis
 
 from config import Settings
+from router.service import NoCandidates, RouterService, router_hit_rate
 from tasks import keys
 from tasks.messages import Accepted, Finished, GenerateRequest, Routed
 from workers.engine import DeadlineExceeded, EngineHost
 from workers.heartbeat import Heartbeat
+from workers.metrics import WorkerMetrics
 from workers.kv_events import KvEventForwarder, kv_events_config, kv_events_endpoint
 from workers.outputs import OutputWriter, deltas_from, reject_malformed
 
 logger = logging.getLogger(__name__)
+
+# Figures that only ever grow; Prometheus gets them as counters.
+COUNTER_FIGURES = {"prefix_cache_queries", "prefix_cache_hits", "num_batched_steps"}
 
 # How often a running request looks for the frontend's cancel flag (client went away).
 CANCEL_CHECK_INTERVAL_S = 0.5
@@ -55,11 +60,13 @@ class WorkerRuntime:
             extra_engine_args["kv_events_config"] = kv_events_config(endpoint)
             self.kv_events = KvEventForwarder(self.redis, worker_id, endpoint, settings.router.kv_events_maxlen)
         self.engine = EngineHost(settings, extra_engine_args)
+        self.metrics = WorkerMetrics(role, self._metric_figures, counters=COUNTER_FIGURES)
         self.heartbeat = Heartbeat(
             self.redis, worker_id, role, queues,
             interval_s=settings.workers.heartbeat_interval_s,
             lease_s=settings.workers.lease_s,
             load=self._load_figures,
+            metrics_address=self.metrics.serve(settings.workers.metrics_port, settings.workers.advertise_host),
         )
 
     def start(self) -> None:
@@ -77,6 +84,12 @@ class WorkerRuntime:
             self.kv_events.stop()
         self.engine.shutdown()
         logger.info("worker %s stopped", self.worker_id)
+
+    def _metric_figures(self) -> dict:
+        figures = self._load_figures()
+        queries = figures["prefix_cache_queries"]
+        figures["prefix_cache_hit_rate"] = figures["prefix_cache_hits"] / queries if queries else 0.0
+        return figures
 
     def _load_figures(self) -> dict:
         load = self.engine.load
@@ -106,15 +119,19 @@ class WorkerRuntime:
         try:
             num_tokens, last = self._stream(req, out)
         except DeadlineExceeded:
+            self.metrics.requests.labels("timeout").inc()
             logger.warning("[%s] deadline passed during generation; aborted", rid)
             out.fail(504, "timeout", "generation did not finish before the request deadline")
         except Exception as e:  # noqa: BLE001  every failure must reach the client as an event
+            self.metrics.requests.labels("failed").inc()
             self._fail(req, out, e)
         else:
             if last is None:  # cancelled by the client
+                self.metrics.requests.labels("cancelled").inc()
                 return
             out.write([Finished(num_prompt_tokens=len(req.prompt_token_ids),
                                 num_cached_tokens=last.num_cached_tokens or 0)])
+            self.metrics.requests.labels("finished").inc()
             logger.info("[%s] done: prompt=%d completion=%d cached=%d in %.3fs", rid,
                         len(req.prompt_token_ids), num_tokens, last.num_cached_tokens or 0,
                         time.monotonic() - started)
@@ -174,15 +191,17 @@ class RouterRuntime:
     CATCH_UP_INTERVAL_S = 0.5
 
     def __init__(self, settings: Settings, worker_id: str, queues: list[str]):
-        from router.service import RouterService
-
         self.settings = settings
         self.worker_id = worker_id
         self.redis = redis.Redis.from_url(settings.redis_url, health_check_interval=30)
         self.service = RouterService(settings, self.redis)
+        self.metrics = WorkerMetrics("router", self._router_figures, counters={"num_events_applied"})
+        self.decision_seconds = self.metrics.histogram("llmq_router_decision_seconds", "Time to choose a worker")
         self.heartbeat = Heartbeat(self.redis, worker_id, "router", queues,
                                    interval_s=settings.workers.heartbeat_interval_s,
-                                   lease_s=settings.workers.lease_s, load=self._index_figures)
+                                   lease_s=settings.workers.lease_s, load=self._index_figures,
+                                   metrics_address=self.metrics.serve(settings.workers.metrics_port,
+                                                                      settings.workers.advertise_host))
         self._stop = threading.Event()
         self._follower = threading.Thread(target=self._follow, name="kv-index", daemon=True)
 
@@ -190,6 +209,12 @@ class RouterRuntime:
         with self.service.lock:
             return dict(index_blocks=self.service.index.blocks_per_worker(),
                         num_events_applied=self.service.num_events_applied)
+
+    def _router_figures(self) -> dict:
+        figures = self._index_figures()
+        figures["index_size_blocks"] = self.service.index.num_blocks
+        figures["overlap_hit_rate"] = router_hit_rate(self.redis)
+        return figures
 
     def start(self) -> None:
         started = time.monotonic()
@@ -217,7 +242,6 @@ class RouterRuntime:
 
     def route(self, req: GenerateRequest, payload: dict, send) -> None:
         """Picks a worker and hands the request to its own queue via ``send(payload, queue)``."""
-        from router.service import NoCandidates
         from tasks.queues import worker_queue
 
         out = OutputWriter(self.redis, req.request_id, self.settings.workers.stream_ttl_s)
@@ -228,6 +252,7 @@ class RouterRuntime:
             logger.warning("[%s] cannot route: %s", req.request_id, e)
             out.fail(503, "service_unavailable", str(e))
             return
+        self.decision_seconds.observe(time.perf_counter() - started)
         out.write([Routed(decision.worker_id, decision.mode, decision.overlap_blocks, decision.prompt_blocks)])
         send(payload, worker_queue(decision.worker_id))
         logger.info("[%s] routed to %s (%s): overlap %d/%d blocks in %.2fms", req.request_id, decision.worker_id,

@@ -1,0 +1,74 @@
+"""Prometheus metrics from every role, and one request id through every log line about it."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import wait_for
+
+pytestmark = pytest.mark.integration
+
+MODEL = "tiny-llama"
+
+
+def scrape(url: str) -> dict[tuple[str, tuple], float]:
+    """Every sample of a /metrics page, keyed by (name, sorted labels). Parsing is the check
+    that the page is valid exposition format."""
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        text = resp.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def frontend_url(dep) -> str:
+    return f"http://127.0.0.1:{dep.settings.frontend.port}"
+
+
+def worker_metric_urls(dep) -> dict[str, list[str]]:
+    with urllib.request.urlopen(f"{frontend_url(dep)}/metrics/targets", timeout=10) as resp:
+        groups = json.load(resp)
+    return {g["labels"]["role"]: [f"http://{t}/metrics" for t in g["targets"]] for g in groups}
+
+
+def test_frontend_metrics_move_with_traffic(deployment):
+    before = scrape(f"{frontend_url(deployment)}/metrics")
+    out = deployment.client().chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}],
+                                                      max_tokens=5, extra_body={"ignore_eos": True})
+    after = scrape(f"{frontend_url(deployment)}/metrics")
+    key = ("llmq_frontend_requests_total", (("endpoint", "/v1/chat/completions"), ("status", "200")))
+    assert after[key] == before.get(key, 0) + 1
+    tokens = ("llmq_frontend_completion_tokens_total", ())
+    assert after[tokens] - before.get(tokens, 0) == out.usage.completion_tokens == 5
+    ttft = ("llmq_frontend_time_to_first_token_seconds_count", ())
+    assert after[ttft] == before.get(ttft, 0) + 1
+    assert after[("llmq_frontend_requests_in_flight", ())] >= 0
+
+
+def test_worker_metrics_are_discoverable_and_move(deployment):
+    [url] = worker_metric_urls(deployment)["decode"]
+    before = scrape(url)
+    deployment.client().completions.create(model=MODEL, prompt="Hello", max_tokens=3)
+    finished = ("llmq_decode_requests_total", (("outcome", "finished"),))
+    after = wait_for(lambda: (m := scrape(url))[finished] > before.get(finished, 0) and m, 10, "the worker count")
+    assert after[finished] >= before.get(finished, 0) + 1
+    assert after[("llmq_decode_kv_blocks_total", ())] > 0
+    assert after[("llmq_decode_prefix_cache_queries_total", ())] > before[("llmq_decode_prefix_cache_queries_total", ())]
+
+
+def test_one_request_id_in_frontend_and_worker_logs(deployment):
+    raw = deployment.client().chat.completions.with_raw_response.create(
+        model=MODEL, messages=[{"role": "user", "content": "trace me"}], max_tokens=2,
+        extra_headers={"X-Request-Id": "trace-me-42"})
+    assert raw.headers["x-request-id"] == "trace-me-42"
+
+    def lines():
+        return [ln for ln in deployment.log().splitlines() if "[trace-me-42-" in ln]
+
+    found = wait_for(lambda: (ls := lines()) and any(ln.startswith("[decode0]") for ln in ls) and ls, 10,
+                     "the worker's log line")
+    assert any(ln.startswith("[frontend]") for ln in found)
+    assert any(ln.startswith("[decode0]") for ln in found)
