@@ -81,9 +81,20 @@ class RequestRecord:
         return (self.e2e_ms - self.ttft_ms) / (self.output_tokens - 1)
 
     def to_json(self) -> dict:
-        return {**asdict(self), "e2e_ms": self.e2e_ms, "tpot_ms": self.tpot_ms}
+        """A JSON body with times rounded to a microsecond."""
+        body = {**asdict(self), "e2e_ms": self.e2e_ms, "tpot_ms": self.tpot_ms}
+        for key in ("start_s", "end_s"):
+            body[key] = _round(body[key], 6)
+        for key in ("ttft_ms", "e2e_ms", "tpot_ms"):
+            body[key] = _round(body[key], 3)
+        body["itl_ms"] = [round(gap, 3) for gap in self.itl_ms]
+        return body
 
     @classmethod
     def from_json(cls, body: dict) -> RequestRecord:
         derived = ("e2e_ms", "tpot_ms")
         return cls(**{k: v for k, v in body.items() if k not in derived})
+
+
+def _round(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)

@@ -122,6 +122,18 @@ def test_a_late_router_replays_to_the_same_index_and_decisions(routed, tmp_path)
         late.wait(timeout=30)
 
 
+def test_router_metrics_are_discoverable(routed):
+    from test_observability import scrape, worker_metric_urls
+
+    urls = worker_metric_urls(routed)
+    assert len(urls["decode"]) >= 1 and len(urls["router"]) >= 1
+    metrics = scrape(urls["router"][0])
+    assert metrics[("llmq_router_decision_seconds_count", ())] > 0
+    assert metrics[("llmq_router_num_events_applied_total", ())] > 0
+    assert metrics[("llmq_router_index_size_blocks", ())] > 0
+    assert 0 < metrics[("llmq_router_overlap_hit_rate", ())] < 1
+
+
 def test_a_killed_worker_leaves_the_index_and_traffic_moves(routed):
     holder, _, _ = complete(routed, prompt(SHARED, 30))
     victim = next(w for w in live_status(routed) if w.worker_id == holder)
