@@ -16,6 +16,7 @@ from bench.stats import Headline, PointComparison, Summary, compare_points, head
 logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1  # bump when a field of results.json changes meaning or goes away
+LINE_STYLES = ("-", "--", ":", "-.")
 
 
 @dataclass(frozen=True)
@@ -204,13 +205,14 @@ def _cdf_plot(result: RunResult, values_of, xlabel: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for target in result.config.targets:
-        for point in result.config.points:
+    for t, target in enumerate(result.config.targets):  # a colour per target, a line style per load
+        for p, point in enumerate(result.config.points):
             values = sorted(values_of([r for r in result.records
                                        if r.target == target.label and r.load == point.label]))
             if values:
                 ys = [(i + 1) / len(values) for i in range(len(values))]
-                ax.step(values, ys, where="post", label=f"{target.label} {point.label}")
+                ax.step(values, ys, where="post", color=f"C{t % 10}", linestyle=LINE_STYLES[p % len(LINE_STYLES)],
+                        label=f"{target.label} {point.label}")
     ax.set(xlabel=xlabel, ylabel="fraction of samples", title=f"{xlabel.split()[0]} CDF")
     ax.set_xscale("log")
     ax.grid(True, which="both", alpha=0.3)

@@ -2,8 +2,8 @@
 
 Why this shape: vLLM's ``AsyncLLM`` batches every request it holds into each step (continuous
 batching), but it must be driven from one asyncio event loop. A Celery worker runs its tasks on a
-thread pool, so the engine lives on a dedicated event-loop thread, and each task thread submits
-its request there and reads outputs back through a thread-safe queue. Sixty-four task threads
+thread pool, so the engine lives on a dedicated event-loop thread. Each task thread submits a
+coroutine there that streams its request's outputs to Redis, and waits for it to end. Sixty-four task threads
 waiting on one engine means up to sixty-four sequences in its batch, which a prefork pool (one
 engine per child, one request per child) could never give.
 """
@@ -13,10 +13,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,13 +24,6 @@ from config import Settings
 from tasks.messages import SamplingSpec
 
 logger = logging.getLogger(__name__)
-
-_END = object()
-
-
-class DeadlineExceeded(Exception):
-    """The request's deadline passed before the engine finished it."""
-
 
 @dataclass
 class EngineLoad:
@@ -135,7 +127,7 @@ class EngineHost:
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = self.settings.engine.omp_threads_bind
         started = time.monotonic()
         self._thread.start()
-        self._engine = self._run(self._create()).result()
+        self._engine = self.run(self._create()).result()
         logger.info(
             "engine ready: model=%s kv_blocks=%d block_size=%d in %.1fs",
             self.settings.model.resolved_path, self.num_kv_blocks,
@@ -166,47 +158,19 @@ class EngineHost:
 
     # -- requests --------------------------------------------------------------------------
 
-    def generate(
-        self, request_id: str, prompt_token_ids: list[int], spec: SamplingSpec, deadline_unix: float
-    ) -> Iterator[list[Any]]:
-        """Yields batches of vLLM RequestOutputs (deltas): everything that arrived since the last
-        batch, so the caller can write them to Redis in one round trip. Closing the iterator
-        early aborts the request in the engine."""
-        outputs: queue.Queue = queue.Queue()
-        params = sampling_params(spec)
+    def generate(self, request_id: str, prompt_token_ids: list[int], spec: SamplingSpec) -> AsyncIterator[Any]:
+        """vLLM RequestOutputs (deltas) for one request. Iterate it on the engine's loop (inside a
+        coroutine given to ``run``); closing it early aborts the request in the engine."""
+        prompt = {"prompt_token_ids": prompt_token_ids}
+        return self._engine.generate(prompt, sampling_params(spec), request_id)
 
-        async def pump() -> None:
-            try:
-                prompt = {"prompt_token_ids": prompt_token_ids}
-                async for out in self._engine.generate(prompt, params, request_id):
-                    outputs.put(out)
-                outputs.put(_END)
-            except BaseException as e:  # noqa: BLE001  handed to the task thread, which re-raises
-                outputs.put(e)
-                if isinstance(e, asyncio.CancelledError):
-                    raise
+    def run(self, coro) -> Future:
+        """Runs a coroutine on the engine's event loop; the caller's thread waits on the future.
 
-        future = self._run(pump())
-        try:
-            while True:
-                remaining = deadline_unix - time.time()
-                try:
-                    batch = [outputs.get(timeout=remaining) if remaining > 0 else outputs.get_nowait()]
-                except queue.Empty:
-                    raise DeadlineExceeded(request_id) from None
-                while not outputs.empty():
-                    batch.append(outputs.get_nowait())
-                done = batch[-1] is _END
-                for item in batch:
-                    if isinstance(item, BaseException):
-                        raise item
-                yield [item for item in batch if item is not _END]
-                if done:
-                    return
-        finally:
-            if not future.done():
-                # Cancelling the coroutine makes AsyncLLM.generate abort the request in the engine.
-                self._loop.call_soon_threadsafe(future.cancel)
-
-    def _run(self, coro) -> Future:
+        Per-token work belongs on the loop, not on the caller's thread: handing each output to
+        another thread means winning the GIL back from a busy event loop once per token, and
+        CPython's GIL lets a loop that keeps doing I/O hold it for the whole request, so tokens
+        would reach the client in one burst at the end.
+        """
         return asyncio.run_coroutine_threadsafe(coro, self._loop)
+

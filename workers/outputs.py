@@ -6,8 +6,6 @@ from typing import Any
 
 import logging
 
-import redis
-
 from tasks import keys
 from tasks.messages import Delta, Failed, OutputEvent, TokenLogprob, TopLogprob, encode_event
 
@@ -15,21 +13,31 @@ logger = logging.getLogger(__name__)
 
 
 class OutputWriter:
-    """Appends events to one request's stream. The stream expires, so nothing is left behind."""
+    """Appends events to one request's stream. The stream expires, so nothing is left behind.
 
-    def __init__(self, client: redis.Redis, request_id: str, ttl_s: int):
+    ``client`` is a redis.Redis for ``write`` and a redis.asyncio.Redis for ``awrite``; the worker
+    streams tokens from the engine's event loop (async) and reports failures from its task thread.
+    """
+
+    def __init__(self, client, request_id: str, ttl_s: int):
         self._client = client
         self._key = keys.output_stream(request_id)
         self._ttl_s = ttl_s
 
-    def write(self, events: list[OutputEvent]) -> None:
-        if not events:
-            return
+    def _pipeline(self, events: list[OutputEvent]):
         pipe = self._client.pipeline(transaction=False)
         for event in events:
             pipe.xadd(self._key, {"m": encode_event(event)})
         pipe.expire(self._key, self._ttl_s)
-        pipe.execute()
+        return pipe
+
+    def write(self, events: list[OutputEvent]) -> None:
+        if events:
+            self._pipeline(events).execute()
+
+    async def awrite(self, events: list[OutputEvent]) -> None:
+        if events:
+            await self._pipeline(events).execute()
 
     def fail(self, status: int, error_type: str, message: str) -> None:
         self.write([Failed(status=status, type=error_type, message=message)])
@@ -59,7 +67,7 @@ def deltas_from(output: Any, num_logprobs: int | None) -> list[Delta]:
     ]
 
 
-def reject_malformed(client: redis.Redis, payload: object, reason: str, ttl_s: int) -> None:
+def reject_malformed(client, payload: object, reason: str, ttl_s: int) -> None:
     """A task whose message does not decode: tell its client, if it says who that is."""
     rid = payload.get("request_id") if isinstance(payload, dict) else None
     logger.error("[%s] malformed task: %s", rid, reason)

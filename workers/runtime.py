@@ -6,6 +6,8 @@ broker: a test can build a WorkerRuntime and call ``serve`` directly.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -18,7 +20,7 @@ from config import Settings
 from router.service import NoCandidates, RouterService, router_hit_rate
 from tasks import keys
 from tasks.messages import Accepted, Finished, GenerateRequest, Routed
-from workers.engine import DeadlineExceeded, EngineHost
+from workers.engine import EngineHost
 from workers.heartbeat import Heartbeat
 from workers.metrics import WorkerMetrics
 from workers.kv_events import KvEventForwarder, kv_events_config, kv_events_endpoint
@@ -60,6 +62,7 @@ class WorkerRuntime:
             extra_engine_args["kv_events_config"] = kv_events_config(endpoint)
             self.kv_events = KvEventForwarder(self.redis, worker_id, endpoint, settings.router.kv_events_maxlen)
         self.engine = EngineHost(settings, extra_engine_args)
+        self._aredis = None
         self.metrics = WorkerMetrics(role, self._metric_figures, counters=COUNTER_FIGURES)
         self.heartbeat = Heartbeat(
             self.redis, worker_id, role, queues,
@@ -108,6 +111,7 @@ class WorkerRuntime:
     # -- serving ---------------------------------------------------------------------------
 
     def serve(self, req: GenerateRequest) -> None:
+        """Runs on a Celery task thread; the token stream itself runs on the engine's loop."""
         rid = req.request_id
         out = OutputWriter(self.redis, rid, self.settings.workers.stream_ttl_s)
         if time.time() >= req.deadline_unix:
@@ -117,8 +121,8 @@ class WorkerRuntime:
         out.write([Accepted(worker_id=self.worker_id)])
         started = time.monotonic()
         try:
-            num_tokens, last = self._stream(req, out)
-        except DeadlineExceeded:
+            num_tokens, last = self.engine.run(self._stream(req)).result()
+        except TimeoutError:
             self.metrics.requests.labels("timeout").inc()
             logger.warning("[%s] deadline passed during generation; aborted", rid)
             out.fail(504, "timeout", "generation did not finish before the request deadline")
@@ -126,8 +130,9 @@ class WorkerRuntime:
             self.metrics.requests.labels("failed").inc()
             self._fail(req, out, e)
         else:
-            if last is None:  # cancelled by the client
+            if last is None:
                 self.metrics.requests.labels("cancelled").inc()
+                logger.info("[%s] client went away; aborted after %d tokens", rid, num_tokens)
                 return
             out.write([Finished(num_prompt_tokens=len(req.prompt_token_ids),
                                 num_cached_tokens=last.num_cached_tokens or 0)])
@@ -136,27 +141,38 @@ class WorkerRuntime:
                         len(req.prompt_token_ids), num_tokens, last.num_cached_tokens or 0,
                         time.monotonic() - started)
 
-    def _stream(self, req: GenerateRequest, out: OutputWriter):
-        """Relays engine outputs to the stream. Returns (tokens, last output), or (n, None) if
-        the client cancelled."""
+    async def _stream(self, req: GenerateRequest):
+        """Relays engine outputs to the request's stream, on the engine's loop. Returns
+        (tokens, last output), or (tokens, None) if the client cancelled. Raises TimeoutError
+        past the deadline; leaving early in any way aborts the request in the engine."""
         rid = req.request_id
+        aredis = await self._async_redis()
+        out = OutputWriter(aredis, rid, self.settings.workers.stream_ttl_s)
         num_tokens, last = 0, None
-        next_cancel_check = time.monotonic() + CANCEL_CHECK_INTERVAL_S
-        batches = self.engine.generate(rid, req.prompt_token_ids, req.sampling, req.deadline_unix)
-        try:
-            for batch in batches:
-                events = [d for output in batch for d in deltas_from(output, req.sampling.logprobs)]
-                num_tokens += sum(len(d.token_ids) for d in events)
-                out.write(events)
-                last = batch[-1] if batch else last
-                if time.monotonic() >= next_cancel_check:
-                    next_cancel_check = time.monotonic() + CANCEL_CHECK_INTERVAL_S
-                    if self.redis.exists(keys.cancel_flag(rid)):
-                        logger.info("[%s] client went away; aborting after %d tokens", rid, num_tokens)
-                        return num_tokens, None
-        finally:
-            batches.close()  # aborts the request in the engine if it is still running
+        loop = asyncio.get_running_loop()
+        next_cancel_check = loop.time() + CANCEL_CHECK_INTERVAL_S
+        async with asyncio.timeout(req.deadline_unix - time.time()):
+            async with contextlib.aclosing(self.engine.generate(rid, req.prompt_token_ids, req.sampling)) as outputs:
+                async for output in outputs:
+                    events = deltas_from(output, req.sampling.logprobs)
+                    num_tokens += sum(len(d.token_ids) for d in events)
+                    # While this write is awaited the engine keeps stepping; DELTA outputs that
+                    # arrive meanwhile are merged, so a slow Redis means bigger writes, not lag.
+                    await out.awrite(events)
+                    last = output
+                    if loop.time() >= next_cancel_check:
+                        next_cancel_check = loop.time() + CANCEL_CHECK_INTERVAL_S
+                        if await aredis.exists(keys.cancel_flag(rid)):
+                            return num_tokens, None
         return num_tokens, last
+
+    async def _async_redis(self):
+        # One asyncio client, created on (and bound to) the engine's loop on first use.
+        if self._aredis is None:
+            import redis.asyncio
+
+            self._aredis = redis.asyncio.Redis.from_url(self.settings.redis_url, health_check_interval=30)
+        return self._aredis
 
     def _fail(self, req: GenerateRequest, out: OutputWriter, error: Exception) -> None:
         from vllm.exceptions import VLLMClientError
