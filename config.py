@@ -121,13 +121,29 @@ class RouterConfig(_Section):
         return self.mode != "queue"
 
 
+class DisaggConfig(_Section):
+    """Disaggregated prefill. A decode worker prefills remotely when the uncached part of a
+    prompt is longer than max_local_prefill_length and the prefill queue is shorter than
+    max_prefill_queue_size. Both thresholds can be changed at run time (kvtransfer/policy.py)."""
+
+    enabled: bool = False
+    # pull: decode reads the KV prefill computed (NixlConnector). push: prefill writes it into
+    # the blocks decode allocated (NixlPushConnector), the order of Dynamo's diagram.
+    connector: Literal["pull", "push"] = "pull"
+    num_prefill: int = Field(1, ge=0)
+    max_local_prefill_length: int = Field(512, ge=0)
+    max_prefill_queue_size: int = Field(4, ge=0)
+    # How long a decode worker waits for its remote prefill before prefilling locally.
+    prefill_timeout_s: float = Field(10.0, gt=0)
+
+
 class FlowerConfig(_Section):
     enabled: bool = True
     port: int = Field(5555, ge=1, le=65535)
 
 
 class Settings(_Section):
-    deployment: Literal["agg", "agg_router"] = "agg"
+    deployment: Literal["agg", "agg_router", "disagg", "disagg_router"] = "agg"
     redis_url: str = "redis://127.0.0.1:6379/0"
     # Prefix of every Redis key and Celery queue, so deployments can share one Redis.
     namespace: str = Field("llmq", pattern=r"^[A-Za-z0-9_\-]+$")
@@ -137,6 +153,7 @@ class Settings(_Section):
     frontend: FrontendConfig = FrontendConfig()
     workers: WorkerConfig = WorkerConfig()
     router: RouterConfig = RouterConfig()
+    disagg: DisaggConfig = DisaggConfig()
     flower: FlowerConfig = FlowerConfig()
 
 

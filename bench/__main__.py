@@ -5,12 +5,20 @@ DIR` redraws report.md and the plots from DIR/results.json.
         --mode closed --concurrency 1,4,16 --num-requests 32 --seed 0 --out bench/results/NAME
     python -m bench run --target agg=http://127.0.0.1:8000/v1 --target vllm=http://127.0.0.1:8100/v1 \\
         --baseline vllm --mode open --rate 2,8 --out bench/results/NAME
+
+Scenarios start and stop their own servers (bench/deploy.py) and write a results folder:
+
+    python -m bench kv-routing --out bench/results/kv-routing      # round-robin vs kv routing
+    python -m bench vs-vllm --out bench/results/vs-vllm            # agg, agg_router vs vLLM's server
+    python -m bench profile --out bench/results/profile            # py-spy on agg under load
+    python -m bench router-speed --out bench/results/router-speed  # the router's index and policy, no servers
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import logging
 import sys
 from enum import Enum
@@ -19,6 +27,15 @@ from pathlib import Path
 from bench.records import LoadMode, Slo, Target
 from bench.runner import RunConfig, RunOptions
 from bench.workloads import WorkloadKind, WorkloadParams
+
+
+# name -> (module, its spec dataclass, help); each module has run(spec, out) -> report path.
+SCENARIOS = {
+    "kv-routing": ("bench.kv_routing", "KvRoutingSpec", "KV-aware routing against round-robin on agg_router"),
+    "vs-vllm": ("bench.vs_vllm", "VsVllmSpec", "agg and agg_router against vLLM's own server"),
+    "profile": ("bench.profiling", "ProfileSpec", "py-spy profiles of a deployment's processes under load"),
+    "router-speed": ("bench.router_speed", "RouterSpeedSpec", "the router's decision time and event rate, no servers"),
+}
 
 
 class UsageError(ValueError):
@@ -68,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_flags(run, WorkloadParams, "workload parameters")
     report = sub.add_parser("report", help="redraw report.md and plots from a results folder")
     report.add_argument("dir", type=Path)
+    for name, (module, spec_name, text) in SCENARIOS.items():
+        scenario = sub.add_parser(name, help=text)
+        scenario.add_argument("--out", required=True, type=Path, help="results folder, e.g. bench/results/NAME")
+        add_dataclass_flags(scenario, getattr(importlib.import_module(module), spec_name), "scenario options")
     return parser
 
 
@@ -127,6 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("bench").setLevel(logging.INFO)
     if args.command == "report":
         path = report.write_all(report.load_result(args.dir / "results.json"), args.dir)
+    elif args.command in SCENARIOS:
+        module_name, spec_name, _ = SCENARIOS[args.command]
+        module = importlib.import_module(module_name)
+        path = module.run(from_flags(getattr(module, spec_name), args), args.out)
     else:
         try:
             config = config_from_args(args)

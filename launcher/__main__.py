@@ -27,7 +27,7 @@ from tasks import queues
 logger = logging.getLogger("launcher")
 
 ROOT = Path(__file__).resolve().parent.parent
-ROLES = ("decode", "router", "frontend", "flower")
+ROLES = ("decode", "prefill", "router", "frontend", "flower")
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
 
@@ -73,10 +73,15 @@ def engine_cores(num_engines: int, bind: str) -> list[dict]:
     return [{"VLLM_CPU_OMP_THREADS_BIND": str(i % cores)} for i in range(num_engines)]
 
 
-def worker_children(settings: Settings) -> list[Child]:
-    envs = engine_cores(settings.workers.num_decode, settings.engine.omp_threads_bind)
-    return [_celery_worker(f"decode{i}", queues.DECODE, settings, 3, envs[i])
-            for i in range(settings.workers.num_decode)]
+def worker_children(settings: Settings, roles: set[str]) -> list[Child]:
+    """Decode workers, then prefill workers; each engine gets its own core where there are several."""
+    specs = []
+    if "decode" in roles:
+        specs += [(f"decode{i}", queues.DECODE) for i in range(settings.workers.num_decode)]
+    if "prefill" in roles and settings.disagg.enabled:
+        specs += [(f"prefill{i}", queues.PREFILL) for i in range(settings.disagg.num_prefill)]
+    envs = engine_cores(len(specs), settings.engine.omp_threads_bind)
+    return [_celery_worker(name, queue, settings, 3, env) for (name, queue), env in zip(specs, envs)]
 
 
 def router_children(settings: Settings) -> list[Child]:
@@ -139,9 +144,8 @@ def serve(args: argparse.Namespace) -> int:
     supervisor.install_signal_handlers()
     try:
         ensure_redis(settings, supervisor)
-        if "decode" in roles:
-            for child in worker_children(settings):
-                supervisor.start(child)
+        for child in worker_children(settings, roles):
+            supervisor.start(child)
         if "router" in roles:
             for child in router_children(settings):
                 supervisor.start(child)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 
 from tasks import app
-from tasks.messages import WireVersionError, request_from_task_arg
-from tasks.queues import GENERATE_TASK, ROUTE_TASK
+from tasks.messages import WireVersionError, prefill_from_task_arg, request_from_task_arg
+from tasks.queues import GENERATE_TASK, PREFILL_TASK, ROUTE_TASK
 
 logger = logging.getLogger(__name__)
 
@@ -37,3 +37,17 @@ def route(payload: dict) -> None:
         runtime.reject_malformed(payload, str(e))
         return
     runtime.route(req, payload, lambda body, queue: generate.apply_async(args=[body], queue=queue))
+
+
+@app.task(name=PREFILL_TASK, ignore_result=True)
+def prefill(payload: dict) -> None:
+    """Runs a remote prefill for a decode worker, which waits for it on Redis pub/sub."""
+    from workers.runtime import current_runtime
+
+    runtime = current_runtime()
+    try:
+        preq = prefill_from_task_arg(payload)
+    except (WireVersionError, ValueError) as e:
+        logger.error("malformed prefill task: %s", e)  # its decode worker falls back on its deadline
+        return
+    runtime.serve_prefill(preq)

@@ -25,3 +25,13 @@ KV_EVENTS = f"{PREFIX}:kv-events"  # every engine's KV cache events, replayed by
 ROUTER_OVERLAP_BLOCKS = f"{PREFIX}:router:overlap-blocks"  # running hit rate: overlap / prompt
 ROUTER_PROMPT_BLOCKS = f"{PREFIX}:router:prompt-blocks"
 ROUTER_ROUND_ROBIN = f"{PREFIX}:router:round-robin"
+
+
+def prefill_done_channel(request_id: str) -> str:
+    """Pub/sub channel on which a prefill worker tells the decode worker its prefill is done."""
+    return f"{PREFIX}:prefill-done:{request_id}"
+
+
+def prefill_abandoned(request_id: str) -> str:
+    """Set by a decode worker that stopped waiting, so a late prefill worker skips the work."""
+    return f"{PREFIX}:prefill-abandoned:{request_id}"

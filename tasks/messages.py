@@ -14,7 +14,7 @@ import msgspec
 
 # Bump when a field changes meaning or a required field is added; peers reject other versions
 # before decoding the rest, so a mixed-version rollout fails loudly instead of mis-parsing.
-WIRE_VERSION = 1
+WIRE_VERSION = 2  # 2: GenerateRequest.prefix_hit_tokens
 
 
 class SamplingSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -40,7 +40,32 @@ class GenerateRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     sampling: SamplingSpec
     # Unix time after which nobody waits for the answer; a worker drops work past it.
     deadline_unix: float
+    # Prompt tokens the router expects the chosen worker to have cached (KV routing only).
+    prefix_hit_tokens: int = 0
     version: int = WIRE_VERSION
+
+
+class PrefillRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A decode worker asks the prefill queue to compute a prompt's KV for it."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    decode_worker_id: str
+    deadline_unix: float
+    version: int = WIRE_VERSION
+
+
+class PrefillDone(msgspec.Struct, frozen=True):
+    """Published on the decode worker's reply channel when a remote prefill ends.
+
+    ``kv_transfer_params`` is what vLLM's NIXL connector returned on the prefill side; the decode
+    engine takes it as is. ``error`` is set instead when the prefill failed.
+    """
+
+    request_id: str
+    prefill_worker_id: str
+    kv_transfer_params: dict | None = None
+    error: str | None = None
 
 
 class TopLogprob(msgspec.Struct, frozen=True, array_like=True):
@@ -116,11 +141,15 @@ def request_to_task_arg(req: GenerateRequest) -> dict:
     return msgspec.to_builtins(req)
 
 
-def request_from_task_arg(payload: dict) -> GenerateRequest:
+def _from_task_arg(payload: dict, kind: type):
     version = payload.get("version") if isinstance(payload, dict) else None
     if version != WIRE_VERSION:
         raise WireVersionError(f"wire version {version!r}, this worker speaks {WIRE_VERSION}")
-    return msgspec.convert(payload, GenerateRequest)
+    return msgspec.convert(payload, kind)
+
+
+def request_from_task_arg(payload: dict) -> GenerateRequest:
+    return _from_task_arg(payload, GenerateRequest)
 
 
 class KvEvent(msgspec.Struct, frozen=True, array_like=True):
@@ -149,3 +178,19 @@ def encode_kv_event(event: KvEvent) -> bytes:
 
 def decode_kv_event(raw: bytes) -> KvEvent:
     return _kv_decoder.decode(raw)
+
+
+def prefill_to_task_arg(req: PrefillRequest) -> dict:
+    return msgspec.to_builtins(req)
+
+
+def prefill_from_task_arg(payload: dict) -> PrefillRequest:
+    return _from_task_arg(payload, PrefillRequest)
+
+
+def encode_prefill_done(msg: PrefillDone) -> bytes:
+    return _encoder.encode(msg)
+
+
+def decode_prefill_done(raw: bytes) -> PrefillDone:
+    return msgspec.json.decode(raw, type=PrefillDone)

@@ -15,10 +15,12 @@ ENGINE_ROLES = {DECODE: "decode", PREFILL: "prefill"}
 
 GENERATE_TASK = "tasks.generate"
 ROUTE_TASK = "tasks.route"
+PREFILL_TASK = "tasks.prefill"
 
 TASK_ROUTES = {
     GENERATE_TASK: {"queue": DECODE},
     ROUTE_TASK: {"queue": ROUTER},
+    PREFILL_TASK: {"queue": PREFILL},
 }
 
 

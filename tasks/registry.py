@@ -30,6 +30,14 @@ class WorkerStatus(msgspec.Struct, frozen=True):
     num_batched_steps: int = 0
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
+    # Disaggregation: decode workers count remote prefills and local fallbacks; prefill workers
+    # count prefills served and dropped; both count KV moved over NIXL.
+    num_remote_prefills: int = 0
+    num_local_fallbacks: int = 0
+    num_prefills_served: int = 0
+    num_prefills_dropped: int = 0
+    kv_transfer_bytes: int = 0
+    kv_transfer_seconds: float = 0.0
     # Routers only: how many blocks their index holds for each worker, and events applied.
     index_blocks: dict[str, int] = {}
     num_events_applied: int = 0

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from config import Settings
+from kvtransfer.stats import TransferStats
 from tasks.messages import SamplingSpec
 
 logger = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ class EngineLoad:
     num_batched_steps: int = 0  # steps that ran two or more requests together
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
+    transfers: TransferStats = field(default_factory=TransferStats)
     updated_unix: float = field(default_factory=time.time)
 
 
@@ -60,7 +62,7 @@ def engine_args(settings: Settings, **extra: Any):
     )
 
 
-def sampling_params(spec: SamplingSpec):
+def sampling_params(spec: SamplingSpec, kv_transfer_params: dict | None = None):
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
@@ -81,6 +83,7 @@ def sampling_params(spec: SamplingSpec):
         logprobs=spec.logprobs,
         # Only what is new since the last output, which is exactly what we stream.
         output_kind=RequestOutputKind.DELTA,
+        extra_args={"kv_transfer_params": kv_transfer_params} if kv_transfer_params else None,
     )
 
 
@@ -101,6 +104,7 @@ def _make_stat_logger(load: EngineLoad):
             load.num_batched_steps += scheduler_stats.num_running_reqs >= 2
             load.prefix_cache_queries += scheduler_stats.prefix_cache_stats.queries
             load.prefix_cache_hits += scheduler_stats.prefix_cache_stats.hits
+            load.transfers.add(scheduler_stats.kv_connector_stats)
             load.updated_unix = time.time()
 
         def log_engine_initialized(self):
@@ -158,11 +162,12 @@ class EngineHost:
 
     # -- requests --------------------------------------------------------------------------
 
-    def generate(self, request_id: str, prompt_token_ids: list[int], spec: SamplingSpec) -> AsyncIterator[Any]:
+    def generate(self, request_id: str, prompt_token_ids: list[int], spec: SamplingSpec,
+                 kv_transfer_params: dict | None = None) -> AsyncIterator[Any]:
         """vLLM RequestOutputs (deltas) for one request. Iterate it on the engine's loop (inside a
         coroutine given to ``run``); closing it early aborts the request in the engine."""
         prompt = {"prompt_token_ids": prompt_token_ids}
-        return self._engine.generate(prompt, sampling_params(spec), request_id)
+        return self._engine.generate(prompt, sampling_params(spec, kv_transfer_params), request_id)
 
     def run(self, coro) -> Future:
         """Runs a coroutine on the engine's event loop; the caller's thread waits on the future.

@@ -27,11 +27,13 @@ class Heartbeat:
         lease_s: float,
         load: Callable[[], dict],
         metrics_address: str = "",
+        on_beat: Callable[[], None] | None = None,
     ):
         self._client = client
         self._interval_s = interval_s
         self._lease_s = lease_s
         self._load = load
+        self._on_beat = on_beat  # renews leases that live and die with this one
         self._identity = dict(
             worker_id=worker_id, role=role, queues=queues, hostname=socket.gethostname(),
             pid=os.getpid(), started_unix=time.time(), metrics_address=metrics_address,
@@ -50,6 +52,8 @@ class Heartbeat:
     def beat(self) -> None:
         status = WorkerStatus(**self._identity, updated_unix=time.time(), **self._load())
         renew_lease(self._client, status, self._lease_s)
+        if self._on_beat is not None:
+            self._on_beat()
 
     def stop(self) -> None:
         self._stop.set()

@@ -53,13 +53,13 @@ class WorkerMetrics:
     def serve(self, port: int, advertise_host: str) -> str:
         """Starts the /metrics server; returns the host:port others should scrape."""
         server, _thread = start_http_server(port, registry=self.registry)
-        host = advertise_host or _this_host()
+        host = advertise_host or this_host()
         address = f"{host}:{server.server_port}"
         logger.info("metrics on http://%s/metrics", address)
         return address
 
 
-def _this_host() -> str:
+def this_host() -> str:
     try:
         return socket.gethostbyname(socket.gethostname())
     except OSError:

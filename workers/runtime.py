@@ -19,17 +19,28 @@ import redis
 from config import Settings
 from router.service import NoCandidates, RouterService, router_hit_rate
 from tasks import keys
-from tasks.messages import Accepted, Finished, GenerateRequest, Routed
+from kvtransfer import registry as kv_registry
+from kvtransfer.connector import engine_id_for, side_channel, transfer_config
+from kvtransfer.registry import NixlEndpoint
+from tasks.messages import (
+    Accepted, Finished, GenerateRequest, PrefillDone, PrefillRequest, Routed, encode_prefill_done,
+    prefill_to_task_arg,
+)
+from tasks.queues import PREFILL_TASK
+from tasks.registry import is_alive
+from workers.disagg import DisaggCounters, RemotePrefill, prefill_kv
 from workers.engine import EngineHost
 from workers.heartbeat import Heartbeat
-from workers.metrics import WorkerMetrics
+from workers.metrics import WorkerMetrics, this_host
 from workers.kv_events import KvEventForwarder, kv_events_config, kv_events_endpoint
 from workers.outputs import OutputWriter, deltas_from, reject_malformed
 
 logger = logging.getLogger(__name__)
 
 # Figures that only ever grow; Prometheus gets them as counters.
-COUNTER_FIGURES = {"prefix_cache_queries", "prefix_cache_hits", "num_batched_steps"}
+COUNTER_FIGURES = {"prefix_cache_queries", "prefix_cache_hits", "num_batched_steps", "num_remote_prefills",
+                   "num_local_fallbacks", "num_prefills_served", "num_prefills_dropped", "kv_transfer_bytes",
+                   "kv_transfer_seconds"}
 
 # How often a running request looks for the frontend's cancel flag (client went away).
 CANCEL_CHECK_INTERVAL_S = 0.5
@@ -61,6 +72,13 @@ class WorkerRuntime:
             endpoint = kv_events_endpoint(worker_id)
             extra_engine_args["kv_events_config"] = kv_events_config(endpoint)
             self.kv_events = KvEventForwarder(self.redis, worker_id, endpoint, settings.router.kv_events_maxlen)
+        self.disagg = DisaggCounters()
+        self.nixl: NixlEndpoint | None = None
+        self.remote_prefill: RemotePrefill | None = None
+        if settings.disagg.enabled:
+            extra_engine_args["kv_transfer_config"] = self._claim_nixl_side_channel()
+            if role == "decode":
+                self.remote_prefill = RemotePrefill(settings, worker_id, self._send_prefill, self.disagg)
         self.engine = EngineHost(settings, extra_engine_args)
         self._aredis = None
         self.metrics = WorkerMetrics(role, self._metric_figures, counters=COUNTER_FIGURES)
@@ -70,7 +88,24 @@ class WorkerRuntime:
             lease_s=settings.workers.lease_s,
             load=self._load_figures,
             metrics_address=self.metrics.serve(settings.workers.metrics_port, settings.workers.advertise_host),
+            on_beat=self._register_nixl if self.nixl else None,
         )
+
+    def _claim_nixl_side_channel(self):
+        host, port = side_channel(self.settings.workers.advertise_host or this_host())
+        engine_id = engine_id_for(self.worker_id)
+        connector = self.settings.disagg.connector
+        self.nixl = NixlEndpoint(engine_id, self.worker_id, self.role, host, port, connector)
+        logger.info("NIXL side channel %s:%d (engine %s, %s connector)", host, port, engine_id, connector)
+        return transfer_config(self.role, engine_id, connector)
+
+    def _register_nixl(self) -> None:
+        kv_registry.register(self.redis, self.nixl, self.settings.workers.lease_s)
+
+    def _send_prefill(self, preq: PrefillRequest) -> None:
+        from tasks import app
+
+        app.send_task(PREFILL_TASK, args=[prefill_to_task_arg(preq)])
 
     def start(self) -> None:
         self.engine.start()
@@ -83,6 +118,8 @@ class WorkerRuntime:
 
     def stop(self) -> None:
         self.heartbeat.stop()
+        if self.nixl is not None:
+            kv_registry.unregister(self.redis, self.nixl.engine_id)
         if self.kv_events is not None:
             self.kv_events.stop()
         self.engine.shutdown()
@@ -106,6 +143,9 @@ class WorkerRuntime:
             num_batched_steps=load.num_batched_steps,
             prefix_cache_queries=load.prefix_cache_queries,
             prefix_cache_hits=load.prefix_cache_hits,
+            kv_transfer_bytes=load.transfers.bytes_transferred,
+            kv_transfer_seconds=load.transfers.transfer_seconds,
+            **vars(self.disagg),
         )
 
     # -- serving ---------------------------------------------------------------------------
@@ -152,7 +192,11 @@ class WorkerRuntime:
         loop = asyncio.get_running_loop()
         next_cancel_check = loop.time() + CANCEL_CHECK_INTERVAL_S
         async with asyncio.timeout(req.deadline_unix - time.time()):
-            async with contextlib.aclosing(self.engine.generate(rid, req.prompt_token_ids, req.sampling)) as outputs:
+            kv_params = None
+            if self.remote_prefill is not None:
+                kv_params = await self.remote_prefill.kv_transfer_params(aredis, req)
+            generation = self.engine.generate(rid, req.prompt_token_ids, req.sampling, kv_transfer_params=kv_params)
+            async with contextlib.aclosing(generation) as outputs:
                 async for output in outputs:
                     events = deltas_from(output, req.sampling.logprobs)
                     num_tokens += sum(len(d.token_ids) for d in events)
@@ -173,6 +217,35 @@ class WorkerRuntime:
 
             self._aredis = redis.asyncio.Redis.from_url(self.settings.redis_url, health_check_interval=30)
         return self._aredis
+
+    def serve_prefill(self, preq: PrefillRequest) -> None:
+        """A prefill worker's task: compute the KV and tell the waiting decode worker."""
+        rid = preq.request_id
+        reason = self._skip_reason(preq)
+        if reason:
+            self.disagg.num_prefills_dropped += 1
+            logger.warning("[%s] prefill dropped: %s", rid, reason)
+            return
+        started = time.monotonic()
+        try:
+            params = self.engine.run(prefill_kv(self.engine, preq)).result()
+            done = PrefillDone(rid, self.worker_id, kv_transfer_params=params)
+            self.disagg.num_prefills_served += 1
+        except Exception as e:  # noqa: BLE001  the decode worker must hear about any failure
+            logger.exception("[%s] prefill failed", rid)
+            done = PrefillDone(rid, self.worker_id, error=f"{type(e).__name__}: {e}")
+        listeners = self.redis.publish(keys.prefill_done_channel(rid), encode_prefill_done(done))
+        logger.info("[%s] prefill of %d tokens for %s in %.3fs (%d listener)", rid, len(preq.prompt_token_ids),
+                    preq.decode_worker_id, time.monotonic() - started, listeners)
+
+    def _skip_reason(self, preq: PrefillRequest) -> str | None:
+        if time.time() >= preq.deadline_unix:
+            return "its deadline passed while queued"
+        if self.redis.exists(keys.prefill_abandoned(preq.request_id)):
+            return "the decode worker stopped waiting"
+        if not is_alive(self.redis, preq.decode_worker_id):
+            return f"decode worker {preq.decode_worker_id} is gone; no transfer to a dead peer"
+        return None
 
     def _fail(self, req: GenerateRequest, out: OutputWriter, error: Exception) -> None:
         from vllm.exceptions import VLLMClientError
@@ -270,7 +343,9 @@ class RouterRuntime:
             return
         self.decision_seconds.observe(time.perf_counter() - started)
         out.write([Routed(decision.worker_id, decision.mode, decision.overlap_blocks, decision.prompt_blocks)])
-        send(payload, worker_queue(decision.worker_id))
+        # The overlap tells the chosen decode worker how much of the prompt it need not prefill.
+        hit_tokens = decision.overlap_blocks * self.settings.engine.block_size
+        send({**payload, "prefix_hit_tokens": hit_tokens}, worker_queue(decision.worker_id))
         logger.info("[%s] routed to %s (%s): overlap %d/%d blocks in %.2fms", req.request_id, decision.worker_id,
                     decision.mode, decision.overlap_blocks, decision.prompt_blocks,
                     (time.perf_counter() - started) * 1000)

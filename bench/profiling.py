@@ -1,0 +1,5 @@
+"""placeholder"""
+from dataclasses import dataclass
+@dataclass(frozen=True)
+class ProfileSpec:
+    x: int = 0

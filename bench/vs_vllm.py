@@ -1,0 +1,189 @@
+"""Our deployments against vLLM's own server, on one workload: `python -m bench vs-vllm`.
+
+Three servers on the same tiny model and engine arguments (configs/agg.yaml's engine section;
+vLLM gets them as flags through bench.deploy.vllm_server_args):
+
+- `agg`: configs/agg.yaml, one decode worker, so one engine, as vLLM has;
+- `vllm`: `python -m vllm.entrypoints.openai.api_server`, the baseline;
+- `agg_router`: configs/agg_router.yaml, two decode workers and the kv router. It has two
+  engines, each bound to its own core, so it is not a like-for-like comparison; it is shown
+  beside the others for what the second engine buys on 2 cores.
+
+Each server runs alone (the others stopped), one after another, with the same seed and load
+points, and the harness's comparison with the baseline is computed over the merged records.
+The headline targets: throughput at saturation >= 0.9x vLLM, TTFT p50 at low load <= +10 ms,
+ITL p50 <= 1.1x (an ITL 1 ms slower, at vLLM's few ms per token).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from bench import report as harness_report
+from bench.deploy import LauncherDeployment, VllmServer
+from bench.runner import RunOptions, RunResult
+from bench.scenario import MachineState, Workload, fmt, measure, merge, table, write_json
+from bench.stats import Headline
+from bench.workloads import WorkloadKind, WorkloadParams
+
+logger = logging.getLogger(__name__)
+
+BASELINE = "vllm"
+ENGINE_CONFIG = "configs/agg.yaml"  # vLLM's flags come from this config's engine section
+TARGETS = {  # label -> launcher config; the baseline has none
+    "agg": "configs/agg.yaml",
+    BASELINE: None,
+    "agg_router": "configs/agg_router.yaml",
+}
+
+
+def _help(text: str) -> dict:
+    return {"help": text}
+
+
+@dataclass(frozen=True)
+class Targets:
+    """The pass marks for the headline numbers."""
+
+    min_throughput_ratio: float = 0.9
+    max_ttft_p50_diff_ms: float = 10.0
+    max_itl_p50_diff_ms: float = 1.0
+
+
+@dataclass(frozen=True)
+class VsVllmSpec:
+    """The scenario's knobs; `python -m bench vs-vllm`'s flags are generated from these."""
+
+    concurrency: str = field(default="1,32", metadata=_help("closed-loop concurrencies: low load first, then saturation"))
+    num_requests: int = field(default=64, metadata=_help("requests per server and load point"))
+    input_len: int = field(default=100, metadata=_help("prompt length, tokens (exact)"))
+    output_len: int = field(default=64, metadata=_help("max_tokens of every request (ignore_eos)"))
+    seed: int = field(default=0, metadata=_help("workload seed, the same for every server"))
+    servers: str = field(default="agg,vllm,agg_router", metadata=_help("which servers, in the order they run"))
+    redis_db: int = field(default=5, metadata=_help("Redis database (1-5) for our deployments, flushed per start"))
+    warmup_sessions: int = field(default=4, metadata=_help("unrecorded requests per server"))
+    deadline_s: float = field(default=600.0, metadata=_help("bound on each server's run"))
+
+    @property
+    def server_labels(self) -> list[str]:
+        labels = [s.strip() for s in self.servers.split(",") if s.strip()]
+        unknown = set(labels) - set(TARGETS)
+        if unknown:
+            raise ValueError(f"unknown servers {sorted(unknown)}; choose from {list(TARGETS)}")
+        return labels
+
+    def workload(self) -> Workload:
+        params = WorkloadParams(input_len_mean=self.input_len, input_len_std=0.0, output_len_mean=self.output_len,
+                                output_len_std=0.0)
+        options = RunOptions(num_requests=self.num_requests, seed=self.seed, deadline_s=self.deadline_s,
+                             warmup_sessions=self.warmup_sessions)
+        return Workload(WorkloadKind.SYNTHETIC, params, tuple(int(c) for c in self.concurrency.split(",")), options)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One headline number against its pass mark."""
+
+    name: str
+    value: float | None
+    mark: str
+    met: bool | None
+
+
+def verdicts(head: Headline, baseline_itl_p50_ms: float | None, marks: Targets = Targets()) -> list[Verdict]:
+    """The three headline checks of one target against the baseline; `met` is None when a
+    figure is missing. ITL's mark is absolute (+1 ms), so it needs the baseline's ITL p50."""
+    itl_diff = None
+    if head.itl_p50_ratio is not None and baseline_itl_p50_ms is not None:
+        itl_diff = (head.itl_p50_ratio - 1) * baseline_itl_p50_ms
+
+    def check(value, ok):
+        return None if value is None else ok(value)
+
+    return [
+        Verdict("throughput at saturation, ours / vLLM", head.throughput_ratio, f">= {marks.min_throughput_ratio}x",
+                check(head.throughput_ratio, lambda v: v >= marks.min_throughput_ratio)),
+        Verdict(f"TTFT p50 at {head.low_load}, ours - vLLM (ms)", head.ttft_p50_diff_ms,
+                f"<= +{marks.max_ttft_p50_diff_ms:g} ms", check(head.ttft_p50_diff_ms,
+                                                               lambda v: v <= marks.max_ttft_p50_diff_ms)),
+        Verdict(f"ITL p50 at {head.low_load}, ours / vLLM", head.itl_p50_ratio, "", None),
+        Verdict(f"ITL p50 at {head.low_load}, ours - vLLM (ms)", itl_diff, f"<= +{marks.max_itl_p50_diff_ms:g} ms",
+                check(itl_diff, lambda v: v <= marks.max_itl_p50_diff_ms)),
+    ]
+
+
+def run(spec: VsVllmSpec, out: Path, model: str = "tiny-llama") -> Path:
+    started = MachineState.now()
+    workload = spec.workload()
+    runs, machines = [], {}
+    for label in spec.server_labels:
+        machines[label] = MachineState.now()
+        logger.info("[%s] load average %s", label, machines[label].label)
+        runs.append(_measure_one(label, workload, spec, out, model))
+    finished = MachineState.now()
+    merged = merge(runs, baseline=BASELINE if BASELINE in spec.server_labels else None)
+    harness_report.write_all(merged, out / "harness")
+    analysis = harness_report.analyse(merged)
+    base_itl = _itl_p50(analysis.summaries, BASELINE)
+    checks = {h.target: verdicts(h, base_itl) for h in analysis.headlines}
+    body = {"scenario": "vs-vllm", "spec": asdict(spec), "targets": asdict(Targets()),
+            "machine_start": asdict(started), "machine_end": asdict(finished),
+            "machine_per_server": {k: asdict(v) for k, v in machines.items()},
+            "headlines": [asdict(h) for h in analysis.headlines],
+            "verdicts": {t: [asdict(v) for v in vs] for t, vs in checks.items()},
+            "summaries": [asdict(s) for s in analysis.summaries]}
+    write_json(out / "results.json", body)
+    path = out / "report.md"
+    path.write_text(markdown(spec, analysis, checks, started, finished, machines))
+    return path
+
+
+def _measure_one(label: str, workload: Workload, spec: VsVllmSpec, out: Path, model: str) -> RunResult:
+    config = TARGETS[label]
+    if config is None:
+        server = VllmServer(ENGINE_CONFIG, out / "logs", name=label)
+    else:
+        server = LauncherDeployment(config, out / "logs", spec.redis_db, name=label)
+    with server:
+        return measure(workload, label, server.base_url, model)
+
+
+def _itl_p50(summaries, target: str) -> float | None:
+    rows = sorted((s for s in summaries if s.target == target), key=lambda s: s.load_value)
+    return rows[0].itl_ms.p50 if rows else None
+
+
+def _verdict_cell(v: Verdict) -> str:
+    if v.met is None:
+        return "" if not v.mark else "–"
+    return "met" if v.met else "**missed**"
+
+
+def markdown(spec: VsVllmSpec, analysis, checks: dict[str, list[Verdict]], started: MachineState,
+             finished: MachineState, machines: dict[str, MachineState]) -> str:
+    lines = ["# Our deployments against vLLM's own server", "",
+             f"- started {started.at}; load average (1/5/15 min) {started.label} at the start, "
+             f"{finished.label} at the end; {started.num_cpus} CPUs",
+             "- each server ran alone, in this order, with its load average when it started: "
+             + ", ".join(f"`{k}` {v.label}" for k, v in machines.items()),
+             f"- workload: synthetic token-id prompts of {spec.input_len} tokens, {spec.output_len} output tokens "
+             f"(ignore_eos), {spec.num_requests} requests per load point, closed loop at concurrency "
+             f"{spec.concurrency}, seed {spec.seed}, {spec.warmup_sessions} warm-up requests per server",
+             f"- engine arguments for all: {ENGINE_CONFIG}'s engine section (vLLM gets them as flags); "
+             "`agg_router` has two engines, the others one", ""]
+    for target, vs in checks.items():
+        lines += [f"## `{target}` against `{BASELINE}`", ""]
+        lines += table(["headline", "value", "target", "verdict"],
+                       [[v.name, fmt(v.value, 2), v.mark, _verdict_cell(v)] for v in vs])
+    rows = []
+    for s in sorted(analysis.summaries, key=lambda s: (s.load_value, s.target)):
+        rows.append([s.load, f"`{s.target}`", f"{s.num_ok}/{s.num_requests}", fmt(s.output_tok_per_s),
+                     fmt(s.ttft_ms.p50), fmt(s.ttft_ms.p99), fmt(s.itl_ms.p50, 2), fmt(s.tpot_ms.p50, 2),
+                     fmt(s.e2e_ms.p50, 0)])
+    lines += ["## Every server at every load point", ""]
+    lines += table(["load", "server", "ok", "out tok/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "TPOT p50 ms",
+                    "E2E p50 ms"], rows, align="llrrrrrrr")
+    lines += ["The harness's tables and plots: [harness/report.md](harness/report.md).", ""]
+    return "\n".join(lines)
