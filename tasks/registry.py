@@ -54,12 +54,20 @@ def drop_lease(client: redis.Redis, worker_id: str) -> None:
     client.delete(keys.worker_lease(worker_id))
 
 
+def _statuses(raws: list, role: str | None) -> list[WorkerStatus]:
+    found = [_decoder.decode(raw) for raw in raws if raw is not None]
+    return sorted((w for w in found if role is None or w.role == role), key=lambda w: w.worker_id)
+
+
 def live_workers(client: redis.Redis, role: str | None = None) -> list[WorkerStatus]:
     lease_keys = list(client.scan_iter(match=keys.WORKER_LEASE_PATTERN, count=500))
-    if not lease_keys:
-        return []
-    found = [_decoder.decode(raw) for raw in client.mget(lease_keys) if raw is not None]
-    return sorted((w for w in found if role is None or w.role == role), key=lambda w: w.worker_id)
+    return _statuses(client.mget(lease_keys), role) if lease_keys else []
+
+
+async def alive_workers(client, role: str | None = None) -> list[WorkerStatus]:
+    """The same, with a redis.asyncio client, for code on an event loop."""
+    lease_keys = [k async for k in client.scan_iter(match=keys.WORKER_LEASE_PATTERN, count=500)]
+    return _statuses(await client.mget(lease_keys), role) if lease_keys else []
 
 
 def is_alive(client: redis.Redis, worker_id: str) -> bool:

@@ -27,9 +27,12 @@ from kvtransfer import registry
 from kvtransfer.connector import BadTransferParams, decode_leg_params, prefill_leg_params
 from kvtransfer.policy import ThresholdSource, should_prefill_remotely
 from tasks import keys, queues
+from tasks.registry import alive_workers
 from tasks.messages import GenerateRequest, PrefillDone, PrefillRequest, SamplingSpec, decode_prefill_done
 
 logger = logging.getLogger(__name__)
+
+PREFILL_LIVENESS_CACHE_S = 1.0
 
 
 @dataclass
@@ -48,6 +51,8 @@ class RemotePrefill:
         self._send = send_prefill
         self._counters = counters
         self._thresholds = ThresholdSource(settings.disagg)
+        self._prefill_alive = False
+        self._prefill_checked_at = float("-inf")
 
     async def kv_transfer_params(self, aredis, req: GenerateRequest) -> dict | None:
         """Params that make the decode engine take a remote prefill, or None to prefill locally."""
@@ -55,6 +60,10 @@ class RemotePrefill:
         thresholds = await self._thresholds.current(aredis)
         queue_len = await aredis.llen(queues.PREFILL)
         if not should_prefill_remotely(len(req.prompt_token_ids), req.prefix_hit_tokens, queue_len, thresholds):
+            return None
+        if not await self._prefill_workers_alive(aredis):
+            self._counters.num_local_fallbacks += 1
+            logger.warning("[%s] no live prefill worker; prefilling locally", rid)
             return None
         wait_s = min(self.config.prefill_timeout_s, req.deadline_unix - time.time())
         pubsub = aredis.pubsub()
@@ -83,6 +92,13 @@ class RemotePrefill:
         self._counters.num_remote_prefills += 1
         logger.info("[%s] remote prefill done by %s; pulling KV", rid, done.prefill_worker_id)
         return params
+
+    async def _prefill_workers_alive(self, aredis) -> bool:
+        # Cached briefly: a burst of long prompts costs one lease scan, not one each.
+        if time.monotonic() - self._prefill_checked_at > PREFILL_LIVENESS_CACHE_S:
+            self._prefill_alive = bool(await alive_workers(aredis, role="prefill"))
+            self._prefill_checked_at = time.monotonic()
+        return self._prefill_alive
 
     @staticmethod
     async def _wait(pubsub, wait_s: float) -> PrefillDone:
