@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from pathlib import Path
 
 import pytest
 
@@ -243,3 +244,155 @@ def test_multiturn_open_loop_against_live_deployment(deployment, tmp_path):
     for r in second:  # sent after turn 0 finished, with turn 0's question and answer in the prompt
         assert r["start_s"] >= first[r["session_id"]]["end_s"]
         assert r["prompt_tokens"] > first[r["session_id"]]["prompt_tokens"]
+
+
+# -- scenarios: pure parts (no servers) ---------------------------------------------------------------
+
+
+def _lease(worker="decode0@h", queries=0, hits=0, pid=1, started=100.0, role="decode"):
+    from tasks.registry import WorkerStatus
+
+    return WorkerStatus(worker_id=worker, role=role, queues=[role], hostname="h", pid=pid, started_unix=started,
+                        updated_unix=started + 1, prefix_cache_queries=queries, prefix_cache_hits=hits)
+
+
+def test_engine_hit_rate_is_the_delta_between_two_lease_snapshots():
+    from bench.cache_stats import CacheCounters, engine_deltas, total
+
+    before = [_lease("a", 1000, 400), _lease("b", 500, 100), _lease("r", 9, 9, role="router")]
+    after = [_lease("a", 1600, 850), _lease("b", 900, 300), _lease("r", 99, 99, role="router"),
+             _lease("c", 200, 50)]  # c joined in between: counts from zero
+    deltas = engine_deltas(before, after)
+    assert deltas == {"a": CacheCounters(600, 450), "b": CacheCounters(400, 200), "c": CacheCounters(200, 50)}
+    assert total(deltas) == CacheCounters(1200, 700)
+    assert total(deltas).hit_rate == pytest.approx(700 / 1200)
+    assert CacheCounters().hit_rate is None and total({}) == CacheCounters()
+
+
+def test_a_restarted_worker_counts_from_zero():
+    from bench.cache_stats import CacheCounters, engine_deltas
+
+    before = [_lease("a", 1000, 400, pid=1), _lease("b", 1000, 400)]
+    after = [_lease("a", 300, 100, pid=2), _lease("b", 100, 50)]  # a: new pid; b: counters went down
+    assert engine_deltas(before, after) == {"a": CacheCounters(300, 100), "b": CacheCounters(100, 50)}
+
+
+def test_router_counters_delta_and_rate():
+    from bench.cache_stats import RouterCounters
+
+    delta = RouterCounters(130, 200) - RouterCounters(30, 100)
+    assert delta == RouterCounters(100, 100) and delta.hit_rate == 1.0
+    assert RouterCounters().hit_rate is None
+
+
+def test_vs_vllm_verdicts_against_the_targets():
+    from bench.stats import Headline
+    from bench.vs_vllm import verdicts
+
+    head = Headline("agg", "vllm", 900.0, 1000.0, 0.9, "c=1", 12.0, 1.25, 1.3)
+    checks = {v.name.split(",")[0]: v for v in verdicts(head, baseline_itl_p50_ms=4.0)}
+    assert checks["throughput at saturation"].met is True  # 0.9 >= 0.9
+    ttft = next(v for v in checks.values() if v.name.startswith("TTFT"))
+    assert ttft.value == 12.0 and ttft.met is False
+    itl_ms = [v for v in verdicts(head, 4.0) if v.name.endswith("(ms)") and v.name.startswith("ITL")][0]
+    assert itl_ms.value == pytest.approx(1.0) and itl_ms.met is True  # 1.25 x 4 ms = +1 ms
+    missing = verdicts(Headline("agg", "vllm", 1.0, 0.0, None, "", None, None, None), None)
+    assert all(v.met is None for v in missing)
+
+
+def test_collapsed_stacks_summaries():
+    from bench.profiling import by_package, inclusive_time, parse_collapsed, self_time
+
+    text = "\n".join([
+        "process 12:\"python x\";thread (0x1);run (app/routes.py);loads (json/decoder.py) 6",
+        "run (app/routes.py);xread (redis/commands/core.py) 3",
+        "step (vllm/v1/engine/core.py);forward (torch/nn/modules/module.py) 1",
+        "garbage line", ""])
+    stacks = parse_collapsed(text)
+    assert len(stacks) == 3 and sum(c for _, c in stacks) == 10
+    assert stacks[0][0][0].func == "run" and stacks[0][0][-1].file == "json/decoder.py"
+    top = self_time(stacks)
+    assert (top[0].name, top[0].samples, top[0].percent) == ("loads (json/decoder.py)", 6, 60.0)
+    incl = {s.name: s.percent for s in inclusive_time(stacks)}
+    assert incl["run (app/routes.py)"] == 90.0 and incl["step (vllm/v1/engine/core.py)"] == 10.0
+    assert {s.name: s.samples for s in by_package(stacks)} == {"json": 6, "redis": 3, "torch": 1}
+
+
+def test_frame_package_from_site_packages_path():
+    from bench.profiling import parse_frame
+
+    assert parse_frame("f (/x/lib/python3.11/site-packages/kombu/utils.py)").package == "kombu"
+    assert parse_frame("main (bench.py)").package == "bench"
+    assert parse_frame("<module> (workers/runtime.py)").package == "workers"
+
+
+def test_deploy_helpers(tmp_path):
+    from bench.deploy import redis_url_for, trim_log, vllm_server_args
+    from config import load_settings
+
+    assert redis_url_for(3) == "redis://127.0.0.1:6379/3"
+    for db in (0, 8, 15):
+        with pytest.raises(ValueError):
+            redis_url_for(db)
+    root = Path(__file__).resolve().parent.parent
+    settings = load_settings(root / "configs" / "agg.yaml", ["engine.kv_cache_gib=0.25"], environ={})
+    args = vllm_server_args(settings)
+    flag = lambda name: args[args.index(name) + 1]  # noqa: E731
+    assert flag("--block-size") == "32" and flag("--kv-cache-memory-bytes") == str(2**28)
+    assert flag("--max-num-seqs") == str(settings.engine.max_num_seqs) and "--enforce-eager" in args
+    assert flag("--served-model-name") == settings.model.name
+    log = tmp_path / "x.log"
+    log.write_bytes(b"a" * 1000 + b"b" * 1000)
+    trim_log(log, max_bytes=400)
+    data = log.read_bytes()
+    assert data.startswith(b"a" * 100) and data.endswith(b"b" * 300) and b"cut" in data and len(data) < 500
+
+
+def test_router_speed_cache_model_is_seeded_and_indexes_every_block():
+    from bench.router_speed import (RouterSpeedSpec, apply_remove, apply_store, apply_wire, build_cache_model,
+                                    make_prompts, one_block_each, removal_events)
+    from router.index import RadixIndex
+
+    spec = RouterSpeedSpec(num_blocks=600, num_workers=3, num_trunks=5, trunk_blocks=4, branch_blocks_max=6)
+    model = build_cache_model(spec)
+    assert model.events == build_cache_model(spec).events
+    index = RadixIndex(spec.block_size)
+    rate = apply_store(index, model.events)
+    assert index.num_blocks >= 600 and rate.num_blocks == sum(len(e.block_hashes) for e in model.events)
+    split = RadixIndex(spec.block_size)
+    apply_store(split, one_block_each(model.events))
+    assert split.blocks_per_worker() == index.blocks_per_worker()  # the same blocks, one event each
+    assert apply_wire(model.events, spec.block_size).num_blocks == rate.num_blocks
+    prompts = make_prompts(model, spec, 256, 40)
+    assert all(len(p) == 256 for p in prompts)
+    assert sum(bool(index.overlaps(p)) for p in prompts) >= 25  # three quarters share a cached prefix
+    removed = apply_remove(index, removal_events(index, random.Random(0), n=10**6))
+    assert removed.num_blocks == rate.num_blocks and index.num_blocks == 0
+
+
+def test_scenario_subcommands_parse():
+    args = build_parser().parse_args(["kv-routing", "--out", "x", "--concurrency", "2", "--num-system-prompts", "3"])
+    from bench.kv_routing import KvRoutingSpec
+
+    spec = KvRoutingSpec(concurrency=args.concurrency, num_system_prompts=args.num_system_prompts)
+    assert spec.concurrencies == (2,)
+    workload = spec.workload(2, seed=5)
+    assert workload.options.seed == 5 and workload.options.warmup_sessions == 0
+    assert workload.params.num_system_prompts == 3 and workload.kind is WorkloadKind.MULTITURN
+    for name in ("vs-vllm", "profile", "router-speed"):
+        assert build_parser().parse_args([name, "--out", "x"]).command == name
+
+
+def test_merge_runs_of_different_servers():
+    from bench.records import Target
+    from bench.runner import RunConfig, RunOptions, RunResult
+    from bench.scenario import merge
+
+    def one(label):
+        config = RunConfig((Target(label, "u", "m"),), WorkloadKind.SYNTHETIC, PARAMS, LoadMode.CLOSED, (1.0,),
+                           RunOptions())
+        return RunResult(config, [_record(target=label)], "t", 2.0)
+
+    merged = merge([one("a"), one("b")], baseline="b")
+    assert [t.label for t in merged.config.targets] == ["a", "b"] and merged.config.baseline == "b"
+    assert [r.target for r in merged.records] == ["a", "b"] and merged.wall_s == 4.0

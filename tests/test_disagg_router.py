@@ -1,0 +1,57 @@
+"""disagg_router.yaml: KV routing and disaggregation together."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from conftest import fresh_redis_url, live_status, make_settings, start_deployment, wait_for
+
+pytestmark = pytest.mark.integration
+
+MODEL = "tiny-llama"
+PREFIX = [10 + (i * 43) % 1500 for i in range(900)]
+
+
+@pytest.fixture(scope="module")
+def both(model_path, tmp_path_factory):
+    # Three engines on two cores, each with NIXL's busy-polling progress thread: a KV pull can
+    # stall every process for many seconds, so leases here are long enough to ride that out.
+    settings = make_settings(fresh_redis_url(), base="disagg_router.yaml",
+                             **{"workers.heartbeat_interval_s": 1, "workers.lease_s": 30})
+    assert settings.router.mode == "kv" and settings.disagg.enabled
+    dep = start_deployment(settings, tmp_path_factory.mktemp("disagg_router"), ready_timeout_s=500)
+    wait_for(lambda: {w.role for w in live_status(dep, role=None)} >= {"decode", "prefill", "router"}, 400,
+             "router, decode and prefill workers")
+    yield dep
+    dep.stop()
+
+
+def remote_prefills(dep) -> dict[str, int]:
+    fresh = time.time()
+    workers = wait_for(lambda: (ws := live_status(dep)) and all(w.updated_unix > fresh for w in ws) and ws, 15,
+                       "fresh heartbeats")
+    return {w.worker_id: w.num_remote_prefills for w in workers}
+
+
+def complete(dep, ids):
+    raw = dep.client().completions.with_raw_response.create(model=MODEL, prompt=ids, max_tokens=4,
+                                                            extra_body={"ignore_eos": True})
+    assert raw.parse().usage.completion_tokens == 4
+    return raw.headers["x-worker-id"], int(raw.headers["x-overlap-blocks"]), raw.headers["x-route-mode"]
+
+
+def test_routing_and_disaggregation_compose(both):
+    before = remote_prefills(both)
+    worker, overlap, mode = complete(both, PREFIX + [1, 2, 3])
+    assert mode == "kv" and overlap == 0
+    # A cold long prompt is prefilled remotely by the prefill worker.
+    after_first = remote_prefills(both)
+    assert after_first[worker] == before[worker] + 1
+    # The KV landed in the chosen decode worker's cache, so the next turn is routed back to it,
+    # and with most of the prompt cached there the uncached rest is short: it prefills locally.
+    wait_for(lambda: complete(both, PREFIX + [4, 5, 6])[1] > 0, 30, "the router to see the cached prefix")
+    again, overlap, _ = complete(both, PREFIX + [7, 8, 9])
+    assert again == worker and overlap >= len(PREFIX) // 32 - 1
+    assert remote_prefills(both)[worker] == after_first[worker]
