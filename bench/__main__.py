@@ -12,6 +12,7 @@ Scenarios start and stop their own servers (bench/deploy.py) and write a results
     python -m bench vs-vllm --out bench/results/vs-vllm            # agg, agg_router vs vLLM's server
     python -m bench profile --out bench/results/profile            # py-spy on agg under load
     python -m bench router-speed --out bench/results/router-speed  # the router's index and policy, no servers
+    python -m bench aiperf-check --out bench/results/aiperf-check  # aiperf and the harness, same deployment
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ SCENARIOS = {
     "vs-vllm": ("bench.vs_vllm", "VsVllmSpec", "agg and agg_router against vLLM's own server"),
     "profile": ("bench.profiling", "ProfileSpec", "py-spy profiles of a deployment's processes under load"),
     "router-speed": ("bench.router_speed", "RouterSpeedSpec", "the router's decision time and event rate, no servers"),
+    "aiperf-check": ("bench.aiperf_check", "AiperfCheckSpec", "aiperf and the harness on the same agg deployment"),
 }
 
 

@@ -54,7 +54,6 @@ class ProfileSpec:
     input_len: int = field(default=100, metadata=_help("prompt length, tokens"))
     output_len: int = field(default=64, metadata=_help("max_tokens of every request"))
     redis_db: int = field(default=3, metadata=_help("Redis database (1-5), flushed before the start"))
-    keep_raw: bool = field(default=True, metadata=_help("keep py-spy's collapsed stacks (gzip) in the folder"))
 
 
 # -- collapsed stacks: pure --------------------------------------------------------------------------
@@ -239,8 +238,7 @@ def run(spec: ProfileSpec, out: Path) -> Path:
     body = {"scenario": "profile", "spec": asdict(spec), "machine_start": asdict(started),
             "machine_end": asdict(finished), "windows": [_window_json(w) for w in windows]}
     write_json(out / "results.json", body)
-    if spec.keep_raw:
-        _gzip_raw(out / "raw", windows)
+    _gzip_raw(out / "raw")
     path = out / "report.md"
     path.write_text(markdown(spec, body))
     return path
@@ -282,7 +280,8 @@ def _window_json(w: Window) -> dict:
             "output_tokens_during_load": w.output_tokens, "processes": processes}
 
 
-def _gzip_raw(raw_dir: Path, windows: list[Window]) -> None:
+def _gzip_raw(raw_dir: Path) -> None:
+    """py-spy's collapsed stacks, kept compressed for a closer look (flamegraph.pl or speedscope)."""
     import gzip
 
     for path in raw_dir.glob("*.txt"):

@@ -1,0 +1,187 @@
+"""Cross-check the harness against NVIDIA's aiperf on one deployment: `python -m bench aiperf-check`.
+
+Starts configs/agg.yaml, runs `aiperf profile` (installed in its own venv, not the project's),
+then the harness with the equivalent workload right after, then aiperf once more, so drift on
+the machine between the tools shows. Compares TTFT p50 and output tokens/s: they should agree
+within 10%.
+
+Equivalence: both stream /v1/completions at the same concurrency and request count, with
+100-token prompts (aiperf: text generated and counted with the model's own tokenizer; the
+harness: token ids), exactly 64 output tokens (ignore_eos, and aiperf counts the server's
+`usage`), and a few unrecorded warm-up requests.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shlex
+import subprocess
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from bench.deploy import ROOT, LauncherDeployment, trim_log
+from bench.runner import RunOptions
+from bench.scenario import MachineState, Workload, fmt, measure, table, write_json
+from bench.stats import summarize
+from bench.workloads import WorkloadKind, WorkloadParams
+
+logger = logging.getLogger(__name__)
+
+CONFIG = "configs/agg.yaml"
+TOLERANCE = 0.10
+
+
+def _help(text: str) -> dict:
+    return {"help": text}
+
+
+@dataclass(frozen=True)
+class AiperfCheckSpec:
+    """The scenario's knobs; `python -m bench aiperf-check`'s flags are generated from these."""
+
+    aiperf: str = field(default="/tmp/aiperf-venv/bin/aiperf", metadata=_help("the aiperf command (its own venv)"))
+    concurrency: int = field(default=8, metadata=_help("closed-loop concurrency for both tools"))
+    num_requests: int = field(default=64, metadata=_help("requests per tool run"))
+    input_len: int = field(default=100, metadata=_help("prompt length, tokens"))
+    output_len: int = field(default=64, metadata=_help("output tokens per request"))
+    warmup_requests: int = field(default=4, metadata=_help("unrecorded requests before each tool run"))
+    seed: int = field(default=0, metadata=_help("both tools' seed"))
+    redis_db: int = field(default=2, metadata=_help("Redis database (1-5), flushed before the start"))
+    timeout_s: float = field(default=600.0, metadata=_help("bound on each tool run"))
+
+
+def aiperf_argv(spec: AiperfCheckSpec, base_url: str, tokenizer: str, artifact_dir: Path) -> list[str]:
+    """The aiperf command for the equivalent workload; base_url without /v1."""
+    return [spec.aiperf, "profile", "--model", "tiny-llama", "--url", base_url, "--endpoint-type", "completions",
+            "--streaming", "--tokenizer", tokenizer, "--concurrency", str(spec.concurrency),
+            "--request-count", str(spec.num_requests), "--synthetic-input-tokens-mean", str(spec.input_len),
+            "--synthetic-input-tokens-stddev", "0", "--output-tokens-mean", str(spec.output_len),
+            "--output-tokens-stddev", "0", "--extra-inputs", "ignore_eos:true", "--use-server-token-count",
+            "--warmup-request-count", str(spec.warmup_requests), "--random-seed", str(spec.seed),
+            "--ui-type", "none", "--artifact-dir", str(artifact_dir)]
+
+
+@dataclass(frozen=True)
+class ToolFigures:
+    """What both tools report, in the same units."""
+
+    tool: str
+    ttft_p50_ms: float | None
+    ttft_p99_ms: float | None
+    itl_p50_ms: float | None
+    output_tok_per_s: float | None
+    num_requests: int | None
+    machine: MachineState
+
+
+def _metric(export: dict, name: str, stat: str) -> float | None:
+    """A statistic of one metric in profile_export_aiperf.json, which keeps metrics either at the
+    top level or under "records", each as {"unit", "avg", "p50", ...}."""
+    for holder in (export, export.get("records", {})):
+        value = holder.get(name) if isinstance(holder, dict) else None
+        if isinstance(value, dict) and stat in value:
+            return value[stat]
+    return None
+
+
+def aiperf_figures(export: dict, machine: MachineState, tool: str = "aiperf") -> ToolFigures:
+    count = _metric(export, "request_count", "avg")
+    return ToolFigures(tool, _metric(export, "time_to_first_token", "p50"),
+                       _metric(export, "time_to_first_token", "p99"), _metric(export, "inter_token_latency", "p50"),
+                       _metric(export, "output_token_throughput", "avg"), int(count) if count is not None else None,
+                       machine)
+
+
+def agreement(a: float | None, b: float | None) -> float | None:
+    """b / a - 1: the relative difference of b from a."""
+    return None if a is None or b is None or a == 0 else b / a - 1
+
+
+def run(spec: AiperfCheckSpec, out: Path, model: str = "tiny-llama") -> Path:
+    from config import load_settings
+
+    tokenizer = load_settings(ROOT / CONFIG, environ={}).model.resolved_path
+    started = MachineState.now()
+    figures, commands = [], []
+    with LauncherDeployment(CONFIG, out / "logs", spec.redis_db, name="agg") as dep:
+        root_url = dep.base_url.removesuffix("/v1")
+        for i, tool in enumerate(("aiperf", "harness", "aiperf")):
+            label = f"{tool}-{i + 1}"
+            machine = MachineState.now()
+            logger.info("[%s] load average %s", label, machine.label)
+            if tool == "aiperf":
+                argv = aiperf_argv(spec, root_url, tokenizer, out / "aiperf" / label)
+                commands.append(shlex.join(argv))
+                figures.append(_run_aiperf(argv, out / "aiperf" / label, spec.timeout_s, machine, label))
+            else:
+                figures.append(_run_harness(spec, dep.base_url, model, machine, label))
+    finished = MachineState.now()
+    body = {"scenario": "aiperf-check", "spec": asdict(spec), "machine_start": asdict(started),
+            "machine_end": asdict(finished), "aiperf_commands": commands,
+            "figures": [asdict(f) for f in figures], "tolerance": TOLERANCE}
+    write_json(out / "results.json", body)
+    path = out / "report.md"
+    path.write_text(markdown(spec, figures, commands, started, finished))
+    return path
+
+
+def _run_aiperf(argv: list[str], artifact_dir: Path, timeout_s: float, machine: MachineState,
+                label: str) -> ToolFigures:
+    artifact_dir.mkdir(parents=True, exist_ok=True)
+    log = artifact_dir / "aiperf.log"
+    with log.open("wb") as f:
+        subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, timeout=timeout_s, check=False)
+    trim_log(log)
+    exports = sorted(artifact_dir.rglob("profile_export_aiperf.json"))
+    if not exports:
+        raise RuntimeError(f"aiperf wrote no profile_export_aiperf.json; see {log}")
+    _prune_artifacts(artifact_dir, keep=exports[-1])
+    return aiperf_figures(json.loads(exports[-1].read_text()), machine, label)
+
+
+def _prune_artifacts(artifact_dir: Path, keep: Path) -> None:
+    """Keeps aiperf's summary and log; drops its per-request exports, which are large."""
+    for path in artifact_dir.rglob("*"):
+        if path.is_file() and path != keep and path.name != "aiperf.log" and path.stat().st_size > 200_000:
+            path.unlink()
+
+
+def _run_harness(spec: AiperfCheckSpec, base_url: str, model: str, machine: MachineState,
+                 label: str) -> ToolFigures:
+    params = WorkloadParams(input_len_mean=spec.input_len, input_len_std=0.0, output_len_mean=spec.output_len)
+    options = RunOptions(num_requests=spec.num_requests, seed=spec.seed, warmup_sessions=spec.warmup_requests,
+                         deadline_s=spec.timeout_s)
+    result = measure(Workload(WorkloadKind.SYNTHETIC, params, (spec.concurrency,), options), label, base_url, model)
+    s = summarize(label, result.config.points[0], result.records, None)
+    return ToolFigures(label, s.ttft_ms.p50, s.ttft_ms.p99, s.itl_ms.p50, s.output_tok_per_s, s.num_ok, machine)
+
+
+def markdown(spec: AiperfCheckSpec, figures: list[ToolFigures], commands: list[str], started: MachineState,
+             finished: MachineState) -> str:
+    harness = next(f for f in figures if f.tool.startswith("harness"))
+    lines = ["# Cross-check of the harness with aiperf", "",
+             f"- {CONFIG}, started once; the tools ran one after another against it: aiperf, the harness, aiperf",
+             f"- started {started.at}; load average (1/5/15 min) {started.label} at the start, {finished.label} at "
+             f"the end; {started.num_cpus} CPUs",
+             f"- workload: /v1/completions, streaming, {spec.input_len}-token prompts, {spec.output_len} output tokens "
+             f"(ignore_eos), concurrency {spec.concurrency}, {spec.num_requests} requests, "
+             f"{spec.warmup_requests} warm-up requests", ""]
+    rows = [[f"`{f.tool}`", f.machine.label, str(f.num_requests), fmt(f.ttft_p50_ms), fmt(f.ttft_p99_ms),
+             fmt(f.itl_p50_ms, 2), fmt(f.output_tok_per_s)] for f in figures]
+    lines += table(["run", "load average at start", "requests", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms",
+                    "output tok/s"], rows, align="llrrrrr")
+    rows = []
+    for f in figures:
+        if f is harness:
+            continue
+        for name, a, b in (("TTFT p50", harness.ttft_p50_ms, f.ttft_p50_ms),
+                           ("output tok/s", harness.output_tok_per_s, f.output_tok_per_s)):
+            diff = agreement(a, b)
+            verdict = "–" if diff is None else ("within 10%" if abs(diff) <= TOLERANCE else "**differs**")
+            rows.append([f"`{f.tool}` vs `{harness.tool}`", name, "–" if diff is None else f"{100 * diff:+.1f}%",
+                         verdict])
+    lines += ["Relative difference of aiperf's figure from the harness's:", ""]
+    lines += table(["runs", "figure", "aiperf / harness − 1", "verdict"], rows, align="llrl")
+    lines += ["aiperf commands:", "", "```"] + commands + ["```", ""]
+    return "\n".join(lines)
