@@ -29,7 +29,10 @@ def long_prompt(seed: int) -> list[int]:
 
 @pytest.fixture(scope="module")
 def disagg(model_path, tmp_path_factory):
-    settings = make_settings(fresh_redis_url(), base="disagg.yaml", **{"disagg.prefill_timeout_s": 20})
+    # NIXL's progress thread busy-polls a core per engine; on two cores a KV pull can stall every
+    # process for seconds, so leases here are long enough to ride that out.
+    settings = make_settings(fresh_redis_url(), base="disagg.yaml", **{
+        "disagg.prefill_timeout_s": 20, "workers.heartbeat_interval_s": 1, "workers.lease_s": 30})
     assert settings.disagg.enabled and settings.disagg.max_local_prefill_length < len(LONG)
     dep = start_deployment(settings, tmp_path_factory.mktemp("disagg"), ready_timeout_s=400)
     wait_for(lambda: {w.role for w in live_status(dep, role=None)} >= {"decode", "prefill"}, 300, "prefill worker")
