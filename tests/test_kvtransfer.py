@@ -1,0 +1,72 @@
+"""Pure parts of kvtransfer: the disaggregation decision, run-time thresholds, transfer stats,
+and the check on kv_transfer_params before they reach an engine."""
+
+import asyncio
+
+import pytest
+
+from config import DisaggConfig
+from kvtransfer.connector import BadTransferParams, decode_leg_params, engine_id_for
+from kvtransfer.policy import Thresholds, ThresholdSource, should_prefill_remotely
+from kvtransfer.stats import TransferStats
+
+T = Thresholds(max_local_prefill_length=512, max_prefill_queue_size=2)
+
+
+@pytest.mark.parametrize("prompt,hit,queue,remote", [
+    (1000, 0, 0, True),      # long, nothing cached, queue empty
+    (1000, 600, 0, False),   # mostly cached: the rest is short, so local
+    (513, 0, 1, True),       # just past the threshold
+    (512, 0, 0, False),      # at the threshold stays local
+    (1000, 0, 2, False),     # prefill queue full: local
+])
+def test_decision(prompt, hit, queue, remote):
+    assert should_prefill_remotely(prompt, hit, queue, T) is remote
+
+
+class FakeAsyncRedis:
+    def __init__(self, mapping):
+        self.mapping = mapping
+        self.reads = 0
+
+    async def hgetall(self, key):
+        self.reads += 1
+        return self.mapping
+
+
+def test_thresholds_from_redis_override_config_field_by_field():
+    source = ThresholdSource(DisaggConfig(max_local_prefill_length=512, max_prefill_queue_size=4))
+    client = FakeAsyncRedis({b"max_local_prefill_length": b"64"})
+    t = asyncio.run(source.current(client))
+    assert t == Thresholds(64, 4)
+    asyncio.run(source.current(client))
+    assert client.reads == 1  # cached for a second
+
+
+def test_bad_threshold_override_is_ignored():
+    source = ThresholdSource(DisaggConfig(max_local_prefill_length=512, max_prefill_queue_size=4))
+    assert source.parse({b"max_prefill_queue_size": b"lots"}) == Thresholds(512, 4)
+
+
+def test_transfer_stats_fold_nested_reports():
+    stats = TransferStats()
+    stats.add({"NixlConnector": {"bytes_transferred": [1000, 3000], "transfer_duration": [0.001, 0.003],
+                                 "num_failed_transfers": []}})
+    stats.add(None)
+    stats.add({"bytes_transferred": [4000], "transfer_duration": [0.004], "num_failed_handshakes": [1]})
+    assert (stats.num_transfers, stats.bytes_transferred, stats.num_failed) == (3, 8000, 1)
+    assert stats.gbytes_per_s == pytest.approx(8000 / 0.008 / 1e9)
+
+
+def test_decode_params_are_checked_before_the_engine_sees_them():
+    good = {"remote_engine_id": "p", "remote_host": "h", "remote_port": 1, "remote_block_ids": [[1]],
+            "remote_request_id": "r", "do_remote_prefill": True}
+    assert decode_leg_params(good) == good
+    with pytest.raises(BadTransferParams, match="remote_request_id"):
+        decode_leg_params({k: v for k, v in good.items() if k != "remote_request_id"})
+    with pytest.raises(BadTransferParams):
+        decode_leg_params(None)
+
+
+def test_engine_ids_are_safe():
+    assert engine_id_for("decode0@host.example") == "decode0-host.example"
