@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import json
 import logging
+import resource
 import shlex
 import subprocess
-from dataclasses import asdict, dataclass, field
+import time
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from bench.deploy import ROOT, LauncherDeployment, trim_log
@@ -47,6 +49,7 @@ class AiperfCheckSpec:
     output_len: int = field(default=64, metadata=_help("output tokens per request"))
     warmup_requests: int = field(default=4, metadata=_help("unrecorded requests before each tool run"))
     seed: int = field(default=0, metadata=_help("both tools' seed"))
+    rounds: int = field(default=2, metadata=_help("aiperf then the harness, this many times, then aiperf once more"))
     redis_db: int = field(default=2, metadata=_help("Redis database (1-5), flushed before the start"))
     timeout_s: float = field(default=600.0, metadata=_help("bound on each tool run"))
 
@@ -73,6 +76,9 @@ class ToolFigures:
     output_tok_per_s: float | None
     num_requests: int | None
     machine: MachineState
+    wall_s: float = 0.0
+    client_cpu_s: float = 0.0  # the tool's own processes, user + system
+    server_cpu_s: float = 0.0  # the deployment's processes over the same time
 
 
 def _metric(export: dict, name: str, stat: str) -> float | None:
@@ -93,6 +99,19 @@ def aiperf_figures(export: dict, machine: MachineState, tool: str = "aiperf") ->
                        machine)
 
 
+def tool_order(rounds: int) -> list[str]:
+    """aiperf and the harness alternately, starting and ending with aiperf, so each harness run
+    has an aiperf run on either side and slow drift of the machine shows."""
+    return ["aiperf", "harness"] * rounds + ["aiperf"]
+
+
+def median(values: list[float | None]) -> float | None:
+    from bench.stats import percentile
+
+    present = [v for v in values if v is not None]
+    return percentile(present, 50) if present else None
+
+
 def agreement(a: float | None, b: float | None) -> float | None:
     """b / a - 1: the relative difference of b from a."""
     return None if a is None or b is None or a == 0 else b / a - 1
@@ -106,24 +125,48 @@ def run(spec: AiperfCheckSpec, out: Path, model: str = "tiny-llama") -> Path:
     figures, commands = [], []
     with LauncherDeployment(CONFIG, out / "logs", spec.redis_db, name="agg") as dep:
         root_url = dep.base_url.removesuffix("/v1")
-        for i, tool in enumerate(("aiperf", "harness", "aiperf")):
+        for i, tool in enumerate(tool_order(spec.rounds)):
             label = f"{tool}-{i + 1}"
             machine = MachineState.now()
             logger.info("[%s] load average %s", label, machine.label)
+            began, client0, server0 = time.monotonic(), _client_cpu_s(), _tree_cpu_s(dep.process_tree())
             if tool == "aiperf":
                 argv = aiperf_argv(spec, root_url, tokenizer, out / "aiperf" / label)
                 commands.append(shlex.join(argv))
-                figures.append(_run_aiperf(argv, out / "aiperf" / label, spec.timeout_s, machine, label))
+                found = _run_aiperf(argv, out / "aiperf" / label, spec.timeout_s, machine, label)
             else:
-                figures.append(_run_harness(spec, dep.base_url, model, machine, label))
+                found = _run_harness(spec, dep.base_url, model, machine, label)
+            figures.append(replace(found, wall_s=time.monotonic() - began, client_cpu_s=_client_cpu_s() - client0,
+                                   server_cpu_s=_tree_cpu_s(dep.process_tree()) - server0))
     finished = MachineState.now()
     body = {"scenario": "aiperf-check", "spec": asdict(spec), "machine_start": asdict(started),
             "machine_end": asdict(finished), "aiperf_commands": commands,
-            "figures": [asdict(f) for f in figures], "tolerance": TOLERANCE}
+            "figures": [asdict(f) for f in figures], "tolerance": TOLERANCE,
+            "medians": [{"figure": n, "aiperf": a, "harness": h, "aiperf_over_harness_minus_1": agreement(h, a)}
+                        for n, a, h in medians(figures)]}
     write_json(out / "results.json", body)
     path = out / "report.md"
     path.write_text(markdown(spec, figures, commands, started, finished))
     return path
+
+
+def _client_cpu_s() -> float:
+    """CPU seconds of this process (the harness) and of its finished children (aiperf's whole tree)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def _tree_cpu_s(tree) -> float:
+    import psutil
+
+    total = 0.0
+    for info in tree:
+        try:
+            t = psutil.Process(info.pid).cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            continue
+    return total
 
 
 def _run_aiperf(argv: list[str], artifact_dir: Path, timeout_s: float, machine: MachineState,
@@ -133,18 +176,24 @@ def _run_aiperf(argv: list[str], artifact_dir: Path, timeout_s: float, machine: 
     with log.open("wb") as f:
         subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, timeout=timeout_s, check=False)
     trim_log(log)
-    exports = sorted(artifact_dir.rglob("profile_export_aiperf.json"))
-    if not exports:
-        raise RuntimeError(f"aiperf wrote no profile_export_aiperf.json; see {log}")
-    _prune_artifacts(artifact_dir, keep=exports[-1])
-    return aiperf_figures(json.loads(exports[-1].read_text()), machine, label)
+    export = artifact_dir / "profile_export_aiperf.json"  # the profiling phase's summary
+    if not export.exists():
+        raise RuntimeError(f"aiperf wrote no {export}; see {log}")
+    _prune_artifacts(artifact_dir, keep=export)
+    return aiperf_figures(json.loads(export.read_text()), machine, label)
+
+
+KEEP_ARTIFACTS = ("profile_export_console.txt", "aiperf.log")
 
 
 def _prune_artifacts(artifact_dir: Path, keep: Path) -> None:
-    """Keeps aiperf's summary and log; drops its per-request exports, which are large."""
-    for path in artifact_dir.rglob("*"):
-        if path.is_file() and path != keep and path.name != "aiperf.log" and path.stat().st_size > 200_000:
+    """Keeps aiperf's summary, its console tables and its log; drops the per-request exports and
+    per-phase copies, so the results folder stays small."""
+    for path in sorted(artifact_dir.rglob("*"), reverse=True):
+        if path.is_file() and path != keep and not (path.parent == artifact_dir and path.name in KEEP_ARTIFACTS):
             path.unlink()
+        elif path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
 
 
 def _run_harness(spec: AiperfCheckSpec, base_url: str, model: str, machine: MachineState,
@@ -157,31 +206,52 @@ def _run_harness(spec: AiperfCheckSpec, base_url: str, model: str, machine: Mach
     return ToolFigures(label, s.ttft_ms.p50, s.ttft_ms.p99, s.itl_ms.p50, s.output_tok_per_s, s.num_ok, machine)
 
 
+def medians(figures: list[ToolFigures]) -> list[tuple[str, float | None, float | None]]:
+    """(figure, aiperf's median, the harness's median) for TTFT p50 and output tokens/s."""
+    def of(tool, get):
+        return median([get(f) for f in figures if f.tool.startswith(tool)])
+
+    return [(name, of("aiperf", get), of("harness", get))
+            for name, get in (("TTFT p50 ms", lambda f: f.ttft_p50_ms), ("output tok/s", lambda f: f.output_tok_per_s))]
+
+
+def _pct_diff(diff: float | None) -> str:
+    return "–" if diff is None else f"{100 * diff:+.1f}%"
+
+
+def _verdict(diff: float | None) -> str:
+    return "–" if diff is None else ("within 10%" if abs(diff) <= TOLERANCE else "**differs**")
+
+
 def markdown(spec: AiperfCheckSpec, figures: list[ToolFigures], commands: list[str], started: MachineState,
              finished: MachineState) -> str:
-    harness = next(f for f in figures if f.tool.startswith("harness"))
     lines = ["# Cross-check of the harness with aiperf", "",
-             f"- {CONFIG}, started once; the tools ran one after another against it: aiperf, the harness, aiperf",
+             f"- {CONFIG}, started once; the tools ran one after another against it: "
+             + ", ".join(f.tool for f in figures),
              f"- started {started.at}; load average (1/5/15 min) {started.label} at the start, {finished.label} at "
              f"the end; {started.num_cpus} CPUs",
              f"- workload: /v1/completions, streaming, {spec.input_len}-token prompts, {spec.output_len} output tokens "
              f"(ignore_eos), concurrency {spec.concurrency}, {spec.num_requests} requests, "
              f"{spec.warmup_requests} warm-up requests", ""]
     rows = [[f"`{f.tool}`", f.machine.label, str(f.num_requests), fmt(f.ttft_p50_ms), fmt(f.ttft_p99_ms),
-             fmt(f.itl_p50_ms, 2), fmt(f.output_tok_per_s)] for f in figures]
+             fmt(f.itl_p50_ms, 2), fmt(f.output_tok_per_s), fmt(f.wall_s), fmt(f.client_cpu_s), fmt(f.server_cpu_s)]
+            for f in figures]
     lines += table(["run", "load average at start", "requests", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms",
-                    "output tok/s"], rows, align="llrrrrr")
+                    "output tok/s", "wall s", "client CPU s", "server CPU s"], rows, align="llrrrrrrrr")
+    lines += ["Wall time covers the tool's whole run (start-up and warm-up included); client CPU is the tool's own "
+              "processes (aiperf's whole process tree, or the harness's process); server CPU is the deployment's "
+              "processes over the same time.", ""]
+    lines += ["Medians over each tool's runs, and the relative difference of aiperf's from the harness's:", ""]
+    lines += table(["figure", "aiperf (median)", "harness (median)", "aiperf / harness − 1", "verdict"],
+                   [[name, fmt(a), fmt(h), _pct_diff(agreement(h, a)), _verdict(agreement(h, a))]
+                    for name, a, h in medians(figures)], align="lrrrl")
+    lines += ["Each aiperf run against the harness run next to it:", ""]
     rows = []
-    for f in figures:
-        if f is harness:
-            continue
-        for name, a, b in (("TTFT p50", harness.ttft_p50_ms, f.ttft_p50_ms),
-                           ("output tok/s", harness.output_tok_per_s, f.output_tok_per_s)):
-            diff = agreement(a, b)
-            verdict = "–" if diff is None else ("within 10%" if abs(diff) <= TOLERANCE else "**differs**")
-            rows.append([f"`{f.tool}` vs `{harness.tool}`", name, "–" if diff is None else f"{100 * diff:+.1f}%",
-                         verdict])
-    lines += ["Relative difference of aiperf's figure from the harness's:", ""]
+    for i, f in enumerate(figures):
+        for h in (figures[j] for j in (i - 1, i + 1) if 0 <= j < len(figures) and f.tool.startswith("aiperf")):
+            for name, a, b in (("TTFT p50", h.ttft_p50_ms, f.ttft_p50_ms),
+                               ("output tok/s", h.output_tok_per_s, f.output_tok_per_s)):
+                rows.append([f"`{f.tool}` vs `{h.tool}`", name, _pct_diff(agreement(a, b)), _verdict(agreement(a, b))])
     lines += table(["runs", "figure", "aiperf / harness − 1", "verdict"], rows, align="llrl")
     lines += ["aiperf commands:", "", "```"] + commands + ["```", ""]
     return "\n".join(lines)

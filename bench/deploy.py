@@ -209,16 +209,32 @@ class LauncherDeployment:
             argv += ["--set", f"{key}={value}"]
         return argv
 
+    @property
+    def num_decode(self) -> int:
+        """The decode workers the config (with our --set overrides) starts."""
+        from config import load_settings
+
+        overrides = [f"{k}={v}" for k, v in self.sets.items()]
+        return load_settings(ROOT / self.config, overrides, environ={}).workers.num_decode
+
+    def _all_workers_live(self) -> bool:
+        from tasks.registry import live_workers
+
+        return len(live_workers(self.redis, role="decode")) >= self.num_decode
+
     def __enter__(self) -> LauncherDeployment:
         self.redis.flushdb()
         self.process = ManagedProcess(self.name, self.argv(), self.log_dir / f"{self.name}.log", env=_clean_env())
         self.process.start()
         try:
-            self.process.wait_until(lambda: LAUNCHER_READY in self.process.log_text(), self.ready_timeout_s)
+            # The launcher is ready once one worker is; a benchmark wants all of them.
+            self.process.wait_until(lambda: LAUNCHER_READY in self.process.log_text() and self._all_workers_live(),
+                                    self.ready_timeout_s)
         except BaseException:
             self.__exit__(None, None, None)
             raise
-        logger.info("%s ready at %s (Redis db %d)", self.name, self.base_url, self.redis_db)
+        logger.info("%s ready at %s (Redis db %d, %d decode workers)", self.name, self.base_url, self.redis_db,
+                    self.num_decode)
         return self
 
     def __exit__(self, *exc) -> None:

@@ -69,6 +69,37 @@ class KvRoutingSpec:
         return Workload(WorkloadKind.MULTITURN, params, (concurrency,), options)
 
 
+@dataclass(frozen=True)
+class TurnShare:
+    """Requests at one conversation turn, with their prompt and cached tokens from `usage`."""
+
+    num_requests: int
+    prompt_tokens: int
+    cached_tokens: int
+
+    @property
+    def cached_share(self) -> float | None:
+        return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else None
+
+    @property
+    def prompt_tokens_per_request(self) -> float:
+        return self.prompt_tokens / self.num_requests if self.num_requests else 0.0
+
+
+def hit_rate_by_turn(records) -> dict[int, TurnShare]:
+    """Per conversation turn, over the successful requests. Turn 0 can only reuse a system
+    prompt; later turns can also reuse the conversation so far, if they reach the engine that
+    holds it."""
+    sums: dict[int, list[int]] = {}
+    for r in records:
+        if r.ok and r.prompt_tokens:
+            acc = sums.setdefault(r.turn, [0, 0, 0])
+            acc[0] += 1
+            acc[1] += r.prompt_tokens
+            acc[2] += r.cached_tokens
+    return {turn: TurnShare(*acc) for turn, acc in sorted(sums.items())}
+
+
 @dataclass
 class PointResult:
     """One router mode at one load point."""
@@ -80,6 +111,7 @@ class PointResult:
     engine: dict[str, CacheCounters]
     router: RouterCounters
     summary: Summary
+    by_turn: dict[int, TurnShare] = field(default_factory=dict)
 
     @property
     def engine_total(self) -> CacheCounters:
@@ -95,7 +127,10 @@ class PointResult:
                 "engine_per_worker": {w: {**asdict(c), "hit_rate": c.hit_rate} for w, c in self.engine.items()},
                 "engine_total": {**asdict(self.engine_total), "hit_rate": self.engine_total.hit_rate},
                 "router": {**asdict(self.router), "hit_rate": self.router.hit_rate},
-                "client_cached_share": self.client_cached_share, "summary": asdict(self.summary)}
+                "client_cached_share": self.client_cached_share,
+                "by_turn": {str(t): {**asdict(share), "cached_share": share.cached_share}
+                            for t, share in self.by_turn.items()},
+                "summary": asdict(self.summary)}
 
 
 def run(spec: KvRoutingSpec, out: Path, model: str = "tiny-llama") -> Path:
@@ -136,7 +171,8 @@ def run_mode(mode: str, spec: KvRoutingSpec, out: Path, model: str) -> tuple[lis
             point = LoadPoint(LoadMode.CLOSED, concurrency)
             summary = summarize(mode, point, result.records, None)
             points.append(PointResult(mode, point.label, workload.options.seed, machine, engine_deltas(before, after),
-                                      read_router_counters(client) - router_before, summary))
+                                      read_router_counters(client) - router_before, summary,
+                                      hit_rate_by_turn(result.records)))
             runs.append(result)
     return points, runs
 
@@ -184,6 +220,14 @@ def comparison_rows(rr: PointResult, kv: PointResult) -> list[list[str]]:
     ]
 
 
+def _share(p: PointResult, turn: int) -> float | None:
+    return p.by_turn[turn].cached_share if turn in p.by_turn else None
+
+
+def _per_request(p: PointResult, turn: int) -> str:
+    return fmt(p.by_turn[turn].prompt_tokens_per_request, 0) if turn in p.by_turn else "–"
+
+
 def markdown(spec: KvRoutingSpec, points: list[PointResult], started: MachineState, finished: MachineState) -> str:
     lines = ["# KV-aware routing against round-robin", "",
              f"- {CONFIG}: {NUM_DECODE} decode workers (one vLLM engine each, each bound to its own core) "
@@ -203,6 +247,10 @@ def markdown(spec: KvRoutingSpec, points: list[PointResult], started: MachineSta
         kv = next(p for p in points if p.load == load and p.mode == MODES[1])
         lines += [f"## {load}", ""]
         lines += table(["", MODES[0], MODES[1], "kv / round-robin"], comparison_rows(rr, kv))
+        turns = sorted(set(rr.by_turn) | set(kv.by_turn))
+        lines += [f"Cached share of the prompt by conversation turn (`usage`), {load}:", ""]
+        lines += table(["turn", "prompt tok / request", MODES[0], MODES[1]],
+                       [[str(t), _per_request(rr, t), _pct(_share(rr, t)), _pct(_share(kv, t))] for t in turns])
     lines += ["The harness's own tables and CDF plots for both modes are in [harness/report.md](harness/report.md).",
               ""]
     return "\n".join(lines)

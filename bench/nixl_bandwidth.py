@@ -1,14 +1,15 @@
 """Raw NIXL bandwidth between two processes on this machine: `python -m bench.nixl_bandwidth --out DIR`.
 
-A child process (the "prefill" side) registers a numpy buffer as DRAM and hands its NIXL metadata
-to the parent (the "decode" side), which READs from it into its own registered buffer: the
+One spawned process (the "prefill" side) registers a numpy buffer as DRAM and hands its NIXL
+metadata to another (the "decode" side), which READs from it into its own registered buffer: the
 direction of vLLM's pull connector (NixlConnector), where the decode engine pulls the prefilled
 blocks. Each case is one transfer of `num_descs` descriptors of `desc_bytes` each, repeated; we
-time transfer() until check_xfer_state() says DONE (what vLLM's transfer_duration measures), so
+time transfer() until check_xfer_state() says DONE (the span vLLM's transfer_duration covers), so
 the handle's creation is not counted.
 
-The agents run with NIXL's progress thread off by default (FACTS.md: on 2 cores it made latency
-20-40 times worse); `--prog-thread` turns it on, as vLLM's connector leaves it.
+Two setups: "deployment" is what our workers run (UCX's default transports, NIXL's progress thread
+on, as vLLM's connector creates its agent); "direct" is the best direct use on 2 cores
+(UCX_TLS=shm,self, progress thread off; FACTS.md).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 KIB, MIB = 1024, 1024 * 1024
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass(frozen=True)
@@ -64,25 +66,43 @@ def default_cases(block_bytes: int, num_layers: int, prompt_blocks: int) -> list
     ]
 
 
-def _agent(name: str, prog_thread: bool):
+@dataclass(frozen=True)
+class Setup:
+    """How the two agents run: UCX's transports (None = UCX's defaults, as our workers have
+    them) and NIXL's progress thread (vLLM's connector leaves it on)."""
+
+    ucx_tls: str | None
+    prog_thread: bool
+
+    @property
+    def label(self) -> str:
+        return f"UCX_TLS={self.ucx_tls or '(default)'}, progress thread {'on' if self.prog_thread else 'off'}"
+
+
+SETUPS = {"deployment": Setup(None, True), "direct": Setup("shm,self", False)}
+
+
+def _agent(name: str, setup: Setup):
     from nixl._api import nixl_agent, nixl_agent_config
 
-    agent = nixl_agent(name, nixl_agent_config(enable_prog_thread=prog_thread, backends=[]))
+    agent = nixl_agent(name, nixl_agent_config(enable_prog_thread=setup.prog_thread, backends=[]))
     # With UCX_TLS=shm,self UCX refuses the default error handling (FACTS.md).
-    params = {"ucx_error_handling_mode": "none"} if "shm" in os.environ.get("UCX_TLS", "") else {}
-    agent.create_backend("UCX", params)
+    agent.create_backend("UCX", {"ucx_error_handling_mode": "none"} if setup.ucx_tls else {})
     return agent
 
 
-def _source(conn, nbytes: int, prog_thread: bool) -> None:
-    """The child: a registered buffer to be read, kept alive until the parent says stop."""
+def _source(conn, nbytes: int, setup: Setup) -> None:
+    """A registered buffer to be read, kept until told to stop. With UCX's default transports a
+    READ completes only while this side makes progress too, so without NIXL's progress thread
+    it polls (as the prefill engine's progress thread would)."""
     import numpy as np
 
-    agent = _agent("source", prog_thread)
+    agent = _agent("source", setup)
     buf = np.full(nbytes, 7, dtype=np.uint8)
     reg = agent.register_memory([(buf.ctypes.data, buf.nbytes, 0, "")], "DRAM")
     conn.send((agent.get_agent_metadata(), buf.ctypes.data))
-    conn.recv()
+    while not conn.poll(0.05 if setup.prog_thread or setup.ucx_tls else 0):
+        agent.get_new_notifs()
     agent.deregister_memory(reg)
 
 
@@ -100,48 +120,76 @@ def _time_one(agent, handle) -> float:
     return time.perf_counter() - began
 
 
-def measure(cases: list[Case], prog_thread: bool = False) -> list[CaseResult]:
-    """Runs every case between this process and a spawned child; returns one result per case."""
+def _sink(conn, source_conn_meta, cases: list[Case], setup: Setup) -> None:
+    """READs every case from the source into its own buffer; sends back the times in seconds."""
     import numpy as np
 
+    agent = _agent("sink", setup)
     size = max(c.total_bytes for c in cases)
+    buf = np.zeros(size, dtype=np.uint8)
+    reg = agent.register_memory([(buf.ctypes.data, buf.nbytes, 0, "")], "DRAM")
+    meta, remote_base = source_conn_meta
+    remote = agent.add_remote_agent(meta)
+    remote = remote.decode() if isinstance(remote, bytes) else remote
+    timings = []
+    for case in cases:
+        local = agent.get_xfer_descs(_descs(buf.ctypes.data, case), "DRAM")
+        far = agent.get_xfer_descs(_descs(remote_base, case), "DRAM")
+        handle = agent.initialize_xfer("READ", local, far, remote)
+        _time_one(agent, handle)  # warm-up: connection set-up and first touch
+        timings.append([_time_one(agent, handle) for _ in range(case.repeats)])
+        agent.release_xfer_handle(handle)
+    if buf[size - 1] != 7:
+        raise RuntimeError("the READ did not bring the source's bytes")
+    agent.deregister_memory(reg)
+    conn.send(timings)
+
+
+def measure(cases: list[Case], setup: Setup, timeout_s: float = 300.0) -> list[CaseResult]:
+    """Runs every case between two spawned processes (so this one holds no NIXL state)."""
     ctx = mp.get_context("spawn")
-    parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_source, args=(child, size, prog_thread), daemon=True)
-    proc.start()
+    saved = os.environ.get("UCX_TLS")
+    if setup.ucx_tls:
+        os.environ["UCX_TLS"] = setup.ucx_tls
+    else:
+        os.environ.pop("UCX_TLS", None)
+    src_parent, src_child = ctx.Pipe()
+    sink_parent, sink_child = ctx.Pipe()
+    source = ctx.Process(target=_source, args=(src_child, max(c.total_bytes for c in cases), setup), daemon=True)
+    sink = None
     try:
-        agent = _agent("sink", prog_thread)
-        buf = np.zeros(size, dtype=np.uint8)
-        reg = agent.register_memory([(buf.ctypes.data, buf.nbytes, 0, "")], "DRAM")
-        meta, remote_base = parent.recv()
-        remote = agent.add_remote_agent(meta)
-        remote = remote.decode() if isinstance(remote, bytes) else remote
-        results = []
-        for case in cases:
-            local = agent.get_xfer_descs(_descs(buf.ctypes.data, case), "DRAM")
-            far = agent.get_xfer_descs(_descs(remote_base, case), "DRAM")
-            handle = agent.initialize_xfer("READ", local, far, remote)
-            _time_one(agent, handle)  # warm-up: connection set-up and first touch
-            times = [_time_one(agent, handle) for _ in range(case.repeats)]
-            agent.release_xfer_handle(handle)
-            p50 = statistics.median(times)
-            results.append(CaseResult(case, p50 * 1e3, min(times) * 1e3, max(times) * 1e3, case.total_bytes / p50 / 1e9))
-        if buf[size - 1] != 7:
-            raise RuntimeError("the READ did not bring the source's bytes")
-        agent.remove_remote_agent(remote)
-        agent.deregister_memory(reg)
-        return results
+        source.start()
+        if not src_parent.poll(120):
+            raise TimeoutError("the NIXL source process did not start")
+        sink = ctx.Process(target=_sink, args=(sink_child, src_parent.recv(), cases, setup), daemon=True)
+        sink.start()
+        if not sink_parent.poll(timeout_s):
+            raise TimeoutError(f"no NIXL results within {timeout_s:.0f} s")
+        timings = sink_parent.recv()
     finally:
-        parent.send("stop")
-        proc.join(timeout=30)
-        if proc.is_alive():
-            proc.kill()
+        if saved is None:
+            os.environ.pop("UCX_TLS", None)
+        else:
+            os.environ["UCX_TLS"] = saved
+        src_parent.send("stop")
+        for proc in (sink, source):
+            if proc is not None:
+                proc.join(timeout=30)
+                if proc.is_alive():
+                    proc.kill()
+                    proc.join()
+    return [summarize(case, times) for case, times in zip(cases, timings)]
+
+
+def summarize(case: Case, seconds: list[float]) -> CaseResult:
+    p50 = statistics.median(seconds)
+    return CaseResult(case, p50 * 1e3, min(seconds) * 1e3, max(seconds) * 1e3, case.total_bytes / p50 / 1e9)
 
 
 def tiny_model_cases(prompt_tokens: int = 1024, block_size: int = 32) -> tuple[int, list[Case]]:
     from config import load_settings
 
-    model_dir = Path(load_settings(Path("configs/disagg.yaml"), environ={}).model.resolved_path)
+    model_dir = Path(load_settings(ROOT / "configs/disagg.yaml", environ={}).model.resolved_path)
     cfg = json.loads((model_dir / "config.json").read_text())
     layers = cfg["num_hidden_layers"]
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
@@ -149,36 +197,55 @@ def tiny_model_cases(prompt_tokens: int = 1024, block_size: int = 32) -> tuple[i
     return block, default_cases(block, layers, -(-prompt_tokens // block_size))
 
 
-def to_json(results: list[CaseResult], prog_thread: bool) -> dict:
-    return {"prog_thread": prog_thread, "ucx_tls": os.environ.get("UCX_TLS", "(UCX default)"),
-            "cases": [{**asdict(r.case), "total_bytes": r.case.total_bytes, **{k: v for k, v in asdict(r).items()
-                                                                               if k != "case"}} for r in results]}
+def to_json(results: list[CaseResult], setup: Setup) -> dict:
+    return {"setup": asdict(setup), "label": setup.label,
+            "cases": [{**asdict(r.case), "total_bytes": r.case.total_bytes,
+                       **{k: v for k, v in asdict(r).items() if k != "case"}} for r in results]}
 
 
-def markdown(results: list[CaseResult], prog_thread: bool) -> list[str]:
-    lines = [f"progress thread {'on' if prog_thread else 'off'}; UCX_TLS={os.environ.get('UCX_TLS', '(default)')}", "",
-             "| case | bytes | latency p50 ms (min–max) | GB/s at p50 |", "| --- | ---: | ---: | ---: |"]
+def markdown(results: list[CaseResult], setup: Setup) -> list[str]:
+    lines = [f"{setup.label}:", "", "| case | bytes | latency p50 ms (min–max) | GB/s at p50 |",
+             "| --- | ---: | ---: | ---: |"]
     for r in results:
         lines.append(f"| {r.case.name} | {r.case.total_bytes:,} | {r.latency_ms_p50:.3f} "
                      f"({r.latency_ms_min:.3f}–{r.latency_ms_max:.3f}) | {r.gbytes_per_s:.2f} |")
     return lines + [""]
 
 
+def run(out: Path | None, setups: list[str], prompt_tokens: int = 1024) -> dict:
+    """Every setup in turn; writes nixl_bandwidth.json and .md to `out` if given."""
+    block, cases = tiny_model_cases(prompt_tokens)
+    body = {"kv_block_bytes": block, "uptime_before": _uptime(), "setups": {}}
+    lines = ["# Raw NIXL READ, process to process", "",
+             f"KV block of the tiny model: {block:,} bytes (32 tokens, all layers, K and V). "
+             "Latency: transfer() until DONE, median of the repeats; GB/s = bytes / that median.", ""]
+    for name in setups:
+        results = measure(cases, SETUPS[name])
+        body["setups"][name] = to_json(results, SETUPS[name])
+        lines += [f"## {name}", ""] + markdown(results, SETUPS[name])
+    body["uptime_after"] = _uptime()
+    lines += [f"uptime before: {body['uptime_before']}", "", f"uptime after: {body['uptime_after']}", ""]
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "nixl_bandwidth.json").write_text(json.dumps(body, indent=1) + "\n")
+        (out / "nixl_bandwidth.md").write_text("\n".join(lines))
+    body["markdown"] = "\n".join(lines)
+    return body
+
+
+def _uptime() -> str:
+    import subprocess
+
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.nixl_bandwidth", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, help="write nixl_bandwidth.json and nixl_bandwidth.md here")
-    parser.add_argument("--prog-thread", action="store_true", help="NIXL's progress thread on (as vLLM has it)")
+    parser.add_argument("--setups", default="deployment,direct", help=f"comma-separated, of {sorted(SETUPS)}")
     parser.add_argument("--prompt-tokens", type=int, default=1024, help="prompt whose blocks the vLLM-like case reads")
     args = parser.parse_args()
-    block, cases = tiny_model_cases(args.prompt_tokens)
-    results = measure(cases, args.prog_thread)
-    text = "\n".join([f"KV block of the tiny model: {block:,} bytes (32 tokens, all layers, K and V)", ""]
-                     + markdown(results, args.prog_thread))
-    print(text)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "nixl_bandwidth.json").write_text(json.dumps({"kv_block_bytes": block, **to_json(results, args.prog_thread)}, indent=1) + "\n")
-        (args.out / "nixl_bandwidth.md").write_text(text)
+    print(run(args.out, args.setups.split(","), args.prompt_tokens)["markdown"])
 
 
 if __name__ == "__main__":

@@ -36,6 +36,8 @@ logger = logging.getLogger(__name__)
 
 # A frame as py-spy writes it with --nolineno: "function (path/of/file.py)".
 FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*)\)$")
+# What a sample of a thread with no Python frame (a native thread, e.g. torch's OpenMP pool) counts as.
+NATIVE = "(no Python frame)"
 TOP_N = 15
 
 
@@ -92,8 +94,8 @@ def parse_collapsed(text: str) -> list[tuple[tuple[Frame, ...], int]]:
         stack, _, count = line.rpartition(" ")
         if not count.isdigit():
             continue
-        frames = [f for f in stack.split(";") if not f.startswith(("process ", "thread "))]
-        stacks.append((tuple(parse_frame(f) for f in frames), int(count)))
+        frames = [f for f in stack.split(";") if f.strip() and not f.startswith(("process ", "thread "))]
+        stacks.append((tuple(parse_frame(f) for f in frames) or (Frame(NATIVE, "native"),), int(count)))
     return stacks
 
 
@@ -183,6 +185,9 @@ class Window:
     cpu_s: dict[str, float] = field(default_factory=dict)
     stacks: dict[str, str] = field(default_factory=dict)
     output_tokens: int = 0
+    # From the decode workers' leases after the window: the largest batch each engine has run so
+    # far, and its steps that ran two or more requests together.
+    engines: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -194,16 +199,19 @@ def _cpu_seconds(pid: int) -> float:
 
 
 def record_window(roles: list[Role], spec: ProfileSpec, raw_dir: Path, load: str) -> dict[str, tuple[float, str]]:
-    """py-spy on every role at once for spec.duration_s; returns role -> (CPU s, collapsed text)."""
+    """py-spy on every role at once for spec.duration_s; returns role -> (CPU s over exactly
+    spec.duration_s, collapsed text). The CPU window is timed here, not by py-spy, which can take
+    a while to attach and to write its output on a busy machine."""
     raw_dir.mkdir(parents=True, exist_ok=True)
-    cpu_before = {r.name: _cpu_seconds(r.pid) for r in roles}
     procs = {}
     for r in roles:
         path = raw_dir / f"{load}-{r.name}.txt"
         argv = [py_spy(), "record", "--pid", str(r.pid), "--duration", str(int(spec.duration_s)), "--rate",
                 str(spec.rate_hz), "--format", "raw", "--nolineno", "--nonblocking", "-o", str(path)]
         procs[r.name] = (subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE), path)
-    began = time.monotonic()
+    cpu_before = {r.name: _cpu_seconds(r.pid) for r in roles}
+    time.sleep(spec.duration_s)
+    cpu = {r.name: _cpu_seconds(r.pid) - cpu_before[r.name] for r in roles}
     for name, (proc, _) in procs.items():
         try:
             _, err = proc.communicate(timeout=spec.duration_s + 60)
@@ -212,10 +220,7 @@ def record_window(roles: list[Role], spec: ProfileSpec, raw_dir: Path, load: str
             _, err = proc.communicate()
         if proc.returncode:
             logger.warning("py-spy on %s exited %s: %s", name, proc.returncode, err.decode(errors="replace")[-400:])
-    elapsed = time.monotonic() - began
-    logger.info("[%s] py-spy window %.1f s", load, elapsed)
-    return {r.name: (_cpu_seconds(r.pid) - cpu_before[r.name],
-                     procs[r.name][1].read_text() if procs[r.name][1].exists() else "") for r in roles}
+    return {r.name: (cpu[r.name], procs[r.name][1].read_text() if procs[r.name][1].exists() else "") for r in roles}
 
 
 def _load_in_background(workload: Workload, base_url: str) -> tuple[threading.Thread, list]:
@@ -233,7 +238,9 @@ def run(spec: ProfileSpec, out: Path) -> Path:
         roles = roles_of(dep.process_tree())
         logger.info("profiling %s", ", ".join(r.name for r in roles))
         for c in (int(x) for x in spec.concurrency.split(",")):
-            windows.append(_profile_at(c, spec, dep.base_url, roles, out))
+            window = _profile_at(c, spec, dep.base_url, roles, out)
+            window.engines = _engine_batches(dep.redis)
+            windows.append(window)
     finished = MachineState.now()
     body = {"scenario": "profile", "spec": asdict(spec), "machine_start": asdict(started),
             "machine_end": asdict(finished), "windows": [_window_json(w) for w in windows]}
@@ -246,8 +253,8 @@ def run(spec: ProfileSpec, out: Path) -> Path:
 
 def _profile_at(concurrency: int, spec: ProfileSpec, base_url: str, roles: list[Role], out: Path) -> Window:
     params = WorkloadParams(input_len_mean=spec.input_len, input_len_std=0.0, output_len_mean=spec.output_len)
-    lead_s = 3.0  # load runs this long before py-spy starts, and after it stops
-    total_s = spec.duration_s + 2 * lead_s + 5
+    lead_s = 3.0  # load runs this long before py-spy starts
+    total_s = lead_s + spec.duration_s + 30  # outlasts py-spy, which is slow to attach and finish when busy
     # More requests than the window can finish; the deadline cuts the rest.
     options = RunOptions(num_requests=int(50 * total_s), seed=7, deadline_s=total_s, warmup_sessions=0)
     workload = Workload(WorkloadKind.SYNTHETIC, params, (concurrency,), options)
@@ -265,6 +272,13 @@ def _profile_at(concurrency: int, spec: ProfileSpec, base_url: str, roles: list[
     return window
 
 
+def _engine_batches(client) -> dict[str, dict[str, int]]:
+    from tasks.registry import live_workers
+
+    return {w.worker_id: {"max_running_seen": w.max_running_seen, "num_batched_steps": w.num_batched_steps}
+            for w in live_workers(client, role="decode")}
+
+
 def _window_json(w: Window) -> dict:
     processes = {}
     for name, text in w.stacks.items():
@@ -277,7 +291,7 @@ def _window_json(w: Window) -> dict:
             "inclusive": [asdict(s) for s in inclusive_time(stacks)],
         }
     return {"load": w.load, "duration_s": w.duration_s, "machine": asdict(w.machine),
-            "output_tokens_during_load": w.output_tokens, "processes": processes}
+            "output_tokens_during_load": w.output_tokens, "engines": w.engines, "processes": processes}
 
 
 def _gzip_raw(raw_dir: Path) -> None:
@@ -298,13 +312,18 @@ def markdown(spec: ProfileSpec, body: dict) -> str:
              f"- workload: synthetic prompts of {spec.input_len} tokens, {spec.output_len} output tokens, closed loop; "
              f"py-spy --rate {spec.rate_hz} --nonblocking --nolineno for {spec.duration_s:g} s per concurrency, "
              "on every process at once",
-             "- CPU = the process's user+system CPU seconds over the window (psutil), as % of one core; "
-             "function and package shares are % of the process's busy samples (py-spy skips idle threads)", ""]
+             "- CPU = the process's user+system CPU seconds over the window (psutil), as % of one core (the "
+             "machine has 200%, shared with everything else running); function and package shares are % of the "
+             "process's busy samples. py-spy skips threads it sees idle, but counts some blocking socket reads "
+             "(e.g. redis `SocketBuffer._read_from_socket`) as busy, so for a process with little CPU the shares "
+             "are mostly of waits", ""]
     for w in body["windows"]:
         m = w["machine"]
         lines += [f"## {w['load']}", "",
                   f"Load average at the start of the window: {m['load_1m']:.2f} / {m['load_5m']:.2f} / "
-                  f"{m['load_15m']:.2f}. Output tokens streamed while the load ran: {w['output_tokens_during_load']:,}.",
+                  f"{m['load_15m']:.2f}. Output tokens streamed while the load ran: {w['output_tokens_during_load']:,}. "
+                  "Largest batch each engine has run so far (from its lease): "
+                  + ", ".join(f"`{k}` {v['max_running_seen']}" for k, v in w.get("engines", {}).items()) + ".",
                   ""]
         procs = w["processes"]
         lines += table(["process", "CPU % of a core", "samples", "top packages (self time)"],

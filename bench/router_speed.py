@@ -128,17 +128,27 @@ def make_prompts(model: CacheModel, spec: RouterSpeedSpec, length: int, n: int) 
 # -- timing ----------------------------------------------------------------------------------------
 
 
-def timed_ms(fn: Callable[[], object]) -> float:
-    began = time.perf_counter_ns()
+def timed_ms(fn: Callable[[], object]) -> tuple[float, float]:
+    """(wall ms, this thread's CPU ms) of one call. On a shared machine the CPU time is the
+    steadier figure: it leaves out the time the thread waited for a core."""
+    wall, cpu = time.perf_counter_ns(), time.thread_time_ns()
     fn()
-    return (time.perf_counter_ns() - began) / 1e6
+    return (time.perf_counter_ns() - wall) / 1e6, (time.thread_time_ns() - cpu) / 1e6
+
+
+def _distributions(samples: list[tuple[float, float]]) -> dict:
+    return {"wall": asdict(Distribution.of([w for w, _ in samples])),
+            "cpu": asdict(Distribution.of([c for _, c in samples]))}
 
 
 @dataclass(frozen=True)
 class Rate:
+    """Events applied in `seconds` of wall time, of which `cpu_seconds` on this thread."""
+
     num_events: int
     num_blocks: int
     seconds: float
+    cpu_seconds: float
 
     @property
     def events_per_s(self) -> float:
@@ -148,8 +158,25 @@ class Rate:
     def blocks_per_s(self) -> float:
         return self.num_blocks / self.seconds if self.seconds else 0.0
 
+    @property
+    def events_per_cpu_s(self) -> float:
+        return self.num_events / self.cpu_seconds if self.cpu_seconds else 0.0
+
+    @property
+    def blocks_per_cpu_s(self) -> float:
+        return self.num_blocks / self.cpu_seconds if self.cpu_seconds else 0.0
+
     def to_json(self) -> dict:
-        return {**asdict(self), "events_per_s": self.events_per_s, "blocks_per_s": self.blocks_per_s}
+        return {**asdict(self), "events_per_s": self.events_per_s, "blocks_per_s": self.blocks_per_s,
+                "events_per_cpu_s": self.events_per_cpu_s, "blocks_per_cpu_s": self.blocks_per_cpu_s}
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.wall, self.cpu = time.perf_counter(), time.thread_time()
+
+    def rate(self, num_events: int, num_blocks: int) -> Rate:
+        return Rate(num_events, num_blocks, time.perf_counter() - self.wall, time.thread_time() - self.cpu)
 
 
 def one_block_each(events: list[KvEvent]) -> list[KvEvent]:
@@ -166,9 +193,9 @@ def one_block_each(events: list[KvEvent]) -> list[KvEvent]:
 
 
 def apply_store(index: RadixIndex, events: list[KvEvent]) -> Rate:
-    began = time.perf_counter()
+    clock = _Clock()
     blocks = sum(index.store(e.worker_id, e.block_hashes, e.parent_hash, e.token_ids) for e in events)
-    return Rate(len(events), blocks, time.perf_counter() - began)
+    return clock.rate(len(events), blocks)
 
 
 def removal_events(index: RadixIndex, rng: random.Random, n: int, max_blocks: int = 4) -> list[KvEvent]:
@@ -188,19 +215,19 @@ def removal_events(index: RadixIndex, rng: random.Random, n: int, max_blocks: in
 
 
 def apply_remove(index: RadixIndex, events: list[KvEvent]) -> Rate:
-    began = time.perf_counter()
+    clock = _Clock()
     blocks = sum(index.remove(e.worker_id, e.block_hashes) for e in events)
-    return Rate(len(events), blocks, time.perf_counter() - began)
+    return clock.rate(len(events), blocks)
 
 
 def apply_wire(events: list[KvEvent], block_size: int) -> Rate:
     """decode_kv_event + RouterService._apply, from the bytes the router reads from Redis."""
     service = _service(block_size, client=None)
     raw = [encode_kv_event(e) for e in events]
-    began = time.perf_counter()
+    clock = _Clock()
     for body in raw:
         service._apply(decode_kv_event(body))
-    return Rate(len(raw), sum(len(e.block_hashes) for e in events), time.perf_counter() - began)
+    return clock.rate(len(raw), sum(len(e.block_hashes) for e in events))
 
 
 def _service(block_size: int, client, overlap_weight: float = 2.0):
@@ -240,8 +267,8 @@ def time_decisions(index: RadixIndex, prompts: list[list[int]], spec: RouterSpee
     walks = [timed_ms(lambda p=p: index.overlaps(p)) for p in prompts]
     decisions = [timed_ms(lambda p=p: decide_once(index, p, loads, spec.overlap_weight, rng)) for p in prompts]
     hits = [max(index.overlaps(p).values(), default=0) for p in prompts]
-    return {"hash_blocks_ms": asdict(Distribution.of(hashing)), "overlaps_ms": asdict(Distribution.of(walks)),
-            "decide_ms": asdict(Distribution.of(decisions)), "num_prompts": len(prompts),
+    return {"hash_blocks_ms": _distributions(hashing), "overlaps_ms": _distributions(walks),
+            "decide_ms": _distributions(decisions), "num_prompts": len(prompts),
             "mean_best_overlap_blocks": sum(hits) / len(hits) if hits else 0.0}
 
 
@@ -254,15 +281,23 @@ def time_service_decide(index: RadixIndex, prompts: list[list[int]], spec: Route
 
     client = redis.Redis.from_url(redis_url_for(spec.redis_db))
     client.flushdb()
-    try:
+
+    def heartbeat() -> None:  # as workers renew their leases, which settles the router's bookings
         now = time.time()
         for w in sorted(index.workers()):
             renew_lease(client, WorkerStatus(w, "decode", ["decode"], "bench", 0, now, now), lease_s=600)
+
+    try:
+        heartbeat()
         service = _service(spec.block_size, client, spec.overlap_weight)
         service.index = index
         service.live_workers()
-        times = [timed_ms(lambda p=p: service.decide(p)) for p in prompts]
-        return {"redis_db": spec.redis_db, "decide_ms": asdict(Distribution.of(times)), "num_prompts": len(prompts)}
+        times = []
+        for i, p in enumerate(prompts):
+            if i % 100 == 0:
+                heartbeat()  # not timed
+            times.append(timed_ms(lambda p=p: service.decide(p)))
+        return {"redis_db": spec.redis_db, "decide_ms": _distributions(times), "num_prompts": len(prompts)}
     finally:
         client.flushdb()
 
@@ -310,26 +345,29 @@ def markdown(body: dict) -> str:
              f"from {state['num_conversations']:,} conversations on {spec['num_trunks']} system prompts of "
              f"{spec['trunk_blocks']} blocks, each cached on 1-{spec['replicas_max']} workers",
              "- prompts: half continue a cached conversation, a quarter start on a cached system prompt, a quarter "
-             "share nothing", "",
+             "share nothing",
+             "- wall = elapsed time; CPU = this thread's CPU time (leaves out waiting for a core on a shared "
+             "machine, so it is the steadier figure)", "",
              "## Decision time (ms)", ""]
     rows = []
     for length, d in body["decisions"].items():
-        for name, key in (("hash the prompt's blocks", "hash_blocks_ms"), ("index.overlaps (hash + walk)", "overlaps_ms"),
-                          ("overlaps + candidates + choose", "decide_ms")):
-            rows.append([length, name, fmt(d[key]["p50"], 3), fmt(d[key]["p99"], 3), fmt(d[key]["mean"], 3)])
+        steps = [("hash the prompt's blocks", d["hash_blocks_ms"]), ("index.overlaps (hash + walk)", d["overlaps_ms"]),
+                 ("overlaps + candidates + choose", d["decide_ms"])]
         if "service" in d:
-            s = d["service"]["decide_ms"]
-            rows.append([length, f"RouterService.decide with Redis db {d['service']['redis_db']}", fmt(s["p50"], 3),
-                         fmt(s["p99"], 3), fmt(s["mean"], 3)])
-    lines += table(["prompt tokens", "step", "p50", "p99", "mean"], rows, align="llrrr")
-    lines += [f"Mean best overlap: " + ", ".join(f"{k} tokens: {d['mean_best_overlap_blocks']:.1f} blocks"
-                                                  for k, d in body["decisions"].items()), "",
+            steps.append((f"RouterService.decide, Redis db {d['service']['redis_db']}", d["service"]["decide_ms"]))
+        for name, dist in steps:
+            w, c = dist["wall"], dist["cpu"]
+            rows.append([length, name, fmt(c["p50"], 3), fmt(c["p99"], 3), fmt(w["p50"], 3), fmt(w["p99"], 3)])
+    lines += table(["prompt tokens", "step", "CPU p50", "CPU p99", "wall p50", "wall p99"], rows, align="llrrrr")
+    lines += ["Mean best overlap: " + ", ".join(f"{k} tokens: {d['mean_best_overlap_blocks']:.1f} blocks"
+                                                for k, d in body["decisions"].items()), "",
               "## KV events applied per second", ""]
-    rows = [[name, f"{r['num_events']:,}", f"{r['num_blocks']:,}", fmt(r["seconds"], 2), fmt(r["events_per_s"], 0),
-             fmt(r["blocks_per_s"], 0)]
+    rows = [[name, f"{r['num_events']:,}", f"{r['num_blocks']:,}", fmt(r["events_per_cpu_s"], 0),
+             fmt(r["blocks_per_cpu_s"], 0), fmt(r["events_per_s"], 0), fmt(r["blocks_per_s"], 0)]
             for name, r in (("index.store (BlockStored of a whole prefill)", body["store"]),
                             ("index.store (one block per event, as in decoding)", body["store_one_block_each"]),
                             ("decode_kv_event + RouterService._apply (stored)", body["wire_apply"]),
                             ("index.remove (BlockRemoved, 1-4 blocks)", body["remove"]))]
-    lines += table(["path", "events", "blocks", "seconds", "events/s", "blocks/s"], rows)
+    lines += table(["path", "events", "blocks", "events per CPU s", "blocks per CPU s", "events per wall s",
+                    "blocks per wall s"], rows)
     return "\n".join(lines)

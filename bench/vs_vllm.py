@@ -92,12 +92,20 @@ class Verdict:
     met: bool | None
 
 
-def verdicts(head: Headline, baseline_itl_p50_ms: float | None, marks: Targets = Targets()) -> list[Verdict]:
+def _diff_ms(ratio: float | None, baseline_ms: float | None) -> float | None:
+    return None if ratio is None or baseline_ms is None else (ratio - 1) * baseline_ms
+
+
+def verdicts(head: Headline, baseline_itl_p50_ms: float | None, baseline_tpot_p50_ms: float | None = None,
+             marks: Targets = Targets()) -> list[Verdict]:
     """The three headline checks of one target against the baseline; `met` is None when a
-    figure is missing. ITL's mark is absolute (+1 ms), so it needs the baseline's ITL p50."""
-    itl_diff = None
-    if head.itl_p50_ratio is not None and baseline_itl_p50_ms is not None:
-        itl_diff = (head.itl_p50_ratio - 1) * baseline_itl_p50_ms
+    figure is missing. ITL's mark is absolute (+1 ms), so it needs the baseline's ITL p50.
+
+    TPOT (a request's mean time per token after the first) is checked against the same mark as
+    well: a server that sends tokens in bursts has an ITL p50 near zero that says little, while
+    its TPOT still counts every token."""
+    itl_diff = _diff_ms(head.itl_p50_ratio, baseline_itl_p50_ms)
+    tpot_diff = _diff_ms(head.tpot_p50_ratio, baseline_tpot_p50_ms)
 
     def check(value, ok):
         return None if value is None else ok(value)
@@ -111,6 +119,8 @@ def verdicts(head: Headline, baseline_itl_p50_ms: float | None, marks: Targets =
         Verdict(f"ITL p50 at {head.low_load}, ours / vLLM", head.itl_p50_ratio, "", None),
         Verdict(f"ITL p50 at {head.low_load}, ours - vLLM (ms)", itl_diff, f"<= +{marks.max_itl_p50_diff_ms:g} ms",
                 check(itl_diff, lambda v: v <= marks.max_itl_p50_diff_ms)),
+        Verdict(f"TPOT p50 at {head.low_load}, ours - vLLM (ms)", tpot_diff, f"<= +{marks.max_itl_p50_diff_ms:g} ms",
+                check(tpot_diff, lambda v: v <= marks.max_itl_p50_diff_ms)),
     ]
 
 
@@ -126,8 +136,8 @@ def run(spec: VsVllmSpec, out: Path, model: str = "tiny-llama") -> Path:
     merged = merge(runs, baseline=BASELINE if BASELINE in spec.server_labels else None)
     harness_report.write_all(merged, out / "harness")
     analysis = harness_report.analyse(merged)
-    base_itl = _itl_p50(analysis.summaries, BASELINE)
-    checks = {h.target: verdicts(h, base_itl) for h in analysis.headlines}
+    base_itl, base_tpot = _low_load_p50s(analysis.summaries, BASELINE)
+    checks = {h.target: verdicts(h, base_itl, base_tpot) for h in analysis.headlines}
     body = {"scenario": "vs-vllm", "spec": asdict(spec), "targets": asdict(Targets()),
             "machine_start": asdict(started), "machine_end": asdict(finished),
             "machine_per_server": {k: asdict(v) for k, v in machines.items()},
@@ -150,9 +160,10 @@ def _measure_one(label: str, workload: Workload, spec: VsVllmSpec, out: Path, mo
         return measure(workload, label, server.base_url, model)
 
 
-def _itl_p50(summaries, target: str) -> float | None:
+def _low_load_p50s(summaries, target: str) -> tuple[float | None, float | None]:
+    """ITL p50 and TPOT p50 of `target` at its lowest load point."""
     rows = sorted((s for s in summaries if s.target == target), key=lambda s: s.load_value)
-    return rows[0].itl_ms.p50 if rows else None
+    return (rows[0].itl_ms.p50, rows[0].tpot_ms.p50) if rows else (None, None)
 
 
 def _verdict_cell(v: Verdict) -> str:

@@ -296,6 +296,8 @@ def test_vs_vllm_verdicts_against_the_targets():
     assert ttft.value == 12.0 and ttft.met is False
     itl_ms = [v for v in verdicts(head, 4.0) if v.name.endswith("(ms)") and v.name.startswith("ITL")][0]
     assert itl_ms.value == pytest.approx(1.0) and itl_ms.met is True  # 1.25 x 4 ms = +1 ms
+    tpot = [v for v in verdicts(head, 4.0, 5.0) if v.name.startswith("TPOT")][0]
+    assert tpot.value == pytest.approx(1.5) and tpot.met is False  # 1.3 x 5 ms = +1.5 ms
     missing = verdicts(Headline("agg", "vllm", 1.0, 0.0, None, "", None, None, None), None)
     assert all(v.met is None for v in missing)
 
@@ -316,6 +318,8 @@ def test_collapsed_stacks_summaries():
     incl = {s.name: s.percent for s in inclusive_time(stacks)}
     assert incl["run (app/routes.py)"] == 90.0 and incl["step (vllm/v1/engine/core.py)"] == 10.0
     assert {s.name: s.samples for s in by_package(stacks)} == {"json": 6, "redis": 3, "torch": 1}
+    native = parse_collapsed(" 4\nthread (0x2); 1")  # samples of threads with no Python frame
+    assert [(frames[0].func, c) for frames, c in native] == [("(no Python frame)", 4), ("(no Python frame)", 1)]
 
 
 def test_frame_package_from_site_packages_path():
@@ -396,3 +400,37 @@ def test_merge_runs_of_different_servers():
     merged = merge([one("a"), one("b")], baseline="b")
     assert [t.label for t in merged.config.targets] == ["a", "b"] and merged.config.baseline == "b"
     assert [r.target for r in merged.records] == ["a", "b"] and merged.wall_s == 4.0
+
+
+def test_cached_share_by_conversation_turn():
+    from bench.kv_routing import TurnShare, hit_rate_by_turn
+
+    def rec(turn, prompt, cached, ok=True):
+        r = _record(ok=ok)
+        r.turn, r.prompt_tokens, r.cached_tokens = turn, prompt, cached
+        return r
+
+    shares = hit_rate_by_turn([rec(0, 100, 0), rec(0, 100, 50), rec(1, 300, 270), rec(1, 999, 999, ok=False)])
+    assert shares == {0: TurnShare(2, 200, 50), 1: TurnShare(1, 300, 270)}
+    assert shares[0].cached_share == 0.25 and shares[1].prompt_tokens_per_request == 300
+    assert TurnShare(0, 0, 0).cached_share is None
+
+
+
+def test_aiperf_export_figures_and_medians():
+    from bench.aiperf_check import ToolFigures, agreement, aiperf_figures, medians, tool_order
+    from bench.scenario import MachineState
+
+    machine = MachineState("t", 1.0, 1.0, 1.0, 2, "")
+    export = {"time_to_first_token": {"unit": "ms", "p50": 40.0, "p99": 90.0},
+              "inter_token_latency": {"unit": "ms", "p50": 5.0},
+              "output_token_throughput": {"unit": "tokens/sec", "avg": 440.0},
+              "request_count": {"unit": "requests", "avg": 64}}
+    f = aiperf_figures(export, machine)
+    assert (f.ttft_p50_ms, f.ttft_p99_ms, f.itl_p50_ms, f.output_tok_per_s, f.num_requests) == (40.0, 90.0, 5.0, 440.0, 64)
+    assert aiperf_figures({}, machine).ttft_p50_ms is None
+    assert tool_order(2) == ["aiperf", "harness", "aiperf", "harness", "aiperf"]
+    runs = [f, ToolFigures("harness-2", 50.0, None, None, 400.0, 64, machine),
+            ToolFigures("aiperf-3", 60.0, None, None, 420.0, 64, machine)]
+    assert medians(runs) == [("TTFT p50 ms", 50.0, 50.0), ("output tok/s", 430.0, 400.0)]
+    assert agreement(400.0, 430.0) == pytest.approx(0.075) and agreement(None, 1.0) is None
