@@ -18,12 +18,11 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from bench import report as harness_report
 from bench.cache_stats import CacheCounters, RouterCounters, engine_deltas, fresh_leases, read_router_counters, total
 from bench.deploy import LauncherDeployment
 from bench.records import LoadMode, LoadPoint
 from bench.runner import RunOptions, RunResult
-from bench.scenario import MachineState, Workload, fmt, measure, merge, table, write_json
+from bench.scenario import MachineState, Workload, fmt, measure, merge, table, write_harness_folder, write_json
 from bench.stats import Summary, summarize
 from bench.workloads import WorkloadKind, WorkloadParams
 
@@ -142,7 +141,7 @@ def run(spec: KvRoutingSpec, out: Path, model: str = "tiny-llama") -> Path:
         points += mode_points
         runs.append(_join_points(mode_runs))
     finished = MachineState.now()
-    harness_report.write_all(merge(runs, baseline=MODES[0]), out / "harness")
+    write_harness_folder(merge(runs, baseline=MODES[0]), out / "harness")
     body = {"scenario": "kv-routing", "config": CONFIG, "spec": asdict(spec), "machine_start": asdict(started),
             "machine_end": asdict(finished), "points": [p.to_json() for p in points]}
     write_json(out / "results.json", body)

@@ -321,7 +321,8 @@ def markdown(spec: ProfileSpec, body: dict) -> str:
         m = w["machine"]
         lines += [f"## {w['load']}", "",
                   f"Load average at the start of the window: {m['load_1m']:.2f} / {m['load_5m']:.2f} / "
-                  f"{m['load_15m']:.2f}. Output tokens streamed while the load ran: {w['output_tokens_during_load']:,}. "
+                  f"{m['load_15m']:.2f}. Output tokens streamed while the load ran: "
+                  f"{w['output_tokens_during_load']:,}. "
                   "Largest batch each engine has run so far (from its lease): "
                   + ", ".join(f"`{k}` {v['max_running_seen']}" for k, v in w.get("engines", {}).items()) + ".",
                   ""]

@@ -327,7 +327,8 @@ def run(spec: RouterSpeedSpec, out: Path) -> Path:
     removals = removal_events(index, random.Random(spec.seed), n=20_000)
     remove = apply_remove(index, removals)
     body = {"scenario": "router-speed", "spec": asdict(spec), "machine": asdict(machine), "index": state,
-            "decisions": decisions, "store": store.to_json(), "store_one_block_each": single.to_json(), "wire_apply": wire.to_json(),
+            "decisions": decisions, "store": store.to_json(), "store_one_block_each": single.to_json(),
+            "wire_apply": wire.to_json(),
             "remove": remove.to_json(), "wall_s": time.perf_counter() - began}
     write_json(out / "results.json", body)
     path = out / "report.md"

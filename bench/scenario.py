@@ -74,6 +74,17 @@ def merge(results: list[RunResult], baseline: str | None) -> RunResult:
     return RunResult(config, records, results[0].started_at, sum(r.wall_s for r in results))
 
 
+def write_harness_folder(result: RunResult, out_dir: Path) -> Path:
+    """The harness's own results folder (report.md, plots, results.json with every request),
+    with results.json rewritten without indentation: its per-token gaps are most of its size."""
+    from bench import report
+
+    path = report.write_all(result, out_dir)
+    raw = out_dir / "results.json"
+    raw.write_text(json.dumps(json.loads(raw.read_text()), separators=(",", ":")) + "\n")
+    return path
+
+
 def write_json(path: Path, body: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(body, indent=1, default=_jsonable) + "\n")

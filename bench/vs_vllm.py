@@ -24,7 +24,7 @@ from pathlib import Path
 from bench import report as harness_report
 from bench.deploy import LauncherDeployment, VllmServer
 from bench.runner import RunOptions, RunResult
-from bench.scenario import MachineState, Workload, fmt, measure, merge, table, write_json
+from bench.scenario import MachineState, Workload, fmt, measure, merge, table, write_harness_folder, write_json
 from bench.stats import Headline
 from bench.workloads import WorkloadKind, WorkloadParams
 
@@ -56,7 +56,8 @@ class Targets:
 class VsVllmSpec:
     """The scenario's knobs; `python -m bench vs-vllm`'s flags are generated from these."""
 
-    concurrency: str = field(default="1,32", metadata=_help("closed-loop concurrencies: low load first, then saturation"))
+    concurrency: str = field(default="1,32",
+                             metadata=_help("closed-loop concurrencies: low load first, then saturation"))
     num_requests: int = field(default=64, metadata=_help("requests per server and load point"))
     input_len: int = field(default=100, metadata=_help("prompt length, tokens (exact)"))
     output_len: int = field(default=64, metadata=_help("max_tokens of every request (ignore_eos)"))
@@ -134,7 +135,7 @@ def run(spec: VsVllmSpec, out: Path, model: str = "tiny-llama") -> Path:
         runs.append(_measure_one(label, workload, spec, out, model))
     finished = MachineState.now()
     merged = merge(runs, baseline=BASELINE if BASELINE in spec.server_labels else None)
-    harness_report.write_all(merged, out / "harness")
+    write_harness_folder(merged, out / "harness")
     analysis = harness_report.analyse(merged)
     base_itl, base_tpot = _low_load_p50s(analysis.summaries, BASELINE)
     checks = {h.target: verdicts(h, base_itl, base_tpot) for h in analysis.headlines}

@@ -35,8 +35,12 @@ def side_channel(host: str) -> tuple[str, int]:
     return host, port
 
 
-def engine_id_for(worker_id: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "-" for c in worker_id)
+def engine_id_for(worker_id: str, pid: int | None = None) -> str:
+    """A NIXL engine id: the worker's name, plus its process id. A restarted worker keeps its
+    name but must not keep its engine id: peers cache connections by engine id, and would keep
+    talking to the dead incarnation (NIXL_ERR_REMOTE_DISCONNECT)."""
+    name = "".join(c if c.isalnum() or c in "-_." else "-" for c in worker_id)
+    return f"{name}-{os.getpid() if pid is None else pid}"
 
 
 def transfer_config(role: str, engine_id: str, connector: str):

@@ -427,7 +427,8 @@ def test_aiperf_export_figures_and_medians():
               "output_token_throughput": {"unit": "tokens/sec", "avg": 440.0},
               "request_count": {"unit": "requests", "avg": 64}}
     f = aiperf_figures(export, machine)
-    assert (f.ttft_p50_ms, f.ttft_p99_ms, f.itl_p50_ms, f.output_tok_per_s, f.num_requests) == (40.0, 90.0, 5.0, 440.0, 64)
+    assert (f.ttft_p50_ms, f.ttft_p99_ms, f.itl_p50_ms) == (40.0, 90.0, 5.0)
+    assert (f.output_tok_per_s, f.num_requests) == (440.0, 64)
     assert aiperf_figures({}, machine).ttft_p50_ms is None
     assert tool_order(2) == ["aiperf", "harness", "aiperf", "harness", "aiperf"]
     runs = [f, ToolFigures("harness-2", 50.0, None, None, 400.0, 64, machine),

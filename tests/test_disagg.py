@@ -73,9 +73,11 @@ def test_long_prompt_goes_remote_and_short_stays_local(disagg):
     greedy(disagg, LONG)
     after_long = settled(disagg, "decode", lambda w: w.num_remote_prefills > before.num_remote_prefills, "remote")
     assert after_long.num_local_fallbacks == before.num_local_fallbacks
-    # The KV really moved over NIXL, and the prefill worker did the work.
-    assert after_long.kv_transfer_bytes > before.kv_transfer_bytes
     assert settled(disagg, "prefill", lambda w: w.num_prefills_served > served_before, "served").num_prefills_served
+    # The KV really moved over NIXL. vLLM hands connector stats over with a later engine step, so
+    # a short request makes sure there is one.
+    greedy(disagg, SHORT, max_tokens=2)
+    settled(disagg, "decode", lambda w: w.kv_transfer_bytes > before.kv_transfer_bytes, "transfer stats")
 
 
 def test_disaggregated_tokens_equal_aggregated(disagg, deployment):

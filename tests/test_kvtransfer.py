@@ -68,5 +68,6 @@ def test_decode_params_are_checked_before_the_engine_sees_them():
         decode_leg_params(None)
 
 
-def test_engine_ids_are_safe():
-    assert engine_id_for("decode0@host.example") == "decode0-host.example"
+def test_engine_ids_are_safe_and_differ_per_incarnation():
+    assert engine_id_for("decode0@host.example", pid=42) == "decode0-host.example-42"
+    assert engine_id_for("decode0@host", pid=1) != engine_id_for("decode0@host", pid=2)

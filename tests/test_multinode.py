@@ -97,7 +97,7 @@ def test_prefill_worker_on_another_host(two_hosts, head_redis, model_path, tmp_p
         prefill = wait_for(lambda: next((w for w in live_status(head, role="prefill")
                                          if w.metrics_address.startswith(node_ip)), None), 400,
                            "node 2's prefill worker")
-        endpoint = kv_registry.lookup(head.redis, engine_id_for(prefill.worker_id))
+        endpoint = kv_registry.lookup(head.redis, engine_id_for(prefill.worker_id, prefill.pid))
         assert endpoint is not None and endpoint.host == node_ip
 
         before = live_status(head)[0]
@@ -108,7 +108,10 @@ def test_prefill_worker_on_another_host(two_hosts, head_redis, model_path, tmp_p
         after = wait_for(lambda: (w := live_status(head)[0]).updated_unix > since and w, 30, "a fresh heartbeat")
         assert after.num_remote_prefills == before.num_remote_prefills + 1
         assert after.num_local_fallbacks == before.num_local_fallbacks
-        assert after.kv_transfer_bytes > before.kv_transfer_bytes  # the KV crossed from node 2
+        # The KV crossed from node 2. vLLM hands connector stats over with a later engine step,
+        # so a short local request makes sure there is one.
+        head.client().completions.create(model=MODEL, prompt=[5, 6, 7], max_tokens=2)
+        wait_for(lambda: live_status(head)[0].kv_transfer_bytes > before.kv_transfer_bytes, 30, "transfer stats")
     finally:
         if node2.poll() is None:
             os.killpg(node2.pid, signal.SIGINT)
