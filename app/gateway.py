@@ -60,18 +60,20 @@ class Gateway:
     def live_roles(self, use_cache: bool = True) -> dict[str, int]:
         """How many live workers each role has, e.g. {"decode": 2, "router": 1}."""
         with self._lock:
-            # An empty answer is never served from the cache: a worker that just came up must be
-            # seen at once.
             stale = time.monotonic() - self._workers_checked_at > WORKER_CACHE_S
-            if not use_cache or stale or not self._roles:
+            if not use_cache or stale:
                 self._roles = Counter(w.role for w in live_workers(self.redis))
                 self._workers_checked_at = time.monotonic()
             return self._roles
 
     def missing_roles(self, use_cache: bool = True) -> list[str]:
         needed = ["decode"] + (["router"] if self.settings.router.enabled else [])
-        roles = self.live_roles(use_cache)
-        return [r for r in needed if not roles.get(r)]
+        missing = [r for r in needed if not self.live_roles(use_cache).get(r)]
+        if missing and use_cache:
+            # A missing role is never taken from the cache: a worker that just came up (while
+            # another role's lease filled the cache) must be seen at once.
+            return self.missing_roles(use_cache=False)
+        return missing
 
     def require_workers(self) -> None:
         missing = self.missing_roles()

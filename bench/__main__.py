@@ -13,6 +13,7 @@ Scenarios start and stop their own servers (bench/deploy.py) and write a results
     python -m bench profile --out bench/results/profile            # py-spy on agg under load
     python -m bench router-speed --out bench/results/router-speed  # the router's index and policy, no servers
     python -m bench aiperf-check --out bench/results/aiperf-check  # aiperf and the harness, same deployment
+    python -m bench stages --out bench/results/stages-agg          # TTFT split: dispatch, engine, delivery
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ SCENARIOS = {
     "profile": ("bench.profiling", "ProfileSpec", "py-spy profiles of a deployment's processes under load"),
     "router-speed": ("bench.router_speed", "RouterSpeedSpec", "the router's decision time and event rate, no servers"),
     "aiperf-check": ("bench.aiperf_check", "AiperfCheckSpec", "aiperf and the harness on the same agg deployment"),
+    "stages": ("bench.stages", "StagesSpec", "time to first token split into dispatch, engine and delivery"),
 }
 
 

@@ -23,6 +23,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import psutil
@@ -196,8 +197,9 @@ class LauncherDeployment:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
-    @property
+    @cached_property
     def redis(self):
+        """A client for the deployment's Redis database (one, reused)."""
         import redis
 
         return redis.Redis.from_url(self.redis_url)

@@ -44,7 +44,7 @@ def _help(text: str) -> dict:
 
 
 @dataclass(frozen=True)
-class Targets:
+class PassMarks:
     """The pass marks for the headline numbers."""
 
     min_throughput_ratio: float = 0.9
@@ -98,7 +98,7 @@ def _diff_ms(ratio: float | None, baseline_ms: float | None) -> float | None:
 
 
 def verdicts(head: Headline, baseline_itl_p50_ms: float | None, baseline_tpot_p50_ms: float | None = None,
-             marks: Targets = Targets()) -> list[Verdict]:
+             marks: PassMarks = PassMarks()) -> list[Verdict]:
     """The three headline checks of one target against the baseline; `met` is None when a
     figure is missing. ITL's mark is absolute (+1 ms), so it needs the baseline's ITL p50.
 
@@ -139,7 +139,7 @@ def run(spec: VsVllmSpec, out: Path, model: str = "tiny-llama") -> Path:
     analysis = harness_report.analyse(merged)
     base_itl, base_tpot = _low_load_p50s(analysis.summaries, BASELINE)
     checks = {h.target: verdicts(h, base_itl, base_tpot) for h in analysis.headlines}
-    body = {"scenario": "vs-vllm", "spec": asdict(spec), "targets": asdict(Targets()),
+    body = {"scenario": "vs-vllm", "spec": asdict(spec), "targets": asdict(PassMarks()),
             "machine_start": asdict(started), "machine_end": asdict(finished),
             "machine_per_server": {k: asdict(v) for k, v in machines.items()},
             "headlines": [asdict(h) for h in analysis.headlines],

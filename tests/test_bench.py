@@ -435,3 +435,19 @@ def test_aiperf_export_figures_and_medians():
             ToolFigures("aiperf-3", 60.0, None, None, 420.0, 64, machine)]
     assert medians(runs) == [("TTFT p50 ms", 50.0, 50.0), ("output tok/s", 430.0, 400.0)]
     assert agreement(400.0, 430.0) == pytest.approx(0.075) and agreement(None, 1.0) is None
+
+
+def test_ttft_split_into_stages_from_stream_entry_ids():
+    from bench.stages import Sent, entry_seconds, stage_times, summarize_stages
+
+    assert entry_seconds(b"1700000000123-4") == 1700000000.123
+    sent = Sent("r", sent=100.000, first_chunk=100.050, end=100.400)
+    events = [(100.010, "routed"), (100.020, "accepted"), (100.045, "delta"), (100.300, "delta"),
+              (100.390, "delta"), (100.391, "finished")]
+    t = {k: (round(v, 3) if v is not None else None) for k, v in stage_times(sent, events).items()}
+    assert t == {"dispatch": 20.0, "router_hop": 10.0, "engine_first": 25.0, "delivery_first": 5.0, "ttft": 50.0,
+                 "decode": 345.0, "delivery_last": 9.0}
+    lost = stage_times(Sent("r", 100.0, None, None), [(100.02, "accepted")])
+    assert lost["dispatch"] == pytest.approx(20.0) and lost["router_hop"] is None and lost["ttft"] is None
+    summary = summarize_stages([t, lost])
+    assert summary["dispatch"].count == 2 and summary["router_hop"].count == 1
