@@ -156,10 +156,6 @@ class EngineHost:
     def num_kv_blocks(self) -> int:
         return self._engine.vllm_config.cache_config.num_gpu_blocks or 0
 
-    @property
-    def is_dead(self) -> bool:
-        return self._engine is None or self._engine.errored
-
     # -- requests --------------------------------------------------------------------------
 
     def generate(self, request_id: str, prompt_token_ids: list[int], spec: SamplingSpec,

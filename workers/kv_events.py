@@ -57,7 +57,6 @@ class KvEventForwarder:
         self._maxlen = maxlen
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kv-events", daemon=True)
-        self.num_forwarded = 0
 
     def start(self) -> None:
         self._append([KvEvent(self._worker_id, "cleared")])
@@ -72,7 +71,6 @@ class KvEventForwarder:
         for event in events:
             pipe.xadd(keys.KV_EVENTS, {"e": encode_kv_event(event)}, maxlen=self._maxlen, approximate=True)
         pipe.execute()
-        self.num_forwarded += len(events)
 
     def _run(self) -> None:
         import zmq
