@@ -94,6 +94,9 @@ class WorkerConfig(_Section):
     metrics_port: int = Field(0, ge=0, le=65535)
     # The host others reach this worker's /metrics on; empty: this host's address.
     advertise_host: str = ""
+    # A worker whose engine is not up by then exits (and the launcher starts it again) rather
+    # than sit half-started: vLLM's start can hang, e.g. when a port it needs is taken.
+    engine_start_timeout_s: float = Field(600.0, gt=0)
 
     @model_validator(mode="after")
     def _lease_outlives_heartbeat(self) -> WorkerConfig:
@@ -130,6 +133,9 @@ class DisaggConfig(_Section):
     # pull: decode reads the KV prefill computed (NixlConnector). push: prefill writes it into
     # the blocks decode allocated (NixlPushConnector), the order of Dynamo's diagram.
     connector: Literal["pull", "push"] = "pull"
+    # NIXL's progress thread busy-polls a whole core per engine unless it sleeps between idle
+    # polls (kvtransfer/nixl_agents.py). 0 keeps NIXL's own behaviour.
+    nixl_progress_delay_us: int = Field(1000, ge=0, le=1_000_000)
     num_prefill: int = Field(1, ge=0)
     max_local_prefill_length: int = Field(512, ge=0)
     max_prefill_queue_size: int = Field(4, ge=0)

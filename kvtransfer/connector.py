@@ -8,10 +8,13 @@ channel: a host and a free port, put into the environment before the engine's pr
 from __future__ import annotations
 
 import os
+import random
 import socket
 
 CONNECTORS = {"pull": "NixlConnector", "push": "NixlPushConnector"}
 ROLES = {"prefill": "kv_producer", "decode": "kv_consumer"}
+# How long NIXL's progress thread sleeps between idle polls, for kvtransfer/nixl_agents.py.
+PROGRESS_DELAY_ENV = "LLMQ_NIXL_PROGRESS_DELAY_US"
 
 # Keys vLLM's decode side needs; a dict without them kills the EngineCore, so check first.
 REQUIRED_PULL_PARAMS = ("remote_engine_id", "remote_host", "remote_port", "remote_block_ids", "remote_request_id")
@@ -21,10 +24,24 @@ class BadTransferParams(ValueError):
     """kv_transfer_params from a prefill worker that the decode engine must not be given."""
 
 
-def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+# Side-channel ports come from below Linux's ephemeral range (32768-60999), where nothing takes a
+# port implicitly. A port from bind(0) is in that range, and the engine binds it half a minute
+# later: in between, another process's ZMQ socket took it once (EADDRINUSE, and vLLM's engine then
+# hung at start).
+SIDE_CHANNEL_PORTS = range(20000, 30000)
+
+
+def free_port(host: str, rng: random.Random | None = None, attempts: int = 50) -> int:
+    rng = rng or random.Random()
+    for _ in range(attempts):
+        port = rng.choice(SIDE_CHANNEL_PORTS)
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise OSError(f"no free NIXL side-channel port on {host} in {SIDE_CHANNEL_PORTS}")
 
 
 def side_channel(host: str) -> tuple[str, int]:
@@ -43,11 +60,14 @@ def engine_id_for(worker_id: str, pid: int | None = None) -> str:
     return f"{name}-{os.getpid() if pid is None else pid}"
 
 
-def transfer_config(role: str, engine_id: str, connector: str):
+def transfer_config(role: str, engine_id: str, connector: str, progress_delay_us: int = 1000):
     from vllm.config import KVTransferConfig
 
+    os.environ[PROGRESS_DELAY_ENV] = str(progress_delay_us)  # read in the engine's processes, which inherit it
     return KVTransferConfig(
         kv_connector=CONNECTORS[connector],
+        # vLLM's connectors, loaded through our module, which tames NIXL's progress thread.
+        kv_connector_module_path="kvtransfer.nixl_agents" if progress_delay_us else None,
         kv_role=ROLES[role],
         kv_buffer_device="cpu",
         engine_id=engine_id,
@@ -69,3 +89,17 @@ def decode_leg_params(from_prefill: dict | None) -> dict:
     if missing:
         raise BadTransferParams(f"kv_transfer_params lack {missing}")
     return dict(from_prefill)
+
+
+def patch_progress_delay(bindings, delay_us: int) -> None:
+    """Makes every NIXL agent created through ``bindings`` sleep ``delay_us`` between idle polls."""
+    make_agent = bindings.nixlAgent
+    if getattr(make_agent, "llmq_delay_us", None) is not None:
+        return
+
+    def agent_with_delay(name, config):
+        config.pthrDelay = delay_us
+        return make_agent(name, config)
+
+    agent_with_delay.llmq_delay_us = delay_us
+    bindings.nixlAgent = agent_with_delay

@@ -8,6 +8,7 @@ subset, which is how another node joins: point REDIS_URL at the head node and st
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shutil
@@ -15,6 +16,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -64,10 +66,11 @@ def _celery_worker(name: str, queue: str, settings: Settings, stop_order: int, e
                         "--loglevel", settings.log_level], stop_order=stop_order, env=env or {})
 
 
-def engine_cores(num_engines: int, bind: str) -> list[dict]:
+def engine_cores(num_engines: int, bind: str, moves_kv: bool = False) -> list[dict]:
     """Per-engine environment for vLLM's CPU thread binding. With "auto", vLLM binds every
-    engine to the same first core; several engines on one node get a core each instead."""
-    if bind != "auto" or num_engines < 2:
+    engine to the same first core; several engines on one node get a core each instead. Engines
+    that move KV stay unbound (workers/engine.py says why)."""
+    if bind != "auto" or num_engines < 2 or moves_kv:
         return [{} for _ in range(num_engines)]
     cores = os.cpu_count() or 1
     return [{"VLLM_CPU_OMP_THREADS_BIND": str(i % cores)} for i in range(num_engines)]
@@ -80,7 +83,7 @@ def worker_children(settings: Settings, roles: set[str]) -> list[Child]:
         specs += [(f"decode{i}", queues.DECODE) for i in range(settings.workers.num_decode)]
     if "prefill" in roles and settings.disagg.enabled:
         specs += [(f"prefill{i}", queues.PREFILL) for i in range(settings.disagg.num_prefill)]
-    envs = engine_cores(len(specs), settings.engine.omp_threads_bind)
+    envs = engine_cores(len(specs), settings.engine.omp_threads_bind, moves_kv=settings.disagg.enabled)
     return [_celery_worker(name, queue, settings, 3, env) for (name, queue), env in zip(specs, envs)]
 
 
@@ -100,23 +103,28 @@ def flower_child(settings: Settings) -> Child:
                             f"--port={settings.flower.port}", "--address=0.0.0.0"], stop_order=4)
 
 
-def wait_ready(settings: Settings, supervisor: Supervisor, timeout_s: float, need_workers: bool) -> bool:
-    """Until /health says 200, or, when this node starts no workers, until the frontend answers."""
+def wait_ready(settings: Settings, supervisor: Supervisor, timeout_s: float, expected: Counter) -> str | None:
+    """Waits until /health says 200 and shows at least the workers this node started, role by
+    role (a node that starts no workers needs only the frontend to answer). Returns None when
+    ready, else why not."""
     url = f"http://127.0.0.1:{settings.frontend.port}/health"
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and not supervisor.stopping:
-        if any(not c.running for c in supervisor.children):
-            return False
+        exited = [c.name for c in supervisor.children if not c.running]
+        if exited:
+            return f"{', '.join(exited)} exited while starting (its log is above)"
         try:
-            with urllib.request.urlopen(url, timeout=2):
-                return True
+            with urllib.request.urlopen(url, timeout=2) as reply:
+                live = json.load(reply).get("roles", {})
+            if all(live.get(role, 0) >= n for role, n in expected.items()):
+                return None
         except urllib.error.HTTPError:
-            if not need_workers:
-                return True
-        except (urllib.error.URLError, OSError):
+            if not expected:
+                return None
+        except (urllib.error.URLError, OSError, ValueError):
             pass
         time.sleep(0.5)
-    return False
+    return None if supervisor.stopping else f"not every worker was live within {timeout_s:.0f}s"
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -154,9 +162,12 @@ def serve(args: argparse.Namespace) -> int:
         if "flower" in roles and settings.flower.enabled:
             supervisor.start(flower_child(settings))
         if "frontend" in roles:
-            if not wait_ready(settings, supervisor, args.ready_timeout_s, need_workers="decode" in roles):
-                if not supervisor.stopping:
-                    logger.error("deployment did not become healthy within %.0fs", args.ready_timeout_s)
+            workers = Counter(c.name.rstrip("0123456789") for c in supervisor.children
+                              if c.name.rstrip("0123456789") in ("decode", "prefill", "router"))
+            problem = wait_ready(settings, supervisor, args.ready_timeout_s, workers)
+            if problem or supervisor.stopping:
+                if problem:
+                    logger.error("deployment did not start: %s", problem)
                 return 1
             logger.info("ready: http://127.0.0.1:%d/v1  (model %s; Flower on :%d)", settings.frontend.port,
                         settings.model.name, settings.flower.port)

@@ -88,9 +88,9 @@ class RouterService:
 
     # -- workers ---------------------------------------------------------------------------
 
-    def live_workers(self) -> dict[str, WorkerStatus]:
+    def live_workers(self, fresh: bool = False) -> dict[str, WorkerStatus]:
         now = time.monotonic()
-        if now - self._workers_read_at > LEASE_CACHE_S:
+        if fresh or now - self._workers_read_at > LEASE_CACHE_S:
             current = {w.worker_id: w for w in live_workers(self.redis, role="decode")}
             with self.lock:
                 for gone in (set(self._workers) | self.index.workers()) - set(current):
@@ -106,7 +106,9 @@ class RouterService:
     # -- decisions -------------------------------------------------------------------------
 
     def decide(self, prompt_token_ids: list[int]) -> Decision:
-        workers = self.live_workers()
+        # An empty cached view is read again before it turns into a 503: it may be from a moment
+        # when a worker's lease was between renewals.
+        workers = self.live_workers() or self.live_workers(fresh=True)
         if not workers:
             raise NoCandidates("no live decode worker")
         prompt_blocks = self.index.num_prompt_blocks(prompt_token_ids)

@@ -65,8 +65,10 @@ def make_settings(redis_url: str, base: str = "agg.yaml", **sections) -> Setting
         "frontend.request_timeout_s=120",
         "engine.kv_cache_gib=0.125",
         "flower.enabled=false",
-        "workers.heartbeat_interval_s=0.5",
-        "workers.lease_s=2",
+        # Short enough that a killed worker leaves within seconds, long enough that a worker on a
+        # loaded 2-core machine does not lose its lease between two beats.
+        "workers.heartbeat_interval_s=1",
+        "workers.lease_s=6",
     ] + [f"{k}={v}" for k, v in sections.items()]
     return load_settings(ROOT / "configs" / base, overrides, environ={})
 

@@ -2,11 +2,13 @@
 and the check on kv_transfer_params before they reach an engine."""
 
 import asyncio
+import os
 
 import pytest
 
 from config import DisaggConfig
-from kvtransfer.connector import BadTransferParams, decode_leg_params, engine_id_for
+from kvtransfer.connector import (PROGRESS_DELAY_ENV, BadTransferParams, decode_leg_params, engine_id_for,
+                                  patch_progress_delay, transfer_config)
 from kvtransfer.policy import Thresholds, ThresholdSource, should_prefill_remotely
 from kvtransfer.stats import TransferStats
 
@@ -71,3 +73,36 @@ def test_decode_params_are_checked_before_the_engine_sees_them():
 def test_engine_ids_are_safe_and_differ_per_incarnation():
     assert engine_id_for("decode0@host.example", pid=42) == "decode0-host.example-42"
     assert engine_id_for("decode0@host", pid=1) != engine_id_for("decode0@host", pid=2)
+
+
+class FakeAgentConfig:
+    pthrDelay = 0
+
+
+class FakeBindings:
+    """Stands in for NIXL's compiled bindings: records the config each agent was made with."""
+
+    def __init__(self):
+        self.made = []
+
+    def nixlAgent(self, name, config):  # noqa: N802  the bindings' own spelling
+        self.made.append((name, config.pthrDelay))
+        return name
+
+
+def test_progress_delay_reaches_every_agent_and_patches_once():
+    bindings = FakeBindings()
+    patch_progress_delay(bindings, 1000)
+    patch_progress_delay(bindings, 5)  # a second import of the module must not stack wrappers
+    assert bindings.nixlAgent("a", FakeAgentConfig()) == "a"
+    assert bindings.made == [("a", 1000)]
+
+
+def test_transfer_config_loads_our_connectors_unless_delay_is_off(monkeypatch):
+    monkeypatch.delenv(PROGRESS_DELAY_ENV, raising=False)
+    tamed = transfer_config("decode", "e-1", "pull", progress_delay_us=250)
+    assert tamed.kv_connector == "NixlConnector" and tamed.kv_connector_module_path == "kvtransfer.nixl_agents"
+    assert tamed.kv_role == "kv_consumer" and tamed.kv_buffer_device == "cpu"
+    assert os.environ[PROGRESS_DELAY_ENV] == "250"
+    stock = transfer_config("prefill", "e-2", "push", progress_delay_us=0)
+    assert stock.kv_connector == "NixlPushConnector" and stock.kv_connector_module_path is None

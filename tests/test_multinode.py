@@ -102,7 +102,7 @@ def test_prefill_worker_on_another_host(two_hosts, head_redis, model_path, tmp_p
         endpoint = kv_registry.lookup(head.redis, engine_id_for(prefill.worker_id, prefill.pid))
         assert endpoint is not None and endpoint.host == node_ip
 
-        before = live_status(head)[0]
+        before = wait_for(lambda: next(iter(live_status(head)), None), 60, "node 1's decode worker")
         served_before = prefill.num_prefills_served
 
         def ask():

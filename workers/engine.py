@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FuturesTimeout
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -127,11 +128,23 @@ class EngineHost:
     # -- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> None:
-        if self.settings.engine.omp_threads_bind != "auto":
-            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = self.settings.engine.omp_threads_bind
+        bind = self.settings.engine.omp_threads_bind
+        if bind != "auto":
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind
+        elif self.settings.disagg.enabled:
+            # An engine that moves KV over NIXL must not be pinned to one core: its NIXL threads
+            # (handshake, progress) would share that core with its spinning OpenMP threads, and
+            # each KV pull then waited until the prefill engine's hold on the blocks expired
+            # (30 s, every remote prefill, measured here). Unpinned, the same pulls took < 1.5 s.
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
         started = time.monotonic()
         self._thread.start()
-        self._engine = self.run(self._create()).result()
+        timeout_s = self.settings.workers.engine_start_timeout_s
+        try:
+            self._engine = self.run(self._create()).result(timeout=timeout_s)
+        except FuturesTimeout:
+            raise RuntimeError(f"the engine did not start within {timeout_s:.0f}s "
+                               "(workers.engine_start_timeout_s)") from None
         logger.info(
             "engine ready: model=%s kv_blocks=%d block_size=%d in %.1fs",
             self.settings.model.resolved_path, self.num_kv_blocks,

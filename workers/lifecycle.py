@@ -9,6 +9,7 @@ runs in the worker's only process; no 4 s prefork limit applies.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 from celery import signals
@@ -46,9 +47,12 @@ def _start_runtime(sender=None, instance=None, **_kwargs) -> None:
         runtime.start()
     except Exception:
         # Celery logs and swallows exceptions from signal handlers; a worker without its
-        # engine must not start consuming, so leave now with the reason in the log.
+        # engine must not start consuming, so leave now with the reason in the log. os._exit,
+        # because a half-started engine's processes would hold up a normal exit; they watch
+        # this process and go with it.
         logger.exception("worker %s failed to start", instance.hostname)
-        sys.exit(1)
+        logging.shutdown()
+        os._exit(1)
     set_current_runtime(runtime)
 
 

@@ -97,7 +97,7 @@ class WorkerRuntime:
         connector = self.settings.disagg.connector
         self.nixl = NixlEndpoint(engine_id, self.worker_id, self.role, host, port, connector)
         logger.info("NIXL side channel %s:%d (engine %s, %s connector)", host, port, engine_id, connector)
-        return transfer_config(self.role, engine_id, connector)
+        return transfer_config(self.role, engine_id, connector, self.settings.disagg.nixl_progress_delay_us)
 
     def _register_nixl(self) -> None:
         kv_registry.register(self.redis, self.nixl, self.settings.workers.lease_s)
