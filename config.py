@@ -130,9 +130,11 @@ class DisaggConfig(_Section):
     max_prefill_queue_size. Both thresholds can be changed at run time (kvtransfer/policy.py)."""
 
     enabled: bool = False
-    # pull: decode reads the KV prefill computed (NixlConnector). push: prefill writes it into
-    # the blocks decode allocated (NixlPushConnector), the order of Dynamo's diagram.
-    connector: Literal["pull", "push"] = "pull"
+    # pull: decode reads the KV prefill computed (vLLM's NixlConnector). The push order of
+    # Dynamo's diagram (NixlPushConnector: decode allocates, prefill writes) is not offered: in
+    # vLLM 0.32 it needs the prefill engine chosen before decode allocates, and aborting a request
+    # that waits for pushed KV does not free its blocks (README, "Connector choice").
+    connector: Literal["pull"] = "pull"
     # NIXL's progress thread busy-polls a whole core per engine unless it sleeps between idle
     # polls (kvtransfer/nixl_agents.py). 0 keeps NIXL's own behaviour.
     nixl_progress_delay_us: int = Field(1000, ge=0, le=1_000_000)

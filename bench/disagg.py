@@ -320,7 +320,7 @@ def run(spec: DisaggSpec, out: Path, model: str = "tiny-llama") -> Path:
     out.mkdir(parents=True, exist_ok=True)
     wait_for_other_benchmarks()
     started = MachineState.now()
-    raw = nixl_bandwidth.run(out, ["deployment", "direct"], prompt_tokens=spec.long_input_len)
+    raw = nixl_bandwidth.run(out, list(nixl_bandwidth.SETUPS), prompt_tokens=spec.long_input_len)
     raw.pop("markdown")
     points, records, errors = [], [], []
     for label in DEPLOYMENTS:

@@ -7,9 +7,11 @@ blocks. Each case is one transfer of `num_descs` descriptors of `desc_bytes` eac
 time transfer() until check_xfer_state() says DONE (the span vLLM's transfer_duration covers), so
 the handle's creation is not counted.
 
-Two setups: "deployment" is what our workers run (UCX's default transports, NIXL's progress thread
-on, as vLLM's connector creates its agent); "direct" is the best direct use on 2 cores
-(UCX_TLS=shm,self, progress thread off; FACTS.md).
+Three setups: "deployment" is what our workers run (UCX's default transports, NIXL's progress
+thread on but sleeping 1 ms between idle polls, kvtransfer/nixl_agents.py); "nixl-default" is how
+vLLM's connector leaves it (the thread busy-polls); "direct" is the best direct use on 2 cores
+(UCX_TLS=shm,self, progress thread off; FACTS.md). Each setup also reports the CPU one idle agent
+burns, its progress thread included.
 """
 
 from __future__ import annotations
@@ -69,22 +71,33 @@ def default_cases(block_bytes: int, num_layers: int, prompt_blocks: int) -> list
 @dataclass(frozen=True)
 class Setup:
     """How the two agents run: UCX's transports (None = UCX's defaults, as our workers have
-    them) and NIXL's progress thread (vLLM's connector leaves it on)."""
+    them), NIXL's progress thread (vLLM's connector leaves it on) and its sleep between idle
+    polls (0: NIXL's busy polling)."""
 
     ucx_tls: str | None
     prog_thread: bool
+    progress_delay_us: int = 0
 
     @property
     def label(self) -> str:
-        return f"UCX_TLS={self.ucx_tls or '(default)'}, progress thread {'on' if self.prog_thread else 'off'}"
+        thread = "off" if not self.prog_thread else (
+            f"on, {self.progress_delay_us} us idle sleep" if self.progress_delay_us else "on, busy-polling")
+        return f"UCX_TLS={self.ucx_tls or '(default)'}, progress thread {thread}"
 
 
-SETUPS = {"deployment": Setup(None, True), "direct": Setup("shm,self", False)}
+SETUPS = {"deployment": Setup(None, True, 1000), "nixl-default": Setup(None, True),
+          "direct": Setup("shm,self", False)}
 
 
 def _agent(name: str, setup: Setup):
+    import sys
+
     from nixl._api import nixl_agent, nixl_agent_config
 
+    from kvtransfer.connector import patch_progress_delay
+
+    if setup.progress_delay_us:
+        patch_progress_delay(sys.modules[nixl_agent.__module__].nixlBind, setup.progress_delay_us)
     agent = nixl_agent(name, nixl_agent_config(enable_prog_thread=setup.prog_thread, backends=[]))
     # With UCX_TLS=shm,self UCX refuses the default error handling (FACTS.md).
     agent.create_backend("UCX", {"ucx_error_handling_mode": "none"} if setup.ucx_tls else {})
@@ -104,6 +117,33 @@ def _source(conn, nbytes: int, setup: Setup) -> None:
     while not conn.poll(0.05 if setup.prog_thread or setup.ucx_tls else 0):
         agent.get_new_notifs()
     agent.deregister_memory(reg)
+
+
+def _idle(conn, setup: Setup, seconds: float) -> None:
+    """One agent with a registered buffer and nothing to do: the CPU it burns while idle."""
+    import numpy as np
+
+    agent = _agent("idle", setup)
+    buf = np.zeros(1 << 20, dtype=np.uint8)
+    agent.register_memory([(buf.ctypes.data, buf.nbytes, 0, "")], "DRAM")
+    cpu, wall = time.process_time(), time.monotonic()
+    time.sleep(seconds)
+    conn.send((time.process_time() - cpu) / (time.monotonic() - wall))
+
+
+def idle_cores(setup: Setup, seconds: float = 5.0) -> float:
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_idle, args=(child, setup, seconds), daemon=True)
+    proc.start()
+    try:
+        if not parent.poll(120 + seconds):
+            raise TimeoutError("the idle NIXL agent did not report")
+        return parent.recv()
+    finally:
+        proc.join(timeout=30)
+        if proc.is_alive():
+            proc.kill()
 
 
 def _descs(base: int, case: Case) -> list[tuple[int, int, int]]:
@@ -197,14 +237,14 @@ def tiny_model_cases(prompt_tokens: int = 1024, block_size: int = 32) -> tuple[i
     return block, default_cases(block, layers, -(-prompt_tokens // block_size))
 
 
-def to_json(results: list[CaseResult], setup: Setup) -> dict:
-    return {"setup": asdict(setup), "label": setup.label,
+def to_json(results: list[CaseResult], setup: Setup, idle: float) -> dict:
+    return {"setup": asdict(setup), "label": setup.label, "idle_cores": idle,
             "cases": [{**asdict(r.case), "total_bytes": r.case.total_bytes,
                        **{k: v for k, v in asdict(r).items() if k != "case"}} for r in results]}
 
 
-def markdown(results: list[CaseResult], setup: Setup) -> list[str]:
-    lines = [f"{setup.label}:", "", "| case | bytes | latency p50 ms (min–max) | GB/s at p50 |",
+def markdown(results: list[CaseResult], setup: Setup, idle: float) -> list[str]:
+    lines = [f"{setup.label}. One idle agent burns {idle:.2f} cores.", "", "| case | bytes | latency p50 ms (min–max) | GB/s at p50 |",
              "| --- | ---: | ---: | ---: |"]
     for r in results:
         lines.append(f"| {r.case.name} | {r.case.total_bytes:,} | {r.latency_ms_p50:.3f} "
@@ -221,8 +261,9 @@ def run(out: Path | None, setups: list[str], prompt_tokens: int = 1024) -> dict:
              "Latency: transfer() until DONE, median of the repeats; GB/s = bytes / that median.", ""]
     for name in setups:
         results = measure(cases, SETUPS[name])
-        body["setups"][name] = to_json(results, SETUPS[name])
-        lines += [f"## {name}", ""] + markdown(results, SETUPS[name])
+        idle = idle_cores(SETUPS[name])
+        body["setups"][name] = to_json(results, SETUPS[name], idle)
+        lines += [f"## {name}", ""] + markdown(results, SETUPS[name], idle)
     body["uptime_after"] = _uptime()
     lines += [f"uptime before: {body['uptime_before']}", "", f"uptime after: {body['uptime_after']}", ""]
     if out:
@@ -242,7 +283,7 @@ def _uptime() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.nixl_bandwidth", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, help="write nixl_bandwidth.json and nixl_bandwidth.md here")
-    parser.add_argument("--setups", default="deployment,direct", help=f"comma-separated, of {sorted(SETUPS)}")
+    parser.add_argument("--setups", default="deployment,nixl-default,direct", help=f"comma-separated, of {sorted(SETUPS)}")
     parser.add_argument("--prompt-tokens", type=int, default=1024, help="prompt whose blocks the vLLM-like case reads")
     args = parser.parse_args()
     print(run(args.out, args.setups.split(","), args.prompt_tokens)["markdown"])

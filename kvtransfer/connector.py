@@ -11,7 +11,7 @@ import os
 import random
 import socket
 
-CONNECTORS = {"pull": "NixlConnector", "push": "NixlPushConnector"}
+CONNECTORS = {"pull": "NixlConnector"}
 ROLES = {"prefill": "kv_producer", "decode": "kv_consumer"}
 # How long NIXL's progress thread sleeps between idle polls, for kvtransfer/nixl_agents.py.
 PROGRESS_DELAY_ENV = "LLMQ_NIXL_PROGRESS_DELAY_US"

@@ -1,15 +1,14 @@
-"""vLLM's NIXL connectors, with a NIXL progress thread that sleeps when it has nothing to do.
+"""vLLM's NIXL connector, with a NIXL progress thread that sleeps when it has nothing to do.
 
 NIXL's Python agent hard-codes ``pthrDelay = 0`` for its progress thread, which then busy-polls
-UCX: measured here, a whole core per idle agent (0.998 cores against 0.020 with a 1 ms delay, by
-``python -m bench.nixl_idle``). On two cores that starved the very engines whose KV it should move: pulls
-stalled until the prefill engine's hold on the blocks ran out. The thread cannot simply be turned
-off: UCX's connection set-up and one-sided reads need the prefill side to make progress while its
-engine is idle, which only that thread does (tried: the first pull's handshake then waited 30 s).
+UCX: a whole core per idle agent, against 0.02 cores with a 1 ms sleep (``python -m
+bench.nixl_bandwidth`` measures both). Two engines' threads were most of a 2-core machine. The
+thread stays on rather than off: across hosts UCX's transports need the side that holds the KV to
+make progress while its engine is idle, which only that thread does.
 
 vLLM loads this module inside each engine process (``kv_connector_module_path``), so the patch
-applies there whatever way vLLM starts that process. The classes keep vLLM's names, so every
-``has_connector("NixlConnector")`` check in vLLM still sees them. The delay comes from the
+applies there whatever way vLLM starts that process. The class keeps vLLM's name, so every
+``has_connector("NixlConnector")`` check in vLLM still sees it. The delay comes from the
 environment, which the worker sets before its engine starts (``PROGRESS_DELAY_ENV``).
 """
 
@@ -20,7 +19,6 @@ import sys
 
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl import base_worker
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl.connector import NixlConnector as _PullConnector
-from vllm.distributed.kv_transfer.kv_connector.v1.nixl.connector import NixlPushConnector as _PushConnector
 
 from kvtransfer.connector import PROGRESS_DELAY_ENV, patch_progress_delay
 
@@ -32,7 +30,3 @@ if base_worker.NixlWrapper is not None:
 
 class NixlConnector(_PullConnector):
     """Decode pulls the KV that prefill computed (vLLM's NixlConnector)."""
-
-
-class NixlPushConnector(_PushConnector):
-    """Prefill writes the KV into the blocks decode allocated (vLLM's NixlPushConnector)."""

@@ -9,6 +9,7 @@ vLLM engine processes it spawned. No kill_tree ritual is needed afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -116,7 +117,11 @@ class Supervisor:
             group = [c for c in self.children if c.stop_order == order and c.running]
             for child in group:
                 logger.info("stopping %s (pid %d)", child.name, child.proc.pid)
-                self._signal(child, signal.SIGTERM)
+                # The child alone, not its process group: a Celery worker shuts its engine down
+                # in order, and an engine process signalled directly dies under it instead
+                # (EngineDeadError tracebacks in the log). The group is killed after the grace.
+                with contextlib.suppress(ProcessLookupError):
+                    child.proc.send_signal(signal.SIGTERM)
             deadline = time.monotonic() + self.grace_s
             for child in group:
                 try:

@@ -104,5 +104,5 @@ def test_transfer_config_loads_our_connectors_unless_delay_is_off(monkeypatch):
     assert tamed.kv_connector == "NixlConnector" and tamed.kv_connector_module_path == "kvtransfer.nixl_agents"
     assert tamed.kv_role == "kv_consumer" and tamed.kv_buffer_device == "cpu"
     assert os.environ[PROGRESS_DELAY_ENV] == "250"
-    stock = transfer_config("prefill", "e-2", "push", progress_delay_us=0)
-    assert stock.kv_connector == "NixlPushConnector" and stock.kv_connector_module_path is None
+    stock = transfer_config("prefill", "e-2", "pull", progress_delay_us=0)
+    assert stock.kv_role == "kv_producer" and stock.kv_connector_module_path is None
