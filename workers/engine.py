@@ -11,6 +11,7 @@ engine per child, one request per child) could never give.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import threading
@@ -159,11 +160,22 @@ class EngineHost:
 
     def shutdown(self) -> None:
         if self._engine is not None:
+            # Stop vLLM's output handler first: left running, it sees the engine process go away
+            # and logs an EngineDeadError traceback on every clean shutdown.
+            with contextlib.suppress(Exception):
+                self.run(self._stop_output_handler()).result(timeout=5)
             self._engine.shutdown()
             self._engine = None
         if self._thread.is_alive():
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=10)
+
+    async def _stop_output_handler(self) -> None:
+        handler = getattr(self._engine, "output_handler", None)
+        if handler is not None and not handler.done():
+            handler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await handler
 
     @property
     def num_kv_blocks(self) -> int:
