@@ -106,3 +106,18 @@ def test_transfer_config_loads_our_connectors_unless_delay_is_off(monkeypatch):
     assert os.environ[PROGRESS_DELAY_ENV] == "250"
     stock = transfer_config("prefill", "e-2", "pull", progress_delay_us=0)
     assert stock.kv_role == "kv_producer" and stock.kv_connector_module_path is None
+
+
+def test_side_channel_ports_avoid_the_ephemeral_range():
+    import random
+    import socket
+
+    from kvtransfer.connector import SIDE_CHANNEL_PORTS, free_port
+
+    first = free_port("127.0.0.1", random.Random(7))
+    assert first in SIDE_CHANNEL_PORTS and first < 32768
+    # The same draw again, with that port taken: it is skipped, not returned.
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", first))
+        again = free_port("127.0.0.1", random.Random(7))
+    assert again != first and again in SIDE_CHANNEL_PORTS
