@@ -3,8 +3,9 @@
 NIXL's Python agent hard-codes ``pthrDelay = 0`` for its progress thread, which then busy-polls
 UCX: a whole core per idle agent, against 0.02 cores with a 1 ms sleep (``python -m
 bench.nixl_bandwidth`` measures both). Two engines' threads were most of a 2-core machine. The
-thread stays on rather than off: across hosts UCX's transports need the side that holds the KV to
-make progress while its engine is idle, which only that thread does.
+thread stays on rather than off: UCX transports without one-sided reads (TCP, across hosts) need
+the side that holds the KV to make progress while its engine is idle, and only that thread would.
+(Untested here without it since the pinning fix in workers/engine.py.)
 
 vLLM loads this module inside each engine process (``kv_connector_module_path``), so the patch
 applies there whatever way vLLM starts that process. The class keeps vLLM's name, so every
