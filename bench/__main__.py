@@ -19,13 +19,12 @@ Scenarios start and stop their own servers (bench/deploy.py) and write a results
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib
 import logging
 import sys
-from enum import Enum
 from pathlib import Path
 
+from bench.flags import add_dataclass_flags, from_flags
 from bench.records import LoadMode, Slo, Target
 from bench.runner import RunConfig, RunOptions
 from bench.workloads import WorkloadKind, WorkloadParams
@@ -44,28 +43,6 @@ SCENARIOS = {
 
 class UsageError(ValueError):
     """A flag's value that the run cannot use."""
-
-
-def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
-    """One --flag per field: the dataclass holds the defaults, so they cannot drift."""
-    group = parser.add_argument_group(title)
-    for f in dataclasses.fields(cls):
-        kind = type(f.default)
-        is_enum = issubclass(kind, Enum)
-        default = f.default.value if is_enum else f.default
-        extra = {"choices": [m.value for m in kind]} if is_enum else {}
-        group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=default,
-                           type=str if is_enum else kind,
-                           help=f"{f.metadata.get('help', '')} (default: {default})", **extra)
-
-
-def from_flags(cls: type, args: argparse.Namespace):
-    values = {}
-    for f in dataclasses.fields(cls):
-        kind = type(f.default)
-        value = getattr(args, f.name)
-        values[f.name] = kind(value) if issubclass(kind, Enum) else value
-    return cls(**values)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from bench.deploy import ROOT, LauncherDeployment, trim_log
+from bench.flags import help_text
 from bench.runner import RunOptions
 from bench.scenario import MachineState, Workload, fmt, measure, table, write_json
 from bench.stats import summarize
@@ -34,24 +35,21 @@ CONFIG = "configs/agg.yaml"
 TOLERANCE = 0.10
 
 
-def _help(text: str) -> dict:
-    return {"help": text}
-
 
 @dataclass(frozen=True)
 class AiperfCheckSpec:
     """The scenario's knobs; `python -m bench aiperf-check`'s flags are generated from these."""
 
-    aiperf: str = field(default="/tmp/aiperf-venv/bin/aiperf", metadata=_help("the aiperf command (its own venv)"))
-    concurrency: int = field(default=8, metadata=_help("closed-loop concurrency for both tools"))
-    num_requests: int = field(default=64, metadata=_help("requests per tool run"))
-    input_len: int = field(default=100, metadata=_help("prompt length, tokens"))
-    output_len: int = field(default=64, metadata=_help("output tokens per request"))
-    warmup_requests: int = field(default=4, metadata=_help("unrecorded requests before each tool run"))
-    seed: int = field(default=0, metadata=_help("both tools' seed"))
-    rounds: int = field(default=2, metadata=_help("aiperf then the harness, this many times, then aiperf once more"))
-    redis_db: int = field(default=2, metadata=_help("Redis database (1-5), flushed before the start"))
-    timeout_s: float = field(default=600.0, metadata=_help("bound on each tool run"))
+    aiperf: str = field(default="/tmp/aiperf-venv/bin/aiperf", metadata=help_text("the aiperf command (its own venv)"))
+    concurrency: int = field(default=8, metadata=help_text("closed-loop concurrency for both tools"))
+    num_requests: int = field(default=64, metadata=help_text("requests per tool run"))
+    input_len: int = field(default=100, metadata=help_text("prompt length, tokens"))
+    output_len: int = field(default=64, metadata=help_text("output tokens per request"))
+    warmup_requests: int = field(default=4, metadata=help_text("unrecorded requests before each tool run"))
+    seed: int = field(default=0, metadata=help_text("both tools' seed"))
+    rounds: int = field(default=2, metadata=help_text("aiperf then the harness, this many times, then aiperf once more"))
+    redis_db: int = field(default=2, metadata=help_text("Redis database (1-5), flushed before the start"))
+    timeout_s: float = field(default=600.0, metadata=help_text("bound on each tool run"))
 
 
 def aiperf_argv(spec: AiperfCheckSpec, base_url: str, tokenizer: str, artifact_dir: Path) -> list[str]:

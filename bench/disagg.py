@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from bench.flags import add_dataclass_flags, from_flags, help_text
 from bench.records import LoadMode, LoadPoint, RequestRecord
 from bench.runner import RunOptions
 from bench.scenario import MachineState, Workload, fmt, measure, table, write_json
@@ -44,20 +45,17 @@ DEPLOYMENTS = {  # label -> (config, --set overrides, Redis db)
 }
 
 
-def _help(text: str) -> dict:
-    return {"help": text}
-
 
 @dataclass(frozen=True)
 class DisaggSpec:
-    concurrency: str = field(default="2,6", metadata=_help("closed-loop concurrencies"))
-    num_requests: int = field(default=24, metadata=_help("requests per deployment and load point (half long)"))
-    long_input_len: int = field(default=1280, metadata=_help("long prompts, tokens"))
-    long_output_len: int = field(default=16, metadata=_help("long prompts' max_tokens"))
-    short_input_len: int = field(default=32, metadata=_help("short prompts, tokens"))
-    short_output_len: int = field(default=192, metadata=_help("short prompts' max_tokens"))
-    seed: int = field(default=0, metadata=_help("load point i uses seed + i on both deployments"))
-    point_deadline_s: float = field(default=240.0, metadata=_help("bound on each load point"))
+    concurrency: str = field(default="2,6", metadata=help_text("closed-loop concurrencies"))
+    num_requests: int = field(default=24, metadata=help_text("requests per deployment and load point (half long)"))
+    long_input_len: int = field(default=1280, metadata=help_text("long prompts, tokens"))
+    long_output_len: int = field(default=16, metadata=help_text("long prompts' max_tokens"))
+    short_input_len: int = field(default=32, metadata=help_text("short prompts, tokens"))
+    short_output_len: int = field(default=192, metadata=help_text("short prompts' max_tokens"))
+    seed: int = field(default=0, metadata=help_text("load point i uses seed + i on both deployments"))
+    point_deadline_s: float = field(default=240.0, metadata=help_text("bound on each load point"))
 
     @property
     def concurrencies(self) -> tuple[int, ...]:
@@ -440,11 +438,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.disagg", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("bench/results/disagg"))
     parser.add_argument("--model", default="tiny-llama")
-    for f in DisaggSpec.__dataclass_fields__.values():
-        parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
-                            help=f.metadata.get("help", ""))
+    add_dataclass_flags(parser, DisaggSpec, "scenario options")
     args = parser.parse_args()
-    spec = DisaggSpec(**{k: getattr(args, k) for k in DisaggSpec.__dataclass_fields__})
+    spec = from_flags(DisaggSpec, args)
     print(run(spec, args.out, args.model))
 
 

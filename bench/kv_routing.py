@@ -20,6 +20,7 @@ from pathlib import Path
 
 from bench.cache_stats import CacheCounters, RouterCounters, engine_deltas, fresh_leases, read_router_counters, total
 from bench.deploy import LauncherDeployment
+from bench.flags import help_text
 from bench.records import LoadMode, LoadPoint
 from bench.runner import RunOptions, RunResult
 from bench.scenario import MachineState, Workload, fmt, measure, merge, table, write_harness_folder, write_json
@@ -34,25 +35,22 @@ NUM_DECODE = 2
 WARMUP_SEED_OFFSET = 1000
 
 
-def _help(text: str) -> dict:
-    return {"help": text}
-
 
 @dataclass(frozen=True)
 class KvRoutingSpec:
     """The scenario's knobs; `python -m bench kv-routing`'s flags are generated from these."""
 
-    concurrency: str = field(default="4,12", metadata=_help("closed-loop concurrencies (conversations in flight)"))
-    num_requests: int = field(default=96, metadata=_help("requests (turns) per mode and load point"))
-    turns_per_session: int = field(default=4, metadata=_help("turns per conversation"))
-    num_system_prompts: int = field(default=8, metadata=_help("distinct shared system prompts (K)"))
-    system_prompt_words: int = field(default=384, metadata=_help("system prompt length in words (~2 tokens each)"))
-    user_turn_words: int = field(default=48, metadata=_help("user message length in words"))
-    output_len: int = field(default=24, metadata=_help("max_tokens of every answer (ignore_eos)"))
-    seed: int = field(default=0, metadata=_help("load point i uses seed + i, in both modes"))
-    redis_db: int = field(default=4, metadata=_help("Redis database (1-5), flushed before each start"))
-    request_timeout_s: float = field(default=120.0, metadata=_help("bound on each request"))
-    point_deadline_s: float = field(default=300.0, metadata=_help("bound on each load point"))
+    concurrency: str = field(default="4,12", metadata=help_text("closed-loop concurrencies (conversations in flight)"))
+    num_requests: int = field(default=96, metadata=help_text("requests (turns) per mode and load point"))
+    turns_per_session: int = field(default=4, metadata=help_text("turns per conversation"))
+    num_system_prompts: int = field(default=8, metadata=help_text("distinct shared system prompts (K)"))
+    system_prompt_words: int = field(default=384, metadata=help_text("system prompt length in words (~2 tokens each)"))
+    user_turn_words: int = field(default=48, metadata=help_text("user message length in words"))
+    output_len: int = field(default=24, metadata=help_text("max_tokens of every answer (ignore_eos)"))
+    seed: int = field(default=0, metadata=help_text("load point i uses seed + i, in both modes"))
+    redis_db: int = field(default=4, metadata=help_text("Redis database (1-5), flushed before each start"))
+    request_timeout_s: float = field(default=120.0, metadata=help_text("bound on each request"))
+    point_deadline_s: float = field(default=300.0, metadata=help_text("bound on each load point"))
 
     @property
     def concurrencies(self) -> tuple[int, ...]:

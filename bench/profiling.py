@@ -28,6 +28,7 @@ from pathlib import Path
 import psutil
 
 from bench.deploy import LauncherDeployment, ProcessInfo
+from bench.flags import help_text
 from bench.runner import RunOptions
 from bench.scenario import MachineState, Workload, fmt, measure, table, write_json
 from bench.workloads import WorkloadKind, WorkloadParams
@@ -41,21 +42,18 @@ NATIVE = "(no Python frame)"
 TOP_N = 15
 
 
-def _help(text: str) -> dict:
-    return {"help": text}
-
 
 @dataclass(frozen=True)
 class ProfileSpec:
     """The scenario's knobs; `python -m bench profile`'s flags are generated from these."""
 
-    config: str = field(default="configs/agg.yaml", metadata=_help("the deployment to profile"))
-    concurrency: str = field(default="1,32", metadata=_help("closed-loop concurrencies, one window each"))
-    duration_s: float = field(default=20.0, metadata=_help("py-spy's window at each concurrency"))
-    rate_hz: int = field(default=50, metadata=_help("py-spy samples per second"))
-    input_len: int = field(default=100, metadata=_help("prompt length, tokens"))
-    output_len: int = field(default=64, metadata=_help("max_tokens of every request"))
-    redis_db: int = field(default=3, metadata=_help("Redis database (1-5), flushed before the start"))
+    config: str = field(default="configs/agg.yaml", metadata=help_text("the deployment to profile"))
+    concurrency: str = field(default="1,32", metadata=help_text("closed-loop concurrencies, one window each"))
+    duration_s: float = field(default=20.0, metadata=help_text("py-spy's window at each concurrency"))
+    rate_hz: int = field(default=50, metadata=help_text("py-spy samples per second"))
+    input_len: int = field(default=100, metadata=help_text("prompt length, tokens"))
+    output_len: int = field(default=64, metadata=help_text("max_tokens of every request"))
+    redis_db: int = field(default=3, metadata=help_text("Redis database (1-5), flushed before the start"))
 
 
 # -- collapsed stacks: pure --------------------------------------------------------------------------

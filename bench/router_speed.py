@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from bench.flags import help_text
 from bench.scenario import MachineState, fmt, table, write_json
 from bench.stats import Distribution
 from router.index import RadixIndex, block_keys
@@ -32,27 +33,24 @@ from tasks.messages import KvEvent, decode_kv_event, encode_kv_event
 logger = logging.getLogger(__name__)
 
 
-def _help(text: str) -> dict:
-    return {"help": text}
-
 
 @dataclass(frozen=True)
 class RouterSpeedSpec:
     """The scenario's knobs; `python -m bench router-speed`'s flags are generated from these."""
 
-    num_blocks: int = field(default=100_000, metadata=_help("distinct blocks in the index (tree nodes)"))
-    num_workers: int = field(default=8, metadata=_help("workers the blocks are spread over"))
-    block_size: int = field(default=32, metadata=_help("tokens per block"))
-    num_trunks: int = field(default=200, metadata=_help("shared system prompts"))
-    trunk_blocks: int = field(default=24, metadata=_help("blocks per system prompt (24 x 32 = 768 tokens)"))
-    branch_blocks_max: int = field(default=40, metadata=_help("a conversation adds 4..this many blocks"))
-    replicas_max: int = field(default=2, metadata=_help("each conversation is cached on 1..this many workers"))
-    prompt_tokens: str = field(default="1024,2048", metadata=_help("prompt lengths to time decisions for"))
-    num_decisions: int = field(default=3000, metadata=_help("decisions timed per prompt length"))
-    overlap_weight: float = field(default=2.0, metadata=_help("policy weight (configs/agg_router.yaml)"))
-    vocab: int = field(default=32000, metadata=_help("token ids are below this"))
-    seed: int = field(default=0, metadata=_help("seed for the cache state and the prompts"))
-    redis_db: int = field(default=0, metadata=_help("1-5: also time RouterService.decide on this Redis db; 0: skip"))
+    num_blocks: int = field(default=100_000, metadata=help_text("distinct blocks in the index (tree nodes)"))
+    num_workers: int = field(default=8, metadata=help_text("workers the blocks are spread over"))
+    block_size: int = field(default=32, metadata=help_text("tokens per block"))
+    num_trunks: int = field(default=200, metadata=help_text("shared system prompts"))
+    trunk_blocks: int = field(default=24, metadata=help_text("blocks per system prompt (24 x 32 = 768 tokens)"))
+    branch_blocks_max: int = field(default=40, metadata=help_text("a conversation adds 4..this many blocks"))
+    replicas_max: int = field(default=2, metadata=help_text("each conversation is cached on 1..this many workers"))
+    prompt_tokens: str = field(default="1024,2048", metadata=help_text("prompt lengths to time decisions for"))
+    num_decisions: int = field(default=3000, metadata=help_text("decisions timed per prompt length"))
+    overlap_weight: float = field(default=2.0, metadata=help_text("policy weight (configs/agg_router.yaml)"))
+    vocab: int = field(default=32000, metadata=help_text("token ids are below this"))
+    seed: int = field(default=0, metadata=help_text("seed for the cache state and the prompts"))
+    redis_db: int = field(default=0, metadata=help_text("1-5: also time RouterService.decide on this Redis db; 0: skip"))
 
 
 # -- the synthetic cache state ---------------------------------------------------------------------

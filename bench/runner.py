@@ -8,27 +8,25 @@ import time
 from dataclasses import dataclass, field
 
 from bench.client import ClientOptions, StreamingClient, run_load_point
+from bench.flags import help_text
 from bench.records import LoadMode, LoadPoint, RequestRecord, Slo, Target
 from bench.workloads import Session, WorkloadKind, WorkloadParams, build_workload
 
 logger = logging.getLogger(__name__)
 
 
-def _help(text: str) -> dict:
-    return {"help": text}
-
 
 @dataclass(frozen=True)
 class RunOptions:
     """The run's scalar knobs; the CLI's flags and defaults are generated from these fields."""
 
-    num_requests: int = field(default=32, metadata=_help("requests per target and load point"))
-    seed: int = field(default=0, metadata=_help("seed for the workload and the arrival times"))
-    request_timeout_s: float = field(default=120.0, metadata=_help("bound on each request"))
-    deadline_s: float = field(default=900.0, metadata=_help("bound on the whole run, warm-up included"))
-    warmup_sessions: int = field(default=2, metadata=_help("unrecorded sessions per target before the first point"))
-    temperature: float = field(default=0.0, metadata=_help("sampling temperature sent with every request"))
-    api_key: str = field(default="none", metadata=_help("API key sent to every target"))
+    num_requests: int = field(default=32, metadata=help_text("requests per target and load point"))
+    seed: int = field(default=0, metadata=help_text("seed for the workload and the arrival times"))
+    request_timeout_s: float = field(default=120.0, metadata=help_text("bound on each request"))
+    deadline_s: float = field(default=900.0, metadata=help_text("bound on the whole run, warm-up included"))
+    warmup_sessions: int = field(default=2, metadata=help_text("unrecorded sessions per target before the first point"))
+    temperature: float = field(default=0.0, metadata=help_text("sampling temperature sent with every request"))
+    api_key: str = field(default="none", metadata=help_text("API key sent to every target"))
 
 
 @dataclass(frozen=True)

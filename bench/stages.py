@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from bench.deploy import LauncherDeployment
+from bench.flags import help_text
 from bench.scenario import MachineState, fmt, table, write_json
 from bench.stats import Distribution
 from bench.workloads import WorkloadParams, synthetic
@@ -36,21 +37,18 @@ logger = logging.getLogger(__name__)
 STAGES = ("dispatch", "router_hop", "engine_first", "delivery_first", "ttft", "decode", "delivery_last")
 
 
-def _help(text: str) -> dict:
-    return {"help": text}
-
 
 @dataclass(frozen=True)
 class StagesSpec:
     """The scenario's knobs; `python -m bench stages`'s flags are generated from these."""
 
-    config: str = field(default="configs/agg.yaml", metadata=_help("the deployment to measure"))
-    concurrency: str = field(default="1,32", metadata=_help("closed-loop concurrencies"))
-    num_requests: int = field(default=64, metadata=_help("requests per concurrency"))
-    input_len: int = field(default=100, metadata=_help("prompt length, tokens"))
-    output_len: int = field(default=64, metadata=_help("max_tokens of every request (ignore_eos)"))
-    redis_db: int = field(default=3, metadata=_help("Redis database (1-5), flushed before the start"))
-    seed: int = field(default=0, metadata=_help("workload seed"))
+    config: str = field(default="configs/agg.yaml", metadata=help_text("the deployment to measure"))
+    concurrency: str = field(default="1,32", metadata=help_text("closed-loop concurrencies"))
+    num_requests: int = field(default=64, metadata=help_text("requests per concurrency"))
+    input_len: int = field(default=100, metadata=help_text("prompt length, tokens"))
+    output_len: int = field(default=64, metadata=help_text("max_tokens of every request (ignore_eos)"))
+    redis_db: int = field(default=3, metadata=help_text("Redis database (1-5), flushed before the start"))
+    seed: int = field(default=0, metadata=help_text("workload seed"))
 
 
 # -- the arithmetic: pure --------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from bench import report as harness_report
 from bench.deploy import LauncherDeployment, VllmServer
+from bench.flags import help_text
 from bench.runner import RunOptions, RunResult
 from bench.scenario import MachineState, Workload, fmt, measure, merge, table, write_harness_folder, write_json
 from bench.stats import Headline
@@ -39,9 +40,6 @@ TARGETS = {  # label -> launcher config; the baseline has none
 }
 
 
-def _help(text: str) -> dict:
-    return {"help": text}
-
 
 @dataclass(frozen=True)
 class PassMarks:
@@ -57,15 +55,15 @@ class VsVllmSpec:
     """The scenario's knobs; `python -m bench vs-vllm`'s flags are generated from these."""
 
     concurrency: str = field(default="1,32",
-                             metadata=_help("closed-loop concurrencies: low load first, then saturation"))
-    num_requests: int = field(default=64, metadata=_help("requests per server and load point"))
-    input_len: int = field(default=100, metadata=_help("prompt length, tokens (exact)"))
-    output_len: int = field(default=64, metadata=_help("max_tokens of every request (ignore_eos)"))
-    seed: int = field(default=0, metadata=_help("workload seed, the same for every server"))
-    servers: str = field(default="agg,vllm,agg_router", metadata=_help("which servers, in the order they run"))
-    redis_db: int = field(default=5, metadata=_help("Redis database (1-5) for our deployments, flushed per start"))
-    warmup_sessions: int = field(default=4, metadata=_help("unrecorded requests per server"))
-    deadline_s: float = field(default=600.0, metadata=_help("bound on each server's run"))
+                             metadata=help_text("closed-loop concurrencies: low load first, then saturation"))
+    num_requests: int = field(default=64, metadata=help_text("requests per server and load point"))
+    input_len: int = field(default=100, metadata=help_text("prompt length, tokens (exact)"))
+    output_len: int = field(default=64, metadata=help_text("max_tokens of every request (ignore_eos)"))
+    seed: int = field(default=0, metadata=help_text("workload seed, the same for every server"))
+    servers: str = field(default="agg,vllm,agg_router", metadata=help_text("which servers, in the order they run"))
+    redis_db: int = field(default=5, metadata=help_text("Redis database (1-5) for our deployments, flushed per start"))
+    warmup_sessions: int = field(default=4, metadata=help_text("unrecorded requests per server"))
+    deadline_s: float = field(default=600.0, metadata=help_text("bound on each server's run"))
 
     @property
     def server_labels(self) -> list[str]:

@@ -13,6 +13,8 @@ import random
 from dataclasses import dataclass, field
 from enum import Enum
 
+from bench.flags import help_text
+
 
 class WorkloadKind(str, Enum):
     SYNTHETIC = "synthetic"
@@ -25,29 +27,26 @@ class LengthDist(str, Enum):
     UNIFORM = "uniform"  # over mean +- std*sqrt(3), which has that std
 
 
-def _help(text: str) -> dict:
-    return {"help": text}
-
 
 @dataclass(frozen=True)
 class WorkloadParams:
     """Every workload knob, with small defaults; the CLI's flags are generated from these fields."""
 
-    input_len_mean: int = field(default=128, metadata=_help("synthetic: mean prompt length, tokens"))
-    input_len_std: float = field(default=32.0, metadata=_help("synthetic: prompt length std, tokens"))
-    output_len_mean: int = field(default=64, metadata=_help("synthetic, multiturn: mean max_tokens"))
-    output_len_std: float = field(default=0.0, metadata=_help("synthetic, multiturn: max_tokens std"))
-    length_dist: LengthDist = field(default=LengthDist.NORMAL, metadata=_help("length distribution"))
-    vocab_min: int = field(default=10, metadata=_help("smallest prompt token id"))
-    vocab_max: int = field(default=1500, metadata=_help("prompt token ids are below this"))
-    turns_per_session: int = field(default=3, metadata=_help("multiturn: turns per conversation"))
-    num_system_prompts: int = field(default=2, metadata=_help("multiturn: distinct shared system prompts"))
-    system_prompt_words: int = field(default=128, metadata=_help("multiturn: system prompt length, words"))
-    user_turn_words: int = field(default=16, metadata=_help("multiturn: user message length, words"))
-    long_input_len: int = field(default=1024, metadata=_help("mixed: long-prompt length, tokens"))
-    long_output_len: int = field(default=16, metadata=_help("mixed: long-prompt max_tokens"))
-    short_input_len: int = field(default=32, metadata=_help("mixed: short-prompt length, tokens"))
-    short_output_len: int = field(default=256, metadata=_help("mixed: short-prompt max_tokens"))
+    input_len_mean: int = field(default=128, metadata=help_text("synthetic: mean prompt length, tokens"))
+    input_len_std: float = field(default=32.0, metadata=help_text("synthetic: prompt length std, tokens"))
+    output_len_mean: int = field(default=64, metadata=help_text("synthetic, multiturn: mean max_tokens"))
+    output_len_std: float = field(default=0.0, metadata=help_text("synthetic, multiturn: max_tokens std"))
+    length_dist: LengthDist = field(default=LengthDist.NORMAL, metadata=help_text("length distribution"))
+    vocab_min: int = field(default=10, metadata=help_text("smallest prompt token id"))
+    vocab_max: int = field(default=1500, metadata=help_text("prompt token ids are below this"))
+    turns_per_session: int = field(default=3, metadata=help_text("multiturn: turns per conversation"))
+    num_system_prompts: int = field(default=2, metadata=help_text("multiturn: distinct shared system prompts"))
+    system_prompt_words: int = field(default=128, metadata=help_text("multiturn: system prompt length, words"))
+    user_turn_words: int = field(default=16, metadata=help_text("multiturn: user message length, words"))
+    long_input_len: int = field(default=1024, metadata=help_text("mixed: long-prompt length, tokens"))
+    long_output_len: int = field(default=16, metadata=help_text("mixed: long-prompt max_tokens"))
+    short_input_len: int = field(default=32, metadata=help_text("mixed: short-prompt length, tokens"))
+    short_output_len: int = field(default=256, metadata=help_text("mixed: short-prompt max_tokens"))
 
 
 @dataclass(frozen=True)
