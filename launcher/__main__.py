@@ -103,6 +103,12 @@ def flower_child(settings: Settings) -> Child:
                             f"--port={settings.flower.port}", "--address=0.0.0.0"], stop_order=4)
 
 
+def started_workers(children: list[Child]) -> Counter:
+    """Role -> how many workers this node started. Worker children are named role + index."""
+    roles = (c.name.rstrip("0123456789") for c in children)
+    return Counter(role for role in roles if role in ("decode", "prefill", "router"))
+
+
 def wait_ready(settings: Settings, supervisor: Supervisor, timeout_s: float, expected: Counter) -> str | None:
     """Waits until /health says 200 and shows at least the workers this node started, role by
     role (a node that starts no workers needs only the frontend to answer). Returns None when
@@ -162,9 +168,7 @@ def serve(args: argparse.Namespace) -> int:
         if "flower" in roles and settings.flower.enabled:
             supervisor.start(flower_child(settings))
         if "frontend" in roles:
-            workers = Counter(c.name.rstrip("0123456789") for c in supervisor.children
-                              if c.name.rstrip("0123456789") in ("decode", "prefill", "router"))
-            problem = wait_ready(settings, supervisor, args.ready_timeout_s, workers)
+            problem = wait_ready(settings, supervisor, args.ready_timeout_s, started_workers(supervisor.children))
             if problem or supervisor.stopping:
                 if problem:
                     logger.error("deployment did not start: %s", problem)
