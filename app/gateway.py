@@ -8,6 +8,7 @@ that took it stops renewing its lease. Nothing waits on Celery results.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections import Counter
@@ -19,6 +20,7 @@ from celery import Celery
 
 from app import metrics
 from app.errors import APIError, NoWorkers, UpstreamTimeout
+from app.streams import StreamReader
 from config import Settings
 from tasks import keys, queues
 from tasks.messages import (
@@ -28,8 +30,8 @@ from tasks.registry import is_alive, live_workers
 
 logger = logging.getLogger(__name__)
 
-# How long one XREAD blocks before the gateway re-checks deadlines and worker leases.
-POLL_INTERVAL_MS = 1000
+# How often a waiting request re-checks its deadlines and its worker's lease.
+POLL_INTERVAL_S = 1.0
 # Live-worker lookups are cached this long, so a burst of requests costs one SCAN.
 WORKER_CACHE_S = 1.0
 
@@ -51,6 +53,7 @@ class Gateway:
         self.settings = settings
         self.celery = celery
         self.redis = client
+        self.streams = StreamReader(client)
         self._workers_checked_at = 0.0
         self._roles: Counter = Counter()
         self._lock = threading.Lock()
@@ -96,6 +99,8 @@ class Gateway:
             self.celery.send_task(
                 queues.ROUTE_TASK if self.settings.router.enabled else queues.GENERATE_TASK,
                 args=[request_to_task_arg(msg)],
+                # The request id as the task id: Flower and the worker's log then name the request.
+                task_id=sub.request_id,
                 # A task nobody waits for any more is dropped by the broker-side expiry.
                 expires=self.settings.frontend.first_token_timeout_s,
             )
@@ -107,44 +112,51 @@ class Gateway:
         """Yields (sub-request, delta) until every sub-request has finished. Raises APIError on
         failure or timeout, after cancelling whatever is still running."""
         by_key = {keys.output_stream(s.request_id): s for s in subs}
-        cursors = {key: "0-0" for key in by_key}
+        unfinished = set(by_key)
         started = next_check = last_delta = time.monotonic()
         first_delta = True
+        replies = self.streams.open(list(by_key))
         try:
-            while cursors:
+            while unfinished:
                 if time.monotonic() >= next_check:  # at most once a poll interval, not per token
                     self._check_deadlines(subs, started)
-                    next_check = time.monotonic() + POLL_INTERVAL_MS / 1000
-                reply = self.redis.xread(cursors, block=POLL_INTERVAL_MS)
-                for raw_key, entries in reply or []:
-                    key = raw_key.decode() if isinstance(raw_key, bytes) else raw_key
-                    sub = by_key[key]
-                    for entry_id, fields in entries:
-                        cursors[key] = entry_id
-                        event = decode_event(fields[b"m"])
-                        if isinstance(event, Delta):
-                            now = time.monotonic()
-                            if first_delta:
-                                metrics.TTFT.observe(now - started)
-                            else:
-                                metrics.ITL.observe(now - last_delta)
-                            first_delta, last_delta = False, now
-                            yield sub, event
-                        elif isinstance(event, Routed):
-                            sub.routed = event
-                        elif isinstance(event, Accepted):
-                            metrics.QUEUE_WAIT.observe(time.monotonic() - started)
-                            sub.worker_id = event.worker_id
-                            logger.info("[%s] taken by %s", sub.request_id, event.worker_id)
-                        elif isinstance(event, Finished):
-                            sub.finished = event
-                            del cursors[key]
-                        elif isinstance(event, Failed):
-                            raise APIError(event.message, status=event.status, type=event.type)
+                    next_check = time.monotonic() + POLL_INTERVAL_S
+                try:
+                    key, entries = replies.get(timeout=max(0.0, next_check - time.monotonic()))
+                except queue.Empty:
+                    continue
+                if isinstance(entries, Exception):
+                    raise APIError(f"lost the connection to Redis: {entries}", status=503,
+                                   type="service_unavailable")
+                sub = by_key[key]
+                for _, fields in entries:
+                    event = decode_event(fields[b"m"])
+                    if isinstance(event, Delta):
+                        now = time.monotonic()
+                        if first_delta:
+                            metrics.TTFT.observe(now - started)
+                        else:
+                            metrics.ITL.observe(now - last_delta)
+                        first_delta, last_delta = False, now
+                        yield sub, event
+                    elif isinstance(event, Routed):
+                        sub.routed = event
+                    elif isinstance(event, Accepted):
+                        metrics.QUEUE_WAIT.observe(time.monotonic() - started)
+                        sub.worker_id = event.worker_id
+                        logger.info("[%s] taken by %s", sub.request_id, event.worker_id)
+                    elif isinstance(event, Finished):
+                        sub.finished = event
+                        unfinished.discard(key)
+                        self.streams.close([key])
+                    elif isinstance(event, Failed):
+                        raise APIError(event.message, status=event.status, type=event.type)
         except BaseException:
             # The client went away (GeneratorExit) or the request failed: stop the others.
             self.cancel(s for s in subs if s.finished is None)
             raise
+        finally:
+            self.streams.close(by_key)
 
     def _check_deadlines(self, subs: list[SubRequest], started: float) -> None:
         waited = time.monotonic() - started

@@ -182,12 +182,16 @@ def _generate(kind: str, req: ChatCompletionRequest | CompletionRequest, prompts
 
 
 def _routing_headers(subs: list[SubRequest]) -> dict[str, str]:
-    """Where the request went and why, for the first prompt (one per prompt is rarely wanted)."""
-    sub = subs[0]
-    headers = {"X-Worker-Id": sub.routed.worker_id if sub.routed else (sub.worker_id or "")}
-    if sub.routed:
-        headers.update({"X-Route-Mode": sub.routed.mode, "X-Overlap-Blocks": str(sub.routed.overlap_blocks),
-                        "X-Prompt-Blocks": str(sub.routed.prompt_blocks)})
+    """Where each prompt went and why: one comma-separated value per prompt, in prompt order
+    (a single prompt's values are plain)."""
+    def each(value) -> str:
+        return ",".join(value(sub) for sub in subs)
+
+    headers = {"X-Worker-Id": each(lambda s: s.routed.worker_id if s.routed else (s.worker_id or ""))}
+    if subs[0].routed:
+        headers.update({"X-Route-Mode": subs[0].routed.mode,
+                        "X-Overlap-Blocks": each(lambda s: str(s.routed.overlap_blocks) if s.routed else ""),
+                        "X-Prompt-Blocks": each(lambda s: str(s.routed.prompt_blocks) if s.routed else "")})
     return headers
 
 

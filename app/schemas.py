@@ -4,24 +4,25 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from app.errors import BadRequest
 
 PositiveInt = Annotated[int, Field(ge=1)]
-# JSON booleans only: pydantic would otherwise read "yes" as true.
-Bool = StrictBool
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 
 
 class _Body(BaseModel):
     # Clients send fields we do not act on (user, metadata...); those are ignored, as OpenAI
     # and vLLM do. Fields whose meaning we cannot honour are refused in `_refuse_unsupported`.
-    model_config = ConfigDict(extra="ignore")
+    # Strict: a field takes only its own JSON type, so "max_tokens": "5", "temperature": "0.5",
+    # "top_k": 2.0 or "stream": "yes" are 400s, as with OpenAI, not quietly converted. Float
+    # fields still take integers ("temperature": 1), which strict mode allows and OpenAI does too.
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class StreamOptions(_Body):
-    include_usage: Bool = False
+    include_usage: bool = False
 
 
 class TextPart(_Body):
@@ -55,9 +56,9 @@ class _Sampling(_Body):
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
     seed: int | None = None
     n: int = Field(1, ge=1, le=16)
-    stream: Bool = False
+    stream: bool = False
     stream_options: StreamOptions | None = None
-    ignore_eos: Bool = False
+    ignore_eos: bool = False
 
     @property
     def stop_list(self) -> list[str]:
@@ -75,7 +76,7 @@ class _Sampling(_Body):
 class ChatCompletionRequest(_Sampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: PositiveInt | None = None
-    logprobs: Bool = False
+    logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list | None = None
     response_format: dict | None = None
@@ -102,7 +103,7 @@ class ChatCompletionRequest(_Sampling):
 class CompletionRequest(_Sampling):
     prompt: str | TokenIds | Annotated[list[str], Field(min_length=1)] | Annotated[list[TokenIds], Field(min_length=1)]
     logprobs: int | None = Field(None, ge=0, le=20)
-    echo: Bool = False
+    echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
 

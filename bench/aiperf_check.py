@@ -26,7 +26,7 @@ from bench.deploy import ROOT, LauncherDeployment, trim_log
 from bench.flags import help_text
 from bench.runner import RunOptions
 from bench.scenario import MachineState, Workload, fmt, measure, table, write_json
-from bench.stats import summarize
+from bench.stats import median, summarize
 from bench.workloads import WorkloadKind, WorkloadParams
 
 logger = logging.getLogger(__name__)
@@ -101,13 +101,6 @@ def tool_order(rounds: int) -> list[str]:
     """aiperf and the harness alternately, starting and ending with aiperf, so each harness run
     has an aiperf run on either side and slow drift of the machine shows."""
     return ["aiperf", "harness"] * rounds + ["aiperf"]
-
-
-def median(values: list[float | None]) -> float | None:
-    from bench.stats import percentile
-
-    present = [v for v in values if v is not None]
-    return percentile(present, 50) if present else None
 
 
 def agreement(a: float | None, b: float | None) -> float | None:

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from bench.flags import add_dataclass_flags, from_flags, help_text
@@ -55,6 +55,8 @@ class DisaggSpec:
     short_input_len: int = field(default=32, metadata=help_text("short prompts, tokens"))
     short_output_len: int = field(default=192, metadata=help_text("short prompts' max_tokens"))
     seed: int = field(default=0, metadata=help_text("load point i uses seed + i on both deployments"))
+    connector: str = field(default="pull", metadata=help_text("the disagg deployment's disagg.connector: pull "
+                                                              "(decode reads the KV) or push (prefill writes it)"))
     point_deadline_s: float = field(default=240.0, metadata=help_text("bound on each load point"))
 
     @property
@@ -175,10 +177,11 @@ class _Deployment:
     """`python -m launcher serve` on its own port and Redis db (6 or 7). bench.deploy's
     LauncherDeployment allows only databases 1-5, so this reuses its process handling only."""
 
-    def __init__(self, label: str, log_dir: Path):
+    def __init__(self, label: str, log_dir: Path, extra_sets: dict | None = None):
         from bench.deploy import ManagedProcess, free_port
 
         config, sets, db = DEPLOYMENTS[label]
+        sets = {**sets, **(extra_sets or {})}
         if db not in (6, 7):
             raise ValueError("this scenario uses Redis databases 6 and 7 only")
         self.label, self.redis_url, self.port = label, f"redis://127.0.0.1:6379/{db}", free_port()
@@ -280,7 +283,8 @@ def run_deployment(label: str, spec: DisaggSpec, out: Path, model: str, points: 
     from bench.cache_stats import fresh_leases
 
     wait_for_other_benchmarks()
-    with _Deployment(label, out / "logs") as dep:
+    extra = {"disagg.connector": spec.connector} if label == "disagg" else {}
+    with _Deployment(label, out / "logs", extra) as dep:
         num_decode = 2 if label == "agg" else 1
         fresh_leases(dep.redis, num_decode, since_unix=0, timeout_s=180)
         if label == "disagg":
@@ -301,8 +305,13 @@ def run_deployment(label: str, spec: DisaggSpec, out: Path, model: str, points: 
             point = LoadPoint(LoadMode.CLOSED, concurrency)
             transfers, served = None, None
             if label == "disagg":
-                transfers = transfer_delta(before, after)
                 prefill_after = fresh_leases(dep.redis, 1, time.time(), role="prefill")
+                transfers = transfer_delta(before, after)
+                if spec.connector == "push":
+                    # The side that moves the KV counts its bytes and time: with push, the prefill
+                    # worker WRITEs it (the remote prefills and fallbacks stay the decode side's).
+                    moved = transfer_delta(prefill_before, prefill_after)
+                    transfers = replace(transfers, kv_bytes=moved.kv_bytes, kv_seconds=moved.kv_seconds)
                 served = sum(w.num_prefills_served for w in prefill_after) - sum(
                     w.num_prefills_served for w in prefill_before)
             points.append(PointResult(label, point.label, workload.options.seed, uptime,
@@ -360,6 +369,13 @@ def transfer_vs_raw(points: list[PointResult], raw: dict) -> list[dict]:
 # -- report.md ------------------------------------------------------------------------------------
 
 
+MOVES = {  # disagg.connector -> how the KV reaches the decode worker
+    "pull": "the decode worker pulls the KV over NIXL (NixlConnector)",
+    "push": "the prefill worker writes the KV over NIXL into blocks the decode worker registered "
+            "(NixlPushConnector)",
+}
+
+
 def markdown(spec: DisaggSpec, points: list[PointResult], raw: dict, started: MachineState,
              finished: MachineState) -> str:
     lines = ["# Aggregated (2 decode workers) against disaggregated (1 decode + 1 prefill)", "",
@@ -369,7 +385,7 @@ def markdown(spec: DisaggSpec, points: list[PointResult], raw: dict, started: Ma
              f"tokens in / {spec.long_output_len} out), half short ({spec.short_input_len} in / "
              f"{spec.short_output_len} out), closed loop, load point i uses seed {spec.seed} + i on both",
              "- disagg: prompts longer than 512 uncached tokens are prefilled on the prefill worker while the "
-             "prefill queue holds fewer than 4; the decode worker pulls the KV over NIXL (NixlConnector)", ""]
+             "prefill queue holds fewer than 4; " + MOVES[spec.connector], ""]
     for load in dict.fromkeys(p.load for p in points):
         agg = next((p for p in points if p.load == load and p.deployment == "agg"), None)
         dis = next((p for p in points if p.load == load and p.deployment == "disagg"), None)
@@ -386,10 +402,11 @@ def markdown(spec: DisaggSpec, points: list[PointResult], raw: dict, started: Ma
                 lines += [f"- {p.deployment}: {p.idle['cores_used']:.2f} cores; {tops}"]
             lines += [""]
         t = dis.transfers
-        lines += table(["KV over NIXL (decode worker's lease, after − before)", "value"], [
-            ["remote prefills / local fallbacks", f"{t.remote_prefills} / {t.local_fallbacks}"],
-            ["prefills served (prefill worker's lease)", str(dis.prefill_served)],
-            ["bytes pulled", f"{t.kv_bytes:,}"],
+        mover = "prefill" if spec.connector == "push" else "decode"
+        lines += table(["KV over NIXL (leases, after − before)", "value"], [
+            ["remote prefills / local fallbacks (decode worker)", f"{t.remote_prefills} / {t.local_fallbacks}"],
+            ["prefills served (prefill worker)", str(dis.prefill_served)],
+            [f"bytes moved ({mover} worker)", f"{t.kv_bytes:,}"],
             ["summed transfer time, s", fmt(t.kv_seconds, 4)],
             ["rate while transferring, GB/s", fmt(t.gbytes_per_s, 3)],
             ["bytes / ms per remote prefill", f"{fmt(t.bytes_per_remote_prefill, 0)} / "

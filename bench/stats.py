@@ -21,6 +21,11 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (rank - lo)
 
 
+def median(values: Sequence[float | None]) -> float | None:
+    """The median of the values that are there; None when none is."""
+    return percentile([v for v in values if v is not None], 50)
+
+
 @dataclass(frozen=True)
 class Distribution:
     """Percentiles and mean of one latency, in ms; all `None` when nothing was measured."""

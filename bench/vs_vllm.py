@@ -18,7 +18,7 @@ ITL p50 <= 1.1x (an ITL 1 ms slower, at vLLM's few ms per token).
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from bench import report as harness_report
@@ -26,7 +26,7 @@ from bench.deploy import LauncherDeployment, VllmServer
 from bench.flags import help_text
 from bench.runner import RunOptions, RunResult
 from bench.scenario import MachineState, Workload, fmt, measure, merge, table, write_harness_folder, write_json
-from bench.stats import Headline
+from bench.stats import Headline, median
 from bench.workloads import WorkloadKind, WorkloadParams
 
 logger = logging.getLogger(__name__)
@@ -64,6 +64,9 @@ class VsVllmSpec:
     redis_db: int = field(default=5, metadata=help_text("Redis database (1-5) for our deployments, flushed per start"))
     warmup_sessions: int = field(default=4, metadata=help_text("unrecorded requests per server"))
     deadline_s: float = field(default=600.0, metadata=help_text("bound on each server's run"))
+    rounds: int = field(default=1, metadata=help_text(
+        "repeat every server this many times, reversing their order each round; with more than one, "
+        "each round gets its own folder and the report gives every round's headline and the median"))
 
     @property
     def server_labels(self) -> list[str]:
@@ -124,6 +127,60 @@ def verdicts(head: Headline, baseline_itl_p50_ms: float | None, baseline_tpot_p5
 
 
 def run(spec: VsVllmSpec, out: Path, model: str = "tiny-llama") -> Path:
+    if spec.rounds <= 1:
+        _run_round(spec, out, model)
+        return out / "report.md"
+    # On a shared machine one pair of runs can be off by 2x either way (bench/results/README.md):
+    # rounds, alternating which server goes first, give the ratio a spread and a median.
+    rounds = []
+    for i in range(spec.rounds):
+        labels = spec.server_labels if i % 2 == 0 else spec.server_labels[::-1]
+        round_spec = replace(spec, rounds=1, servers=",".join(labels))
+        rounds.append(_run_round(round_spec, out / f"round-{i + 1}", model))
+    body = {"scenario": "vs-vllm", "spec": asdict(spec), "targets": asdict(PassMarks()),
+            "rounds": [{"servers": r["spec"]["servers"], "machine_start": r["machine_start"],
+                        "verdicts": r["verdicts"]} for r in rounds],
+            "medians": round_medians(rounds)}
+    write_json(out / "results.json", body)
+    path = out / "report.md"
+    path.write_text(rounds_markdown(spec, body))
+    return path
+
+
+def round_medians(rounds: list[dict]) -> dict[str, dict[str, float | None]]:
+    """Per target, per headline name: the median of the rounds' values (None where none had it)."""
+    values: dict[str, dict[str, list[float]]] = {}
+    for r in rounds:
+        for target, verdicts_ in r["verdicts"].items():
+            for v in verdicts_:
+                values.setdefault(target, {}).setdefault(v["name"], []).append(v["value"])
+    return {t: {name: median(vs) for name, vs in by_name.items()} for t, by_name in values.items()}
+
+
+def rounds_markdown(spec: VsVllmSpec, body: dict) -> str:
+    lines = ["# Our deployments against vLLM's own server, in rounds", "",
+             f"- {spec.rounds} rounds; each ran every server alone, in the order given below; workload: "
+             f"synthetic {spec.input_len} in / {spec.output_len} out (ignore_eos), {spec.num_requests} requests "
+             f"per load point, closed loop at concurrency {spec.concurrency}, seed {spec.seed}",
+             "- each round's full report, logs and plots: `round-N/report.md`", ""]
+    for target, medians in body["medians"].items():
+        lines += [f"## `{target}` against `{BASELINE}`", ""]
+        names = list(medians)
+        marks = {v["name"]: v["mark"] for v in body["rounds"][0]["verdicts"][target]}
+        rows = []
+        for i, r in enumerate(body["rounds"]):
+            by_name = {v["name"]: v for v in r["verdicts"][target]}
+            rows.append([f"round {i + 1} ({r['servers']}; load {r['machine_start']['load_1m']:.1f})"]
+                        + [fmt(by_name[n]["value"], 2) for n in names])
+        rows.append(["**median**"] + [f"**{fmt(medians[n], 2)}**" for n in names])
+        rows.append(["target"] + [marks[n] for n in names])
+        lines += table(["round"] + names, rows, align="l" + "r" * len(names))
+    return "\n".join(lines)
+
+
+def _run_round(spec: VsVllmSpec, out: Path, model: str) -> dict:
+    """Every server once, in the spec's order; writes results.json and report.md into `out` and
+    returns what results.json holds."""
     started = MachineState.now()
     workload = spec.workload()
     runs, machines = [], {}
@@ -144,9 +201,8 @@ def run(spec: VsVllmSpec, out: Path, model: str = "tiny-llama") -> Path:
             "verdicts": {t: [asdict(v) for v in vs] for t, vs in checks.items()},
             "summaries": [asdict(s) for s in analysis.summaries]}
     write_json(out / "results.json", body)
-    path = out / "report.md"
-    path.write_text(markdown(spec, analysis, checks, started, finished, machines))
-    return path
+    (out / "report.md").write_text(markdown(spec, analysis, checks, started, finished, machines))
+    return body
 
 
 def _measure_one(label: str, workload: Workload, spec: VsVllmSpec, out: Path, model: str) -> RunResult:

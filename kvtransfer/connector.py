@@ -11,7 +11,7 @@ import os
 import random
 import socket
 
-CONNECTORS = {"pull": "NixlConnector"}
+CONNECTORS = {"pull": "NixlConnector", "push": "NixlPushConnector"}
 ROLES = {"prefill": "kv_producer", "decode": "kv_consumer"}
 # How long NIXL's progress thread sleeps between idle polls, for kvtransfer/nixl_agents.py.
 PROGRESS_DELAY_ENV = "LLMQ_NIXL_PROGRESS_DELAY_US"
@@ -60,20 +60,32 @@ def engine_id_for(worker_id: str, pid: int | None = None) -> str:
     return f"{name}-{os.getpid() if pid is None else pid}"
 
 
-def transfer_config(role: str, engine_id: str, connector: str, progress_delay_us: int = 1000):
+def transfer_config(role: str, engine_id: str, connector: str, progress_delay_us: int = 1000,
+                    push_registration_timeout_s: float = 10.0, kv_lease_s: int = 30):
     from vllm.config import KVTransferConfig
 
     os.environ[PROGRESS_DELAY_ENV] = str(progress_delay_us)  # read in the engine's processes, which inherit it
+    # Push always goes through our module: vLLM's own push connector leaves a decode request
+    # whose push never came waiting for ever (kvtransfer/push.py).
+    ours = progress_delay_us > 0 or connector == "push"
     return KVTransferConfig(
         kv_connector=CONNECTORS[connector],
         # vLLM's connectors, loaded through our module, which tames NIXL's progress thread.
-        kv_connector_module_path="kvtransfer.nixl_agents" if progress_delay_us else None,
+        kv_connector_module_path="kvtransfer.nixl_agents" if ours else None,
         kv_role=ROLES[role],
         kv_buffer_device="cpu",
         engine_id=engine_id,
-        # If pulling the prefilled KV fails (say the prefill worker died after it answered),
-        # the decode engine recomputes the prompt itself instead of failing the request.
+        # If pulling the prefilled KV fails (say the prefill worker died after it answered), or
+        # a push never comes, the decode engine recomputes the prompt itself instead of failing
+        # the request.
         kv_load_failure_policy="recompute",
+        kv_connector_extra_config={
+            # How long the prefill engine holds computed blocks for a decoder that has not
+            # taken them yet (renewed by the decoder's heartbeats while it waits).
+            "kv_lease_duration": kv_lease_s,
+            # Push: how long the decode engine waits for the WRITE after registering its blocks.
+            "push_registration_timeout": push_registration_timeout_s,
+        },
     )
 
 

@@ -1,4 +1,5 @@
-"""vLLM's NIXL connector, with a NIXL progress thread that sleeps when it has nothing to do.
+"""vLLM's NIXL connectors, with a NIXL progress thread that sleeps when it has nothing to do, and
+a push connector whose decode side recomputes a prompt whose push never came.
 
 NIXL's Python agent hard-codes ``pthrDelay = 0`` for its progress thread, which then busy-polls
 UCX: a whole core per idle agent, against 0.02 cores with a 1 ms sleep (``python -m
@@ -8,26 +9,178 @@ the side that holds the KV to make progress while its engine is idle, and only t
 (Untested here without it since the pinning fix in workers/engine.py.)
 
 vLLM loads this module inside each engine process (``kv_connector_module_path``), so the patch
-applies there whatever way vLLM starts that process. The class keeps vLLM's name, so every
-``has_connector("NixlConnector")`` check in vLLM still sees it. The delay comes from the
+applies there whatever way vLLM starts that process. The classes keep vLLM's names, so every
+``has_connector("NixlConnector")`` check in vLLM still sees them. The delay comes from the
 environment, which the worker sets before its engine starts (``PROGRESS_DELAY_ENV``).
+
+vLLM builds a connector twice per engine, through the same factory and so from this module:
+once with role SCHEDULER in the engine core's scheduler, once with role WORKER in the model
+runner (vllm/distributed/kv_transfer/kv_transfer_state.py). Our push connector builds our halves
+for both roles; they meet only through the connector metadata the scheduler half hands the
+worker half each step, and the transfer results going back (kvtransfer/push.py says what for).
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import sys
+import time
 
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl import base_worker
+from vllm.distributed.kv_transfer.kv_connector.v1.nixl.connector import NixlBaseConnector
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl.connector import NixlConnector as _PullConnector
+from vllm.distributed.kv_transfer.kv_connector.v1.nixl.connector import NixlPushConnector as _PushConnector
+from vllm.distributed.kv_transfer.kv_connector.v1.nixl.push_scheduler import NixlPushConnectorScheduler
+from vllm.distributed.kv_transfer.kv_connector.v1.nixl.push_worker import NixlPushConnectorWorker
 
+from kvtransfer import push
 from kvtransfer.connector import PROGRESS_DELAY_ENV, patch_progress_delay
 
+# Under vLLM's logger: the engine processes configure its handler, and nothing else.
+logger = logging.getLogger(f"vllm.{__name__}")
 
 if base_worker.NixlWrapper is not None:
     patch_progress_delay(sys.modules[base_worker.NixlWrapper.__module__].nixlBind,
                          int(os.environ.get(PROGRESS_DELAY_ENV, "1000")))
 
 
+@contextlib.contextmanager
+def unpinned_when_nobind():
+    """Undoes the core pinning that building vLLM's NIXL worker half does, for engines that run
+    unpinned (``VLLM_CPU_OMP_THREADS_BIND=nobind``, workers/engine.py).
+
+    On CPU, vLLM's NIXL worker pins the model runner's thread to the last core of each NUMA node
+    (nixl/base_worker.py, "reserve different cores for start_load_kv"), in every engine, and the
+    NIXL threads it starts next inherit that core. On 2 cores the decode and the prefill engine's
+    runners and all their NIXL threads then shared core 1. A decode engine waiting for KV steps
+    without pause, so it took that core: with push, 900-token prefills took 20 s instead of under
+    1 s and every push timed out; with pull, a read could stall until the prefill engine's hold on
+    the blocks expired (30 s, "retrieved by 0 remote worker(s)"). So every thread this pinned is
+    given back the cores the process was allowed before.
+    """
+    allowed = os.sched_getaffinity(0)
+    yield
+    if os.environ.get("VLLM_CPU_OMP_THREADS_BIND") != "nobind":
+        return
+    moved = []
+    for tid in map(int, os.listdir("/proc/self/task")):
+        with contextlib.suppress(OSError):  # a thread that has ended meanwhile
+            if os.sched_getaffinity(tid) != allowed:
+                os.sched_setaffinity(tid, allowed)
+                moved.append(tid)
+    if moved:
+        logger.info("unpinned %d thread(s) of the model runner from vLLM's KV-transfer core (cores %s)",
+                    len(moved), sorted(allowed))
+
+
 class NixlConnector(_PullConnector):
     """Decode pulls the KV that prefill computed (vLLM's NixlConnector)."""
+
+    def __init__(self, vllm_config, role, kv_cache_config):
+        with unpinned_when_nobind():
+            super().__init__(vllm_config, role, kv_cache_config)
+
+
+class PushScheduler(NixlPushConnectorScheduler):
+    """vLLM's push scheduler half, whose registration watchdog fails the receive it gives up on.
+
+    vLLM drops a request's watchdog entry when the request ends. We keep our own, and keep it
+    when a request ends while still waiting for its push: the scheduler holds such a request's
+    blocks until its receive finishes, and only a failed receive then gives them back.
+    """
+
+    def __init__(self, vllm_config, engine_id, kv_cache_config):
+        super().__init__(vllm_config, engine_id, kv_cache_config)
+        self._push_waits: dict[str, float] = {}     # D requests registered with P -> deadline
+        self._push_live: set[str] = set()           # ... of which not yet finished
+        self._push_outcomes: dict[str, str] = {}    # receive results, until the request ends
+
+    def update_state_after_alloc(self, request, blocks, num_external_tokens):
+        super().update_state_after_alloc(request, blocks, num_external_tokens)
+        rid = request.request_id
+        registration = self._push_pending_registrations.get(rid)
+        if registration is not None and rid not in self._push_waits:
+            self._push_waits[rid] = self._push_registration_deadlines[rid]
+            self._push_live.add(rid)
+            registration[push.WRITE_BY_KEY] = push.write_by(time.time(), self._push_registration_timeout)
+
+    def build_connector_meta(self, scheduler_output):
+        expired = push.expired(self._push_waits, time.perf_counter())
+        for rid in expired:
+            # Out of vLLM's own tables first, so it neither sends the registration late nor
+            # logs its "timed out" line and stops there.
+            del self._push_waits[rid]
+            self._push_registration_deadlines.pop(rid, None)
+            self._push_pending_registrations.pop(rid, None)
+            logger.warning("[%s] no push arrived within %.1fs of registering; failing the receive (the "
+                           "prompt is recomputed locally, or an ended request's blocks are freed)", rid,
+                           self._push_registration_timeout)
+        meta = super().build_connector_meta(scheduler_output)
+        setattr(meta, push.EXPIRED_ATTR, expired)
+        return meta
+
+    def update_connector_output(self, connector_output):
+        super().update_connector_output(connector_output)
+        for rid, outcome in push.outcomes(connector_output.finished_recving,
+                                          getattr(connector_output, "failed_recving", None)).items():
+            self._push_waits.pop(rid, None)
+            if rid in self._push_live:
+                self._push_outcomes[rid] = outcome
+
+    def request_finished(self, request, block_ids):
+        rid = request.request_id
+        delay_free, params = super().request_finished(request, block_ids)
+        if rid not in self._push_live:
+            return delay_free, params
+        self._push_live.discard(rid)
+        outcome = self._push_outcomes.pop(rid, None)
+        if rid in self._push_waits:
+            logger.info("[%s] ended while waiting for its push; its blocks return when the push lands "
+                        "or the registration times out", rid)
+        # A D request has no params of its own here; the decode worker reads the outcome.
+        return delay_free, {**(params or {}), push.OUTCOME_KEY: outcome} if outcome else params
+
+
+class PushWorker(NixlPushConnectorWorker):
+    """vLLM's push worker half: fails the receives the scheduler half gave up on, and (on P)
+    starts no WRITE after the registration's write-by time."""
+
+    def start_load_kv(self, metadata):
+        super().start_load_kv(metadata)
+        for rid in getattr(metadata, push.EXPIRED_ATTR, ()):
+            if rid in self._recving_metadata:
+                # The same path vLLM takes when it cannot send a registration: reported as a
+                # failed receive in the next transfer results.
+                self._failed_recv_reqs.put(rid)
+
+    def _do_start_push_kv(self, request_id, local_block_ids, registration_data):
+        if not push.may_write(registration_data, time.time()):
+            logger.warning("[%s] not pushing to %s: its registration is past its write-by time, so the "
+                           "decode engine may already have given those blocks back", request_id,
+                           registration_data.get("decode_engine_id"))
+            return
+        super()._do_start_push_kv(request_id, local_block_ids, registration_data)
+
+
+class NixlPushConnector(_PushConnector):
+    """Decode allocates, prefill writes (vLLM's NixlPushConnector), with our halves."""
+
+    def __init__(self, vllm_config, role, kv_cache_config):
+        # vLLM's own __init__ would build its halves, and a worker half opens a NIXL agent and
+        # a scheduler half binds the side channel: so run only the shared base, then build ours.
+        # Mirrors NixlPushConnector.__init__ in vllm 0.32 (nixl/connector.py).
+        NixlBaseConnector.__init__(self, vllm_config, role, kv_cache_config)
+        if vllm_config.parallel_config.decode_context_parallel_size > 1:
+            raise ValueError("NixlPushConnector does not support decode_context_parallel_size > 1.")
+        self.connector_scheduler = None
+        self.connector_worker = None
+        if role == KVConnectorRole.SCHEDULER:
+            self.connector_scheduler = PushScheduler(vllm_config, self.engine_id, kv_cache_config)
+        elif role == KVConnectorRole.WORKER:
+            with unpinned_when_nobind():
+                self.connector_worker = PushWorker(vllm_config, self.engine_id, kv_cache_config)
+        else:
+            raise ValueError(f"Unsupported KVConnectorRole: {role}")

@@ -12,6 +12,8 @@ import json
 import logging
 import os
 import shutil
+import signal
+import subprocess
 import sys
 import time
 import urllib.error
@@ -40,8 +42,9 @@ def _redis_answers(url: str) -> bool:
         return False
 
 
-def ensure_redis(settings: Settings, supervisor: Supervisor, timeout_s: float = 15.0) -> None:
-    url = settings.redis_url
+def ensure_redis(url: str, supervisor: Supervisor, timeout_s: float = 15.0) -> None:
+    """Starts a redis-server under the supervisor, which stops it with the rest, when nothing
+    answers at a local URL."""
     if _redis_answers(url):
         return
     parsed = urlparse(url)
@@ -157,7 +160,7 @@ def serve(args: argparse.Namespace) -> int:
     supervisor = Supervisor(env, grace_s=args.grace_s)
     supervisor.install_signal_handlers()
     try:
-        ensure_redis(settings, supervisor)
+        ensure_redis(settings.redis_url, supervisor)
         for child in worker_children(settings, roles):
             supervisor.start(child)
         if "router" in roles:
@@ -182,6 +185,28 @@ def serve(args: argparse.Namespace) -> int:
         shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
+def with_redis(args: argparse.Namespace) -> int:
+    """Runs a command (``make test``) with a Redis at the URL, started for as long as the command
+    runs if none answers, the same way ``serve`` starts one."""
+    command = args.command_argv[1:] if args.command_argv[:1] == ["--"] else args.command_argv
+    if not command:
+        print("with-redis: give the command to run after --", file=sys.stderr)
+        return 2
+    supervisor = Supervisor(dict(os.environ))
+    running: list[subprocess.Popen] = []
+    # A terminal's Ctrl-C reaches the command too (same process group): this process outlives it,
+    # so the command's own teardown (pytest stopping its deployments) still has Redis. Set
+    # before the command starts; exec resets Python handlers, so the command keeps its own.
+    signal.signal(signal.SIGINT, lambda *_: None)
+    signal.signal(signal.SIGTERM, lambda signum, _: [p.send_signal(signum) for p in running])
+    try:
+        ensure_redis(args.url, supervisor)
+        running.append(subprocess.Popen(command))
+        return running[0].wait()
+    finally:
+        supervisor.stop_all()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launcher")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -193,9 +218,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--roles", default="", help=f"comma-separated subset of {','.join(ROLES)} (default: all)")
     p.add_argument("--ready-timeout-s", type=float, default=600.0)
     p.add_argument("--grace-s", type=float, default=30.0, help="how long each process gets to stop")
+    p = sub.add_parser("with-redis", help="run a command with a Redis at URL, starting a local one if none answers")
+    p.add_argument("url", help="e.g. redis://127.0.0.1:6379")
+    p.add_argument("command_argv", nargs=argparse.REMAINDER, metavar="-- COMMAND ...")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s [launcher] %(message)s", stream=sys.stdout)
-    return serve(args)
+    return with_redis(args) if args.command == "with-redis" else serve(args)
 
 
 if __name__ == "__main__":

@@ -151,3 +151,27 @@ class RadixIndex:
 
     def blocks_of(self, worker: str) -> set[int]:
         return set(self._held.get(worker, {}).values())
+
+    # -- snapshots -------------------------------------------------------------------------
+
+    def state(self) -> tuple[list[tuple[int, int, bytes, list[str]]], dict[str, list[tuple]]]:
+        """The whole index as plain data: nodes as (key, parent key, tokens, workers), parents
+        before children, and each worker's (engine hash, key) pairs."""
+        # Insertion order is already parents first: a node is made after its parent, and a
+        # parent is never dropped while a child hangs below it.
+        nodes = [(n.key, n.parent.key if n.parent else ROOT_KEY, n.tokens, sorted(n.workers))
+                 for n in self._nodes.values()]
+        return nodes, {w: list(held.items()) for w, held in self._held.items() if held}
+
+    @classmethod
+    def restore(cls, block_size: int, nodes, held) -> RadixIndex:
+        """The index that ``state`` described."""
+        index = cls(block_size)
+        for key, parent_key, tokens, workers in nodes:
+            parent = index._nodes[parent_key] if parent_key != ROOT_KEY else None
+            node = Node(key, tokens, parent, workers=set(workers))
+            index._nodes[key] = node
+            if parent is not None:
+                parent.children[key] = node
+        index._held = {w: {engine_hash: key for engine_hash, key in pairs} for w, pairs in held.items()}
+        return index

@@ -22,6 +22,8 @@ WORKER_LEASE_PATTERN = f"{PREFIX}:worker:*"
 
 
 KV_EVENTS = f"{PREFIX}:kv-events"  # every engine's KV cache events, replayed by routers
+# The newest router index snapshot: a hash of "cursor" (a KV_EVENTS entry id) and "index".
+KV_INDEX_SNAPSHOT = f"{PREFIX}:kv-index-snapshot"
 ROUTER_OVERLAP_BLOCKS = f"{PREFIX}:router:overlap-blocks"  # running hit rate: overlap / prompt
 ROUTER_PROMPT_BLOCKS = f"{PREFIX}:router:prompt-blocks"
 ROUTER_ROUND_ROBIN = f"{PREFIX}:router:round-robin"
@@ -32,6 +34,26 @@ def prefill_done_channel(request_id: str) -> str:
     return f"{PREFIX}:prefill-done:{request_id}"
 
 
+def prefill_claim(request_id: str) -> str:
+    """Push: set once (SET NX), by the prefill worker that takes the prefill (its PrefillClaimed)
+    or by the decode worker that stopped waiting for one (CLAIM_ABANDONED): the first decides."""
+    return f"{PREFIX}:prefill-claim:{request_id}"
+
+
+CLAIM_ABANDONED = b"abandoned"
+
+
+def prefill_claimed_channel(request_id: str) -> str:
+    """Push: pub/sub channel on which a prefill worker tells the decode worker it took the prefill."""
+    return f"{PREFIX}:prefill-claimed:{request_id}"
+
+
 def prefill_abandoned(request_id: str) -> str:
     """Set by a decode worker that stopped waiting, so a late prefill worker skips the work."""
     return f"{PREFIX}:prefill-abandoned:{request_id}"
+
+
+def frontend_wake(reader_id: str) -> str:
+    """A frontend process's own stream; a new request writes to it to wake that process's
+    blocked XREAD (app/streams.py)."""
+    return f"{PREFIX}:frontend-wake:{reader_id}"

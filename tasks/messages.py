@@ -68,6 +68,20 @@ class PrefillDone(msgspec.Struct, frozen=True):
     error: str | None = None
 
 
+class PrefillClaimed(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Push: a prefill worker took a decode worker's prefill, and is computing it now.
+
+    The decode engine then allocates the prompt's blocks and registers them with this NIXL
+    engine (its side channel at ``host``:``port``), which WRITEs the KV into them.
+    """
+
+    request_id: str
+    prefill_worker_id: str
+    engine_id: str
+    host: str
+    port: int
+
+
 class TopLogprob(msgspec.Struct, frozen=True, array_like=True):
     token: str
     logprob: float
@@ -168,8 +182,23 @@ class KvEvent(msgspec.Struct, frozen=True, array_like=True):
     block_size: int = 0
 
 
+class KvIndexSnapshot(msgspec.Struct, frozen=True, array_like=True):
+    """A router's whole index as of one entry of the KV event stream (``cursor``).
+
+    A router that starts loads the newest one and replays only the events after it, so the
+    stream can be trimmed up to it and still rebuild the same index (router/service.py).
+    ``nodes`` and ``held`` are ``RadixIndex.state()``.
+    """
+
+    cursor: str
+    block_size: int
+    nodes: list[tuple[int, int, bytes, list[str]]]
+    held: dict[str, list[tuple[Union[bytes, int], int]]]
+
+
 _kv_encoder = msgspec.msgpack.Encoder()
 _kv_decoder = msgspec.msgpack.Decoder(KvEvent)
+_snapshot_decoder = msgspec.msgpack.Decoder(KvIndexSnapshot)
 
 
 def encode_kv_event(event: KvEvent) -> bytes:
@@ -178,6 +207,14 @@ def encode_kv_event(event: KvEvent) -> bytes:
 
 def decode_kv_event(raw: bytes) -> KvEvent:
     return _kv_decoder.decode(raw)
+
+
+def encode_kv_index_snapshot(snapshot: KvIndexSnapshot) -> bytes:
+    return _kv_encoder.encode(snapshot)
+
+
+def decode_kv_index_snapshot(raw: bytes) -> KvIndexSnapshot:
+    return _snapshot_decoder.decode(raw)
 
 
 def prefill_to_task_arg(req: PrefillRequest) -> dict:
@@ -194,3 +231,11 @@ def encode_prefill_done(msg: PrefillDone) -> bytes:
 
 def decode_prefill_done(raw: bytes) -> PrefillDone:
     return msgspec.json.decode(raw, type=PrefillDone)
+
+
+def encode_prefill_claimed(msg: PrefillClaimed) -> bytes:
+    return _encoder.encode(msg)
+
+
+def decode_prefill_claimed(raw: bytes) -> PrefillClaimed:
+    return msgspec.json.decode(raw, type=PrefillClaimed)

@@ -57,6 +57,13 @@ def fresh_redis_url() -> str:
     return url
 
 
+@pytest.fixture(scope="session")
+def scratch_redis_url() -> str:
+    """One database for the tests that need a bare Redis and no deployment, whose keys do not
+    overlap: the suite has only 8 databases, and every deployment fixture takes one."""
+    return fresh_redis_url()
+
+
 def make_settings(redis_url: str, base: str = "agg.yaml", **sections) -> Settings:
     overrides = [
         f"redis_url={redis_url}",

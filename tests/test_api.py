@@ -6,7 +6,11 @@ from __future__ import annotations
 import json
 import urllib.request
 
+import httpx
 import pytest
+
+from tasks import keys
+from tasks.messages import Failed, encode_event
 
 pytestmark = pytest.mark.integration
 
@@ -69,6 +73,42 @@ def test_chat_streaming_without_usage(deployment):
         model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=4, stream=True))
     assert all(getattr(c, "usage", None) is None for c in chunks)
     assert chunks[-1].choices[0].finish_reason in ("length", "stop")
+
+
+def _sse_lines(response: httpx.Response) -> list[str]:
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    return [line for line in response.iter_lines() if line]
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]}),
+    ("/completions", {"prompt": "Hi"}),
+])
+def test_raw_stream_ends_with_done(deployment, path, body):
+    # The openai client swallows the terminator; clients that parse SSE by hand stop on it.
+    body = {"model": MODEL, "max_tokens": 4, "stream": True, "stream_options": {"include_usage": True}, **body}
+    with httpx.stream("POST", deployment.base_url + path, json=body, timeout=60) as response:
+        lines = _sse_lines(response)
+    assert lines[-1] == "data: [DONE]"
+    assert all(line.startswith("data: {") for line in lines[:-1]), lines
+    assert json.loads(lines[-2].removeprefix("data: "))["usage"]["completion_tokens"] >= 1
+
+
+def test_error_mid_stream_is_a_chunk_then_done(deployment):
+    # A failure after the 200 and some tokens can only travel in the stream. It is injected as
+    # the worker itself reports one (OutputWriter.fail): a Failed event in the output stream.
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Go on."}], "max_tokens": 1500,
+            "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", deployment.base_url + "/chat/completions", json=body, timeout=60) as response:
+        # No client id was sent, so the frontend's id is the one in the stream key.
+        stream_key = keys.output_stream(response.headers["X-Request-Id"])
+        deployment.redis.xadd(stream_key, {"m": encode_event(Failed(503, "service_unavailable", "engine died"))})
+        lines = _sse_lines(response)
+    assert lines[-1] == "data: [DONE]"
+    error = json.loads(lines[-2].removeprefix("data: "))["error"]
+    # Had the request finished first, its Finished event would have ended the stream normally.
+    assert error["message"] == "engine died" and error["type"] == "service_unavailable"
 
 
 def test_chat_n_choices(deployment):

@@ -50,6 +50,7 @@ def test_malformed_json(deployment, raw):
     ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": 9}, "temperature"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": -1}, "max_tokens"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": "two"}, "n"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": "5"}, "max_tokens"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "top_p": 0}, "top_p"),
 ])
 def test_missing_ill_typed_or_out_of_range(deployment, body, param):

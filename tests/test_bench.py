@@ -302,6 +302,26 @@ def test_vs_vllm_verdicts_against_the_targets():
     assert all(v.met is None for v in missing)
 
 
+def test_vs_vllm_rounds_report_every_round_and_the_median():
+    from dataclasses import asdict
+
+    from bench.stats import Headline
+    from bench.vs_vllm import VsVllmSpec, round_medians, rounds_markdown, verdicts
+
+    def one_round(ratio, servers):
+        head = Headline("agg", "vllm", 900.0 * ratio, 900.0, ratio, "c=1", 2.0, 1.0, 1.0)
+        return {"spec": {"servers": servers}, "machine_start": {"load_1m": 1.5},
+                "verdicts": {"agg": [asdict(v) for v in verdicts(head, None)]}}
+
+    rounds = [one_round(0.7, "agg,vllm"), one_round(1.1, "vllm,agg"), one_round(0.8, "agg,vllm")]
+    medians = round_medians(rounds)["agg"]
+    assert medians["throughput at saturation, ours / vLLM"] == pytest.approx(0.8)
+    assert medians["ITL p50 at c=1, ours - vLLM (ms)"] is None  # no baseline ITL in any round
+    text = rounds_markdown(VsVllmSpec(rounds=3), {"rounds": [{"servers": r["spec"]["servers"], **r} for r in rounds],
+                                                   "medians": {"agg": medians}})
+    assert "round 2 (vllm,agg; load 1.5)" in text and "**0.80**" in text
+
+
 def test_collapsed_stacks_summaries():
     from bench.profiling import by_package, inclusive_time, parse_collapsed, self_time
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
+import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import live_status, wait_for
 
@@ -59,3 +61,58 @@ def test_256_concurrent_streaming_clients(deployment):
     results = asyncio.run(_stream_all(deployment, 256, max_tokens=8, timeout_s=300))
     assert len(results) == 256
     assert all(chunks[-1].usage.completion_tokens == 8 for chunks in results)
+
+
+async def _in_flight(http: httpx.AsyncClient) -> float:
+    """The frontend's own count of requests being served, summed over its gunicorn workers."""
+    reply = await http.get("/metrics")
+    reply.raise_for_status()
+    families = text_string_to_metric_families(reply.text)
+    return next(f.samples[0].value for f in families if f.name == "llmq_frontend_requests_in_flight")
+
+
+async def _wait_in_flight(http: httpx.AsyncClient, done, timeout_s: float, tasks=()) -> float:
+    async def poll():
+        while not done(value := await _in_flight(http)):
+            if ended := [t for t in tasks if t.done()]:
+                raise AssertionError(f"{len(ended)} stream(s) ended while {value:.0f} requests were in flight "
+                                     f"({ended[0].exception() or 'finished'})")
+            await asyncio.sleep(0.2)
+        return value
+
+    return await asyncio.wait_for(poll(), timeout_s)
+
+
+async def _hold_streams_open(dep, num_requests: int, max_tokens: int) -> float:
+    client = openai.AsyncOpenAI(base_url=dep.base_url, api_key="none", max_retries=0, timeout=120)
+
+    async def one(i: int):
+        stream = await client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": f"Request number {i}, please go on."}],
+            max_tokens=max_tokens, stream=True, extra_body={"ignore_eos": True})
+        async for _ in stream:
+            pass
+
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{dep.settings.frontend.port}", timeout=10) as http:
+        await _wait_in_flight(http, lambda n: n == 0, timeout_s=60)  # nothing else counts below
+        tasks = [asyncio.create_task(one(i)) for i in range(num_requests)]
+        try:
+            return await _wait_in_flight(http, lambda n: n >= num_requests, timeout_s=120, tasks=tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await client.close()  # the clients hang up, and the frontend cancels their work
+            await _wait_in_flight(http, lambda n: n == 0, timeout_s=120)
+
+
+def test_frontend_holds_256_streams_open_at_once(deployment):
+    # gunicorn's gthread worker queues connections beyond its threads, so 256 streams finishing
+    # shows nothing about holding them at once. Here the frontend's own in-flight gauge must reach
+    # 256 while every stream is still open: one engine runs at most engine.max_num_seqs of them,
+    # and each of those has more tokens to make than it takes to open all 256, so the rest wait
+    # in the queue with their HTTP requests open.
+    assert deployment.settings.engine.max_num_seqs < 256
+    # Near max_model_len (2048), for the widest margin; cancelled once seen, so it costs nothing.
+    peak = asyncio.run(_hold_streams_open(deployment, 256, max_tokens=1900))
+    assert peak >= 256

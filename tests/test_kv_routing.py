@@ -20,6 +20,7 @@ from router.index import block_keys
 from router.service import RouterService
 from tasks import keys
 from tasks.messages import decode_kv_event
+from test_router_index import content
 
 pytestmark = pytest.mark.integration
 
@@ -85,6 +86,17 @@ def test_a_different_prefix_goes_to_the_less_loaded_worker(routed):
     assert worker != holder and overlap == 0
 
 
+def test_a_request_with_several_prompts_says_where_each_went(routed):
+    raw = routed.client().completions.with_raw_response.create(
+        model=MODEL, prompt=[prompt(SHARED, 40), OTHER[:5 * BLOCK]], max_tokens=2, extra_body={"ignore_eos": True})
+    assert len(raw.parse().choices) == 2
+    workers = raw.headers["x-worker-id"].split(",")
+    assert len(workers) == 2 and all(w.startswith("decode") for w in workers)
+    assert raw.headers["x-prompt-blocks"].split(",") == ["20", "5"]
+    overlaps = [int(v) for v in raw.headers["x-overlap-blocks"].split(",")]
+    assert len(overlaps) == 2 and overlaps[0] <= 20 and overlaps[1] <= 5
+
+
 def test_the_router_hashes_prompts_as_the_engine_stored_them(routed):
     """Self-check: the router's own hashes of a prompt are exactly the keys it derived from the
     blocks the engine reported storing for that prompt."""
@@ -93,14 +105,27 @@ def test_the_router_hashes_prompts_as_the_engine_stored_them(routed):
     service = RouterService(routed.settings, routed.redis)
 
     def indexed() -> bool:
-        service.catch_up()
+        service.replay()
         return {k for k, _ in block_keys(ids, BLOCK)} <= service.index.blocks_of(worker)
 
     wait_for(indexed, 30, "the prompt's blocks in a replayed index")
     assert service.index.overlaps(ids)[worker] == 6
+    # Every engine batch reached the stream: none lost, and vLLM's replay buffer answered.
+    assert "KV event batch(es) lost" not in routed.log()
+    assert "replay did not answer" not in routed.log()
 
 
 def test_a_late_router_replays_to_the_same_index_and_decisions(routed, tmp_path):
+    # A replica that has read the whole stream saves the index and trims the stream up to it,
+    # as routers do every router.snapshot_every_events events (with no margin kept here).
+    complete(routed, prompt(OTHER, 30))
+    whole = RouterService(routed.settings, routed.redis)
+    whole.trim_margin_s = 0
+    whole.catch_up()
+    assert whole.save_snapshot()
+    assert routed.redis.xinfo_stream(keys.KV_EVENTS)["entries-added"] > routed.redis.xlen(keys.KV_EVENTS)
+    holder, overlap, _ = complete(routed, prompt(SHARED, 20))  # traffic after the snapshot
+
     cfg = tmp_path / "config.yaml"
     dump_settings(routed.settings, cfg)
     late = subprocess.Popen([sys.executable, "-m", "celery", "-A", "tasks", "worker", "-Q", "router", "-n",
@@ -109,14 +134,18 @@ def test_a_late_router_replays_to_the_same_index_and_decisions(routed, tmp_path)
     try:
         late_status = wait_for(lambda: next((w for w in live_status(routed, role="router")
                                              if w.worker_id.startswith("router9@")), None), 60, "the late router")
-        # Both replicas have applied the same stream, so their indexes agree block for block.
+        # The late router (snapshot, then the rest of the stream) and the live one agree.
         wait_for(lambda: router_status(routed, "router9@").index_blocks == router_status(routed).index_blocks,
                  10, "the late router to catch up")
         assert sum(late_status.index_blocks.values()) > 0
-        # And a router built from the stream alone decides as the live one did.
-        holder, overlap, _ = complete(routed, prompt(SHARED, 20))
-        fresh = RouterService(routed.settings, routed.redis).decide(prompt(SHARED, 21))
-        assert (fresh.worker_id, fresh.overlap_blocks) == (holder, overlap)
+        # Block for block: snapshot plus the stream after it is the whole stream.
+        fresh = RouterService(routed.settings, routed.redis)
+        fresh.replay()
+        wait_for(lambda: (whole.catch_up(), fresh.catch_up()) and content(fresh.index) == content(whole.index),
+                 10, "the snapshot-started index to equal the whole stream's")
+        # And it decides as the live router did.
+        decision = fresh.decide(prompt(SHARED, 21))
+        assert (decision.worker_id, decision.overlap_blocks) == (holder, overlap)
     finally:
         late.send_signal(signal.SIGTERM)
         late.wait(timeout=30)

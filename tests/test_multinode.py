@@ -80,9 +80,12 @@ def _answers(url: str) -> bool:
         return False
 
 
-def test_prefill_worker_on_another_host(two_hosts, head_redis, model_path, tmp_path):
+@pytest.mark.parametrize("connector", ["pull", "push"])
+def test_prefill_worker_on_another_host(two_hosts, head_redis, model_path, tmp_path, connector):
     ns, head_ip, node_ip = two_hosts
-    overrides = {"workers.heartbeat_interval_s": 1, "workers.lease_s": 30, "disagg.prefill_timeout_s": 60}
+    head_redis = head_redis.rsplit("/", 1)[0] + ("/0" if connector == "pull" else "/1")  # a clean db each
+    overrides = {"workers.heartbeat_interval_s": 1, "workers.lease_s": 30, "disagg.connector": connector,
+                 "disagg.prefill_timeout_s": 60, "disagg.push_registration_timeout_s": 60}
     head_settings = make_settings(head_redis, base="disagg.yaml", **overrides, **{"workers.advertise_host": head_ip})
     head = start_deployment(head_settings, tmp_path, roles="decode,frontend", ready_timeout_s=400)
     node_cfg = tmp_path / "node2.yaml"
@@ -111,17 +114,22 @@ def test_prefill_worker_on_another_host(two_hosts, head_redis, model_path, tmp_p
             model=MODEL, prompt=[10 + (i * 37) % 1500 for i in range(900)], max_tokens=8,
             extra_body={"ignore_eos": True})
         assert answer.usage.completion_tokens == 8
-        # Node 1's decode worker sent the prefill to the queue; node 2's worker computed it and
-        # answered over Redis pub/sub, and node 1 pulled the KV from node 2 over NIXL: a remote
-        # prefill, not a fallback, with nothing shared but REDIS_URL.
+        # Node 1's decode worker sent the prefill to the queue and node 2's worker computed it; the
+        # KV crossed between the hosts over NIXL (pull: node 1 read it after node 2's answer on
+        # Redis pub/sub; push: node 2 wrote it into the blocks node 1 registered after node 2's
+        # claim): a remote prefill, not a fallback, with nothing shared but REDIS_URL.
         wait_for(lambda: next(w for w in live_status(head, role="prefill") if w.worker_id == prefill.worker_id)
                  .num_prefills_served > served_before, 30, "node 2's prefill count")
         after = wait_for(lambda: next((w for w in live_status(head)
                                        if w.num_remote_prefills > before.num_remote_prefills), None), 30,
                          "node 1's decode worker to count the remote prefill")
         assert after.num_local_fallbacks == before.num_local_fallbacks
-        wait_for(lambda: live_status(head)[0].kv_transfer_bytes > before.kv_transfer_bytes, 30,
-                 "node 1's transfer statistics to show the KV that crossed")
+        # The side that moves the KV counts it: node 1's decode worker reads it, node 2's prefill
+        # worker writes it.
+        mover = before if connector == "pull" else prefill
+        moved_before = mover.kv_transfer_bytes
+        wait_for(lambda: next(w for w in live_status(head, role=None) if w.worker_id == mover.worker_id)
+                 .kv_transfer_bytes > moved_before, 30, f"{mover.worker_id}'s transfer statistics to show the KV")
     finally:
         if node2.poll() is None:
             os.killpg(node2.pid, signal.SIGINT)

@@ -72,3 +72,5 @@ def test_one_request_id_in_frontend_and_worker_logs(deployment):
                      "the worker's log line")
     assert any(ln.startswith("[frontend]") for ln in found)
     assert any(ln.startswith("[decode0]") for ln in found)
+    # The Celery task carries the same id, so Flower's task list names the request too.
+    assert any(ln.startswith("[decode0]") and "Task tasks.generate[trace-me-42-" in ln for ln in found)

@@ -20,6 +20,13 @@ def store_chain(index, worker, token_ids, prefix=""):
     return hashes
 
 
+def content(index: RadixIndex):
+    """An index's content, independent of insertion order."""
+    nodes, held = index.state()
+    return ({(key, parent, tokens, tuple(workers)) for key, parent, tokens, workers in nodes},
+            {worker: set(pairs) for worker, pairs in held.items()})
+
+
 def test_block_keys_are_chained_and_skip_partial_blocks():
     a = list(block_keys(blocks(1, 2) + [9], BS))
     b = list(block_keys(blocks(3, 2), BS))

@@ -41,6 +41,30 @@ def test_out_of_range_chat_fields(field, value):
     bad(ChatCompletionRequest, {**CHAT, field: value}, field)
 
 
+@pytest.mark.parametrize("field,value", [
+    ("max_tokens", "5"), ("max_tokens", 5.0), ("temperature", "0.5"), ("top_p", "1"), ("top_k", 2.0),
+    ("n", True), ("seed", "7"), ("presence_penalty", "0"), ("stop_token_ids", ["2"]),
+    ("max_completion_tokens", 3.0), ("top_logprobs", "2"),
+])
+def test_ill_typed_numbers_are_refused_not_converted(field, value):
+    bad(ChatCompletionRequest, {**CHAT, field: value}, field)
+
+
+def test_floats_take_integers_as_openai_does():
+    req = parse(ChatCompletionRequest, {**CHAT, "temperature": 1, "top_p": 1, "presence_penalty": -1})
+    assert (req.temperature, req.top_p, req.presence_penalty) == (1.0, 1.0, -1.0)
+    assert isinstance(req.temperature, float)
+
+
+@pytest.mark.parametrize("prompt", [[1.0, 2.0], [["1"]], [[1, True]]])
+def test_token_ids_must_be_integers(prompt):
+    bad(CompletionRequest, {"model": "m", "prompt": prompt}, "prompt")
+
+
+def test_ill_typed_completion_logprobs():
+    bad(CompletionRequest, {"model": "m", "prompt": "x", "logprobs": "2"}, "logprobs")
+
+
 def test_missing_messages():
     bad(ChatCompletionRequest, {"model": "m"}, "messages")
 

@@ -28,6 +28,38 @@ from tasks.messages import SamplingSpec
 
 logger = logging.getLogger(__name__)
 
+# vLLM names its scheduler process so (setproctitle); its model runner is "VLLM::Worker".
+SCHEDULER_PROCESS_TITLE = "VLLM::EngineCore"
+
+
+def lower_scheduler_priority(niceness: int, parent_pid: int | None = None) -> list[int]:
+    """Renices the vLLM scheduler processes under this process (or ``parent_pid``), every
+    thread of them (Linux keeps a niceness per thread; threads they start later inherit it).
+    Returns their pids.
+
+    Raising niceness needs no privilege. The model runner keeps its priority: it is the one
+    doing the engine's arithmetic."""
+    import psutil
+
+    reniced = []
+    for child in psutil.Process(parent_pid).children(recursive=True):
+        try:
+            if not " ".join(child.cmdline()).startswith(SCHEDULER_PROCESS_TITLE):
+                continue
+            for thread in child.threads():
+                os.setpriority(os.PRIO_PROCESS, thread.id, niceness)
+        except (psutil.Error, OSError) as e:
+            logger.warning("could not renice engine process %d: %s", child.pid, e)
+            continue
+        reniced.append(child.pid)
+    if reniced:
+        logger.info("vLLM scheduler process %s runs at niceness %d (engine.scheduler_nice)",
+                    ",".join(map(str, reniced)), niceness)
+    else:
+        logger.warning("found no %s process to renice", SCHEDULER_PROCESS_TITLE)
+    return reniced
+
+
 @dataclass
 class EngineLoad:
     """Latest scheduler figures, written by vLLM's stat-logger hook on the engine loop thread."""
@@ -146,6 +178,8 @@ class EngineHost:
         except FuturesTimeout:
             raise RuntimeError(f"the engine did not start within {timeout_s:.0f}s "
                                "(workers.engine_start_timeout_s)") from None
+        if self.settings.engine.scheduler_nice:
+            lower_scheduler_priority(self.settings.engine.scheduler_nice)
         logger.info(
             "engine ready: model=%s kv_blocks=%d block_size=%d in %.1fs",
             self.settings.model.resolved_path, self.num_kv_blocks,

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
-
+import asyncio
 import logging
+from typing import Any
 
 from tasks import keys
 from tasks.messages import Delta, Failed, OutputEvent, TokenLogprob, TopLogprob, encode_event
@@ -12,11 +12,17 @@ from tasks.messages import Delta, Failed, OutputEvent, TokenLogprob, TopLogprob,
 logger = logging.getLogger(__name__)
 
 
+def _append(pipe, key: str, events: list[OutputEvent]) -> None:
+    """The one place that shapes a stream entry: field "m", an encoded OutputEvent."""
+    for event in events:
+        pipe.xadd(key, {"m": encode_event(event)})
+
+
 class OutputWriter:
     """Appends events to one request's stream. The stream expires, so nothing is left behind.
 
-    ``client`` is a redis.Redis for ``write`` and a redis.asyncio.Redis for ``awrite``; the worker
-    streams tokens from the engine's event loop (async) and reports failures from its task thread.
+    Synchronous: the task thread writes Accepted, Finished and failures with it; tokens go
+    through ``BatchedStreamWriter`` on the engine's loop.
     """
 
     def __init__(self, client, request_id: str, ttl_s: int):
@@ -26,8 +32,7 @@ class OutputWriter:
 
     def _pipeline(self, events: list[OutputEvent]):
         pipe = self._client.pipeline(transaction=False)
-        for event in events:
-            pipe.xadd(self._key, {"m": encode_event(event)})
+        _append(pipe, self._key, events)
         pipe.expire(self._key, self._ttl_s)
         return pipe
 
@@ -35,12 +40,54 @@ class OutputWriter:
         if events:
             self._pipeline(events).execute()
 
-    async def awrite(self, events: list[OutputEvent]) -> None:
-        if events:
-            await self._pipeline(events).execute()
-
     def fail(self, status: int, error_type: str, message: str) -> None:
         self.write([Failed(status=status, type=error_type, message=message)])
+
+
+class BatchedStreamWriter:
+    """Appends every running request's events to their streams, one pipeline per round trip.
+
+    Why: an engine step hands the loop one output per running request, and a round trip per
+    output was half the decode worker's CPU at 32 requests (py-spy, bench/README.md). Writes
+    that arrive while a flush is in flight go into the next one, so a slow Redis means bigger
+    batches, not more round trips. One flush runs at a time, in arrival order, so each stream
+    keeps its order. ``write`` returns once its events are in Redis, which keeps backpressure.
+
+    It does not touch the streams' TTL: Accepted set it, Finished sets it again, and the config
+    makes it outlast the request (config.py, ``_streams_outlive_requests``).
+    """
+
+    def __init__(self, client):
+        self._client = client  # a redis.asyncio.Redis bound to the engine's loop
+        self._pending: list[tuple[str, list[OutputEvent], asyncio.Future]] = []
+        self._flusher: asyncio.Task | None = None
+
+    async def write(self, request_id: str, events: list[OutputEvent]) -> None:
+        if not events:
+            return
+        done = asyncio.get_running_loop().create_future()
+        self._pending.append((keys.output_stream(request_id), events, done))
+        if self._flusher is None or self._flusher.done():
+            # Started, not awaited: it runs after every request woken by this step has queued.
+            self._flusher = asyncio.create_task(self._flush())
+        await done
+
+    async def _flush(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            pipe = self._client.pipeline(transaction=False)
+            for key, events, _ in batch:
+                _append(pipe, key, events)
+            try:
+                await pipe.execute()
+            except Exception as e:  # noqa: BLE001  each writer hears of it and fails its request
+                for _, _, done in batch:
+                    if not done.done():  # a writer that timed out has cancelled its future
+                        done.set_exception(e)
+            else:
+                for _, _, done in batch:
+                    if not done.done():
+                        done.set_result(None)
 
 
 def _logprobs(completion: Any, num_top: int) -> list[TokenLogprob]:

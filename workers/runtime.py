@@ -22,18 +22,14 @@ from tasks import keys
 from kvtransfer import registry as kv_registry
 from kvtransfer.connector import engine_id_for, side_channel, transfer_config
 from kvtransfer.registry import NixlEndpoint
-from tasks.messages import (
-    Accepted, Finished, GenerateRequest, PrefillDone, PrefillRequest, Routed, encode_prefill_done,
-    prefill_to_task_arg,
-)
+from tasks.messages import Accepted, Finished, GenerateRequest, PrefillRequest, Routed, prefill_to_task_arg
 from tasks.queues import PREFILL_TASK
-from tasks.registry import is_alive
-from workers.disagg import DisaggCounters, RemotePrefill, prefill_kv
+from workers.disagg import DisaggCounters, PrefillServer, RemotePrefill
 from workers.engine import EngineHost
 from workers.heartbeat import Heartbeat
 from workers.metrics import WorkerMetrics, this_host
 from workers.kv_events import KvEventForwarder, kv_events_config, kv_events_endpoint
-from workers.outputs import OutputWriter, deltas_from, reject_malformed
+from workers.outputs import BatchedStreamWriter, OutputWriter, deltas_from, reject_malformed
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +76,11 @@ class WorkerRuntime:
             if role == "decode":
                 self.remote_prefill = RemotePrefill(settings, worker_id, self._send_prefill, self.disagg)
         self.engine = EngineHost(settings, extra_engine_args)
+        self.prefill_server: PrefillServer | None = None
+        if settings.disagg.enabled and role == "prefill":
+            self.prefill_server = PrefillServer(settings, worker_id, self.engine, self.redis, self.nixl, self.disagg)
         self._aredis = None
+        self._writer: BatchedStreamWriter | None = None
         self.metrics = WorkerMetrics(role, self._metric_figures, counters=COUNTER_FIGURES)
         self.heartbeat = Heartbeat(
             self.redis, worker_id, role, queues,
@@ -97,7 +97,9 @@ class WorkerRuntime:
         connector = self.settings.disagg.connector
         self.nixl = NixlEndpoint(engine_id, self.worker_id, self.role, host, port, connector)
         logger.info("NIXL side channel %s:%d (engine %s, %s connector)", host, port, engine_id, connector)
-        return transfer_config(self.role, engine_id, connector, self.settings.disagg.nixl_progress_delay_us)
+        d = self.settings.disagg
+        return transfer_config(self.role, engine_id, connector, d.nixl_progress_delay_us,
+                               push_registration_timeout_s=d.push_registration_timeout_s, kv_lease_s=d.kv_lease_s)
 
     def _register_nixl(self) -> None:
         kv_registry.register(self.redis, self.nixl, self.settings.workers.lease_s)
@@ -186,8 +188,7 @@ class WorkerRuntime:
         (tokens, last output), or (tokens, None) if the client cancelled. Raises TimeoutError
         past the deadline; leaving early in any way aborts the request in the engine."""
         rid = req.request_id
-        aredis = await self._async_redis()
-        out = OutputWriter(aredis, rid, self.settings.workers.stream_ttl_s)
+        aredis, writer = await self._async_redis()
         num_tokens, last = 0, None
         loop = asyncio.get_running_loop()
         next_cancel_check = loop.time() + CANCEL_CHECK_INTERVAL_S
@@ -202,50 +203,29 @@ class WorkerRuntime:
                     num_tokens += sum(len(d.token_ids) for d in events)
                     # While this write is awaited the engine keeps stepping; DELTA outputs that
                     # arrive meanwhile are merged, so a slow Redis means bigger writes, not lag.
-                    await out.awrite(events)
+                    await writer.write(rid, events)
                     last = output
                     if loop.time() >= next_cancel_check:
                         next_cancel_check = loop.time() + CANCEL_CHECK_INTERVAL_S
                         if await aredis.exists(keys.cancel_flag(rid)):
                             return num_tokens, None
+        if kv_params is not None and self.remote_prefill.pushes:
+            self.remote_prefill.settle_push(rid, last.kv_transfer_params if last is not None else None)
         return num_tokens, last
 
-    async def _async_redis(self):
-        # One asyncio client, created on (and bound to) the engine's loop on first use.
+    async def _async_redis(self) -> tuple:
+        # One asyncio client and one stream writer, created on (and bound to) the engine's loop
+        # on first use.
         if self._aredis is None:
             import redis.asyncio
 
             self._aredis = redis.asyncio.Redis.from_url(self.settings.redis_url, health_check_interval=30)
-        return self._aredis
+            self._writer = BatchedStreamWriter(self._aredis)
+        return self._aredis, self._writer
 
     def serve_prefill(self, preq: PrefillRequest) -> None:
-        """A prefill worker's task: compute the KV and tell the waiting decode worker."""
-        rid = preq.request_id
-        reason = self._skip_reason(preq)
-        if reason:
-            self.disagg.num_prefills_dropped += 1
-            logger.warning("[%s] prefill dropped: %s", rid, reason)
-            return
-        started = time.monotonic()
-        try:
-            params = self.engine.run(prefill_kv(self.engine, preq)).result()
-            done = PrefillDone(rid, self.worker_id, kv_transfer_params=params)
-            self.disagg.num_prefills_served += 1
-        except Exception as e:  # noqa: BLE001  the decode worker must hear about any failure
-            logger.exception("[%s] prefill failed", rid)
-            done = PrefillDone(rid, self.worker_id, error=f"{type(e).__name__}: {e}")
-        listeners = self.redis.publish(keys.prefill_done_channel(rid), encode_prefill_done(done))
-        logger.info("[%s] prefill of %d tokens for %s in %.3fs (%d listener)", rid, len(preq.prompt_token_ids),
-                    preq.decode_worker_id, time.monotonic() - started, listeners)
-
-    def _skip_reason(self, preq: PrefillRequest) -> str | None:
-        if time.time() >= preq.deadline_unix:
-            return "its deadline passed while queued"
-        if self.redis.exists(keys.prefill_abandoned(preq.request_id)):
-            return "the decode worker stopped waiting"
-        if not is_alive(self.redis, preq.decode_worker_id):
-            return f"decode worker {preq.decode_worker_id} is gone; no transfer to a dead peer"
-        return None
+        """A prefill worker's task: compute the KV for the waiting decode worker."""
+        self.prefill_server.serve(preq)
 
     def _fail(self, req: GenerateRequest, out: OutputWriter, error: Exception) -> None:
         from vllm.exceptions import VLLMClientError
@@ -307,7 +287,7 @@ class RouterRuntime:
 
     def start(self) -> None:
         started = time.monotonic()
-        applied = self.service.catch_up()  # replay everything before taking any request
+        applied = self.service.replay()
         logger.info("router %s (%s) replayed %d KV events into %d blocks in %.2fs", self.worker_id,
                     self.settings.router.mode, applied, self.service.index.num_blocks, time.monotonic() - started)
         self._follower.start()
@@ -322,6 +302,7 @@ class RouterRuntime:
         while not self._stop.wait(self.CATCH_UP_INTERVAL_S):
             try:
                 self.service.catch_up()
+                self.service.maybe_snapshot()
                 self.service.live_workers()
             except redis.RedisError as e:
                 logger.warning("router could not read KV events: %s", e)

@@ -1,0 +1,110 @@
+"""One reader per frontend process for every open request's output stream.
+
+Why not one XREAD per request thread: that is one Redis round trip per token per request, and
+at 32 streaming requests it was most of a frontend worker's CPU, on a machine whose engine needs
+every cycle (bench/README.md). Here one thread blocks in a single XREAD over all open streams
+and hands each stream's new entries to the request thread waiting on it.
+
+A request opened while that XREAD is blocked must not wait for its timeout, so the reader also
+reads a wake stream of its own, and ``open`` appends to it. Because the reader tracks that
+stream by entry id, a wake written just before the XREAD starts is still seen at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+import uuid
+
+import redis
+
+from tasks import keys
+
+logger = logging.getLogger(__name__)
+
+# Upper bound on one XREAD; only matters when nothing at all moves.
+BLOCK_MS = 1000
+# A wake stream outlives its process by this long at most.
+WAKE_TTL_S = 3600
+
+
+class StreamReader:
+    """``open`` a request's stream keys to get a queue of ``(key, entries)``; a Redis failure
+    arrives on every open queue as ``(None, exception)``. ``close`` them when done."""
+
+    def __init__(self, client: redis.Redis):
+        self._client = client
+        self._lock = threading.Lock()
+        self._streams: dict[str, list] = {}  # key -> [last entry id read, its queue]
+        self._wake_key = ""
+        self._wake_cursor = "0-0"
+        self._pid = 0
+
+    def open(self, stream_keys: list[str]) -> queue.SimpleQueue:
+        q: queue.SimpleQueue = queue.SimpleQueue()
+        with self._lock:
+            self._start_if_needed()
+            for key in stream_keys:
+                self._streams[key] = ["0-0", q]
+        pipe = self._client.pipeline(transaction=False)
+        pipe.xadd(self._wake_key, {"w": 1}, maxlen=1)
+        pipe.expire(self._wake_key, WAKE_TTL_S)
+        pipe.execute()
+        return q
+
+    def close(self, stream_keys) -> None:
+        with self._lock:
+            for key in stream_keys:
+                self._streams.pop(key, None)
+
+    def _start_if_needed(self) -> None:
+        # gunicorn forks workers from a master that built the app, and threads do not survive a
+        # fork: each worker process starts its own reader on first use.
+        if self._pid == os.getpid():
+            return
+        self._pid = os.getpid()
+        self._streams.clear()
+        self._wake_key = keys.frontend_wake(f"{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        self._wake_cursor = "0-0"
+        # Its own connection: a blocked XREAD holds it.
+        reader = redis.Redis(connection_pool=redis.ConnectionPool(
+            connection_class=self._client.connection_pool.connection_class,
+            **self._client.connection_pool.connection_kwargs))
+        threading.Thread(target=self._run, args=(reader,), name="stream-reader", daemon=True).start()
+
+    def _run(self, reader: redis.Redis) -> None:
+        while True:
+            with self._lock:
+                cursors = {key: cursor for key, (cursor, _) in self._streams.items()}
+            cursors[self._wake_key] = self._wake_cursor
+            try:
+                reply = reader.xread(cursors, block=BLOCK_MS)
+            except redis.RedisError as e:
+                logger.error("reading output streams failed: %s", e)
+                self._fail_all(e)
+                continue
+            self._deliver(reply or [])
+
+    def _deliver(self, reply) -> None:
+        with self._lock:
+            for raw_key, entries in reply:
+                key = raw_key.decode() if isinstance(raw_key, bytes) else raw_key
+                if key == self._wake_key:
+                    self._wake_cursor = entries[-1][0]
+                    continue
+                stream = self._streams.get(key)
+                if stream is not None:  # else closed meanwhile: nobody is waiting for it
+                    stream[0] = entries[-1][0]
+                    stream[1].put((key, entries))
+
+    def _fail_all(self, error: Exception) -> None:
+        with self._lock:
+            waiting = {id(q): q for _, q in self._streams.values()}
+        for q in waiting.values():
+            q.put((None, error))
+        # redis-py reconnects on the next call; the requests that were told fail with 503, and
+        # the next ones try again. Bounded, so a Redis outage does not spin this thread.
+        time.sleep(0.5)

@@ -1,0 +1,73 @@
+"""What the push connector needs beyond vLLM 0.32's NixlPushConnector, as plain functions.
+
+In push mode the decode engine (D) allocates blocks for a prompt, registers them with the prefill
+engine (P), and P WRITEs the KV into them. vLLM's D-side watchdog notices a registration that no
+WRITE answered (P died, or never prefilled), but only logs it: the request then waits for ever and
+keeps its blocks (scripts/push_probe.py). kvtransfer/nixl_agents.py closes that gap with these:
+
+- D's scheduler half lists the registrations that expired; its worker half reports each as a
+  failed receive, which vLLM's kv_load_failure_policy="recompute" turns into a local prefill that
+  frees the blocks first.
+- A registration carries the wall-clock time after which P must not start its WRITE, so a slow
+  (not dead) P never writes into blocks D has already given back and handed to another request.
+- A D request's final kv_transfer_params say whether the KV arrived or the engine recomputed it,
+  so the decode worker can count the outcome (workers/disagg.py).
+
+Only the engine processes import vllm; this module does not, so it is tested without one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+# In D's registration (sent to P over NIXL): P starts no WRITE after this Unix time.
+WRITE_BY_KEY = "llmq_write_by_unix"
+# On the connector metadata D's scheduler half hands its worker half: receives to fail.
+EXPIRED_ATTR = "llmq_expired_push_recvs"
+# In a D request's final kv_transfer_params: how its prompt's KV got there.
+OUTCOME_KEY = "llmq_push"
+RECEIVED = "received"
+RECOMPUTED = "recomputed"
+
+# Our engines run without tensor parallelism (EngineConfig has no such setting).
+TP_SIZE = 1
+
+
+def expired(deadlines: dict[str, float], now: float) -> list[str]:
+    """Request ids whose deadline has passed. The whole dict is scanned: deadlines of requests
+    that ended while waiting are kept, so they are not in insertion order."""
+    return [rid for rid, deadline in deadlines.items() if deadline <= now]
+
+
+def write_by(registered_unix: float, registration_timeout_s: float) -> float:
+    """P may start its WRITE in the first half of D's wait; the second half is for the WRITE
+    itself to land before D gives the blocks back."""
+    return registered_unix + registration_timeout_s / 2
+
+
+def may_write(registration: dict, now_unix: float) -> bool:
+    deadline = registration.get(WRITE_BY_KEY)
+    return deadline is None or now_unix <= deadline
+
+
+def outcomes(finished_recving: Iterable[str] | None, failed_recving: Iterable[str] | None) -> dict[str, str]:
+    """One step's receive results by request id. vLLM lists a failed receive as finished too."""
+    failed = set(failed_recving or ())
+    return {rid: RECOMPUTED if rid in failed else RECEIVED for rid in set(finished_recving or ()) | failed}
+
+
+def outcome_of(final_kv_transfer_params: dict | None) -> str | None:
+    """RECEIVED or RECOMPUTED for a D request that waited for a push; None if it ended before
+    its KV arrived (aborted) or never waited."""
+    if not isinstance(final_kv_transfer_params, dict):
+        return None
+    value = final_kv_transfer_params.get(OUTCOME_KEY)
+    return value if value in (RECEIVED, RECOMPUTED) else None
+
+
+def decode_leg_params(request_id: str, engine_id: str, host: str, port: int) -> dict:
+    """kv_transfer_params for D's request once P has claimed the prefill: allocate, register
+    with P at its side channel, and wait for P's WRITE. ``remote_request_id`` also makes D
+    heartbeat P, which keeps P's hold on the prefilled blocks alive while D waits."""
+    return {"do_remote_prefill": True, "remote_engine_id": engine_id, "remote_host": host,
+            "remote_port": port, "tp_size": TP_SIZE, "remote_request_id": request_id}

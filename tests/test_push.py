@@ -1,0 +1,200 @@
+"""The push connector's pure parts (kvtransfer/push.py), and the claim that decides between a
+prefill worker taking a prefill and its decode worker giving up on it (workers/disagg.py), on a
+real Redis: no broker, no engine."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import msgspec
+import pytest
+import redis
+import redis.asyncio
+
+from config import load_settings
+from kvtransfer import push
+from kvtransfer.connector import BadTransferParams, PROGRESS_DELAY_ENV, transfer_config
+from kvtransfer.registry import NixlEndpoint, register
+from tasks import keys
+from tasks.messages import PrefillClaimed, PrefillRequest, decode_prefill_claimed, encode_prefill_claimed
+from workers.disagg import DisaggCounters, PrefillServer, RemotePrefill
+
+SETTINGS = load_settings("configs/disagg.yaml", ["disagg.connector=push"], environ={})
+P_ENDPOINT = NixlEndpoint("prefill0-7", "prefill0@h", "prefill", "10.0.0.2", 21000, "push")
+
+
+def test_expired_scans_every_deadline_not_just_a_prefix():
+    # A request that ended while waiting keeps its older deadline behind newer ones.
+    assert push.expired({"late": 5.0, "early": 1.0, "now": 3.0}, now=3.0) == ["early", "now"]
+    assert push.expired({}, now=1.0) == []
+
+
+def test_prefill_may_write_only_in_the_first_half_of_the_decode_wait():
+    registration = {push.WRITE_BY_KEY: push.write_by(registered_unix=100.0, registration_timeout_s=10.0)}
+    assert push.may_write(registration, 105.0)
+    assert not push.may_write(registration, 105.1)
+    assert push.may_write({}, 1e12)  # a registration from vLLM's own connector has no limit
+
+
+def test_a_failed_receive_is_also_listed_as_finished_and_counts_as_recomputed():
+    assert push.outcomes({"a", "b"}, {"b"}) == {"a": push.RECEIVED, "b": push.RECOMPUTED}
+    assert push.outcomes(None, {"c"}) == {"c": push.RECOMPUTED}
+    assert push.outcomes(None, None) == {}
+
+
+@pytest.mark.parametrize("params,outcome", [
+    ({push.OUTCOME_KEY: push.RECEIVED}, push.RECEIVED),
+    ({push.OUTCOME_KEY: push.RECOMPUTED}, push.RECOMPUTED),
+    ({push.OUTCOME_KEY: "other"}, None),
+    ({}, None),
+    (None, None),
+])
+def test_outcome_of_a_decode_request(params, outcome):
+    assert push.outcome_of(params) == outcome
+
+
+def test_push_always_loads_our_connector_with_its_timeouts(monkeypatch):
+    monkeypatch.delenv(PROGRESS_DELAY_ENV, raising=False)
+    cfg = transfer_config("decode", "d-1", "push", progress_delay_us=0, push_registration_timeout_s=7, kv_lease_s=12)
+    assert cfg.kv_connector == "NixlPushConnector" and cfg.kv_connector_module_path == "kvtransfer.nixl_agents"
+    assert cfg.kv_load_failure_policy == "recompute"
+    assert cfg.kv_connector_extra_config == {"push_registration_timeout": 7, "kv_lease_duration": 12}
+    assert os.environ[PROGRESS_DELAY_ENV] == "0"
+
+
+def test_push_config_keys_are_typed_and_checked():
+    s = load_settings("configs/disagg.yaml", ["disagg.connector=push", "disagg.push_registration_timeout_s=3",
+                                              "disagg.kv_lease_s=12"], environ={})
+    assert (s.disagg.connector, s.disagg.push_registration_timeout_s, s.disagg.kv_lease_s) == ("push", 3.0, 12)
+    from config import ConfigError
+    with pytest.raises(ConfigError, match=r"disagg\.connector"):
+        load_settings("configs/disagg.yaml", ["disagg.connector=shove"], environ={})
+    with pytest.raises(ConfigError, match=r"disagg\.kv_lease_s"):
+        load_settings("configs/disagg.yaml", ["disagg.kv_lease_s=2"], environ={})
+
+
+def test_claim_round_trips():
+    claim = PrefillClaimed("r1", "prefill0@h", "prefill0-7", "10.0.0.2", 21000)
+    assert decode_prefill_claimed(encode_prefill_claimed(claim)) == claim
+    with pytest.raises(msgspec.ValidationError):
+        msgspec.json.decode(b'{"request_id": "r1", "prefill_worker_id": "p", "engine_id": "e", "host": "h", '
+                            b'"port": 1, "extra": 1}', type=PrefillClaimed)
+
+
+# -- the claim, on a real Redis -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def redis_url(scratch_redis_url) -> str:
+    return scratch_redis_url
+
+
+@pytest.fixture
+def client(redis_url) -> redis.Redis:
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    return client
+
+
+class UnusedEngine:
+    def run(self, coro):
+        coro.close()
+        raise AssertionError("a dropped prefill must not reach the engine")
+
+
+def prefill_server(client: redis.Redis, counters: DisaggCounters) -> PrefillServer:
+    return PrefillServer(SETTINGS, "prefill0@h", UnusedEngine(), client, P_ENDPOINT, counters)
+
+
+def await_claim(redis_url: str, rid: str, wait_s: float, publish: bytes | None = None):
+    """The decode side's wait for a claim, with its own asyncio client and subscription; the
+    claim message, if given, is published once the subscription stands."""
+
+    async def run():
+        aredis = redis.asyncio.Redis.from_url(redis_url)
+        pubsub = aredis.pubsub()
+        await pubsub.subscribe(keys.prefill_claimed_channel(rid))
+        try:
+            if publish is not None:
+                await aredis.publish(keys.prefill_claimed_channel(rid), publish)
+            remote = RemotePrefill(SETTINGS, "decode0@h", send_prefill=lambda preq: None, counters=DisaggCounters())
+            return await remote._await_claim(aredis, pubsub, rid, wait_s=wait_s)
+        finally:
+            await pubsub.aclose()
+            await aredis.aclose()
+
+    return asyncio.run(run())
+
+
+def listen(client: redis.Redis, rid: str):
+    """A subscription to the claim channel that stands (its confirmation read) on return."""
+    pubsub = client.pubsub()
+    pubsub.subscribe(keys.prefill_claimed_channel(rid))
+    confirmation = pubsub.get_message(timeout=5)
+    assert confirmation is not None and confirmation["type"] == "subscribe"
+    return pubsub
+
+
+def prefill_request(rid="r1", deadline_in_s=30.0) -> PrefillRequest:
+    import time
+
+    return PrefillRequest(rid, [1, 2, 3], "decode0@h", deadline_unix=time.time() + deadline_in_s)
+
+
+def test_a_claim_that_beat_the_give_up_is_still_taken(client, redis_url):
+    register(client, P_ENDPOINT, lease_s=30)
+    assert prefill_server(client, DisaggCounters())._claim(prefill_request())
+    # The claim's message went out before the decode side listened; the key still says who took it.
+    params, worker = await_claim(redis_url, "r1", wait_s=0.05)
+    assert worker == "prefill0@h"
+    assert params == push.decode_leg_params("r1", P_ENDPOINT.engine_id, P_ENDPOINT.host, P_ENDPOINT.port)
+    assert params["do_remote_prefill"] and params["remote_request_id"] == "r1"
+
+
+def test_a_prefill_worker_that_comes_after_the_give_up_drops_the_task(client, redis_url):
+    with pytest.raises(TimeoutError):
+        await_claim(redis_url, "r1", wait_s=0.05)
+    assert client.ttl(keys.prefill_claim("r1")) > 0, "the give-up must expire"
+    client.set(keys.worker_lease("decode0@h"), b"{}", ex=30)  # the decode worker is alive
+    counters, claims = DisaggCounters(), listen(client, "r1")
+    prefill_server(client, counters).serve(prefill_request())
+    assert (counters.num_prefills_dropped, counters.num_prefills_served) == (1, 0)
+    assert claims.get_message(timeout=0.2) is None
+
+
+def test_a_prefill_for_a_gone_decode_worker_is_dropped_without_a_claim(client):
+    counters, claims = DisaggCounters(), listen(client, "r1")
+    prefill_server(client, counters).serve(prefill_request())
+    assert counters.num_prefills_dropped == 1
+    assert not client.exists(keys.prefill_claim("r1"))
+    assert claims.get_message(timeout=0.2) is None
+
+
+def test_the_published_claim_names_the_engine_to_register_with(client, redis_url):
+    register(client, P_ENDPOINT, lease_s=30)
+    claims = listen(client, "r1")
+    assert prefill_server(client, DisaggCounters())._claim(prefill_request())
+    message = claims.get_message(timeout=5)
+    assert message is not None and message["channel"] == keys.prefill_claimed_channel("r1").encode()
+    client.delete(keys.prefill_claim("r1"))  # so the decode side takes the message, not the key
+    params, _ = await_claim(redis_url, "r1", wait_s=5, publish=message["data"])
+    assert (params["remote_engine_id"], params["remote_host"], params["remote_port"]) == (
+        P_ENDPOINT.engine_id, P_ENDPOINT.host, P_ENDPOINT.port)
+
+
+def test_a_claim_from_an_engine_no_longer_registered_is_refused(redis_url, client):
+    # No registry entry: the prefill engine's lease has lapsed.
+    raw = encode_prefill_claimed(PrefillClaimed("r1", "prefill0@h", "prefill0-7", "10.0.0.2", 21000))
+    with pytest.raises(BadTransferParams, match="no longer registered"):
+        await_claim(redis_url, "r1", wait_s=5, publish=raw)
+    with pytest.raises(BadTransferParams, match="unreadable"):
+        await_claim(redis_url, "r2", wait_s=5, publish=b"junk")
+
+
+def test_push_outcomes_are_counted_when_the_request_ends():
+    remote = RemotePrefill(SETTINGS, "decode0@h", send_prefill=lambda preq: None, counters=DisaggCounters())
+    remote.settle_push("a", {push.OUTCOME_KEY: push.RECEIVED})
+    remote.settle_push("b", {push.OUTCOME_KEY: push.RECOMPUTED})
+    remote.settle_push("c", None)  # ended before its KV arrived: neither
+    assert (remote._counters.num_remote_prefills, remote._counters.num_local_fallbacks) == (1, 1)

@@ -1,0 +1,187 @@
+"""The router service on a real Redis (streams, XTRIM, XINFO, WATCH, leases), with no engine.
+
+Index snapshots: a router that starts after the KV event stream was trimmed still builds the index
+that a router which saw every event has (the index round trip itself is pure). And the modes other
+than kv: random and round-robin spread requests over the live workers, whatever they cache."""
+
+import logging
+
+import pytest
+import redis
+
+from config import load_settings
+from router.index import RadixIndex
+from router.service import RouterService, stream_id
+from tasks import keys
+from tasks.messages import KvEvent, encode_kv_event
+from tasks.registry import WorkerStatus, renew_lease
+from test_router_index import BS, blocks, content, store_chain
+
+
+def test_an_index_restores_to_the_same_content_and_keeps_working():
+    index = RadixIndex(BS)
+    a = store_chain(index, "w1", blocks(1, 2, 3, 4))
+    store_chain(index, "w2", blocks(1, 2, 5))
+    index.store("w2", [b"w2-x"], b"w2-1", blocks(6))  # continues w2's chain after block 2
+    index.remove("w1", a[3:])
+    restored = RadixIndex.restore(BS, *index.state())
+    assert content(restored) == content(index)
+    for prompt in (blocks(1, 2, 3), blocks(1, 2, 6), blocks(1, 2, 5, 9), blocks(7)):
+        assert restored.overlaps(prompt) == index.overlaps(prompt)
+    # Later events apply to the restored index as to the original, removals by engine hash too.
+    for i in (index, restored):
+        i.remove("w1", a[1:3])
+        i.clear("w2")
+    assert content(restored) == content(index)
+    assert restored.overlaps(blocks(1, 2)) == {"w1": 1}
+
+
+@pytest.fixture
+def client(scratch_redis_url):
+    client = redis.Redis.from_url(scratch_redis_url)
+    client.delete(keys.KV_EVENTS, keys.KV_INDEX_SNAPSHOT, keys.ROUTER_ROUND_ROBIN, *WORKER_LEASES)
+    yield client
+    client.delete(keys.KV_EVENTS, keys.KV_INDEX_SNAPSHOT, keys.ROUTER_ROUND_ROBIN, *WORKER_LEASES)
+
+
+WORKERS = ["decode0@a", "decode1@a", "decode2@b"]
+WORKER_LEASES = [keys.worker_lease(w) for w in WORKERS]
+
+
+def lease_workers(client) -> None:
+    for worker in WORKERS:
+        renew_lease(client, WorkerStatus(worker, "decode", [], "a", 1, 0.0, 0.0), lease_s=60)
+
+
+def router(client, trim_margin_s: float = 0.0, **overrides) -> RouterService:
+    """A router replica. Its trim keeps no margin unless asked: the events here are all
+    written within a second."""
+    settings = load_settings("configs/agg_router.yaml", ["router.snapshot_every_events=0",
+                                                         *(f"router.{k}={v}" for k, v in overrides.items())])
+    service = RouterService(settings, client)
+    service.trim_margin_s = trim_margin_s
+    return service
+
+
+ENGINE_BS = router(None).index.block_size
+
+
+def engine_blocks(*values):
+    return [v for value in values for v in [value] * ENGINE_BS]
+
+
+def xadd(client, event: KvEvent) -> None:
+    # One millisecond of entry id per event, as if each came a moment after the last: a trim
+    # is by time (MINID), and these are all written within a few real milliseconds.
+    last = client.xinfo_stream(keys.KV_EVENTS)["last-generated-id"] if client.exists(keys.KV_EVENTS) else b"0-0"
+    client.xadd(keys.KV_EVENTS, {"e": encode_kv_event(event)}, id=f"{stream_id(last)[0] + 1}-0")
+
+
+def append(client, worker: str, first: int, n: int) -> None:
+    """n stored chains and every other one removed again, as engine events."""
+    for i in range(first, first + n):
+        hashes = [f"{worker}-{i}-{j}".encode() for j in range(3)]
+        xadd(client, KvEvent(worker, "stored", hashes, None, engine_blocks(i % 7, i, i + 1)))
+        if i % 2:
+            xadd(client, KvEvent(worker, "removed", hashes[1:]))
+
+
+def test_a_late_router_starts_from_the_snapshot_of_a_trimmed_stream(client):
+    live = router(client)
+    append(client, "w1", 0, 20)
+    append(client, "w2", 0, 10)
+    live.catch_up()
+    assert live.save_snapshot()
+    # The stream is trimmed up to the snapshot: the events before it are gone.
+    assert client.xlen(keys.KV_EVENTS) < 45
+    append(client, "w1", 20, 5)
+    xadd(client, KvEvent("w2", "cleared"))
+    live.catch_up()
+
+    late = router(client)
+    assert late.replay() == 5 + 2 + 1  # stored, removed (odd ones), cleared
+    assert content(late.index) == content(live.index)
+    # ... and the stream alone no longer holds it (a router that never looks for a trim).
+    stream_only = router(client, trim_margin_s=float("inf"))
+    stream_only.catch_up()
+    assert content(stream_only.index) != content(live.index)
+    assert late.index.blocks_per_worker() == {"w1": live.index.blocks_per_worker()["w1"]}
+
+
+def snapshot_ahead(client, trim_margin_s: float) -> tuple[RouterService, RouterService]:
+    """Two replicas; the one ahead saves a snapshot while the other is 10 chains behind."""
+    ahead, behind = router(client, trim_margin_s), router(client, trim_margin_s)
+    append(client, "w1", 0, 10)
+    behind.catch_up()
+    append(client, "w1", 10, 10)
+    ahead.catch_up()
+    assert ahead.save_snapshot()
+    return ahead, behind
+
+
+def test_a_router_behind_a_trim_reloads_and_an_older_snapshot_never_replaces_a_newer(client):
+    ahead, behind = snapshot_ahead(client, trim_margin_s=0)
+    # The replica behind would have saved an index without the events after its cursor, which
+    # the stream no longer holds.
+    assert not behind.save_snapshot()
+    assert behind.check_trimmed()
+    assert content(behind.index) == content(ahead.index)
+    assert not behind.check_trimmed()
+    # A router reading on after a pause finds such a gap by itself.
+    paused = router(client)
+    append(client, "w1", 20, 4)
+    paused.catch_up()
+    append(client, "w1", 24, 4)
+    ahead.catch_up()
+    assert ahead.save_snapshot()
+    append(client, "w1", 28, 4)
+    ahead.catch_up()
+    paused.catch_up()
+    assert content(paused.index) == content(ahead.index)
+
+
+def test_a_replica_a_little_behind_a_trim_loses_nothing(client):
+    ahead, behind = snapshot_ahead(client, trim_margin_s=60)
+    # The trim kept the last minute, so the replica behind reads on as if nothing happened.
+    assert not behind.check_trimmed()
+    behind.catch_up()
+    assert content(behind.index) == content(ahead.index)
+
+
+def test_snapshots_follow_the_configured_interval(client):
+    replica = router(client, snapshot_every_events=10)
+    append(client, "w1", 0, 4)  # 6 events
+    replica.catch_up()
+    assert not replica.maybe_snapshot()
+    append(client, "w1", 4, 4)
+    replica.catch_up()
+    assert replica.maybe_snapshot()
+    assert stream_id(client.hget(keys.KV_INDEX_SNAPSHOT, "cursor")) == stream_id(
+        client.xrevrange(keys.KV_EVENTS, count=1)[0][0])
+
+
+def test_a_trim_with_no_snapshot_is_reported(client, caplog):
+    append(client, "w1", 0, 10)
+    client.xtrim(keys.KV_EVENTS, maxlen=3, approximate=False)  # the workers' backstop
+    late = router(client)
+    with caplog.at_level(logging.WARNING, logger="router.service"):
+        late.replay()
+    assert "trimmed with no snapshot covering them" in caplog.text
+
+
+def test_round_robin_takes_the_live_workers_in_turn(client):
+    lease_workers(client)
+    append(client, "decode0@a", 0, 3)  # what a worker caches does not matter in this mode
+    first, second = router(client, mode="round-robin"), router(client, mode="round-robin")
+    # Two replicas share the turn through Redis, so together they still go round.
+    chosen = [(first if i % 2 else second).decide(engine_blocks(1, 2)).worker_id for i in range(6)]
+    assert sorted(chosen[:3]) == WORKERS and chosen[3:] == chosen[:3]
+
+
+def test_random_spreads_over_the_live_workers_only(client):
+    lease_workers(client)
+    client.delete(WORKER_LEASES[2])
+    service = router(client, mode="random")
+    decisions = [service.decide(engine_blocks(1, 2)) for _ in range(40)]
+    assert {d.worker_id for d in decisions} == set(WORKERS[:2])
+    assert all(d.mode == "random" and d.overlap_blocks == 0 and d.prompt_blocks == 2 for d in decisions)

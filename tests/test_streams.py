@@ -1,0 +1,153 @@
+"""The two ends of a request's output stream, against a real Redis: the worker's batched writer
+and the frontend's one-reader-per-process. No engine, no gunicorn."""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+
+import pytest
+import redis
+import redis.asyncio
+
+from app import streams
+from app.streams import StreamReader
+from tasks import keys
+from tasks.messages import Delta, Finished, decode_event, encode_event
+from workers.outputs import BatchedStreamWriter, OutputWriter
+
+from conftest import free_port
+
+
+def _texts(client: redis.Redis, request_id: str) -> list[str]:
+    return [decode_event(f[b"m"]).text for _, f in client.xrange(keys.output_stream(request_id))]
+
+
+@pytest.fixture(scope="module")
+def redis_url(scratch_redis_url) -> str:
+    return scratch_redis_url
+
+
+def test_batched_writer_keeps_each_streams_order_in_few_round_trips(redis_url):
+    url = redis_url
+    pipelines = 0
+
+    async def main():
+        nonlocal pipelines
+        client = redis.asyncio.Redis.from_url(url)
+        writer = BatchedStreamWriter(client)
+        real_pipeline = client.pipeline
+
+        def counting_pipeline(**kwargs):
+            nonlocal pipelines
+            pipelines += 1
+            return real_pipeline(**kwargs)
+
+        client.pipeline = counting_pipeline
+
+        async def one_request(rid: str):
+            for step in range(5):
+                await writer.write(rid, [Delta(index=0, text=f"{rid}:{step}", token_ids=[step])])
+
+        # Like one engine step after another: 32 requests, each woken once per step.
+        await asyncio.gather(*(one_request(f"r{i}") for i in range(32)))
+        await client.aclose()
+
+    asyncio.run(main())
+    sync = redis.Redis.from_url(url)
+    for i in range(32):
+        assert _texts(sync, f"r{i}") == [f"r{i}:{step}" for step in range(5)]
+    # 160 writes; one round trip each would be 160 pipelines.
+    assert pipelines <= 10, pipelines
+
+
+def test_batched_writer_raises_to_every_writer_when_redis_is_down():
+    async def main():
+        client = redis.asyncio.Redis(port=free_port(), socket_connect_timeout=1)
+        writer = BatchedStreamWriter(client)
+        results = await asyncio.gather(*(writer.write(f"r{i}", [Finished(num_prompt_tokens=1)]) for i in range(3)),
+                                       return_exceptions=True)
+        await client.aclose()
+        return results
+
+    assert all(isinstance(r, redis.ConnectionError) for r in asyncio.run(main()))
+
+
+@pytest.fixture
+def reader(redis_url):
+    client = redis.Redis.from_url(redis_url)
+    return client, StreamReader(client)
+
+
+def _get(q: queue.SimpleQueue, timeout_s: float = 10):
+    key, entries = q.get(timeout=timeout_s)
+    assert not isinstance(entries, Exception), entries
+    return key, [decode_event(f[b"m"]).text for _, f in entries]
+
+
+def _append(client: redis.Redis, rid: str, text: str) -> None:
+    client.xadd(keys.output_stream(rid), {"m": encode_event(Delta(index=0, text=text, token_ids=[1]))})
+
+
+def test_reader_delivers_each_stream_to_its_own_queue(reader):
+    client, reader_ = reader
+    qa = reader_.open([keys.output_stream("a")])
+    qb = reader_.open([keys.output_stream("b")])
+    for rid, text in [("a", "a1"), ("b", "b1"), ("a", "a2")]:
+        _append(client, rid, text)
+    seen_a: list[str] = []
+    while len(seen_a) < 2:
+        key, texts = _get(qa)
+        assert key == keys.output_stream("a")
+        seen_a += texts
+    assert seen_a == ["a1", "a2"]
+    assert _get(qb) == (keys.output_stream("b"), ["b1"])
+    assert qa.empty() and qb.empty()
+
+
+def test_a_stream_opened_while_the_reader_blocks_is_read_without_waiting_out_the_block(reader, monkeypatch):
+    # With a block longer than the wait below, only the wake stream can make this pass.
+    monkeypatch.setattr(streams, "BLOCK_MS", 120_000)
+    client, reader_ = reader
+    first = reader_.open([keys.output_stream("first")])
+    _append(client, "first", "x")
+    assert _get(first)[1] == ["x"]  # the reader is running, and now blocks on "first" alone
+    second = reader_.open([keys.output_stream("second")])
+    _append(client, "second", "y")
+    assert _get(second, timeout_s=10) == (keys.output_stream("second"), ["y"])
+
+
+def test_a_closed_stream_is_no_longer_delivered(reader):
+    client, reader_ = reader
+    closed = reader_.open([keys.output_stream("closed")])
+    kept = reader_.open([keys.output_stream("kept")])
+    reader_.close([keys.output_stream("closed")])
+    _append(client, "closed", "late")
+    _append(client, "kept", "k")
+    assert _get(kept)[1] == ["k"]  # the reader has read past the closed stream's entry by now
+    assert closed.empty()
+
+
+def test_a_stream_written_before_it_is_opened_is_delivered_in_full(reader):
+    # A fast worker can finish a request before the frontend's thread opens its stream; the
+    # reader starts every stream at its first entry, so nothing written earlier is lost.
+    client, reader_ = reader
+    for text in ("e1", "e2", "e3"):
+        _append(client, "early", text)
+    q = reader_.open([keys.output_stream("early")])
+    seen: list[str] = []
+    while len(seen) < 3:
+        seen += _get(q)[1]
+    assert seen == ["e1", "e2", "e3"]
+
+
+def test_worker_written_streams_expire(redis_url):
+    # The stream is the only copy of a request's output; one whose reader never came must not
+    # stay in Redis for good.
+    client = redis.Redis.from_url(redis_url)
+    key = keys.output_stream("ttl")
+    OutputWriter(client, "ttl", ttl_s=600).write([Delta(index=0, text="t", token_ids=[1])])
+    assert 0 < client.ttl(key) <= 600
+    client.persist(key)
+    OutputWriter(client, "ttl", ttl_s=300).fail(500, "internal_error", "boom")
+    assert 0 < client.ttl(key) <= 300
