@@ -32,12 +32,20 @@ bind = f"{_settings.frontend.host}:{_settings.frontend.port}"
 workers = _settings.frontend.workers
 worker_class = "gthread"
 threads = _settings.frontend.threads
+# A gthread worker accepts up to worker_connections (default 1000) and queues what its threads
+# cannot serve yet. A stream holds its thread for minutes, so a request queued behind streams in
+# one worker would wait for them while the other worker has threads free (CI saw /metrics time
+# out with 256 streams open). Accepting no more than it has threads leaves the surplus in the
+# listen backlog, where whichever worker frees a thread first takes it.
+worker_connections = threads
 # Load the tokenizer once in the master; workers share it after fork.
 preload_app = True
 # The worker's own liveness timeout; a long stream is not a hung worker under gthread.
 timeout = 60
 graceful_timeout = 30
-keepalive = 5
+# Off: with worker_connections == threads gunicorn has no room to park idle kept-alive
+# connections, and each would hold a thread. A new local TCP connection costs well under 1 ms.
+keepalive = 0
 loglevel = _settings.log_level.lower()
 accesslog = "-"
 errorlog = "-"

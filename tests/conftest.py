@@ -153,3 +153,12 @@ def live_status(dep: Deployment, role: str = "decode"):
     from tasks.registry import live_workers
 
     return live_workers(dep.redis, role=role)
+
+
+def stored_blocks(dep: Deployment, worker: str) -> int:
+    """Blocks the worker's engine reported storing, read off the KV event stream routers replay."""
+    from tasks import keys
+    from tasks.messages import decode_kv_event
+
+    events = [decode_kv_event(fields[b"e"]) for _, fields in dep.redis.xrange(keys.KV_EVENTS)]
+    return sum(len(e.block_hashes) for e in events if e.worker_id == worker and e.kind == "stored")

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from conftest import fresh_redis_url, live_status, make_settings, start_deployment, wait_for
+from conftest import fresh_redis_url, live_status, make_settings, start_deployment, stored_blocks, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -51,7 +51,9 @@ def test_routing_and_disaggregation_compose(both):
     assert after_first[worker] == before[worker] + 1
     # The KV landed in the chosen decode worker's cache, so the next turn is routed back to it,
     # and with most of the prompt cached there the uncached rest is short: it prefills locally.
-    wait_for(lambda: complete(both, PREFIX + [4, 5, 6])[1] > 0, 30, "the router to see the cached prefix")
+    # Wait on the event stream the router reads before each decision, not with requests: one
+    # routed before the events arrived would put the prefix on the other worker too.
+    wait_for(lambda: stored_blocks(both, worker) >= len(PREFIX) // 32, 30, "the decode worker's KV events")
     again, overlap, _ = complete(both, PREFIX + [7, 8, 9])
     assert again == worker and overlap >= len(PREFIX) // 32 - 1
     assert remote_prefills(both)[worker] == after_first[worker]

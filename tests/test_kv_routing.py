@@ -15,11 +15,10 @@ import pytest
 import redis
 
 from config import dump_settings
-from conftest import ROOT, fresh_redis_url, live_status, make_settings, start_deployment, wait_for
+from conftest import ROOT, fresh_redis_url, live_status, make_settings, start_deployment, stored_blocks, wait_for
 from router.index import block_keys
 from router.service import RouterService
 from tasks import keys
-from tasks.messages import decode_kv_event
 from test_router_index import content
 
 pytestmark = pytest.mark.integration
@@ -50,12 +49,6 @@ def complete(dep, ids: list[int], max_tokens: int = 2):
     out = raw.parse()
     assert out.usage.completion_tokens == max_tokens
     return raw.headers["x-worker-id"], int(raw.headers["x-overlap-blocks"]), int(raw.headers["x-prompt-blocks"])
-
-
-def stored_blocks(dep, worker: str) -> int:
-    entries = dep.redis.xrange(keys.KV_EVENTS)
-    events = [decode_kv_event(fields[b"e"]) for _, fields in entries]
-    return sum(len(e.block_hashes) for e in events if e.worker_id == worker and e.kind == "stored")
 
 
 def router_status(dep, name_prefix: str = "router0@"):
