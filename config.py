@@ -169,10 +169,10 @@ class DisaggConfig(_Section):
     max_prefill_queue_size. Both thresholds can be changed at run time (kvtransfer/policy.py)."""
 
     enabled: bool = False
-    # pull: decode reads the KV prefill computed (vLLM's NixlConnector). push: the seed's order,
-    # decode allocates and prefill writes (vLLM's NixlPushConnector, with our failure handling in
-    # kvtransfer/nixl_agents.py). README, "Connector choice".
-    connector: Literal["pull", "push"] = "pull"
+    # push: the seed's order, decode allocates and prefill writes (vLLM's NixlPushConnector, with
+    # our failure handling in kvtransfer/nixl_agents.py). pull: decode reads the KV prefill
+    # computed (vLLM's NixlConnector). README, "Connector choice".
+    connector: Literal["pull", "push"] = "push"
     # NIXL's progress thread busy-polls a whole core per engine unless it sleeps between idle
     # polls (kvtransfer/nixl_agents.py). 0 keeps NIXL's own behaviour.
     nixl_progress_delay_us: int = Field(1000, ge=0, le=1_000_000)
@@ -184,8 +184,9 @@ class DisaggConfig(_Section):
     prefill_timeout_s: float = Field(10.0, gt=0)
     # push: how long a decode engine waits for the prefill worker's WRITE once it has registered
     # its blocks, before it recomputes the prompt itself. It covers the prefill's compute: the
-    # decode engine registers while the prefill engine is still computing.
-    push_registration_timeout_s: float = Field(10.0, gt=0)
+    # decode engine registers while the prefill engine is still computing. 30 s rides out the
+    # whole-machine stalls of several engines on 2 cores (README, "Connector choice").
+    push_registration_timeout_s: float = Field(30.0, gt=0)
     # How long a prefill engine holds a prompt's KV for a decode engine that has not taken it;
     # the decode engine's heartbeats renew it while it waits. (vLLM's kv_lease_duration; at least
     # 6, since vLLM heartbeats every kv_lease_s // 6 whole seconds.)

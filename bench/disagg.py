@@ -55,8 +55,8 @@ class DisaggSpec:
     short_input_len: int = field(default=32, metadata=help_text("short prompts, tokens"))
     short_output_len: int = field(default=192, metadata=help_text("short prompts' max_tokens"))
     seed: int = field(default=0, metadata=help_text("load point i uses seed + i on both deployments"))
-    connector: str = field(default="pull", metadata=help_text("the disagg deployment's disagg.connector: pull "
-                                                              "(decode reads the KV) or push (prefill writes it)"))
+    connector: str = field(default="push", metadata=help_text("the disagg deployment's disagg.connector: push "
+                                                              "(prefill writes the KV) or pull (decode reads it)"))
     point_deadline_s: float = field(default=240.0, metadata=help_text("bound on each load point"))
 
     @property

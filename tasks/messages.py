@@ -56,16 +56,18 @@ class PrefillRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class PrefillDone(msgspec.Struct, frozen=True):
-    """Published on the decode worker's reply channel when a remote prefill ends.
+    """Published on the decode worker's reply channel when a remote prefill ends, by either
+    connector.
 
-    ``kv_transfer_params`` is what vLLM's NIXL connector returned on the prefill side; the decode
-    engine takes it as is. ``error`` is set instead when the prefill failed.
+    ``kv_transfer_params`` is what vLLM's NIXL connector returned on the prefill side; with pull
+    the decode engine takes it as is. ``error`` is set instead when the prefill failed.
     """
 
     request_id: str
     prefill_worker_id: str
     kv_transfer_params: dict | None = None
     error: str | None = None
+    prefill_s: float = 0.0  # the prefill engine's time for it, for the decode worker's log
 
 
 class PrefillClaimed(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

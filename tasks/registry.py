@@ -36,6 +36,7 @@ class WorkerStatus(msgspec.Struct, frozen=True):
     num_local_fallbacks: int = 0
     num_prefills_served: int = 0
     num_prefills_dropped: int = 0
+    num_prefill_done_notices: int = 0  # PrefillDone messages a decode worker got over pub/sub
     kv_transfer_bytes: int = 0
     kv_transfer_seconds: float = 0.0
     # Routers only: how many blocks their index holds for each worker, and events applied.

@@ -79,6 +79,8 @@ def test_long_prompt_goes_remote_and_short_stays_local(disagg):
     greedy(disagg, LONG)
     after_long = settled(disagg, "decode", lambda w: w.num_remote_prefills > before.num_remote_prefills, "remote")
     assert after_long.num_local_fallbacks == before.num_local_fallbacks
+    # The prefill worker's completion notice reached the decode worker over Redis pub/sub.
+    settled(disagg, "decode", lambda w: w.num_prefill_done_notices > before.num_prefill_done_notices, "PrefillDone")
     assert settled(disagg, "prefill", lambda w: w.num_prefills_served > served_before, "served").num_prefills_served
 
 

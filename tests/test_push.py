@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 
 import msgspec
 import pytest
@@ -198,3 +199,41 @@ def test_push_outcomes_are_counted_when_the_request_ends():
     remote.settle_push("b", {push.OUTCOME_KEY: push.RECOMPUTED})
     remote.settle_push("c", None)  # ended before its KV arrived: neither
     assert (remote._counters.num_remote_prefills, remote._counters.num_local_fallbacks) == (1, 1)
+
+
+def test_a_push_hears_the_prefill_done_over_pub_sub_after_the_claim(client, redis_url):
+    """The decode side's whole push handshake: the claim gives it where to register, and the
+    prefill worker's PrefillDone, published after it computed, arrives over pub/sub too."""
+    from tasks.messages import GenerateRequest, PrefillDone, SamplingSpec, encode_prefill_done
+    from tasks.registry import WorkerStatus, renew_lease
+
+    register(client, P_ENDPOINT, lease_s=30)
+    renew_lease(client, WorkerStatus("prefill0@h", "prefill", ["prefill"], "h", 1, 0.0, 0.0), lease_s=30)
+    counters = DisaggCounters()
+
+    def prefill_worker(preq: PrefillRequest) -> None:
+        # What PrefillServer.serve publishes, in its order: the claim, then (computed) the done.
+        claim = PrefillClaimed(preq.request_id, "prefill0@h", P_ENDPOINT.engine_id, P_ENDPOINT.host, P_ENDPOINT.port)
+        client.publish(keys.prefill_claimed_channel(preq.request_id), encode_prefill_claimed(claim))
+        client.publish(keys.prefill_done_channel(preq.request_id),
+                       encode_prefill_done(PrefillDone(preq.request_id, "prefill0@h", prefill_s=0.25)))
+
+    async def run():
+        aredis = redis.asyncio.Redis.from_url(redis_url)
+        try:
+            remote = RemotePrefill(SETTINGS, "decode0@h", send_prefill=prefill_worker, counters=counters)
+            req = GenerateRequest("r1", list(range(SETTINGS.disagg.max_local_prefill_length + 1)),
+                                  SamplingSpec(max_tokens=1), deadline_unix=time.time() + 30)
+            params = await remote.kv_transfer_params(aredis, req)
+            async with asyncio.timeout(10):
+                while remote._reports:  # the PrefillDone report, which ends when the message comes
+                    await asyncio.gather(*remote._reports)
+            return params
+        finally:
+            await aredis.aclose()
+
+    params = asyncio.run(run())
+    assert params == push.decode_leg_params("r1", P_ENDPOINT.engine_id, P_ENDPOINT.host, P_ENDPOINT.port)
+    assert counters.num_prefill_done_notices == 1
+    assert counters.num_local_fallbacks == 0
+    assert client.pubsub_numsub(keys.prefill_done_channel("r1"))[0][1] == 0, "the subscription must be closed"

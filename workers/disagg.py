@@ -20,6 +20,12 @@ The two connectors (``disagg.connector``) differ in who moves the KV and when de
   prefill, and no block was allocated. A claim and then a dead prefill worker: the decode
   engine's registration times out and it recomputes the prompt (kvtransfer/nixl_agents.py), so
   the blocks come back. The outcome is counted when the request ends (``settle_push``).
+
+Either way the prefill worker publishes PrefillDone on the reply channel when its engine has
+finished the prefill. With pull that is the go-ahead for the decode engine. With push the decode
+engine needs no go-ahead: NIXL's own notification of the WRITE schedules its decoding, as in the
+seed. The decode worker still listens, and logs and counts who prefilled, how long it took and
+whether it failed (``_report_push_done``).
 """
 
 from __future__ import annotations
@@ -60,6 +66,7 @@ class DisaggCounters:
     num_local_fallbacks: int = 0
     num_prefills_served: int = 0
     num_prefills_dropped: int = 0
+    num_prefill_done_notices: int = 0
 
 
 class RemotePrefill:
@@ -73,6 +80,7 @@ class RemotePrefill:
         self._thresholds = ThresholdSource(settings.disagg)
         self._prefill_alive = False
         self._prefill_checked_at = float("-inf")
+        self._reports: set[asyncio.Task] = set()
 
     async def kv_transfer_params(self, aredis, req: GenerateRequest) -> dict | None:
         """Params that make the decode engine take a remote prefill, or None to prefill locally."""
@@ -88,7 +96,8 @@ class RemotePrefill:
         wait_s = min(self.config.prefill_timeout_s, req.deadline_unix - time.time())
         pubsub = aredis.pubsub()
         # Subscribe before asking: pub/sub keeps nothing for late listeners.
-        await pubsub.subscribe(keys.prefill_claimed_channel(rid) if self.pushes else keys.prefill_done_channel(rid))
+        await pubsub.subscribe(keys.prefill_done_channel(rid), *([keys.prefill_claimed_channel(rid)] if self.pushes else []))
+        reporting = False
         try:
             preq = PrefillRequest(rid, req.prompt_token_ids, self.worker_id, deadline_unix=time.time() + wait_s)
             await asyncio.get_running_loop().run_in_executor(None, self._send, preq)
@@ -96,8 +105,12 @@ class RemotePrefill:
                         queue_len, self.config.connector)
             if self.pushes:
                 params, prefill_worker = await self._await_claim(aredis, pubsub, rid, wait_s)
+                task = asyncio.create_task(self._report_push_done(pubsub, rid))
+                self._reports.add(task)  # held, or the loop could collect it mid-wait
+                task.add_done_callback(self._reports.discard)
+                reporting = True
             else:
-                params, prefill_worker = await self._await_done(aredis, pubsub, wait_s)
+                params, prefill_worker = await self._await_done(aredis, pubsub, rid, wait_s)
         except (TimeoutError, BadTransferParams) as e:
             reason = "no answer within %.1fs" % wait_s if isinstance(e, TimeoutError) else str(e)
             await aredis.set(keys.prefill_abandoned(rid), 1, ex=flag_ttl_s(wait_s))
@@ -105,8 +118,8 @@ class RemotePrefill:
             logger.warning("[%s] remote prefill failed (%s); prefilling locally", rid, reason)
             return None
         finally:
-            await pubsub.unsubscribe()
-            await pubsub.aclose()
+            if not reporting:
+                await _close(pubsub)
         if self.pushes:
             # Counted when the request ends: only then is it known whether the KV came.
             logger.info("[%s] prefill claimed by %s; registering blocks for its push", rid, prefill_worker)
@@ -127,8 +140,31 @@ class RemotePrefill:
         else:
             logger.warning("[%s] no push outcome reported (params %s)", rid, final_kv_transfer_params)
 
-    async def _await_done(self, aredis, pubsub, wait_s: float) -> tuple[dict, str]:
-        done = decode_prefill_done(await self._next_message(pubsub, wait_s))
+    async def _report_push_done(self, pubsub, rid: str) -> None:
+        """Push: the prefill worker's PrefillDone, read while the decode engine already waits for
+        the WRITE. It changes nothing in the engine; a failure it reports ends in the engine's
+        recompute when the registration expires."""
+        try:
+            raw = await self._next_message(pubsub, keys.prefill_done_channel(rid),
+                                           self.config.prefill_timeout_s + self.config.push_registration_timeout_s)
+        except TimeoutError:
+            logger.warning("[%s] no PrefillDone from the prefill worker; the decode engine's registration "
+                           "decides", rid)
+            return
+        finally:
+            await _close(pubsub)
+        done = decode_prefill_done(raw)
+        self._counters.num_prefill_done_notices += 1
+        if done.error is not None:
+            logger.warning("[%s] prefill failed on %s (%s); the decode engine recomputes when its registration "
+                           "expires", rid, done.prefill_worker_id, done.error)
+        else:
+            logger.info("[%s] PrefillDone from %s: prefilled in %.3fs and pushed", rid, done.prefill_worker_id,
+                        done.prefill_s)
+
+    async def _await_done(self, aredis, pubsub, rid: str, wait_s: float) -> tuple[dict, str]:
+        done = decode_prefill_done(await self._next_message(pubsub, keys.prefill_done_channel(rid), wait_s))
+        self._counters.num_prefill_done_notices += 1
         if done.error is not None:
             raise BadTransferParams(done.error)
         params = decode_leg_params(done.kv_transfer_params)
@@ -137,7 +173,7 @@ class RemotePrefill:
 
     async def _await_claim(self, aredis, pubsub, rid: str, wait_s: float) -> tuple[dict, str]:
         try:
-            raw = await self._next_message(pubsub, wait_s)
+            raw = await self._next_message(pubsub, keys.prefill_claimed_channel(rid), wait_s)
         except TimeoutError:
             # The claim key decides between giving up and a prefill worker claiming this very
             # moment: one that claimed first is computing for us, so its push is still taken;
@@ -166,12 +202,17 @@ class RemotePrefill:
         return self._prefill_alive
 
     @staticmethod
-    async def _next_message(pubsub, wait_s: float) -> bytes:
+    async def _next_message(pubsub, channel: str, wait_s: float) -> bytes:
         async with asyncio.timeout(wait_s):
             while True:
                 msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=wait_s)
-                if msg is not None and msg["type"] == "message":
+                if msg is not None and msg["type"] == "message" and msg["channel"].decode() == channel:
                     return msg["data"]
+
+
+async def _close(pubsub) -> None:
+    await pubsub.unsubscribe()
+    await pubsub.aclose()
 
 
 PREFILL_SAMPLING = SamplingSpec(max_tokens=1, temperature=0.0)
@@ -212,20 +253,18 @@ class PrefillServer:
         started = time.monotonic()
         try:
             params = self._engine.run(prefill_kv(self._engine, preq)).result()
-            done = PrefillDone(rid, self.worker_id, kv_transfer_params=params)
+            done = PrefillDone(rid, self.worker_id, kv_transfer_params=params, prefill_s=time.monotonic() - started)
             self._counters.num_prefills_served += 1
         except Exception as e:  # noqa: BLE001  the decode worker must hear about any failure
             # Push: the decode engine has registered, or will, for a WRITE that now never comes;
             # its registration times out and it recomputes the prompt.
             logger.exception("[%s] prefill failed", rid)
-            done = PrefillDone(rid, self.worker_id, error=f"{type(e).__name__}: {e}")
-        if self.pushes:
-            logger.info("[%s] prefill of %d tokens for %s in %.3fs; the KV is pushed to its registered blocks",
-                        rid, len(preq.prompt_token_ids), preq.decode_worker_id, time.monotonic() - started)
-            return
+            done = PrefillDone(rid, self.worker_id, error=f"{type(e).__name__}: {e}",
+                               prefill_s=time.monotonic() - started)
         listeners = self._redis.publish(keys.prefill_done_channel(rid), encode_prefill_done(done))
-        logger.info("[%s] prefill of %d tokens for %s in %.3fs (%d listener)", rid, len(preq.prompt_token_ids),
-                    preq.decode_worker_id, time.monotonic() - started, listeners)
+        logger.info("[%s] prefill of %d tokens for %s in %.3fs%s (%d listener)", rid, len(preq.prompt_token_ids),
+                    preq.decode_worker_id, done.prefill_s, "; the KV is pushed to its registered blocks"
+                    if self.pushes else "", listeners)
 
     def _claim(self, preq: PrefillRequest) -> bool:
         """Push: takes the prefill, unless the decode worker gave up first, and tells it where

@@ -35,8 +35,8 @@ logger = logging.getLogger(__name__)
 
 # Figures that only ever grow; Prometheus gets them as counters.
 COUNTER_FIGURES = {"prefix_cache_queries", "prefix_cache_hits", "num_batched_steps", "num_remote_prefills",
-                   "num_local_fallbacks", "num_prefills_served", "num_prefills_dropped", "kv_transfer_bytes",
-                   "kv_transfer_seconds"}
+                   "num_local_fallbacks", "num_prefills_served", "num_prefills_dropped", "num_prefill_done_notices",
+                   "kv_transfer_bytes", "kv_transfer_seconds"}
 
 # How often a running request looks for the frontend's cancel flag (client went away).
 CANCEL_CHECK_INTERVAL_S = 0.5
