@@ -14,7 +14,7 @@ import logging
 import random
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import redis
 
@@ -51,6 +51,7 @@ class Decision:
     mode: str
     overlap_blocks: int
     prompt_blocks: int
+    costs: dict[str, float] = field(default_factory=dict)  # kv mode: every candidate's, for the log
 
 
 class RouterService:
@@ -234,7 +235,8 @@ class RouterService:
             chosen = choose(candidates, self.config.temperature, self._rng)
             self.bookings.book(chosen.worker_id, chosen.prefill_blocks + 1, time.time())
         self._count_hits(chosen.overlap_blocks, prompt_blocks)
-        return Decision(chosen.worker_id, mode, chosen.overlap_blocks, prompt_blocks)
+        return Decision(chosen.worker_id, mode, chosen.overlap_blocks, prompt_blocks,
+                        {c.worker_id: c.cost for c in candidates})
 
     def _candidate(self, status: WorkerStatus, overlap: int, prompt_blocks: int) -> Candidate:
         booked_blocks, booked_requests = self.bookings.pending(status.worker_id)

@@ -327,6 +327,7 @@ class RouterRuntime:
         # The overlap tells the chosen decode worker how much of the prompt it need not prefill.
         hit_tokens = decision.overlap_blocks * self.settings.engine.block_size
         send({**payload, "prefix_hit_tokens": hit_tokens}, worker_queue(decision.worker_id))
-        logger.info("[%s] routed to %s (%s): overlap %d/%d blocks in %.2fms", req.request_id, decision.worker_id,
-                    decision.mode, decision.overlap_blocks, decision.prompt_blocks,
+        costs = "".join(f"; cost {w} {c:g}" for w, c in sorted(decision.costs.items()))
+        logger.info("[%s] routed to %s (%s): overlap %d/%d blocks%s; in %.2fms", req.request_id,
+                    decision.worker_id, decision.mode, decision.overlap_blocks, decision.prompt_blocks, costs,
                     (time.perf_counter() - started) * 1000)
