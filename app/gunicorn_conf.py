@@ -2,7 +2,7 @@
 
 gthread workers: each open request holds one thread, mostly blocked on Redis, so
 ``frontend.workers x frontend.threads`` is how many streaming clients stay open at once
-(2 x 160 = 320 by default).
+(4 x 80 = 320 by default).
 """
 
 import glob
