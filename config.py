@@ -105,7 +105,7 @@ class FrontendConfig(_Section):
     # gunicorn gthread workers x threads = concurrent requests held open (streaming holds one).
     # Four processes of 80 rather than two of 160: a new request's thread then competes with
     # fewer streaming threads for its process's GIL (bench/results/frontend-workers-ab/: 1.08-1.14x
-    # output at c=32, TTFT p50 20-48% lower).
+    # output at c=32, TTFT p90 20-48% lower).
     workers: int = Field(4, ge=1)
     threads: int = Field(80, ge=1)
     max_body_bytes: int = Field(1_048_576, gt=0)
