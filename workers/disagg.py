@@ -96,7 +96,8 @@ class RemotePrefill:
         wait_s = min(self.config.prefill_timeout_s, req.deadline_unix - time.time())
         pubsub = aredis.pubsub()
         # Subscribe before asking: pub/sub keeps nothing for late listeners.
-        await pubsub.subscribe(keys.prefill_done_channel(rid), *([keys.prefill_claimed_channel(rid)] if self.pushes else []))
+        channels = [keys.prefill_done_channel(rid)] + ([keys.prefill_claimed_channel(rid)] if self.pushes else [])
+        await pubsub.subscribe(*channels)
         reporting = False
         try:
             preq = PrefillRequest(rid, req.prompt_token_ids, self.worker_id, deadline_unix=time.time() + wait_s)
@@ -252,15 +253,14 @@ class PrefillServer:
             return
         started = time.monotonic()
         try:
-            params = self._engine.run(prefill_kv(self._engine, preq)).result()
-            done = PrefillDone(rid, self.worker_id, kv_transfer_params=params, prefill_s=time.monotonic() - started)
+            outcome = {"kv_transfer_params": self._engine.run(prefill_kv(self._engine, preq)).result()}
             self._counters.num_prefills_served += 1
         except Exception as e:  # noqa: BLE001  the decode worker must hear about any failure
             # Push: the decode engine has registered, or will, for a WRITE that now never comes;
             # its registration times out and it recomputes the prompt.
             logger.exception("[%s] prefill failed", rid)
-            done = PrefillDone(rid, self.worker_id, error=f"{type(e).__name__}: {e}",
-                               prefill_s=time.monotonic() - started)
+            outcome = {"error": f"{type(e).__name__}: {e}"}
+        done = PrefillDone(rid, self.worker_id, prefill_s=time.monotonic() - started, **outcome)
         listeners = self._redis.publish(keys.prefill_done_channel(rid), encode_prefill_done(done))
         logger.info("[%s] prefill of %d tokens for %s in %.3fs%s (%d listener)", rid, len(preq.prompt_token_ids),
                     preq.decode_worker_id, done.prefill_s, "; the KV is pushed to its registered blocks"
