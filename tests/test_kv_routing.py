@@ -27,6 +27,8 @@ MODEL = "tiny-llama"
 BLOCK = 32
 SHARED = [10 + (i * 37) % 1500 for i in range(20 * BLOCK)]  # 20 blocks of a shared "system prompt"
 OTHER = [10 + (i * 53) % 1500 for i in range(20 * BLOCK)]
+# Sent only by the kill test: earlier tests may have placed SHARED on both workers.
+LAST = [10 + (i * 89) % 1500 for i in range(20 * BLOCK)]
 
 
 def prompt(prefix: list[int], turn: int) -> list[int]:
@@ -157,11 +159,12 @@ def test_router_metrics_are_discoverable(routed):
 
 
 def test_a_killed_worker_leaves_the_index_and_traffic_moves(routed):
-    holder, _, _ = complete(routed, prompt(SHARED, 30))
+    holder, _, _ = complete(routed, prompt(LAST, 0))
+    wait_for(lambda: router_status(routed).index_blocks.get(holder, 0) > 0, 30, "the holder's blocks in the index")
     victim = next(w for w in live_status(routed) if w.worker_id == holder)
     os.kill(victim.pid, signal.SIGKILL)
     # Once its lease lapses the router drops its blocks...
     wait_for(lambda: holder not in router_status(routed).index_blocks, 30, "the dead worker's blocks to leave")
-    # ...and the shared prefix goes to the survivor, which never held it.
-    worker, overlap, _ = complete(routed, prompt(SHARED, 31))
+    # ...and the prefix goes to the survivor, which never held it.
+    worker, overlap, _ = complete(routed, prompt(LAST, 1))
     assert worker != holder and overlap == 0
