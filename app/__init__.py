@@ -31,8 +31,10 @@ def create_app(settings: Settings | None = None) -> Flask:
     )
     app.json.ensure_ascii = False
     client = redis.Redis.from_url(settings.redis_url, health_check_interval=30)
-    app.extensions["llmq.gateway"] = Gateway(settings, make_celery(settings), client)
-    app.extensions["llmq.processor"] = Processor(settings)
+    app.extensions["llmq.gateway"] = gateway = Gateway(settings, make_celery(settings), client)
+    app.extensions["llmq.processor"] = processor = Processor(settings)
+    gateway.prepare()
+    processor.prepare()
     app.register_blueprint(bp)
     register_error_handlers(app)
     logging.getLogger(__name__).info("frontend ready: model=%s redis=%s", settings.model.name, settings.redis_url)

@@ -22,6 +22,11 @@ for _stale in glob.glob(os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], "*.
     os.remove(_stale)  # counts from an earlier run would otherwise be summed in
 
 
+def post_worker_init(worker):
+    # Each process opens its connections before it accepts, not inside its first requests.
+    worker.wsgi.extensions["llmq.gateway"].connect()
+
+
 def child_exit(server, worker):
     from prometheus_client import multiprocess
 

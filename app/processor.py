@@ -5,6 +5,7 @@ It turns a validated OpenAI body into token ids and a SamplingSpec; the engine n
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 from app.errors import BadRequest
@@ -26,6 +27,16 @@ class Processor:
         if not self.tokenizer.chat_template:
             logger.warning("model %s has no chat template; /v1/chat/completions will refuse requests",
                            settings.model.resolved_path)
+
+    def prepare(self) -> None:
+        """Compiles the chat template (transformers caches the compiled form) and runs the
+        tokenizer once, in gunicorn's master, so no request pays for either (app/gateway.py,
+        *warm-up*)."""
+        if self.tokenizer.chat_template:
+            with contextlib.suppress(Exception):  # a template that rejects this is reported per request
+                self.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                                   add_generation_prompt=True)
+        self.tokenizer.encode("warm up", add_special_tokens=False)
 
     # -- prompts ---------------------------------------------------------------------------
 

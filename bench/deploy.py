@@ -281,6 +281,8 @@ class VllmServer:
     log_dir: Path
     port: int = 0
     name: str = "vllm"
+    # Place its scheduler process as our decode workers do (workers/engine.py, place_scheduler).
+    place_scheduler: bool = False
     ready_timeout_s: float = 300.0
     process: ManagedProcess | None = None
 
@@ -303,6 +305,13 @@ class VllmServer:
         self.process.start()
         try:
             self.process.wait_until(lambda: _http_ok(f"{self.base_url}/models"), self.ready_timeout_s)
+            if self.place_scheduler:
+                from config import load_settings
+                from workers.engine import place_scheduler
+
+                e = load_settings(ROOT / self.config, environ={}).engine
+                if not place_scheduler(e.scheduler_nice, e.scheduler_on_runner_cores, parent_pid=self.process.pid):
+                    raise DeployError(f"{self.name}: found no vLLM scheduler process to place")
         except BaseException:
             self.__exit__(None, None, None)
             raise

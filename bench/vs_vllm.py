@@ -5,6 +5,10 @@ vLLM gets them as flags through bench.deploy.vllm_server_args):
 
 - `agg`: configs/agg.yaml, one decode worker, so one engine, as vLLM has;
 - `vllm`: `python -m vllm.entrypoints.openai.api_server`, the baseline;
+- `vllm_placed`: the same server with its scheduler process placed as our workers place theirs
+  (engine.scheduler_nice and engine.scheduler_on_runner_cores, workers/engine.py): what vLLM's
+  own server makes with the one engine setting we add, so that the ratio against `vllm` is not
+  read as our stack beating vLLM's;
 - `agg_router`: configs/agg_router.yaml, two decode workers and the kv router. It has two
   engines, each bound to its own core, so it is not a like-for-like comparison; it is shown
   beside the others for what the second engine buys on 2 cores.
@@ -32,10 +36,12 @@ from bench.workloads import WorkloadKind, WorkloadParams
 logger = logging.getLogger(__name__)
 
 BASELINE = "vllm"
+PLACED_BASELINE = "vllm_placed"
 ENGINE_CONFIG = "configs/agg.yaml"  # vLLM's flags come from this config's engine section
 TARGETS = {  # label -> launcher config; the baseline has none
     "agg": "configs/agg.yaml",
     BASELINE: None,
+    PLACED_BASELINE: None,
     "agg_router": "configs/agg_router.yaml",
 }
 
@@ -208,7 +214,7 @@ def _run_round(spec: VsVllmSpec, out: Path, model: str) -> dict:
 def _measure_one(label: str, workload: Workload, spec: VsVllmSpec, out: Path, model: str) -> RunResult:
     config = TARGETS[label]
     if config is None:
-        server = VllmServer(ENGINE_CONFIG, out / "logs", name=label)
+        server = VllmServer(ENGINE_CONFIG, out / "logs", name=label, place_scheduler=label == PLACED_BASELINE)
     else:
         server = LauncherDeployment(config, out / "logs", spec.redis_db, name=label)
     with server:

@@ -1,4 +1,5 @@
-"""The decode worker lowers the priority of vLLM's busy-polling scheduler process, and only it."""
+"""The decode worker lowers the priority of vLLM's busy-polling scheduler process, and only it,
+and puts it on its model runner's cores."""
 
 import os
 import subprocess
@@ -7,23 +8,29 @@ import psutil
 import pytest
 
 from conftest import wait_for
-from workers.engine import SCHEDULER_PROCESS_TITLE, lower_scheduler_priority
+from workers.engine import RUNNER_PROCESS_TITLE, SCHEDULER_PROCESS_TITLE, place_scheduler
 
 
-def test_renices_the_scheduler_process_and_leaves_the_model_runner():
-    # A stand-in for an engine: two children whose argv[0] is what vLLM's setproctitle shows.
-    parent = subprocess.Popen(["bash", "-c", f"(exec -a {SCHEDULER_PROCESS_TITLE} sleep 60) & "
-                                             "(exec -a VLLM::Worker sleep 60) & wait"])
+def test_renices_the_scheduler_process_and_pins_it_to_its_runners_core():
+    # A stand-in for an engine: the scheduler, and under it the runner it spawned, bound to one
+    # core as vLLM binds it. argv[0] is what vLLM's setproctitle shows.
+    core = min(os.sched_getaffinity(0))
+    runner_cmd = f"taskset -c {core} bash -c 'exec -a {RUNNER_PROCESS_TITLE} sleep 60'"
+    parent = subprocess.Popen(["bash", "-c", f'(exec -a {SCHEDULER_PROCESS_TITLE} bash -c "{runner_cmd} & wait") & wait'])
     try:
-        def titles():
-            kids = psutil.Process(parent.pid).children()
-            return {p.cmdline()[0]: p.pid for p in kids if p.cmdline()}
-        kids = wait_for(lambda: len(t := titles()) == 2 and "sleep" not in t and t, 10, "both children to exec")
-        assert lower_scheduler_priority(7, parent_pid=parent.pid) == [kids[SCHEDULER_PROCESS_TITLE]]
-        assert os.getpriority(os.PRIO_PROCESS, kids[SCHEDULER_PROCESS_TITLE]) == 7
-        assert os.getpriority(os.PRIO_PROCESS, kids["VLLM::Worker"]) == os.getpriority(os.PRIO_PROCESS, 0)
+        def engine():
+            tree = psutil.Process(parent.pid).children(recursive=True)
+            by_title = {p.cmdline()[0]: p for p in tree if p.cmdline()}
+            return {SCHEDULER_PROCESS_TITLE, RUNNER_PROCESS_TITLE} <= set(by_title) and by_title
+        procs = wait_for(engine, 10, "the stand-in engine to exec")
+        scheduler, runner = procs[SCHEDULER_PROCESS_TITLE], procs[RUNNER_PROCESS_TITLE]
+        assert runner.cpu_affinity() == [core]
+        assert place_scheduler(7, True, parent_pid=parent.pid) == [scheduler.pid]
+        assert os.getpriority(os.PRIO_PROCESS, scheduler.pid) == 7
+        assert scheduler.cpu_affinity() == [core]
+        assert runner.nice() == os.getpriority(os.PRIO_PROCESS, 0)
     finally:
-        for child in psutil.Process(parent.pid).children():
+        for child in psutil.Process(parent.pid).children(recursive=True):
             child.kill()
         parent.wait(timeout=10)
 
@@ -38,3 +45,6 @@ def test_deployed_engine_scheduler_runs_niced(deployment):
     assert {os.getpriority(os.PRIO_PROCESS, t.id) for t in scheduler[0].threads()} == \
         {deployment.settings.engine.scheduler_nice} == {10}
     assert runner[0].nice() == 0
+    # The runner is bound (one engine, vLLM's own binding), and the scheduler shares its cores.
+    assert len(runner[0].cpu_affinity()) < (os.cpu_count() or 1)
+    assert {tuple(os.sched_getaffinity(t.id)) for t in scheduler[0].threads()} == {tuple(runner[0].cpu_affinity())}

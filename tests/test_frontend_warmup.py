@@ -1,0 +1,37 @@
+"""The frontend pays its first-use costs before it serves, not inside its first requests."""
+
+import threading
+
+import redis
+
+from app import create_app
+from conftest import make_settings
+
+
+def test_every_thread_shares_the_result_backend_built_before_the_fork(model_path, scratch_redis_url):
+    # Celery builds a backend per thread unless told it is thread-safe, and building one scans
+    # every installed package's entry points; in the frontend that was 0.1-1 s in each thread's
+    # first request (tasks/celery_app.py).
+    gateway = create_app(make_settings(scratch_redis_url)).extensions["llmq.gateway"]
+    built = gateway.celery._backend  # what Gateway.prepare built in create_app (gunicorn's master)
+    assert built is not None
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(gateway.celery.backend))
+    thread.start()
+    thread.join(timeout=10)
+    assert seen == [built]
+
+
+def test_a_process_connects_before_its_first_request(model_path, scratch_redis_url):
+    gateway = create_app(make_settings(scratch_redis_url)).extensions["llmq.gateway"]
+    db = gateway.redis.connection_pool.connection_kwargs["db"]
+
+    def clients() -> int:
+        return sum(1 for c in redis.Redis.from_url(scratch_redis_url).client_list() if int(c["db"]) == db) - 1
+
+    before = clients()
+    gateway.connect()
+    # Its Redis connection and a pooled broker connection are open, and the liveness cache is
+    # filled (no worker runs here, so the first request would be refused at once).
+    assert clients() >= before + 2
+    assert gateway._workers_checked_at > 0
