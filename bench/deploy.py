@@ -293,11 +293,13 @@ class VllmServer:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
-    def argv(self) -> list[str]:
+    def settings(self):
         from config import load_settings
 
-        settings = load_settings(ROOT / self.config, environ={})
-        return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *vllm_server_args(settings),
+        return load_settings(ROOT / self.config, environ={})
+
+    def argv(self) -> list[str]:
+        return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *vllm_server_args(self.settings()),
                 "--host", "127.0.0.1", "--port", str(self.port)]
 
     def __enter__(self) -> VllmServer:
@@ -306,10 +308,9 @@ class VllmServer:
         try:
             self.process.wait_until(lambda: _http_ok(f"{self.base_url}/models"), self.ready_timeout_s)
             if self.place_scheduler:
-                from config import load_settings
                 from workers.engine import place_scheduler
 
-                e = load_settings(ROOT / self.config, environ={}).engine
+                e = self.settings().engine
                 if not place_scheduler(e.scheduler_nice, e.scheduler_on_runner_cores, parent_pid=self.process.pid):
                     raise DeployError(f"{self.name}: found no vLLM scheduler process to place")
         except BaseException:

@@ -51,7 +51,7 @@ def place_scheduler(niceness: int, share_runner_cores: bool, parent_pid: int | N
     placed = []
     for child in psutil.Process(parent_pid).children(recursive=True):
         try:
-            if not " ".join(child.cmdline()).startswith(SCHEDULER_PROCESS_TITLE):
+            if not _titled(child, SCHEDULER_PROCESS_TITLE):
                 continue
             cores = _runner_cores(child) if share_runner_cores else None
             for thread in child.threads():
@@ -74,9 +74,13 @@ def _runner_cores(scheduler) -> set[int]:
     """The cores the scheduler's model runner(s) are bound to, or an empty set if none runs."""
     cores: set[int] = set()
     for proc in scheduler.children(recursive=True):
-        if " ".join(proc.cmdline()).startswith(RUNNER_PROCESS_TITLE):
+        if _titled(proc, RUNNER_PROCESS_TITLE):
             cores.update(proc.cpu_affinity())
     return cores
+
+
+def _titled(proc, title: str) -> bool:
+    return " ".join(proc.cmdline()).startswith(title)
 
 
 @dataclass
