@@ -8,7 +8,9 @@ within 10%.
 Equivalence: both stream /v1/completions at the same concurrency and request count, with
 100-token prompts (aiperf: text generated and counted with the model's own tokenizer; the
 harness: token ids), exactly 64 output tokens (ignore_eos, and aiperf counts the server's
-`usage`), and a few unrecorded warm-up requests.
+`usage`), and a few unrecorded warm-up requests. Two of aiperf's defaults are turned off because
+the harness has no counterpart: it scrapes the server's /metrics during the run, and in pure
+concurrency mode it spends a core polling (see ``pacing_per_s``).
 """
 
 from __future__ import annotations
@@ -42,25 +44,39 @@ class AiperfCheckSpec:
 
     aiperf: str = field(default="/tmp/aiperf-venv/bin/aiperf", metadata=help_text("the aiperf command (its own venv)"))
     concurrency: int = field(default=8, metadata=help_text("closed-loop concurrency for both tools"))
-    num_requests: int = field(default=64, metadata=help_text("requests per tool run"))
+    num_requests: int = field(default=256, metadata=help_text("requests per tool run"))
     input_len: int = field(default=100, metadata=help_text("prompt length, tokens"))
     output_len: int = field(default=64, metadata=help_text("output tokens per request"))
     warmup_requests: int = field(default=4, metadata=help_text("unrecorded requests before each tool run"))
     seed: int = field(default=0, metadata=help_text("both tools' seed"))
-    rounds: int = field(default=2, metadata=help_text("aiperf then the harness, this many times, then aiperf once more"))
+    rounds: int = field(default=3, metadata=help_text("aiperf then the harness, this many times, then aiperf once more"))
     redis_db: int = field(default=2, metadata=help_text("Redis database (1-5), flushed before the start"))
     timeout_s: float = field(default=600.0, metadata=help_text("bound on each tool run"))
+    # Why pace: in pure concurrency mode aiperf's timing manager polls for a free slot without
+    # sleeping and takes a whole core for its run (py-spy: RequestRateStrategy.execute_phase).
+    # On 2 cores that halved the server's throughput (bench/results/aiperf-check-paced/README.md).
+    # A constant rate capped at the concurrency stays closed-loop, and the poll sleeps between
+    # ticks; a freed slot waits at most one tick (5 ms at 200/s) for its next request.
+    pacing_per_s: int = field(default=200, metadata=help_text(
+        "aiperf's --request-rate, capped by --concurrency; 0 = its pure concurrency mode"))
+    scrape_metrics: bool = field(default=False, metadata=help_text(
+        "let aiperf scrape the frontend's /metrics during its run (its default; the harness never does)"))
 
 
 def aiperf_argv(spec: AiperfCheckSpec, base_url: str, tokenizer: str, artifact_dir: Path) -> list[str]:
     """The aiperf command for the equivalent workload; base_url without /v1."""
-    return [spec.aiperf, "profile", "--model", "tiny-llama", "--url", base_url, "--endpoint-type", "completions",
+    argv = [spec.aiperf, "profile", "--model", "tiny-llama", "--url", base_url, "--endpoint-type", "completions",
             "--streaming", "--tokenizer", tokenizer, "--concurrency", str(spec.concurrency),
             "--request-count", str(spec.num_requests), "--synthetic-input-tokens-mean", str(spec.input_len),
             "--synthetic-input-tokens-stddev", "0", "--output-tokens-mean", str(spec.output_len),
             "--output-tokens-stddev", "0", "--extra-inputs", "ignore_eos:true", "--use-server-token-count",
             "--warmup-request-count", str(spec.warmup_requests), "--random-seed", str(spec.seed),
             "--ui-type", "none", "--artifact-dir", str(artifact_dir)]
+    if spec.pacing_per_s:
+        argv += ["--request-rate", str(spec.pacing_per_s), "--arrival-pattern", "constant"]
+    # aiperf scrapes base_url/metrics about once a second by default: load on the frontend that
+    # the harness's run does not carry, so by default the two runs are not the same workload.
+    return argv if spec.scrape_metrics else argv + ["--no-server-metrics"]
 
 
 @dataclass(frozen=True)

@@ -20,9 +20,13 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, title: str) 
         kind = type(f.default)
         is_enum = issubclass(kind, Enum)
         default = f.default.value if is_enum else f.default
-        extra = {"choices": [m.value for m in kind]} if is_enum else {}
+        if kind is bool:  # --name / --no-name: type=bool would read "False" as true
+            extra = {"action": argparse.BooleanOptionalAction}
+        else:
+            extra = {"type": str if is_enum else kind}
+            if is_enum:
+                extra["choices"] = [m.value for m in kind]
         group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=default,
-                           type=str if is_enum else kind,
                            help=f"{f.metadata.get('help', '')} (default: {default})", **extra)
 
 
