@@ -457,6 +457,28 @@ def test_aiperf_export_figures_and_medians():
     assert agreement(400.0, 430.0) == pytest.approx(0.075) and agreement(None, 1.0) is None
 
 
+def test_aiperf_is_paced_and_does_not_scrape_unless_asked():
+    import argparse
+
+    from bench.aiperf_check import AiperfCheckSpec, aiperf_argv
+    from bench.flags import add_dataclass_flags, from_flags
+
+    def flags(*argv):
+        parser = argparse.ArgumentParser()
+        add_dataclass_flags(parser, AiperfCheckSpec, "t")
+        return from_flags(AiperfCheckSpec, parser.parse_args(list(argv)))
+
+    def argv(spec):
+        args = aiperf_argv(spec, "http://h:1", "tok", Path("d"))
+        return args, (args[args.index("--request-rate") + 1] if "--request-rate" in args else None)
+
+    args, rate = argv(flags())
+    assert rate == "200" and "constant" in args and "--no-server-metrics" in args
+    args, rate = argv(flags("--pacing-per-s", "0", "--scrape-metrics"))
+    assert rate is None and "--no-server-metrics" not in args
+    assert flags("--no-scrape-metrics").scrape_metrics is False
+
+
 def test_ttft_split_into_stages_from_stream_entry_ids():
     from bench.stages import Sent, entry_seconds, stage_times, summarize_stages
 
