@@ -8,10 +8,13 @@ point has exactly one record per planned request.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from dataclasses import dataclass, field
+from enum import Enum
 
+import aiohttp
 import openai
 
 from bench.records import LoadMode, LoadPoint, RequestRecord, Target
@@ -20,11 +23,21 @@ from bench.workloads import Session, Turn, poisson_arrivals
 logger = logging.getLogger(__name__)
 
 
+class ClientKind(str, Enum):
+    # aiohttp and a minimal SSE reader, as vLLM's `bench serve` and aiperf do. The default,
+    # because on a 2-core box the client's CPU comes out of the server's share.
+    HTTP = "http"
+    # The official client. It parses every chunk into pydantic models, which costs several times
+    # the CPU per token (bench/results/client-ab/README.md).
+    OPENAI = "openai"
+
+
 @dataclass(frozen=True)
 class ClientOptions:
     api_key: str = "none"
     request_timeout_s: float = 120.0
     temperature: float = 0.0
+    kind: ClientKind = ClientKind.HTTP
 
 
 @dataclass
@@ -33,30 +46,46 @@ class StreamTiming:
 
     sent: float
     chunk_times: list[float] = field(default_factory=list)
-    text: str = ""
+    pieces: list[str] = field(default_factory=list)
     prompt_tokens: int | None = None
     output_tokens: int | None = None
     cached_tokens: int = 0
 
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
 
-def _is_output(chunk, chat: bool) -> bool:
-    """A chunk that carries generated output: not the usage-only chunk, nor chat's role-only one."""
-    if not chunk.choices:
-        return False
-    if not chat:
-        return True
-    delta = chunk.choices[0].delta
-    return bool(delta.content) or delta.role is None
+    def take(self, now: float, chunk: dict, chat: bool) -> None:
+        """Records one chunk, given as a dict in the API's own shape."""
+        usage = chunk.get("usage")
+        if usage:
+            self.prompt_tokens = usage.get("prompt_tokens")
+            self.output_tokens = usage.get("completion_tokens")
+            self.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+        choices = chunk.get("choices")
+        if not choices:
+            return  # the usage-only chunk
+        if chat:
+            delta = choices[0].get("delta") or {}
+            if not delta.get("content") and delta.get("role") is not None:
+                return  # chat's role-only first chunk
+            piece = delta.get("content")
+        else:
+            piece = choices[0].get("text")
+        self.chunk_times.append(now)
+        self.pieces.append(piece or "")
 
 
-def _take_usage(timing: StreamTiming, usage) -> None:
-    timing.prompt_tokens = usage.prompt_tokens
-    timing.output_tokens = usage.completion_tokens
-    details = getattr(usage, "prompt_tokens_details", None)
-    timing.cached_tokens = (details.cached_tokens or 0) if details else 0
+class StreamFailed(Exception):
+    """An HTTP error status, or an error event inside the stream."""
 
 
-class StreamingClient:
+def _body(target: Target, options: ClientOptions, max_tokens: int) -> dict:
+    return dict(model=target.model, max_tokens=max_tokens, temperature=options.temperature, stream=True,
+                stream_options={"include_usage": True}, ignore_eos=True)
+
+
+class OpenAIClient:
     """Sends streaming requests to one target with the official AsyncOpenAI client."""
 
     def __init__(self, target: Target, options: ClientOptions):
@@ -68,33 +97,72 @@ class StreamingClient:
     async def close(self) -> None:
         await self._client.close()
 
-    def _common(self, max_tokens: int) -> dict:
-        return dict(model=self.target.model, max_tokens=max_tokens, temperature=self.options.temperature,
-                    stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
-
     async def completion(self, prompt_ids: list[int], max_tokens: int) -> StreamTiming:
-        timing = StreamTiming(sent=time.perf_counter())
-        stream = await self._client.completions.create(prompt=prompt_ids, **self._common(max_tokens))
-        return await self._consume(stream, timing, chat=False)
+        return await self._send(self._client.completions, dict(prompt=prompt_ids), max_tokens, chat=False)
 
     async def chat(self, messages: list[dict], max_tokens: int) -> StreamTiming:
-        timing = StreamTiming(sent=time.perf_counter())
-        stream = await self._client.chat.completions.create(messages=messages, **self._common(max_tokens))
-        return await self._consume(stream, timing, chat=True)
+        return await self._send(self._client.chat.completions, dict(messages=messages), max_tokens, chat=True)
 
-    async def _consume(self, stream, timing: StreamTiming, chat: bool) -> StreamTiming:
-        pieces = []
+    async def _send(self, resource, request: dict, max_tokens: int, chat: bool) -> StreamTiming:
+        body = _body(self.target, self.options, max_tokens)
+        extra_body = {"ignore_eos": body.pop("ignore_eos")}
+        timing = StreamTiming(sent=time.perf_counter())
+        stream = await resource.create(**request, **body, extra_body=extra_body)
         async with stream:  # closes the connection if we are cancelled mid-stream
             async for chunk in stream:
-                now = time.perf_counter()
-                if chunk.usage is not None:
-                    _take_usage(timing, chunk.usage)
-                if _is_output(chunk, chat):
-                    timing.chunk_times.append(now)
-                    choice = chunk.choices[0]
-                    pieces.append((choice.delta.content or "") if chat else (choice.text or ""))
-        timing.text = "".join(pieces)
+                timing.take(time.perf_counter(), chunk.model_dump(exclude_none=True), chat)
         return timing
+
+
+class HttpClient:
+    """Sends streaming requests to one target with aiohttp, and reads the SSE lines itself."""
+
+    def __init__(self, target: Target, options: ClientOptions):
+        self.target = target
+        self.options = options
+        self._headers = {"Authorization": f"Bearer {options.api_key}"}
+        self._session: aiohttp.ClientSession | None = None
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def completion(self, prompt_ids: list[int], max_tokens: int) -> StreamTiming:
+        return await self._send("/completions", dict(prompt=prompt_ids), max_tokens, chat=False)
+
+    async def chat(self, messages: list[dict], max_tokens: int) -> StreamTiming:
+        return await self._send("/chat/completions", dict(messages=messages), max_tokens, chat=True)
+
+    async def _send(self, path: str, request: dict, max_tokens: int, chat: bool) -> StreamTiming:
+        if self._session is None:  # made on the running loop, as aiohttp requires
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0),  # the load loops bound the connections
+                timeout=aiohttp.ClientTimeout(total=self.options.request_timeout_s))
+        body = {**request, **_body(self.target, self.options, max_tokens)}
+        timing = StreamTiming(sent=time.perf_counter())
+        async with self._session.post(self.target.base_url.rstrip("/") + path, json=body,
+                                      headers=self._headers) as response:
+            if response.status != 200:
+                raise StreamFailed(f"HTTP {response.status}: {(await response.text())[:300]}")
+            async for line in response.content:
+                now = time.perf_counter()
+                if not line.startswith(b"data:"):
+                    continue  # blank separators and SSE comments
+                data = line[5:].strip()
+                if data == b"[DONE]":
+                    break
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    raise StreamFailed(f"error event in the stream: {chunk['error']}")
+                timing.take(now, chunk, chat)
+        return timing
+
+
+StreamingClient = HttpClient | OpenAIClient
+
+
+def make_client(target: Target, options: ClientOptions) -> StreamingClient:
+    return HttpClient(target, options) if options.kind is ClientKind.HTTP else OpenAIClient(target, options)
 
 
 def to_record(base: RequestRecord, timing: StreamTiming, origin: float, end: float) -> RequestRecord:
@@ -147,7 +215,7 @@ class SessionRunner:
             logger.warning("[%s %s session %d turn %d] %s", record.target, record.load, record.session_id,
                            index, record.error)
             return record
-        except (openai.OpenAIError, OSError) as e:
+        except (openai.OpenAIError, aiohttp.ClientError, OSError, StreamFailed, ValueError) as e:
             self._fail(record, sent, f"{type(e).__name__}: {e}")
             logger.warning("[%s %s session %d turn %d] failed: %s", record.target, record.load,
                            record.session_id, index, record.error)

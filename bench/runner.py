@@ -7,7 +7,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from bench.client import ClientOptions, StreamingClient, run_load_point
+from bench.client import ClientKind, ClientOptions, StreamingClient, make_client, run_load_point
 from bench.flags import help_text
 from bench.records import LoadMode, LoadPoint, RequestRecord, Slo, Target
 from bench.workloads import Session, WorkloadKind, WorkloadParams, build_workload
@@ -27,6 +27,8 @@ class RunOptions:
     warmup_sessions: int = field(default=2, metadata=help_text("unrecorded sessions per target before the first point"))
     temperature: float = field(default=0.0, metadata=help_text("sampling temperature sent with every request"))
     api_key: str = field(default="none", metadata=help_text("API key sent to every target"))
+    client: ClientKind = field(default=ClientKind.HTTP, metadata=help_text(
+        "http: aiohttp and a minimal SSE reader; openai: the official client (heavier per token)"))
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,8 @@ class RunConfig:
     @property
     def client_options(self) -> ClientOptions:
         o = self.options
-        return ClientOptions(api_key=o.api_key, request_timeout_s=o.request_timeout_s, temperature=o.temperature)
+        return ClientOptions(api_key=o.api_key, request_timeout_s=o.request_timeout_s, temperature=o.temperature,
+                             kind=ClientKind(o.client))
 
 
 @dataclass
@@ -70,7 +73,7 @@ def run(config: RunConfig) -> RunResult:
 
 
 async def _run(config: RunConfig, deadline: float) -> list[RequestRecord]:
-    clients = [StreamingClient(t, config.client_options) for t in config.targets]
+    clients = [make_client(t, config.client_options) for t in config.targets]
     records: list[RequestRecord] = []
     try:
         warm = config.sessions(variant=0)[:config.options.warmup_sessions]

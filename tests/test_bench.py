@@ -226,10 +226,12 @@ def test_harness_against_live_deployment(deployment, tmp_path):
 
 
 @pytest.mark.integration
-def test_multiturn_open_loop_against_live_deployment(deployment, tmp_path):
+@pytest.mark.parametrize("client", ["http", "openai"])
+def test_multiturn_open_loop_against_live_deployment(deployment, tmp_path, client):
     """The chat path and the open loop: each turn carries the conversation so far."""
     out = tmp_path / "multiturn"
-    argv = ["run", "--url", deployment.base_url, "--label", "agg", "--model", deployment.settings.model.name,
+    argv = ["run", "--client", client, "--url", deployment.base_url, "--label", "agg",
+            "--model", deployment.settings.model.name,
             "--workload", "multiturn", "--mode", "open", "--rate", "4", "--num-requests", "6",
             "--turns-per-session", "2", "--system-prompt-words", "40", "--user-turn-words", "6",
             "--output-len-mean", "6", "--warmup-sessions", "0", "--deadline-s", "180",
@@ -247,6 +249,23 @@ def test_multiturn_open_loop_against_live_deployment(deployment, tmp_path):
 
 
 # -- scenarios: pure parts (no servers) ---------------------------------------------------------------
+
+
+def test_stream_timing_keeps_output_chunks_and_usage():
+    from bench.client import StreamTiming
+
+    chat = StreamTiming(sent=0.0)
+    chat.take(1.0, {"choices": [{"delta": {"role": "assistant", "content": ""}}]}, chat=True)  # role only
+    chat.take(2.0, {"choices": [{"delta": {"content": "Hi"}}]}, chat=True)
+    chat.take(3.0, {"choices": [{"delta": {}, "finish_reason": "length"}]}, chat=True)
+    chat.take(4.0, {"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 2,
+                                             "prompt_tokens_details": {"cached_tokens": 4}}}, chat=True)
+    assert chat.chunk_times == [2.0, 3.0] and chat.text == "Hi"
+    assert (chat.prompt_tokens, chat.output_tokens, chat.cached_tokens) == (7, 2, 4)
+    plain = StreamTiming(sent=0.0)
+    plain.take(1.0, {"choices": [{"text": "a"}]}, chat=False)
+    plain.take(2.0, {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 1}}, chat=False)
+    assert plain.chunk_times == [1.0] and plain.text == "a" and plain.cached_tokens == 0
 
 
 def _lease(worker="decode0@h", queries=0, hits=0, pid=1, started=100.0, role="decode"):
