@@ -9,7 +9,7 @@ import logging
 from collections.abc import Callable
 
 from tasks import app
-from tasks.messages import WireVersionError, prefill_from_task_arg, request_from_task_arg
+from tasks.messages import WireVersionError, prefill_from_task_arg, request_from_task_arg, task_argsrepr
 from tasks.queues import GENERATE_TASK, PREFILL_TASK, ROUTE_TASK
 
 logger = logging.getLogger(__name__)
@@ -40,7 +40,8 @@ def route(payload: dict) -> None:
     """Picks a decode worker, then sends the generation task to that worker's own queue. It
     forwards rather than answers, so no task ever waits on another."""
     _dispatch(payload, request_from_task_arg, lambda runtime, req: runtime.route(
-        req, payload, lambda body, queue: generate.apply_async(args=[body], queue=queue)))
+        req, payload, lambda body, queue: generate.apply_async(args=[body], queue=queue,
+                                                               argsrepr=task_argsrepr(req))))
 
 
 @app.task(name=PREFILL_TASK, ignore_result=True)

@@ -61,3 +61,5 @@ def test_flower_shows_workers_queues_and_tasks(deployment, flower):
 
     rows = wait_for(generate_tasks, 60, "the generation task in Flower's task list")
     assert any(r.get("worker", "").startswith("decode0@") for r in rows)
+    # Its arguments read as a summary, not as every prompt token id (tasks/messages.py task_argsrepr).
+    assert any("prompt tokens, max_tokens=3" in str(r.get("args")) for r in rows), rows

@@ -4,7 +4,8 @@ import pytest
 
 from tasks.messages import (
     WIRE_VERSION, Accepted, Delta, Failed, Finished, GenerateRequest, SamplingSpec, TokenLogprob,
-    TopLogprob, WireVersionError, decode_event, encode_event, request_from_task_arg, request_to_task_arg,
+    PrefillRequest, TopLogprob, WireVersionError, decode_event, encode_event, request_from_task_arg,
+    request_to_task_arg, task_argsrepr,
 )
 
 
@@ -13,6 +14,19 @@ def test_request_round_trip_through_task_args():
     payload = request_to_task_arg(req)
     assert payload["version"] == WIRE_VERSION
     assert request_from_task_arg(payload) == req
+
+
+def test_deltas_of_one_choice_merge_in_order():
+    lp = [TokenLogprob(5, "b", -0.5, [])]
+    merged = Delta(1, "a", [4]).followed_by(Delta(1, "b", [5], lp, "length"))
+    assert merged == Delta(1, "ab", [4, 5], lp, "length")
+    assert Delta(0, "a", [4]).followed_by(Delta(0, "", [])).logprobs is None
+
+
+def test_task_args_show_as_a_summary():
+    req = GenerateRequest("r1", list(range(100)), SamplingSpec(max_tokens=4), 1.0)
+    assert task_argsrepr(req) == "r1: 100 prompt tokens, max_tokens=4"
+    assert task_argsrepr(PrefillRequest("r2", [1, 2], "decode0@h", 1.0)) == "r2: 2 prompt tokens, for decode0@h"
 
 
 @pytest.mark.parametrize("version", [None, WIRE_VERSION + 1, "1"])

@@ -22,7 +22,8 @@ from tasks import keys
 from kvtransfer import registry as kv_registry
 from kvtransfer.connector import engine_id_for, side_channel, transfer_config
 from kvtransfer.registry import NixlEndpoint
-from tasks.messages import Accepted, Finished, GenerateRequest, PrefillRequest, Routed, prefill_to_task_arg
+from tasks.messages import (Accepted, Finished, GenerateRequest, PrefillRequest, Routed, prefill_to_task_arg,
+                            task_argsrepr)
 from tasks.queues import PREFILL_TASK
 from workers.disagg import DisaggCounters, PrefillServer, RemotePrefill
 from workers.engine import EngineHost
@@ -107,7 +108,7 @@ class WorkerRuntime:
     def _send_prefill(self, preq: PrefillRequest) -> None:
         from tasks import app
 
-        app.send_task(PREFILL_TASK, args=[prefill_to_task_arg(preq)])
+        app.send_task(PREFILL_TASK, args=[prefill_to_task_arg(preq)], argsrepr=task_argsrepr(preq))
 
     def start(self) -> None:
         self.engine.start()
