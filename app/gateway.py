@@ -156,64 +156,41 @@ class Gateway:
                     self._check_deadlines(subs, started)
                     next_check = time.monotonic() + POLL_INTERVAL_S
                 try:
-                    batch = [replies.get(timeout=max(0.0, next_check - time.monotonic()))]
+                    key, entries = replies.get(timeout=max(0.0, next_check - time.monotonic()))
                 except queue.Empty:
                     continue
-                # Take what else has arrived too, and send each choice's new tokens as one chunk.
-                # A frontend that keeps up sees one token per wake and changes nothing; one that
-                # lags behind the engine then spends a JSON chunk and a socket write per choice,
-                # not per token, and catches up (vLLM's own server merges its outputs likewise).
-                while True:
-                    try:
-                        batch.append(replies.get_nowait())
-                    except queue.Empty:
-                        break
-                merged: dict[tuple[str, int], Delta] = {}
-                failure: Failed | None = None
-                for key, entries in batch:
-                    if isinstance(entries, Exception):
-                        raise APIError(f"lost the connection to Redis: {entries}", status=503,
-                                       type="service_unavailable")
-                    for _, fields in entries:
-                        event = decode_event(fields[b"m"])
-                        if isinstance(event, Delta):
-                            earlier = merged.get((key, event.index))
-                            merged[key, event.index] = earlier.followed_by(event) if earlier else event
-                        elif isinstance(event, Failed):
-                            failure = failure or event
+                if isinstance(entries, Exception):
+                    raise APIError(f"lost the connection to Redis: {entries}", status=503,
+                                   type="service_unavailable")
+                sub = by_key[key]
+                for _, fields in entries:
+                    event = decode_event(fields[b"m"])
+                    if isinstance(event, Delta):
+                        now = time.monotonic()
+                        if first_delta:
+                            metrics.TTFT.observe(now - started)
                         else:
-                            self._note(by_key[key], event, started)
-                            if isinstance(event, Finished):
-                                unfinished.discard(key)
-                                self.streams.close([key])
-                for (key, _), delta in merged.items():  # the tokens before a failure still go out
-                    now = time.monotonic()
-                    if first_delta:
-                        metrics.TTFT.observe(now - started)
-                    else:
-                        metrics.ITL.observe(now - last_delta)
-                    first_delta, last_delta = False, now
-                    yield by_key[key], delta
-                if failure is not None:
-                    raise APIError(failure.message, status=failure.status, type=failure.type)
+                            metrics.ITL.observe(now - last_delta)
+                        first_delta, last_delta = False, now
+                        yield sub, event
+                    elif isinstance(event, Routed):
+                        sub.routed = event
+                    elif isinstance(event, Accepted):
+                        metrics.QUEUE_WAIT.observe(time.monotonic() - started)
+                        sub.worker_id = event.worker_id
+                        logger.info("[%s] taken by %s", sub.request_id, event.worker_id)
+                    elif isinstance(event, Finished):
+                        sub.finished = event
+                        unfinished.discard(key)
+                        self.streams.close([key])
+                    elif isinstance(event, Failed):
+                        raise APIError(event.message, status=event.status, type=event.type)
         except BaseException:
             # The client went away (GeneratorExit) or the request failed: stop the others.
             self.cancel(s for s in subs if s.finished is None)
             raise
         finally:
             self.streams.close(by_key)
-
-    @staticmethod
-    def _note(sub: SubRequest, event, started: float) -> None:
-        """A control event: where the request went, who took it, or that it finished."""
-        if isinstance(event, Routed):
-            sub.routed = event
-        elif isinstance(event, Accepted):
-            metrics.QUEUE_WAIT.observe(time.monotonic() - started)
-            sub.worker_id = event.worker_id
-            logger.info("[%s] taken by %s", sub.request_id, event.worker_id)
-        elif isinstance(event, Finished):
-            sub.finished = event
 
     def _check_deadlines(self, subs: list[SubRequest], started: float) -> None:
         waited = time.monotonic() - started

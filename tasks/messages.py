@@ -118,13 +118,6 @@ class Delta(msgspec.Struct, frozen=True, tag_field="event", tag="delta"):
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None  # "stop", "length" or "abort" on a choice's last delta
 
-    def followed_by(self, later: Delta) -> Delta:
-        """This choice's tokens and then ``later``'s, as one delta."""
-        logprobs = None if self.logprobs is None and later.logprobs is None else \
-            (self.logprobs or []) + (later.logprobs or [])
-        return Delta(self.index, self.text + later.text, self.token_ids + later.token_ids, logprobs,
-                     later.finish_reason or self.finish_reason)
-
 
 class Finished(msgspec.Struct, frozen=True, tag_field="event", tag="finished"):
     num_prompt_tokens: int

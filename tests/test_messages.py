@@ -16,13 +16,6 @@ def test_request_round_trip_through_task_args():
     assert request_from_task_arg(payload) == req
 
 
-def test_deltas_of_one_choice_merge_in_order():
-    lp = [TokenLogprob(5, "b", -0.5, [])]
-    merged = Delta(1, "a", [4]).followed_by(Delta(1, "b", [5], lp, "length"))
-    assert merged == Delta(1, "ab", [4, 5], lp, "length")
-    assert Delta(0, "a", [4]).followed_by(Delta(0, "", [])).logprobs is None
-
-
 def test_task_args_show_as_a_summary():
     req = GenerateRequest("r1", list(range(100)), SamplingSpec(max_tokens=4), 1.0)
     assert task_argsrepr(req) == "r1: 100 prompt tokens, max_tokens=4"
