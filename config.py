@@ -82,10 +82,12 @@ class EngineConfig(_Section):
     # OpenMP threads for the engine; "auto" lets vLLM bind. Several engines on 2 cores
     # compete for the same cores, so deployments usually pin this.
     omp_threads_bind: str = "auto"
-    # Niceness of vLLM's scheduler process (EngineCore). Between steps it busy-polls with
-    # sched_yield, and on a machine with few cores that starves the frontend, Celery and Redis
-    # of the CPU time a request needs to get in and its tokens to get out: at 32 streams on 2
-    # cores, 10 gave 1.8x the output tokens/s of 0, median of six pairs (bench/README.md).
+    # Niceness of vLLM's scheduler process (EngineCore) where it runs free, that is where it is
+    # not pinned to its runner's cores (below): between steps it busy-polls with sched_yield, and
+    # on a machine with few cores that starves the frontend, Celery and Redis of the CPU time a
+    # request needs to get in and its tokens to get out. Unpinned, at 32 streams on 2 cores, 10
+    # gave 1.8x the output tokens/s of 0 (bench/README.md). A pinned scheduler is not reniced: it
+    # would lose its turns to its own runner's spin (bench/results/scheduler-nice-pinned-ab).
     # 0 leaves it alone.
     scheduler_nice: int = Field(10, ge=0, le=19)
     # Pin vLLM's scheduler process to the cores its model runner is bound to, so that the two

@@ -34,18 +34,22 @@ RUNNER_PROCESS_TITLE = "VLLM::Worker"
 
 
 def place_scheduler(niceness: int, share_runner_cores: bool, parent_pid: int | None = None) -> list[int]:
-    """Renices the vLLM scheduler processes under this process (or ``parent_pid``), every
-    thread of them (Linux keeps a niceness and an affinity per thread; threads they start later
-    inherit both), and with ``share_runner_cores`` pins each to the cores of its own model
-    runner. Returns their pids.
+    """Pins each vLLM scheduler process under this process (or ``parent_pid``) to the cores of
+    its own model runner, with ``share_runner_cores``; renices one that stays unpinned. It acts
+    on every thread (Linux keeps a niceness and an affinity per thread; threads started later
+    inherit both). Returns their pids.
 
     Why: on a CPU vLLM schedules and runs the model in turn (async scheduling is off there), and
     whichever side is waiting busy-polls the shared-memory queue with sched_yield. The runner is
     bound to its core(s); a scheduler left free spins on another core, the one the frontend,
     Celery and Redis need to move requests and tokens. On its runner's core the waiting side
     yields to the working one and the engine costs one core, not two: 1.51x the output tokens/s
-    at 32 streams on 2 cores (bench/results/scheduler-placement-ab). The niceness keeps the
-    scheduler's spin behind our own processes wherever it runs. Neither needs privilege."""
+    at 32 streams on 2 cores (bench/results/scheduler-placement-ab).
+    The niceness is only for a scheduler that runs free (its runner unbound), to keep its spin
+    behind our own processes. A pinned one keeps the runner's niceness: niced, it lost its turns
+    to the runner's spin, and at 32 streams the engine made 1.24x fewer tokens/s, with 1.1 ms
+    more between tokens at one stream (bench/results/scheduler-nice-pinned-ab). Neither needs
+    privilege."""
     import psutil
 
     placed = []
@@ -54,16 +58,17 @@ def place_scheduler(niceness: int, share_runner_cores: bool, parent_pid: int | N
             if not _titled(child, SCHEDULER_PROCESS_TITLE):
                 continue
             cores = _runner_cores(child) if share_runner_cores else None
+            nice = 0 if cores else niceness
             for thread in child.threads():
-                if niceness:
-                    os.setpriority(os.PRIO_PROCESS, thread.id, niceness)
+                if nice:
+                    os.setpriority(os.PRIO_PROCESS, thread.id, nice)
                 if cores:
                     os.sched_setaffinity(thread.id, cores)
         except (psutil.Error, OSError) as e:
             logger.warning("could not place engine process %d: %s", child.pid, e)
             continue
         placed.append(child.pid)
-        logger.info("vLLM scheduler process %d runs at niceness %d on cores %s", child.pid, niceness,
+        logger.info("vLLM scheduler process %d runs at niceness %d on cores %s", child.pid, nice,
                     ",".join(map(str, sorted(cores or child.cpu_affinity()))))
     if not placed:
         logger.warning("found no %s process to place", SCHEDULER_PROCESS_TITLE)
