@@ -59,6 +59,11 @@ class Gateway:
         self._roles: Counter = Counter()
         self._lock = threading.Lock()
 
+    @property
+    def _task(self) -> str:
+        """The task a request enters by: the router's when there is one, else generation."""
+        return queues.ROUTE_TASK if self.settings.router.enabled else queues.GENERATE_TASK
+
     # -- warm-up ---------------------------------------------------------------------------
     # First uses that cost far more than a request should. Paid inside the first burst of
     # requests they made its TTFT 1.3-1.8 s against 0.2-0.3 s later (py-spy, 32 requests at once
@@ -83,8 +88,7 @@ class Gateway:
         queue once per connection. Without it, py-spy dumps of the first burst caught sending
         threads in ``Connection._connect`` and ``getaddrinfo``; with it, none."""
         pool = self.celery.producer_pool
-        task = queues.ROUTE_TASK if self.settings.router.enabled else queues.GENERATE_TASK
-        queue = self.celery.amqp.queues[queues.TASK_ROUTES[task]["queue"]]
+        queue = self.celery.amqp.queues[queues.TASK_ROUTES[self._task]["queue"]]
         producers = []
         try:
             self.redis.ping()
@@ -137,7 +141,7 @@ class Gateway:
             msg = GenerateRequest(request_id=sub.request_id, prompt_token_ids=sub.prompt_token_ids,
                                   sampling=spec, deadline_unix=deadline)
             self.celery.send_task(
-                queues.ROUTE_TASK if self.settings.router.enabled else queues.GENERATE_TASK,
+                self._task,
                 args=[request_to_task_arg(msg)],
                 argsrepr=task_argsrepr(msg),
                 # The request id as the task id: Flower and the worker's log then name the request.
