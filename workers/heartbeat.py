@@ -39,6 +39,10 @@ class Heartbeat:
             pid=os.getpid(), started_unix=time.time(), metrics_address=metrics_address,
         )
         self._stop = threading.Event()
+        # A beat and stop's drop of the lease never interleave, so a beat that was slow (its
+        # load figures wait on the router's index lock, say) cannot renew a lease after stop
+        # dropped it: a stopped worker would stay listed, and routed to, for a whole lease.
+        self._renewing = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
 
     @property
@@ -51,18 +55,22 @@ class Heartbeat:
 
     def beat(self) -> None:
         status = WorkerStatus(**self._identity, updated_unix=time.time(), **self._load())
-        renew_lease(self._client, status, self._lease_s)
-        if self._on_beat is not None:
-            self._on_beat()
+        with self._renewing:
+            if self._stop.is_set():
+                return
+            renew_lease(self._client, status, self._lease_s)
+            if self._on_beat is not None:
+                self._on_beat()
 
     def stop(self) -> None:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=self._interval_s * 2)
-        try:
-            drop_lease(self._client, self.worker_id)
-        except redis.RedisError:
-            logger.warning("could not drop lease of %s; it expires on its own", self.worker_id)
+        with self._renewing:
+            try:
+                drop_lease(self._client, self.worker_id)
+            except redis.RedisError:
+                logger.warning("could not drop lease of %s; it expires on its own", self.worker_id)
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval_s):
