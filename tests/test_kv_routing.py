@@ -18,7 +18,7 @@ from config import dump_settings
 from conftest import ROOT, fresh_redis_url, live_status, make_settings, start_deployment, stored_blocks, wait_for
 from router.index import block_keys
 from router.service import RouterService
-from tasks import keys
+from tasks import keys, registry
 from test_router_index import content
 
 pytestmark = pytest.mark.integration
@@ -125,7 +125,7 @@ def test_a_late_router_replays_to_the_same_index_and_decisions(routed, tmp_path)
     dump_settings(routed.settings, cfg)
     late = subprocess.Popen([sys.executable, "-m", "celery", "-A", "tasks", "worker", "-Q", "router", "-n",
                              "router9@%h", "--loglevel", "INFO"], cwd=ROOT, env=dict(os.environ, LLMQ_CONFIG=str(cfg)),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=(tmp_path / "late-router.log").open("w"))
     try:
         late_status = wait_for(lambda: next((w for w in live_status(routed, role="router")
                                              if w.worker_id.startswith("router9@")), None), 60, "the late router")
@@ -144,6 +144,8 @@ def test_a_late_router_replays_to_the_same_index_and_decisions(routed, tmp_path)
     finally:
         late.send_signal(signal.SIGTERM)
         late.wait(timeout=30)
+    # A router that stopped cleanly leaves the registry at once, not when its lease lapses.
+    assert not registry.is_alive(routed.redis, late_status.worker_id), (tmp_path / "late-router.log").read_text()[-3000:]
 
 
 def test_router_metrics_are_discoverable(routed):
