@@ -121,6 +121,9 @@ class FrontendConfig(_Section):
     request_timeout_s: float = Field(600.0, gt=0)
     # When set, clients must send "Authorization: Bearer <api_key>".
     api_key: str | None = None
+    # Freeze the heap gunicorn's master preloaded before it forks the workers, so their garbage
+    # collections do not copy it (app/gunicorn_conf.py). Off only to measure what that saves.
+    gc_freeze: bool = True
 
 
 class WorkerConfig(_Section):

@@ -14,6 +14,7 @@ Scenarios start and stop their own servers (bench/deploy.py) and write a results
     python -m bench router-speed --out bench/results/router-speed  # the router's index and policy, no servers
     python -m bench aiperf-check --out bench/results/aiperf-check  # aiperf and the harness, same deployment
     python -m bench stages --out bench/results/stages-agg          # TTFT split: dispatch, engine, delivery
+    python -m bench first-burst --out bench/results/first-burst    # the first bursts after a start
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ SCENARIOS = {
     "router-speed": ("bench.router_speed", "RouterSpeedSpec", "the router's decision time and event rate, no servers"),
     "aiperf-check": ("bench.aiperf_check", "AiperfCheckSpec", "aiperf and the harness on the same agg deployment"),
     "stages": ("bench.stages", "StagesSpec", "time to first token split into dispatch, engine and delivery"),
+    "first-burst": ("bench.first_burst", "FirstBurstSpec", "the first bursts of requests after a fresh start"),
 }
 
 

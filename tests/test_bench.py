@@ -422,7 +422,7 @@ def test_scenario_subcommands_parse():
     workload = spec.workload(2, seed=5)
     assert workload.options.seed == 5 and workload.options.warmup_sessions == 0
     assert workload.params.num_system_prompts == 3 and workload.kind is WorkloadKind.MULTITURN
-    for name in ("vs-vllm", "profile", "router-speed"):
+    for name in ("vs-vllm", "profile", "router-speed", "first-burst"):
         assert build_parser().parse_args([name, "--out", "x"]).command == name
 
 
@@ -512,3 +512,31 @@ def test_ttft_split_into_stages_from_stream_entry_ids():
     assert lost["dispatch"] == pytest.approx(20.0) and lost["router_hop"] is None and lost["ttft"] is None
     summary = summarize_stages([t, lost])
     assert summary["dispatch"].count == 2 and summary["router_hop"].count == 1
+
+
+def test_first_burst_growth_by_process_kind_and_the_report():
+    import os
+
+    from bench.first_burst import FirstBurstSpec, ProcessUse, by_name, growth, markdown, process_uses
+
+    me = process_uses([os.getpid(), 999_999_999])  # the second pid does not exist
+    assert list(me) == [os.getpid()] and me[os.getpid()].minor_faults > 0 and me[os.getpid()].private_mb > 0
+    before = {1: ProcessUse("w", 100, 10.0), 2: ProcessUse("w", 50, 5.0), 3: ProcessUse("gone", 1, 1.0)}
+    after = {1: ProcessUse("w", 150, 12.5), 2: ProcessUse("w", 60, 5.0), 4: ProcessUse("new", 9, 9.0)}
+    grew = growth(before, after)
+    assert [(g["pid"], g["minor_faults"], g["private_mb"]) for g in grew] == [(1, 50, 2.5), (2, 10, 0.0)]
+    assert by_name(grew) == {"w": (2, 60, 2.5)}
+
+    def burst(ttft, dispatch):
+        return {"burst": 0, "num_failed": 0, "ttft": {"p50": ttft}, "dispatch": {"p50": dispatch},
+                "engine_first": {"p50": None if dispatch is None else 10.0}}
+
+    runs = [{"variant": v, "round": r, "bursts": [burst(t, d)], "first_burst_growth": grew if d else []}
+            for v, r, t, d in [("as-configured", 1, 150.0, 100.0), ("off", 1, 900.0, 850.0),
+                               ("as-configured", 2, 170.0, 120.0), ("off", 2, 1100.0, 1000.0),
+                               ("vllm serve", 1, 140.0, None), ("vllm serve", 2, 160.0, None)]]
+    machine = {"at": "t", "load_1m": 1.0, "load_5m": 1.0, "load_15m": 1.0}
+    text = markdown(FirstBurstSpec(bursts=1), {"machine_start": machine, "runs": runs})
+    assert "| off | 2 | 1,100 (1,000, 10) |" in text and "| vllm serve | 1 | 140 (–, –) |" in text
+    assert "as-configured 160 ms; off 1,000 ms; vllm serve 150 ms." in text
+    assert "| w (x2) |" in text and "| 60, 2.5 |" in text

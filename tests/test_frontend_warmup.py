@@ -1,11 +1,15 @@
 """The frontend pays its first-use costs before it serves, not inside its first requests."""
 
+import os
+import subprocess
+import sys
 import threading
 
+import pytest
 import redis
 
 from app import create_app
-from conftest import make_settings
+from conftest import ROOT, make_settings
 
 
 def test_every_thread_shares_the_result_backend_built_before_the_fork(model_path, scratch_redis_url):
@@ -35,3 +39,16 @@ def test_a_process_connects_before_its_first_request(model_path, scratch_redis_u
     # queued its threads for over a second), and the liveness cache is filled.
     assert clients() >= before + 1 + gateway.celery.producer_pool.limit
     assert gateway._workers_checked_at > 0
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_gunicorn_master_freezes_its_heap_before_each_fork(freeze):
+    # Without it each worker's first full collection copied the whole preloaded heap inside the
+    # first burst (bench/results/first-burst-ab/). The hooks, run as gunicorn runs them.
+    probe = ("import gc; import app.gunicorn_conf as c; a = gc.isenabled(); c.pre_fork(None, None); "
+             "b = gc.get_freeze_count() > 0; c.post_fork(None, None); print(a, b, gc.isenabled())")
+    env = dict(os.environ, LLMQ__FRONTEND__GC_FREEZE=str(freeze).lower())
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=60, check=True).stdout.split()
+    # Collections off in the master, its heap frozen at the fork, on again in the worker.
+    assert out == (["False", "True", "True"] if freeze else ["True", "False", "True"])
