@@ -8,6 +8,7 @@ runs in the worker's only process; no 4 s prefork limit applies.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 
@@ -53,6 +54,16 @@ def _start_runtime(sender=None, instance=None, **_kwargs) -> None:
         logging.shutdown()
         os._exit(1)
     set_current_runtime(runtime)
+    freeze_startup_heap()
+
+
+def freeze_startup_heap() -> None:
+    """Takes what start-up built (torch, vLLM, Celery: some 640,000 objects in a decode worker)
+    out of the garbage collector's reach, as vLLM's own server does once it is up. A full
+    collection of that heap took 0.36-0.40 s here, a pause for every stream on the worker; frozen,
+    the collector walks only what serving allocates."""
+    gc.collect()
+    gc.freeze()
 
 
 @signals.worker_shutdown.connect
