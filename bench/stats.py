@@ -152,6 +152,7 @@ class Headline:
     ttft_p50_diff_ms: float | None
     itl_p50_ratio: float | None
     tpot_p50_ratio: float | None
+    saturation_load: str = ""  # the load point of our best tok/s
 
 
 def _by_target(summaries: Sequence[Summary], target: str) -> list[Summary]:
@@ -172,11 +173,12 @@ def headline(summaries: Sequence[Summary], target: str, baseline: str) -> Headli
     ours, base = _by_target(summaries, target), _by_target(summaries, baseline)
     if not ours or not base:
         return None
-    ours_sat = max(s.output_tok_per_s for s in ours)
-    base_sat = max(s.output_tok_per_s for s in base)
+    best = max(ours, key=lambda s: s.output_tok_per_s)
+    ours_sat, base_sat = best.output_tok_per_s, max(s.output_tok_per_s for s in base)
     points = compare_points(summaries, target, baseline)
     if not points:
-        return Headline(target, baseline, ours_sat, base_sat, ratio(ours_sat, base_sat), "", None, None, None)
+        return Headline(target, baseline, ours_sat, base_sat, ratio(ours_sat, base_sat), "", None, None, None,
+                        best.load)
     low = points[0]
     return Headline(target, baseline, ours_sat, base_sat, ratio(ours_sat, base_sat), low.load,
-                    low.ttft_p50_diff_ms, low.itl_p50_ratio, low.tpot_p50_ratio)
+                    low.ttft_p50_diff_ms, low.itl_p50_ratio, low.tpot_p50_ratio, best.load)

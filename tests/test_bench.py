@@ -92,7 +92,7 @@ def test_headline_against_baseline():
     assert h.saturation_tok_per_s == pytest.approx(22.0)
     assert h.baseline_saturation_tok_per_s == pytest.approx(44.0)
     assert h.throughput_ratio == pytest.approx(0.5)
-    assert h.low_load == "c=1"
+    assert h.low_load == "c=1" and h.saturation_load == "c=4"
     assert h.ttft_p50_diff_ms == pytest.approx(10.0)
     assert h.itl_p50_ratio == pytest.approx(2.0)
     assert [c.load for c in compare_points(summaries, "ours", "base")] == ["c=1", "c=4"]
@@ -305,6 +305,8 @@ def test_router_counters_delta_and_rate():
 
 
 def test_vs_vllm_verdicts_against_the_targets():
+    from dataclasses import replace
+
     from bench.stats import Headline
     from bench.vs_vllm import verdicts
 
@@ -317,6 +319,8 @@ def test_vs_vllm_verdicts_against_the_targets():
     assert itl_ms.value == pytest.approx(1.0) and itl_ms.met is True  # 1.25 x 4 ms = +1 ms
     tpot = [v for v in verdicts(head, 4.0, 5.0) if v.name.startswith("TPOT")][0]
     assert tpot.value == pytest.approx(1.5) and tpot.met is False  # 1.3 x 5 ms = +1.5 ms
+    at_c1 = {v.name: v for v in verdicts(replace(head, saturation_load="c=1"), 4.0, 4.0)}
+    assert at_c1["throughput at saturation, ours / vLLM"].met is None  # one stream saturates nothing
     missing = verdicts(Headline("agg", "vllm", 1.0, 0.0, None, "", None, None, None), None)
     assert all(v.met is None for v in missing)
 
