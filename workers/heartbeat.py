@@ -66,11 +66,16 @@ class Heartbeat:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=self._interval_s * 2)
-        with self._renewing:
-            try:
-                drop_lease(self._client, self.worker_id)
-            except redis.RedisError:
-                logger.warning("could not drop lease of %s; it expires on its own", self.worker_id)
+        # Bounded: a beat stuck on a hung Redis must not hold up the worker's shutdown.
+        if not self._renewing.acquire(timeout=self._interval_s * 2):
+            logger.warning("a heartbeat of %s is stuck; its lease expires on its own", self.worker_id)
+            return
+        try:
+            drop_lease(self._client, self.worker_id)
+        except redis.RedisError:
+            logger.warning("could not drop lease of %s; it expires on its own", self.worker_id)
+        finally:
+            self._renewing.release()
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval_s):
