@@ -2,7 +2,8 @@
 
 ``celeryd_after_setup`` fires once ``-Q`` is applied and logging is configured, and before the
 worker starts consuming. So the role comes from the queues this worker consumes, the engine is
-ready before the first task arrives, and its start-up is in the log. Under the thread pool this
+ready before the first task arrives, and its start-up is in the log. ``worker_ready`` fires once
+it consumes; only then does its lease go up. Under the thread pool this
 runs in the worker's only process; no 4 s prefork limit applies.
 """
 
@@ -55,6 +56,22 @@ def _start_runtime(sender=None, instance=None, **_kwargs) -> None:
         os._exit(1)
     set_current_runtime(runtime)
     freeze_startup_heap()
+
+
+@signals.worker_ready.connect
+def _advertise_runtime(**_kwargs) -> None:
+    """The worker's lease goes up once Celery consumes, not as soon as the runtime has started:
+    Celery installs its SIGTERM handler in between, and a worker stopped in that gap died without
+    dropping its lease, which then named a dead worker for workers.lease_s (seen in CI)."""
+    from workers.runtime import current_runtime
+
+    try:
+        current_runtime().advertise()
+    except Exception:
+        # Consuming with no lease, the worker would get no traffic and say nothing; leave instead.
+        logger.exception("worker could not put up its lease")
+        logging.shutdown()
+        os._exit(1)
 
 
 def freeze_startup_heap() -> None:
