@@ -1,11 +1,17 @@
-"""A worker's role follows from the queues it consumes."""
+"""A worker's role follows from the queues it consumes; its lease goes up when it consumes."""
 
+import os
+import signal
 import subprocess
 import sys
 
 import pytest
+import redis
 
-from conftest import ROOT
+from config import dump_settings
+from conftest import ROOT, make_settings, wait_for
+from tasks import keys
+from tasks.registry import live_workers
 from workers.lifecycle import role_for
 
 
@@ -39,16 +45,6 @@ def test_the_start_up_heap_leaves_the_collectors_reach():
 def test_a_router_stopped_as_soon_as_it_is_listed_leaves_no_lease(scratch_redis_url, tmp_path):
     # Its lease goes up once Celery consumes, when Celery's SIGTERM handler is in place; put up
     # earlier, a SIGTERM in between killed the worker outright and left the lease behind.
-    import os
-    import signal
-
-    import redis
-
-    from config import dump_settings
-    from conftest import make_settings, wait_for
-    from tasks import keys
-    from tasks.registry import live_workers
-
     cfg = tmp_path / "config.yaml"
     dump_settings(make_settings(scratch_redis_url, base="agg_router.yaml"), cfg)
     client = redis.Redis.from_url(scratch_redis_url)

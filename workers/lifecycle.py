@@ -2,9 +2,12 @@
 
 ``celeryd_after_setup`` fires once ``-Q`` is applied and logging is configured, and before the
 worker starts consuming. So the role comes from the queues this worker consumes, the engine is
-ready before the first task arrives, and its start-up is in the log. ``worker_ready`` fires once
-it consumes; only then does its lease go up. Under the thread pool this
+ready before the first task arrives, and its start-up is in the log. Under the thread pool this
 runs in the worker's only process; no 4 s prefork limit applies.
+
+``worker_ready`` fires once it consumes; only then does its lease go up, so the frontend's
+liveness check and the router never see a worker that would just queue requests behind a cold
+start, or one that a SIGTERM would kill before it could drop its lease.
 """
 
 from __future__ import annotations
@@ -47,31 +50,33 @@ def _start_runtime(sender=None, instance=None, **_kwargs) -> None:
             runtime = WorkerRuntime(settings, instance.hostname, role, queue_names)
         runtime.start()
     except Exception:
-        # Celery logs and swallows exceptions from signal handlers; a worker without its
-        # engine must not start consuming, so leave now with the reason in the log. os._exit,
-        # because a half-started engine's processes would hold up a normal exit; they watch
-        # this process and go with it.
-        logger.exception("worker %s failed to start", instance.hostname)
-        logging.shutdown()
-        os._exit(1)
+        # A worker without its engine must not start consuming.
+        _leave("worker %s failed to start", instance.hostname)
     set_current_runtime(runtime)
     freeze_startup_heap()
 
 
 @signals.worker_ready.connect
-def _advertise_runtime(**_kwargs) -> None:
+def _put_up_lease(**_kwargs) -> None:
     """The worker's lease goes up once Celery consumes, not as soon as the runtime has started:
     Celery installs its SIGTERM handler in between, and a worker stopped in that gap died without
     dropping its lease, which then named a dead worker for workers.lease_s (seen in CI)."""
     from workers.runtime import current_runtime
 
     try:
-        current_runtime().advertise()
+        current_runtime().heartbeat.start()
     except Exception:
-        # Consuming with no lease, the worker would get no traffic and say nothing; leave instead.
-        logger.exception("worker could not put up its lease")
-        logging.shutdown()
-        os._exit(1)
+        # Consuming with no lease, the worker would get no traffic and say nothing.
+        _leave("worker could not put up its lease")
+
+
+def _leave(message: str, *args) -> None:
+    """Celery logs and swallows exceptions from signal handlers, so leave now with the reason in
+    the log. os._exit, because a half-started engine's processes would hold up a normal exit;
+    they watch this process and go with it."""
+    logger.exception(message, *args)
+    logging.shutdown()
+    os._exit(1)
 
 
 def freeze_startup_heap() -> None:

@@ -114,13 +114,8 @@ class WorkerRuntime:
         self.engine.start()
         if self.kv_events is not None:
             self.kv_events.start()
+        # Its lease (self.heartbeat) goes up once Celery consumes: workers/lifecycle.py.
         logger.info("worker %s: engine up, serving as %s", self.worker_id, self.role)
-
-    def advertise(self) -> None:
-        # The lease goes up only once the engine can serve and Celery consumes (workers/lifecycle.py):
-        # the frontend's liveness check and the router never see a worker that would just queue
-        # requests behind a cold start.
-        self.heartbeat.start()
 
     def stop(self) -> None:
         self.heartbeat.stop()
@@ -295,9 +290,6 @@ class RouterRuntime:
         logger.info("router %s (%s) replayed %d KV events into %d blocks in %.2fs", self.worker_id,
                     self.settings.router.mode, applied, self.service.index.num_blocks, time.monotonic() - started)
         self._follower.start()
-
-    def advertise(self) -> None:
-        self.heartbeat.start()
 
     def stop(self) -> None:
         self._stop.set()
