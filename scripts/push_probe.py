@@ -1,8 +1,8 @@
 """Probe for issue 4: the push connector (vLLM 0.32's NixlPushConnector, loaded through
-kvtransfer/nixl_agents.py) between two engines, P and D, in one process.
+kvtransfer/nixl_agents.py) between two engines, P and D, in one process. From the repository root:
 
-    .venv/bin/python scripts/push_probe.py            # ours; about 2 min; no Redis, no Celery
-    .venv/bin/python scripts/push_probe.py --stock    # vLLM's own push connector, for comparison
+    .venv/bin/python -m scripts.push_probe            # ours; about 2 min; no Redis, no Celery
+    .venv/bin/python -m scripts.push_probe --stock    # vLLM's own push connector, for comparison
 
 Each case prints one line that starts with "case". D's request carries {"do_remote_prefill":
 True, "remote_engine_id", "remote_host", "remote_port", "tp_size", "remote_request_id"}; P's
@@ -30,16 +30,14 @@ connector come from the earlier one.)
 import argparse
 import asyncio
 import os
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from config import load_settings
 from kvtransfer.connector import side_channel, transfer_config
 from kvtransfer.push import outcome_of
-from workers.engine import EngineHost
 from tasks.messages import SamplingSpec
+from workers.engine import EngineHost
 
 REGISTRATION_TIMEOUT_S = 8
 settings = load_settings(str(Path(__file__).resolve().parent.parent / "configs" / "disagg.yaml"), environ={})

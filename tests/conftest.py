@@ -17,10 +17,9 @@ from pathlib import Path
 import pytest
 import redis
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from config import Settings, default_model_cache, load_settings
 
-from config import Settings, default_model_cache, load_settings  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 REDIS_BASE = os.environ.get("LLMQ_TEST_REDIS", "redis://127.0.0.1:6379")
 # Databases 8-15 belong to the tests; each deployment fixture takes the next one.

@@ -1,14 +1,12 @@
 """Runs prompts through vLLM's own LLM class, with no Celery, Redis or HTTP in between.
 
-Used by test_determinism.py as the reference: python tests/direct_engine.py CONFIG < prompts.json
-prints, per prompt, the greedy text, token ids and logprobs as JSON.
+Used by test_determinism.py as the reference. From the repository root,
+``python -m tests.direct_engine CONFIG < prompts.json`` prints, per prompt, the greedy text,
+token ids and logprobs as JSON.
 """
 
 import json
 import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def main() -> None:

@@ -30,7 +30,7 @@ def test_http_matches_direct_engine(deployment, tmp_path):
     cfg = tmp_path / "engine.yaml"
     dump_settings(deployment.settings, cfg)
     jobs = [{"prompt_token_ids": chat_ids, "max_tokens": 24}, {"prompt_token_ids": text_ids, "max_tokens": 24}]
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "direct_engine.py"), str(cfg)],
+    proc = subprocess.run([sys.executable, "-m", "tests.direct_engine", str(cfg)],
                           input=json.dumps(jobs), capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
