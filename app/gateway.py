@@ -24,7 +24,15 @@ from app.streams import StreamReader
 from config import Settings
 from tasks import keys, queues
 from tasks.messages import (
-    Accepted, Delta, Failed, Finished, GenerateRequest, Routed, SamplingSpec, decode_event, request_to_task_arg,
+    Accepted,
+    Delta,
+    Failed,
+    Finished,
+    GenerateRequest,
+    Routed,
+    SamplingSpec,
+    decode_event,
+    request_to_task_arg,
     task_argsrepr,
 )
 from tasks.registry import is_alive, live_workers

@@ -9,15 +9,24 @@ from __future__ import annotations
 
 import os
 
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client import multiprocess
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 REQUESTS = Counter("llmq_frontend_requests_total", "HTTP requests by endpoint and status", ["endpoint", "status"])
 IN_FLIGHT = Gauge("llmq_frontend_requests_in_flight", "Requests being served, streams included",
                   multiprocess_mode="livesum")
-TTFT = Histogram("llmq_frontend_time_to_first_token_seconds", "From enqueue to the first token", buckets=LATENCY_BUCKETS)
+TTFT = Histogram("llmq_frontend_time_to_first_token_seconds", "From enqueue to the first token",
+                 buckets=LATENCY_BUCKETS)
 ITL = Histogram("llmq_frontend_inter_token_latency_seconds", "Between successive output deltas",
                 buckets=LATENCY_BUCKETS)
 QUEUE_WAIT = Histogram("llmq_frontend_queue_wait_seconds", "From enqueue until a worker took the request",

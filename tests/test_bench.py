@@ -13,8 +13,7 @@ import pytest
 from bench.__main__ import UsageError, build_parser, config_from_args, main
 from bench.records import LoadMode, LoadPoint, RequestRecord, Slo
 from bench.stats import Distribution, compare_points, headline, meets_slo, percentile, summarize
-from bench.workloads import (LengthDist, WorkloadKind, WorkloadParams, build_workload, poisson_arrivals,
-                             sample_lengths)
+from bench.workloads import LengthDist, WorkloadKind, WorkloadParams, build_workload, poisson_arrivals, sample_lengths
 
 # -- stats ------------------------------------------------------------------------------------
 
@@ -396,8 +395,16 @@ def test_deploy_helpers(tmp_path):
 
 
 def test_router_speed_cache_model_is_seeded_and_indexes_every_block():
-    from bench.router_speed import (RouterSpeedSpec, apply_remove, apply_store, apply_wire, build_cache_model,
-                                    make_prompts, one_block_each, removal_events)
+    from bench.router_speed import (
+        RouterSpeedSpec,
+        apply_remove,
+        apply_store,
+        apply_wire,
+        build_cache_model,
+        make_prompts,
+        one_block_each,
+        removal_events,
+    )
     from router.index import RadixIndex
 
     spec = RouterSpeedSpec(num_blocks=600, num_workers=3, num_trunks=5, trunk_blocks=4, branch_blocks_max=6)

@@ -62,7 +62,8 @@ def beat_after(dep, role: str, since_unix: float):
 
 def prefill_tasks_received(dep) -> int:
     return sum(1 for line in dep.log().splitlines()
-               if line.startswith("[prefill0]") and "Task tasks.prefill[" in line and line.rstrip().endswith("received"))
+               if line.startswith("[prefill0]") and "Task tasks.prefill[" in line
+               and line.rstrip().endswith("received"))
 
 
 def greedy(dep, ids, max_tokens=16, **kwargs):
@@ -182,7 +183,8 @@ def test_killed_prefill_worker_falls_back_locally_without_leaking(disagg, deploy
         t = threading.Thread(target=ask)
         t.start()
         try:
-            wait_for(lambda: prefill_tasks_received(disagg) > received_before, 30, "the prefill worker to take the task")
+            wait_for(lambda: prefill_tasks_received(disagg) > received_before, 30,
+                     "the prefill worker to take the task")
         finally:
             os.kill(prefill.pid, signal.SIGKILL)  # dies mid-request, with the decode worker waiting
             for proc in engine:

@@ -16,7 +16,8 @@ def test_pins_the_scheduler_to_its_runners_core_and_renices_it_only_when_unpinne
     # core as vLLM binds it. argv[0] is what vLLM's setproctitle shows.
     core = min(os.sched_getaffinity(0))
     runner_cmd = f"taskset -c {core} bash -c 'exec -a {RUNNER_PROCESS_TITLE} sleep 60'"
-    parent = subprocess.Popen(["bash", "-c", f'(exec -a {SCHEDULER_PROCESS_TITLE} bash -c "{runner_cmd} & wait") & wait'])
+    parent = subprocess.Popen(
+        ["bash", "-c", f'(exec -a {SCHEDULER_PROCESS_TITLE} bash -c "{runner_cmd} & wait") & wait'])
     try:
         def engine():
             tree = psutil.Process(parent.pid).children(recursive=True)

@@ -9,10 +9,8 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
-import redis
 
 from config import dump_settings
 from conftest import ROOT, fresh_redis_url, live_status, make_settings, start_deployment, stored_blocks, wait_for
@@ -145,7 +143,8 @@ def test_a_late_router_replays_to_the_same_index_and_decisions(routed, tmp_path)
         late.send_signal(signal.SIGTERM)
         late.wait(timeout=30)
     # A router that stopped cleanly leaves the registry at once, not when its lease lapses.
-    assert not registry.is_alive(routed.redis, late_status.worker_id), (tmp_path / "late-router.log").read_text()[-3000:]
+    assert not registry.is_alive(routed.redis, late_status.worker_id), \
+        (tmp_path / "late-router.log").read_text()[-3000:]
 
 
 def test_router_metrics_are_discoverable(routed):

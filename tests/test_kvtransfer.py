@@ -7,8 +7,14 @@ import os
 import pytest
 
 from config import DisaggConfig
-from kvtransfer.connector import (PROGRESS_DELAY_ENV, BadTransferParams, decode_leg_params, engine_id_for,
-                                  patch_progress_delay, transfer_config)
+from kvtransfer.connector import (
+    PROGRESS_DELAY_ENV,
+    BadTransferParams,
+    decode_leg_params,
+    engine_id_for,
+    patch_progress_delay,
+    transfer_config,
+)
 from kvtransfer.policy import Thresholds, ThresholdSource, should_prefill_remotely
 from kvtransfer.stats import TransferStats
 

@@ -3,9 +3,22 @@
 import pytest
 
 from tasks.messages import (
-    WIRE_VERSION, Accepted, Delta, Failed, Finished, GenerateRequest, SamplingSpec, TokenLogprob,
-    PrefillRequest, TopLogprob, WireVersionError, decode_event, encode_event, request_from_task_arg,
-    request_to_task_arg, task_argsrepr,
+    WIRE_VERSION,
+    Accepted,
+    Delta,
+    Failed,
+    Finished,
+    GenerateRequest,
+    PrefillRequest,
+    SamplingSpec,
+    TokenLogprob,
+    TopLogprob,
+    WireVersionError,
+    decode_event,
+    encode_event,
+    request_from_task_arg,
+    request_to_task_arg,
+    task_argsrepr,
 )
 
 

@@ -92,7 +92,8 @@ def test_prefill_worker_on_another_host(two_hosts, head_redis, model_path, tmp_p
     dump_settings(make_settings(head_redis, base="disagg.yaml", **overrides, **{"workers.advertise_host": node_ip}),
                   node_cfg)
     node2 = subprocess.Popen(
-        ["ip", "netns", "exec", ns, sys.executable, "-m", "launcher", "serve", "-f", str(node_cfg), "--roles", "prefill"],
+        ["ip", "netns", "exec", ns, sys.executable, "-m", "launcher", "serve", "-f", str(node_cfg),
+         "--roles", "prefill"],
         cwd=ROOT, env=dict(os.environ, VLLM_HOST_IP=node_ip), stdout=(tmp_path / "node2.log").open("wb"),
         stderr=subprocess.STDOUT, start_new_session=True)
     try:

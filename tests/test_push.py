@@ -15,7 +15,7 @@ import redis.asyncio
 
 from config import load_settings
 from kvtransfer import push
-from kvtransfer.connector import BadTransferParams, PROGRESS_DELAY_ENV, transfer_config
+from kvtransfer.connector import PROGRESS_DELAY_ENV, BadTransferParams, transfer_config
 from kvtransfer.registry import NixlEndpoint, register
 from tasks import keys
 from tasks.messages import PrefillClaimed, PrefillRequest, decode_prefill_claimed, encode_prefill_claimed

@@ -12,11 +12,10 @@ import redis.asyncio
 
 from app import streams
 from app.streams import StreamReader
+from conftest import free_port
 from tasks import keys
 from tasks.messages import Delta, Finished, decode_event, encode_event
 from workers.outputs import BatchedStreamWriter, OutputWriter
-
-from conftest import free_port
 
 
 def _texts(client: redis.Redis, request_id: str) -> list[str]:
