@@ -7,6 +7,7 @@ import time
 
 import redis
 from flask import Flask
+from flask.json.provider import DefaultJSONProvider
 
 from config import Settings, load_settings
 
@@ -29,7 +30,9 @@ def create_app(settings: Settings | None = None) -> Flask:
         MAX_CONTENT_LENGTH=settings.frontend.max_body_bytes,
         JSON_SORT_KEYS=False,
     )
-    app.json.ensure_ascii = False
+    json_provider = DefaultJSONProvider(app)
+    json_provider.ensure_ascii = False
+    app.json = json_provider
     client = redis.Redis.from_url(settings.redis_url, health_check_interval=30)
     app.extensions["llmq.gateway"] = gateway = Gateway(settings, make_celery(settings), client)
     app.extensions["llmq.processor"] = processor = Processor(settings)

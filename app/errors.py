@@ -71,7 +71,7 @@ def register_error_handlers(app: Flask) -> None:
     # sees the request, so they are handled on the app, in the same shape.
     @app.errorhandler(HTTPException)
     def _http_error(e: HTTPException):
-        kind = {404: "not_found_error", 405: "invalid_request_error", 413: "request_too_large"}
+        kind: dict[int | None, str] = {404: "not_found_error", 405: "invalid_request_error", 413: "request_too_large"}
         return error_response(APIError(e.description or e.name, status=e.code,
                                        type=kind.get(e.code, "invalid_request_error")))
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from typing import cast
 
 from app.errors import BadRequest
 from app.schemas import ChatCompletionRequest, CompletionRequest
@@ -56,10 +57,10 @@ class Processor:
         if isinstance(prompt, str):
             return [self._encode(prompt)]
         if all(isinstance(p, int) for p in prompt):
-            return [self._check_ids(prompt)]
+            return [self._check_ids(cast(list[int], prompt))]
         if all(isinstance(p, str) for p in prompt):
-            return [self._encode(p) for p in prompt]
-        return [self._check_ids(p) for p in prompt]
+            return [self._encode(cast(str, p)) for p in prompt]
+        return [self._check_ids(cast(list[int], p)) for p in prompt]
 
     def _encode(self, text: str) -> list[int]:
         ids = self.tokenizer.encode(text, add_special_tokens=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from tasks.messages import Delta, TokenLogprob
 
@@ -70,7 +71,7 @@ class Formatter:
     # -- streaming -------------------------------------------------------------------------
 
     def _chunk(self, choices: list[dict], usage: Usage | None, include_usage: bool) -> str:
-        body = {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
+        body: dict[str, Any] = {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
                 "created": self.created, "model": self.model, "choices": choices}
         if include_usage:
             body["usage"] = usage.body() if usage else None

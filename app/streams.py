@@ -20,6 +20,7 @@ import time
 import uuid
 
 import redis
+from redis.typing import KeyT, StreamIdT
 
 from tasks import keys
 
@@ -78,7 +79,7 @@ class StreamReader:
     def _run(self, reader: redis.Redis) -> None:
         while True:
             with self._lock:
-                cursors = {key: cursor for key, (cursor, _) in self._streams.items()}
+                cursors: dict[KeyT, StreamIdT] = {key: cursor for key, (cursor, _) in self._streams.items()}
             cursors[self._wake_key] = self._wake_cursor
             try:
                 reply = reader.xread(cursors, block=BLOCK_MS)
