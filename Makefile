@@ -5,7 +5,7 @@ PY := .venv/bin/python
 LLMQ_TEST_REDIS ?= redis://127.0.0.1:6379
 WITH_TEST_REDIS := LLMQ_TEST_REDIS=$(LLMQ_TEST_REDIS) $(PY) -m launcher with-redis $(LLMQ_TEST_REDIS) --
 
-.PHONY: setup serve test unit
+.PHONY: setup serve test unit lint
 
 setup:
 	@bash scripts/setup.sh
@@ -18,3 +18,8 @@ test: setup
 
 unit: setup
 	$(WITH_TEST_REDIS) $(PY) -m pytest -m "not integration"
+
+# Ruff on the whole tree, mypy on the core packages (both configured in pyproject.toml).
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m mypy
