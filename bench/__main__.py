@@ -2,19 +2,22 @@
 DIR` redraws report.md and the plots from DIR/results.json.
 
     python -m bench run --url http://127.0.0.1:8000/v1 --model tiny-llama --workload synthetic \\
-        --mode closed --concurrency 1,4,16 --num-requests 32 --seed 0 --out bench/results/NAME
+        --mode closed --concurrency 1,4,16 --num-requests 32 --seed 0
     python -m bench run --target agg=http://127.0.0.1:8000/v1 --target vllm=http://127.0.0.1:8100/v1 \\
-        --baseline vllm --mode open --rate 2,8 --out bench/results/NAME
+        --baseline vllm --mode open --rate 2,8 --out /tmp/agg-vs-vllm
 
 Scenarios start and stop their own servers (bench/deploy.py) and write a results folder:
 
-    python -m bench kv-routing --out bench/results/kv-routing      # round-robin vs kv routing
-    python -m bench vs-vllm --out bench/results/vs-vllm            # agg, agg_router vs vLLM's server
-    python -m bench profile --out bench/results/profile            # py-spy on agg under load
-    python -m bench router-speed --out bench/results/router-speed  # the router's index and policy, no servers
-    python -m bench aiperf-check --out bench/results/aiperf-check  # aiperf and the harness, same deployment
-    python -m bench stages --out bench/results/stages-agg          # TTFT split: dispatch, engine, delivery
-    python -m bench first-burst --out bench/results/first-burst    # the first bursts after a start
+    python -m bench kv-routing      # round-robin vs kv routing
+    python -m bench vs-vllm         # agg, agg_router vs vLLM's server
+    python -m bench profile         # py-spy on agg under load
+    python -m bench router-speed    # the router's index and policy, no servers
+    python -m bench aiperf-check    # aiperf and the harness, same deployment
+    python -m bench stages          # TTFT split: dispatch, engine, delivery
+    python -m bench first-burst     # the first bursts after a start
+
+Without --out, results go to bench/out/COMMAND-YYYYMMDDTHHMMSSZ (ignored by git). The last line
+printed is the path of the report.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import sys
 from pathlib import Path
 
 from bench.flags import add_dataclass_flags, from_flags
+from bench.output import default_out
 from bench.records import LoadMode, Slo, Target
 from bench.runner import RunConfig, RunOptions
 from bench.workloads import WorkloadKind, WorkloadParams
@@ -41,6 +45,9 @@ SCENARIOS = {
     "stages": ("bench.stages", "StagesSpec", "time to first token split into dispatch, engine and delivery"),
     "first-burst": ("bench.first_burst", "FirstBurstSpec", "the first bursts of requests after a fresh start"),
 }
+
+
+OUT_HELP = "results folder (default: bench/out/COMMAND-TIMESTAMP, ignored by git)"
 
 
 class UsageError(ValueError):
@@ -63,14 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--rate", default="2,8", help="open loop: comma-separated arrival rates, per second")
     run.add_argument("--slo-ttft-ms", type=float, help="goodput SLO on time to first token")
     run.add_argument("--slo-itl-ms", type=float, help="goodput SLO on mean inter-token latency")
-    run.add_argument("--out", required=True, type=Path, help="results folder, e.g. bench/results/NAME")
+    run.add_argument("--out", type=Path, help=OUT_HELP)
     add_dataclass_flags(run, RunOptions, "run options")
     add_dataclass_flags(run, WorkloadParams, "workload parameters")
     report = sub.add_parser("report", help="redraw report.md and plots from a results folder")
     report.add_argument("dir", type=Path)
     for name, (module, spec_name, text) in SCENARIOS.items():
         scenario = sub.add_parser(name, help=text)
-        scenario.add_argument("--out", required=True, type=Path, help="results folder, e.g. bench/results/NAME")
+        scenario.add_argument("--out", type=Path, help=OUT_HELP)
         add_dataclass_flags(scenario, getattr(importlib.import_module(module), spec_name), "scenario options")
     return parser
 
@@ -129,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("bench").setLevel(logging.INFO)
+    if args.command != "report" and args.out is None:
+        args.out = default_out(args.command)
     if args.command == "report":
         path = report.write_all(report.load_result(args.dir / "results.json"), args.dir)
     elif args.command in SCENARIOS:

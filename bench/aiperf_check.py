@@ -53,10 +53,10 @@ class AiperfCheckSpec:
     redis_db: int = field(default=2, metadata=help_text("Redis database (1-5), flushed before the start"))
     timeout_s: float = field(default=600.0, metadata=help_text("bound on each tool run"))
     # Why pace: in pure concurrency mode aiperf's timing manager polls for a free slot without
-    # sleeping and takes a whole core for its run (py-spy: RequestRateStrategy.execute_phase).
-    # On 2 cores that halved the server's throughput (bench/results/aiperf-check-paced/README.md).
-    # A constant rate capped at the concurrency stays closed-loop, and the poll sleeps between
-    # ticks; a freed slot waits at most one tick (5 ms at 200/s) for its next request.
+    # sleeping (RequestRateStrategy.execute_phase) and takes a whole core, which on a small machine
+    # comes out of the server's share (docs/benchmarks.md, "The aiperf cross-check"). A constant
+    # rate capped at the concurrency stays closed-loop, and the poll sleeps between ticks; a freed
+    # slot waits at most one tick (5 ms at 200/s) for its next request.
     pacing_per_s: int = field(default=200, metadata=help_text(
         "aiperf's --request-rate, capped by --concurrency; 0 = its pure concurrency mode"))
     scrape_metrics: bool = field(default=False, metadata=help_text(

@@ -27,8 +27,9 @@ class ClientKind(str, Enum):
     # aiohttp and a minimal SSE reader, as vLLM's `bench serve` and aiperf do. The default,
     # because on a 2-core box the client's CPU comes out of the server's share.
     HTTP = "http"
-    # The official client. It parses every chunk into pydantic models: about twice the harness's
-    # CPU per run at c=32 (bench/results/client-ab/README.md).
+    # The official client. It parses every chunk into pydantic models: about twice HTTP's CPU at
+    # 32 streams, and it falls behind the stream and reads chunks in bunches, which distorts its
+    # own ITL (docs/benchmarks.md, "The harness's client").
     OPENAI = "openai"
 
 

@@ -142,7 +142,7 @@ def _kill(tree: list[ProcessInfo]) -> None:
 
 
 def trim_log(path: Path, max_bytes: int = MAX_LOG_BYTES) -> None:
-    """Keeps a log's head and tail, so a results folder stays small enough to commit."""
+    """Keeps a log's head and tail, so a results folder stays small."""
     if not path.exists() or path.stat().st_size <= max_bytes:
         return
     data = path.read_bytes()

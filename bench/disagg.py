@@ -1,4 +1,4 @@
-"""Aggregated against disaggregated serving, same number of engines: `python -m bench.disagg --out DIR`.
+"""Aggregated against disaggregated serving, same number of engines: `python -m bench.disagg [--out DIR]`.
 
 In one run, one after another:
 
@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from bench.flags import add_dataclass_flags, from_flags, help_text
+from bench.output import default_out
 from bench.records import LoadMode, LoadPoint, RequestRecord
 from bench.runner import RunOptions
 from bench.scenario import MachineState, Workload, fmt, measure, table, write_json
@@ -37,7 +38,8 @@ from bench.workloads import WorkloadKind, WorkloadParams
 
 logger = logging.getLogger(__name__)
 
-# helper-4's subcommands (run, kv-routing, vs-vllm, router-speed, aiperf-check, ...), not `bench.disagg`.
+# A `python -m bench SUBCOMMAND` run (run, kv-routing, vs-vllm, ...), which would share the machine;
+# not `python -m bench.disagg` itself.
 OTHER_BENCH = r"-m bench [a-z]"
 DEPLOYMENTS = {  # label -> (config, --set overrides, Redis db)
     "agg": ("configs/agg.yaml", {"workers.num_decode": "2"}, 6),
@@ -453,12 +455,12 @@ def comparison_rows(agg: PointResult, dis: PointResult) -> list[list[str]]:
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     parser = argparse.ArgumentParser(prog="python -m bench.disagg", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("bench/results/disagg"))
+    parser.add_argument("--out", type=Path, help="results folder (default: bench/out/disagg-TIMESTAMP, ignored by git)")
     parser.add_argument("--model", default="tiny-llama")
     add_dataclass_flags(parser, DisaggSpec, "scenario options")
     args = parser.parse_args()
     spec = from_flags(DisaggSpec, args)
-    print(run(spec, args.out, args.model))
+    print(run(spec, args.out or default_out("disagg"), args.model))
 
 
 if __name__ == "__main__":

@@ -68,9 +68,9 @@ class VsVllmSpec:
     seed: int = field(default=0, metadata=help_text("workload seed, the same for every server"))
     servers: str = field(default="agg,vllm,agg_router", metadata=help_text("which servers, in the order they run"))
     redis_db: int = field(default=5, metadata=help_text("Redis database (1-5) for our deployments, flushed per start"))
-    # 32 at once: the first burst after a start is a one-time cost, far larger for our stack than
-    # for vLLM's server (bench/results/vs-vllm-unniced-c32/README.md). Both get the same warm-up,
-    # so the figures are steady state; the first burst is reported on its own.
+    # 32 at once: the first burst after a start is a one-time cost that differs between servers
+    # (`python -m bench first-burst` measures it). Every server gets the same warm-up, so the
+    # figures are steady state.
     warmup_sessions: int = field(default=32, metadata=help_text(
         "unrecorded requests per server, sent at once before the first load point"))
     deadline_s: float = field(default=600.0, metadata=help_text("bound on each server's run"))
@@ -143,8 +143,8 @@ def run(spec: VsVllmSpec, out: Path, model: str = "tiny-llama") -> Path:
     if spec.rounds <= 1:
         _run_round(spec, out, model)
         return out / "report.md"
-    # On a shared machine one pair of runs can be off by 2x either way (bench/results/README.md):
-    # rounds, alternating which server goes first, give the ratio a spread and a median.
+    # On a shared machine one pair of runs can be off by a large factor either way: rounds,
+    # alternating which server goes first, give the ratio a spread and a median.
     rounds = []
     for i in range(spec.rounds):
         labels = spec.server_labels if i % 2 == 0 else spec.server_labels[::-1]

@@ -437,6 +437,20 @@ def test_scenario_subcommands_parse():
         assert build_parser().parse_args([name, "--out", "x"]).command == name
 
 
+def test_results_go_to_an_ignored_folder_unless_out_is_given():
+    from datetime import datetime, timezone
+
+    from bench.output import OUT_ROOT, default_out
+
+    assert build_parser().parse_args(["router-speed"]).out is None  # main() fills in the default
+    assert build_parser().parse_args(["router-speed", "--out", "x"]).out == Path("x")
+    at = datetime(2026, 12, 3, 18, 5, 9, tzinfo=timezone.utc)
+    assert default_out("vs-vllm", at) == OUT_ROOT / "vs-vllm-20261203T180509Z"
+    assert OUT_ROOT == Path(__file__).resolve().parent.parent / "bench" / "out"
+    ignored = (OUT_ROOT.parent.parent / ".gitignore").read_text().split()
+    assert "bench/out/" in ignored
+
+
 def test_merge_runs_of_different_servers():
     from bench.records import Target
     from bench.runner import RunConfig, RunOptions, RunResult
