@@ -85,15 +85,14 @@ class EngineConfig(_Section):
     # Niceness of vLLM's scheduler process (EngineCore) where it runs free, that is where it is
     # not pinned to its runner's cores (below): between steps it busy-polls with sched_yield, and
     # on a machine with few cores that starves the frontend, Celery and Redis of the CPU time a
-    # request needs to get in and its tokens to get out. Unpinned, at 32 streams on 2 cores, 10
-    # gave 1.8x the output tokens/s of 0 (bench/README.md). A pinned scheduler is not reniced: it
-    # would lose its turns to its own runner's spin (bench/results/scheduler-nice-pinned-ab).
+    # request needs to get in and its tokens to get out. A pinned scheduler is not reniced: it
+    # would lose its turns to its own runner's spin (docs/benchmarks.md, "Scheduler placement").
     # 0 leaves it alone.
     scheduler_nice: int = Field(10, ge=0, le=19)
     # Pin vLLM's scheduler process to the cores its model runner is bound to, so that the two
-    # take turns on them instead of the scheduler busy-polling a core of its own: 1.51x the
-    # output tokens/s at 32 streams on 2 cores (workers/engine.py, place_scheduler). A no-op
-    # where the runner is not bound (engine.omp_threads_bind: nobind, or disaggregation).
+    # take turns on them instead of the scheduler busy-polling a core of its own, so the engine
+    # costs one core instead of two (docs/benchmarks.md, "Scheduler placement"). A no-op where
+    # the runner is not bound (engine.omp_threads_bind: nobind, or disaggregation).
     scheduler_on_runner_cores: bool = True
 
     @field_validator("block_size")
@@ -111,8 +110,7 @@ class FrontendConfig(_Section):
     port: int = Field(8000, ge=1, le=65535)
     # gunicorn gthread workers x threads = concurrent requests held open (streaming holds one).
     # Four processes of 80 rather than two of 160: a new request's thread then competes with
-    # fewer streaming threads for its process's GIL (bench/results/frontend-workers-ab/: 1.08-1.14x
-    # output at c=32, TTFT p90 20-48% lower).
+    # fewer streaming threads for its process's GIL (docs/benchmarks.md, "The frontend's shape").
     workers: int = Field(4, ge=1)
     threads: int = Field(80, ge=1)
     max_body_bytes: int = Field(1_048_576, gt=0)
@@ -182,9 +180,9 @@ class DisaggConfig(_Section):
     max_prefill_queue_size. Both thresholds can be changed at run time (kvtransfer/policy.py)."""
 
     enabled: bool = False
-    # push: the seed's order, decode allocates and prefill writes (vLLM's NixlPushConnector, with
-    # our failure handling in kvtransfer/nixl_agents.py). pull: decode reads the KV prefill
-    # computed (vLLM's NixlConnector). README, "Connector choice".
+    # push: decode allocates and prefill writes, the order of Dynamo's disaggregated design
+    # (vLLM's NixlPushConnector, with our failure handling in kvtransfer/nixl_agents.py). pull:
+    # decode reads the KV prefill computed (vLLM's NixlConnector). docs/disaggregation.md.
     connector: Literal["pull", "push"] = "push"
     # NIXL's progress thread busy-polls a whole core per engine unless it sleeps between idle
     # polls (kvtransfer/nixl_agents.py). 0 keeps NIXL's own behaviour.
@@ -197,8 +195,8 @@ class DisaggConfig(_Section):
     prefill_timeout_s: float = Field(10.0, gt=0)
     # push: how long a decode engine waits for the prefill worker's WRITE once it has registered
     # its blocks, before it recomputes the prompt itself. It covers the prefill's compute: the
-    # decode engine registers while the prefill engine is still computing. 30 s rides out the
-    # whole-machine stalls of several engines on 2 cores (README, "Connector choice").
+    # decode engine registers while the prefill engine is still computing, and on a loaded
+    # machine a prefill can take far longer than usual (docs/disaggregation.md, "Time-outs").
     push_registration_timeout_s: float = Field(30.0, gt=0)
     # How long a prefill engine holds a prompt's KV for a decode engine that has not taken it;
     # the decode engine's heartbeats renew it while it waits. (vLLM's kv_lease_duration; at least

@@ -34,7 +34,6 @@ from bench.records import LoadMode, Slo, Target
 from bench.runner import RunConfig, RunOptions
 from bench.workloads import WorkloadKind, WorkloadParams
 
-
 # name -> (module, its spec dataclass, help); each module has run(spec, out) -> report path.
 SCENARIOS = {
     "kv-routing": ("bench.kv_routing", "KvRoutingSpec", "KV-aware routing against round-robin on agg_router"),

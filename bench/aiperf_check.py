@@ -49,7 +49,8 @@ class AiperfCheckSpec:
     output_len: int = field(default=64, metadata=help_text("output tokens per request"))
     warmup_requests: int = field(default=4, metadata=help_text("unrecorded requests before each tool run"))
     seed: int = field(default=0, metadata=help_text("both tools' seed"))
-    rounds: int = field(default=3, metadata=help_text("aiperf then the harness, this many times, then aiperf once more"))
+    rounds: int = field(default=3,
+                        metadata=help_text("aiperf then the harness, this many times, then aiperf once more"))
     redis_db: int = field(default=2, metadata=help_text("Redis database (1-5), flushed before the start"))
     timeout_s: float = field(default=600.0, metadata=help_text("bound on each tool run"))
     # Why pace: in pure concurrency mode aiperf's timing manager polls for a free slot without

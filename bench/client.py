@@ -211,7 +211,7 @@ class SessionRunner:
         except asyncio.CancelledError:
             self._fail(record, sent, "cancelled: the run's deadline passed")
             raise
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self._fail(record, sent, f"timed out after {timeout_s:g} s")
             logger.warning("[%s %s session %d turn %d] %s", record.target, record.load, record.session_id,
                            index, record.error)
@@ -288,7 +288,7 @@ async def run_load_point(client: StreamingClient, point: LoadPoint, sessions: li
         work = run_open(runner, sessions, point.value, seed)
     try:
         await asyncio.wait_for(work, timeout=max(0.0, budget_s))
-    except asyncio.TimeoutError:
+    except TimeoutError:
         logger.warning("[%s %s] the run's deadline passed; cut short", client.target.label, point.label)
     runner.add_unsent(sessions)
     return runner.records

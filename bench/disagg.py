@@ -393,7 +393,8 @@ def markdown(spec: DisaggSpec, points: list[PointResult], raw: dict, started: Ma
         dis = next((p for p in points if p.load == load and p.deployment == "disagg"), None)
         if agg is None or dis is None:
             continue
-        lines += [f"## {load}", "", f"- `uptime` before agg: `{agg.uptime}`", f"- `uptime` before disagg: `{dis.uptime}`",
+        lines += [f"## {load}", "", f"- `uptime` before agg: `{agg.uptime}`",
+                  f"- `uptime` before disagg: `{dis.uptime}`",
                   ""]
         lines += table(["", "agg", "disagg", "disagg / agg"], comparison_rows(agg, dis))
         if agg.idle and dis.idle:

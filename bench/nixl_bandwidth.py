@@ -244,7 +244,8 @@ def to_json(results: list[CaseResult], setup: Setup, idle: float) -> dict:
 
 
 def markdown(results: list[CaseResult], setup: Setup, idle: float) -> list[str]:
-    lines = [f"{setup.label}. One idle agent burns {idle:.2f} cores.", "", "| case | bytes | latency p50 ms (min–max) | GB/s at p50 |",
+    lines = [f"{setup.label}. One idle agent burns {idle:.2f} cores.", "",
+             "| case | bytes | latency p50 ms (min–max) | GB/s at p50 |",
              "| --- | ---: | ---: | ---: |"]
     for r in results:
         lines.append(f"| {r.case.name} | {r.case.total_bytes:,} | {r.latency_ms_p50:.3f} "
@@ -283,7 +284,8 @@ def _uptime() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.nixl_bandwidth", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, help="write nixl_bandwidth.json and nixl_bandwidth.md here")
-    parser.add_argument("--setups", default="deployment,nixl-default,direct", help=f"comma-separated, of {sorted(SETUPS)}")
+    parser.add_argument("--setups", default="deployment,nixl-default,direct",
+                        help=f"comma-separated, of {sorted(SETUPS)}")
     parser.add_argument("--prompt-tokens", type=int, default=1024, help="prompt whose blocks the vLLM-like case reads")
     args = parser.parse_args()
     print(run(args.out, args.setups.split(","), args.prompt_tokens)["markdown"])

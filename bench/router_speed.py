@@ -50,7 +50,8 @@ class RouterSpeedSpec:
     overlap_weight: float = field(default=2.0, metadata=help_text("policy weight (configs/agg_router.yaml)"))
     vocab: int = field(default=32000, metadata=help_text("token ids are below this"))
     seed: int = field(default=0, metadata=help_text("seed for the cache state and the prompts"))
-    redis_db: int = field(default=0, metadata=help_text("1-5: also time RouterService.decide on this Redis db; 0: skip"))
+    redis_db: int = field(default=0,
+                          metadata=help_text("1-5: also time the router's decision on this Redis db; 0: skip"))
 
 
 # -- the synthetic cache state ---------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from datetime import UTC
 from pathlib import Path
 
 import pytest
@@ -438,13 +439,13 @@ def test_scenario_subcommands_parse():
 
 
 def test_results_go_to_an_ignored_folder_unless_out_is_given():
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     from bench.output import OUT_ROOT, default_out
 
     assert build_parser().parse_args(["router-speed"]).out is None  # main() fills in the default
     assert build_parser().parse_args(["router-speed", "--out", "x"]).out == Path("x")
-    at = datetime(2026, 12, 3, 18, 5, 9, tzinfo=timezone.utc)
+    at = datetime(2026, 12, 3, 18, 5, 9, tzinfo=UTC)
     assert default_out("vs-vllm", at) == OUT_ROOT / "vs-vllm-20261203T180509Z"
     assert OUT_ROOT == Path(__file__).resolve().parent.parent / "bench" / "out"
     ignored = (OUT_ROOT.parent.parent / ".gitignore").read_text().split()
