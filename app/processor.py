@@ -1,4 +1,4 @@
-"""The seed's "processor" role: chat template, tokenization, and the limits a prompt must meet.
+"""The "processor" role of Dynamo's examples: chat template, tokenization, and the limits a prompt must meet.
 
 It turns a validated OpenAI body into token ids and a SamplingSpec; the engine never sees text.
 """

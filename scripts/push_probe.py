@@ -9,23 +9,14 @@ True, "remote_engine_id", "remote_host", "remote_port", "tp_size", "remote_reque
 carries {"do_remote_decode": True}. D allocates its blocks and registers them with P, and P
 WRITEs the KV into them. "blocks used" is D's KV cache use, read off a short unrelated request.
 
-What vLLM's own connector did (2026-11-27, 2 cores; the earlier version of this probe):
-- P first, D after: D's greedy tokens equal a local run; num_cached_tokens=300, the whole
-  prompt over NIXL. P's request id gets a random suffix; the connector matches D's by base id.
-- D registered for a P that never prefills, then aborted: D kept its 10 blocks for good (still
-  held ~40 s later, past push_registration_timeout and kv_lease_duration).
-- D registered, then P's engine processes SIGKILLed: D's request never ended. vLLM logged
-  "registration for request ... timed out after 10.0s without a push completion" and did
-  nothing more: no failed receive, no recompute, and the blocks stayed allocated.
-What ours printed (2026-11-27 21:26-21:27 UTC, 2 cores, registration timeout 8 s, 1 min 31 s):
-- case 1 (P first, then D): tokens equal True, cached 300, outcome received
-- case 2 (D registers, then P prefills; the order of our claim flow): tokens equal True, cached
-  300, outcome received
-- case 3 (D registered, P never prefills, D aborts): blocks back to 0 after 7 s
-- case 4 (P killed after D registered): finished in 8.6 s, tokens equal True, outcome
-  recomputed; blocks back to 0 after 1 s
-(--stock was not rerun with this version of the probe; the lines above about vLLM's own
-connector come from the earlier one.)
+What it shows (docs/disaggregation.md, "The two vLLM fixes"):
+- case 1 (P first, then D) and case 2 (D registers, then P prefills: the order of our claim
+  flow): D's greedy tokens equal a local run, and the whole prompt arrives over NIXL.
+- case 3 (D registered, P never prefills, D aborts): D's blocks go back to where they were.
+- case 4 (P killed after D registered): D's request finishes with the local run's tokens, by a
+  recompute, and its blocks go back.
+With --stock, vLLM's own connector leaves cases 3 and 4 holding D's blocks (and case 4's
+request never ends): its watchdog only logs a registration that no WRITE answered.
 """
 import argparse
 import asyncio

@@ -27,7 +27,7 @@ def test_models_list(deployment):
 
 
 def test_seed_curl_request(deployment):
-    """The seed's curl request, byte for byte in shape, with our model's name."""
+    """The curl request of Dynamo's examples, byte for byte in shape, with our model's name."""
     body = {"model": MODEL, "messages": [{"role": "user", "content": SEED_PROMPT}], "stream": False, "max_tokens": 30}
     req = urllib.request.Request(f"{deployment.base_url}/chat/completions", data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})

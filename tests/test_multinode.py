@@ -1,4 +1,4 @@
-"""The seed's two-node recipe on one machine: node 2 is a network namespace with its own address.
+"""The two-node recipe of Dynamo's examples on one machine: node 2 is a network namespace with its own address.
 
 Node 1 runs Redis, the frontend and a decode worker; node 2 runs only a prefill worker, started
 with nothing shared but REDIS_URL. A long prompt is prefilled on node 2 and its KV crosses to
