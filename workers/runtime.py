@@ -274,9 +274,9 @@ class RouterRuntime:
         self._follower = threading.Thread(target=self._follow, name="kv-index", daemon=True)
 
     def _index_figures(self) -> dict:
-        with self.service.lock:
-            return dict(index_blocks=self.service.index.blocks_per_worker(),
-                        num_events_applied=self.service.num_events_applied)
+        shared = self.service.shared
+        with shared.lock:
+            return dict(index_blocks=shared.index.blocks_per_worker(), num_events_applied=shared.num_events_applied)
 
     def _router_figures(self) -> dict:
         figures = self._index_figures()
@@ -286,7 +286,7 @@ class RouterRuntime:
 
     def start(self) -> None:
         started = time.monotonic()
-        applied = self.service.replay()
+        applied = self.service.events.replay()
         logger.info("router %s (%s) replayed %d KV events into %d blocks in %.2fs", self.worker_id,
                     self.settings.router.mode, applied, self.service.index.num_blocks, time.monotonic() - started)
         self._follower.start()
@@ -299,9 +299,9 @@ class RouterRuntime:
     def _follow(self) -> None:
         while not self._stop.wait(self.CATCH_UP_INTERVAL_S):
             try:
-                self.service.catch_up()
-                self.service.maybe_snapshot()
-                self.service.live_workers()
+                self.service.events.catch_up()
+                self.service.snapshots.save_if_due()
+                self.service.members.refresh()
             except redis.RedisError as e:
                 logger.warning("router could not read KV events: %s", e)
 
