@@ -10,8 +10,14 @@ import logging
 from collections.abc import Callable
 
 from tasks import app
-from tasks.messages import (GenerateRequest, WireVersionError, prefill_from_task_arg, request_from_task_arg,
-                            request_to_task_arg, task_argsrepr)
+from tasks.messages import (
+    GenerateRequest,
+    WireVersionError,
+    prefill_from_task_arg,
+    request_from_task_arg,
+    request_to_task_arg,
+    task_argsrepr,
+)
 from tasks.queues import GENERATE_TASK, PREFILL_TASK, ROUTE_TASK
 from tasks.runtime import current_runtime
 

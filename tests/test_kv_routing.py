@@ -136,7 +136,8 @@ def test_a_late_router_replays_to_the_same_index_and_decisions(routed, tmp_path)
         # Block for block: snapshot plus the stream after it is the whole stream.
         fresh = RouterService(routed.settings, routed.redis)
         fresh.events.replay()
-        wait_for(lambda: (whole.events.catch_up(), fresh.events.catch_up()) and content(fresh.index) == content(whole.index),
+        wait_for(lambda: (whole.events.catch_up(), fresh.events.catch_up())
+                 and content(fresh.index) == content(whole.index),
                  10, "the snapshot-started index to equal the whole stream's")
         # And it decides as the live router did.
         decision = fresh.decide(prompt(SHARED, 21))
