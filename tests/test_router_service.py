@@ -5,16 +5,27 @@ that a router which saw every event has (the index round trip itself is pure). A
 than kv: random and round-robin spread requests over the live workers, whatever they cache."""
 
 import logging
+import time
 
+import msgspec
 import pytest
 import redis
 
 from config import load_settings
 from router.index import RadixIndex
+from router.runtime import RouterRuntime
 from router.service import RouterService
 from router.snapshots import stream_id
 from tasks import keys
-from tasks.messages import KvEvent, encode_kv_event
+from tasks.messages import (
+    GenerateRequest,
+    KvEvent,
+    SamplingSpec,
+    encode_kv_event,
+    request_from_task_arg,
+    request_to_task_arg,
+)
+from tasks.queues import worker_queue
 from tasks.registry import WorkerStatus, renew_lease
 from test_router_index import BS, blocks, content, store_chain
 
@@ -186,3 +197,22 @@ def test_random_spreads_over_the_live_workers_only(client):
     decisions = [service.decide(engine_blocks(1, 2)) for _ in range(40)]
     assert {d.worker_id for d in decisions} == set(WORKERS[:2])
     assert all(d.mode == "random" and d.overlap_blocks == 0 and d.prompt_blocks == 2 for d in decisions)
+
+
+def test_the_router_forwards_the_typed_request_with_its_prefix_hit(client, scratch_redis_url):
+    lease_workers(client)
+    xadd(client, KvEvent(WORKERS[1], "stored", [b"h1", b"h2"], None, engine_blocks(1, 2)))
+    settings = load_settings("configs/agg_router.yaml", [f"redis_url={scratch_redis_url}", "router.mode=kv",
+                                                         "router.temperature=0"])
+    runtime = RouterRuntime(settings, "router0@a", ["router"])
+    req = GenerateRequest("fwd-1", engine_blocks(1, 2, 3), SamplingSpec(max_tokens=4), time.time() + 60)
+    sent = []
+    try:
+        runtime.route(req, lambda routed, queue: sent.append((routed, queue)))
+    finally:
+        client.delete(keys.output_stream(req.request_id), keys.ROUTER_OVERLAP_BLOCKS, keys.ROUTER_PROMPT_BLOCKS)
+    [(routed, queue)] = sent
+    # The request the router parsed, with only the routing field set, to the holder's own queue.
+    assert queue.name == worker_queue(WORKERS[1]).name
+    assert routed == msgspec.structs.replace(req, prefix_hit_tokens=2 * ENGINE_BS)
+    assert request_from_task_arg(request_to_task_arg(routed)) == routed
