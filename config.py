@@ -164,7 +164,7 @@ class RouterConfig(_Section):
     booking_lag_s: float = Field(1.0, ge=0)
     # A router saves its index to Redis after this many new KV events and trims the event
     # stream up to it, so a router that starts later loads it and replays only the rest
-    # (router/service.py). 0: no snapshots; the stream then only ever loses entries to...
+    # (router/snapshots.py). 0: no snapshots; the stream then only ever loses entries to...
     snapshot_every_events: int = Field(10_000, ge=0)
     # ... this backstop, which workers apply as they append (approximately).
     kv_events_maxlen: int = Field(1_000_000, gt=0)

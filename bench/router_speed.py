@@ -8,7 +8,7 @@ the new blocks only, chained to the trunk's last block, after that). Then:
 
 - decision time, p50/p99, for prompts of realistic length: hashing the prompt's blocks and
   walking the tree (index.overlaps), then building the candidates and choosing (policy.choose);
-- KV events per second: index.store and index.remove, and RouterService._apply fed with events
+- KV events per second: index.store and index.remove, and KvEvents.apply fed with events
   decoded from their wire bytes (tasks.messages), as the router reads them from Redis;
 - optionally (--redis-db 1-5), RouterService.decide end to end against a real Redis: the lease
   read (cached), the XREAD catch-up and the hit counters cost round trips.
@@ -220,12 +220,12 @@ def apply_remove(index: RadixIndex, events: list[KvEvent]) -> Rate:
 
 
 def apply_wire(events: list[KvEvent], block_size: int) -> Rate:
-    """decode_kv_event + RouterService._apply, from the bytes the router reads from Redis."""
+    """decode_kv_event + KvEvents.apply, from the bytes the router reads from Redis."""
     service = _service(block_size, client=None)
     raw = [encode_kv_event(e) for e in events]
     clock = _Clock()
     for body in raw:
-        service._apply(decode_kv_event(body))
+        service.events.apply(decode_kv_event(body))
     return clock.rate(len(raw), sum(len(e.block_hashes) for e in events))
 
 
@@ -289,8 +289,8 @@ def time_service_decide(index: RadixIndex, prompts: list[list[int]], spec: Route
     try:
         heartbeat()
         service = _service(spec.block_size, client, spec.overlap_weight)
-        service.index = index
-        service.live_workers()
+        service.shared.index = index
+        service.members.refresh()
         times = []
         for i, p in enumerate(prompts):
             if i % 100 == 0:
@@ -366,7 +366,7 @@ def markdown(body: dict) -> str:
              fmt(r["blocks_per_cpu_s"], 0), fmt(r["events_per_s"], 0), fmt(r["blocks_per_s"], 0)]
             for name, r in (("index.store (BlockStored of a whole prefill)", body["store"]),
                             ("index.store (one block per event, as in decoding)", body["store_one_block_each"]),
-                            ("decode_kv_event + RouterService._apply (stored)", body["wire_apply"]),
+                            ("decode_kv_event + KvEvents.apply (stored)", body["wire_apply"]),
                             ("index.remove (BlockRemoved, 1-4 blocks)", body["remove"]))]
     lines += table(["path", "events", "blocks", "events per CPU s", "blocks per CPU s", "events per wall s",
                     "blocks per wall s"], rows)

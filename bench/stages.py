@@ -135,10 +135,11 @@ async def _closed_loop(base_url: str, prompts: list[tuple[list[int], int]], conc
 
 def read_events(client, request_id: str) -> list[tuple[float, str]]:
     """(seconds, kind) of every entry in the request's output stream(s)."""
+    from tasks import keys
     from tasks.messages import decode_event
 
     events = []
-    for key in client.scan_iter(match=f"llmq:out:{request_id}-*", count=1000):
+    for key in client.scan_iter(match=keys.output_stream(f"{request_id}-*"), count=1000):
         for entry_id, fields in client.xrange(key):
             event = decode_event(fields[b"m"])
             events.append((entry_seconds(entry_id), type(event).__name__.lower()))

@@ -6,11 +6,10 @@ import time
 from dataclasses import dataclass
 
 from config import DisaggConfig
-from tasks.keys import PREFIX
+from tasks import keys
 
-# `redis-cli HSET llmq:disagg:thresholds max_local_prefill_length 256` changes the threshold for
-# every decode worker within THRESHOLDS_CACHE_S, with no restart.
-THRESHOLDS_KEY = f"{PREFIX}:disagg:thresholds"
+# A field set in the keys.DISAGG_THRESHOLDS hash changes that threshold for every decode worker
+# within THRESHOLDS_CACHE_S, with no restart.
 THRESHOLDS_CACHE_S = 1.0
 
 
@@ -37,7 +36,7 @@ class ThresholdSource:
     async def current(self, client) -> Thresholds:
         """``client`` is a redis.asyncio.Redis: this runs on the engine's event loop."""
         if time.monotonic() - self._read_at > THRESHOLDS_CACHE_S:
-            self._cached = self.parse(await client.hgetall(THRESHOLDS_KEY))
+            self._cached = self.parse(await client.hgetall(keys.DISAGG_THRESHOLDS))
             self._read_at = time.monotonic()
         return self._cached
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import msgspec
 import redis
 
-from tasks.keys import PREFIX
+from tasks import keys
 
 
 class NixlEndpoint(msgspec.Struct, frozen=True):
@@ -22,16 +22,12 @@ class NixlEndpoint(msgspec.Struct, frozen=True):
     connector: str
 
 
-def _key(engine_id: str) -> str:
-    return f"{PREFIX}:nixl:{engine_id}"
-
-
 def register(client: redis.Redis, endpoint: NixlEndpoint, lease_s: float) -> None:
-    client.set(_key(endpoint.engine_id), msgspec.json.encode(endpoint), px=int(lease_s * 1000))
+    client.set(keys.nixl_endpoint(endpoint.engine_id), msgspec.json.encode(endpoint), px=int(lease_s * 1000))
 
 
 def unregister(client: redis.Redis, engine_id: str) -> None:
-    client.delete(_key(engine_id))
+    client.delete(keys.nixl_endpoint(engine_id))
 
 
 def _decode(raw: bytes | None) -> NixlEndpoint | None:
@@ -39,9 +35,9 @@ def _decode(raw: bytes | None) -> NixlEndpoint | None:
 
 
 def lookup(client: redis.Redis, engine_id: str) -> NixlEndpoint | None:
-    return _decode(client.get(_key(engine_id)))
+    return _decode(client.get(keys.nixl_endpoint(engine_id)))
 
 
 async def alookup(client, engine_id: str) -> NixlEndpoint | None:
     """The same, with a redis.asyncio client, for code on the engine's event loop."""
-    return _decode(await client.get(_key(engine_id)))
+    return _decode(await client.get(keys.nixl_endpoint(engine_id)))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 from array import array
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -175,3 +176,16 @@ class RadixIndex:
                 parent.children[key] = node
         index._held = {w: {engine_hash: key for engine_hash, key in pairs} for w, pairs in held.items()}
         return index
+
+
+@dataclass
+class SharedIndex:
+    """The index that the router's jobs share (router/events.py, snapshots.py, membership.py,
+    service.py), with the KV event stream entry it is current to. Hold ``lock`` to read or change
+    ``index`` or ``cursor``: a snapshot load replaces both."""
+
+    index: RadixIndex
+    cursor: str = "0-0"  # the last KV event applied
+    num_events_applied: int = 0
+    events_since_snapshot: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)

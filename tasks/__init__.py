@@ -3,7 +3,8 @@
 ``tasks.app`` is built on first access (PEP 562), from ``LLMQ_CONFIG`` (default
 configs/agg.yaml) plus the environment. That keeps ``tasks.messages`` and ``tasks.queues``
 importable by the frontend and the launcher without loading a config as a side effect.
-Nothing here imports vllm; workers load it when their role needs an engine.
+Nothing in tasks/ imports a role: the roles' lifecycle modules are the app's ``include``
+(tasks/celery_app.py), and a worker loads vllm only when its role needs an engine.
 """
 
 from __future__ import annotations
@@ -18,6 +19,5 @@ def __getattr__(name: str):
 
     app = make_celery(load_settings())
     from tasks import generation  # noqa: F401  registers the tasks on `app`
-    from workers import lifecycle  # noqa: F401  engine start/stop on worker signals
 
     return app

@@ -8,9 +8,15 @@ from kombu import Queue
 from config import Settings
 from tasks import queues
 
+# The roles' lifecycle modules: each builds its role's runtime on the worker's signals (and only
+# for its role) and sets it in tasks/runtime.py. Celery's loader imports them by name where it
+# loads the app's modules, in a worker and in Flower, so tasks/ itself never imports a role.
+# They import nothing heavy at module level: in Flower their signals never fire.
+ROLE_LIFECYCLES = ("workers.lifecycle", "router.lifecycle")
+
 
 def make_celery(settings: Settings) -> Celery:
-    app = Celery("llmq", broker=settings.redis_url, set_as_current=False)
+    app = Celery("llmq", broker=settings.redis_url, set_as_current=False, include=ROLE_LIFECYCLES)
     app.conf.update(
         task_queues=[Queue(name) for name in queues.ALL_QUEUES],
         task_default_queue=queues.DECODE,

@@ -1,4 +1,4 @@
-"""Redis key names shared by the frontend and the workers."""
+"""Every Redis key name the project uses, for every role: this module is their only home."""
 
 PREFIX = "llmq"
 
@@ -51,6 +51,16 @@ def prefill_claimed_channel(request_id: str) -> str:
 def prefill_abandoned(request_id: str) -> str:
     """Set by a decode worker that stopped waiting, so a late prefill worker skips the work."""
     return f"{PREFIX}:prefill-abandoned:{request_id}"
+
+
+def nixl_endpoint(engine_id: str) -> str:
+    """An engine's NIXL side channel (kvtransfer/registry.py), leased like its worker."""
+    return f"{PREFIX}:nixl:{engine_id}"
+
+
+# Disaggregation thresholds that override the config while decode workers run
+# (kvtransfer/policy.py): `redis-cli HSET llmq:disagg:thresholds max_local_prefill_length 256`.
+DISAGG_THRESHOLDS = f"{PREFIX}:disagg:thresholds"
 
 
 def frontend_wake(reader_id: str) -> str:

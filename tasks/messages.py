@@ -201,7 +201,7 @@ class KvIndexSnapshot(msgspec.Struct, frozen=True, array_like=True):
     """A router's whole index as of one entry of the KV event stream (``cursor``).
 
     A router that starts loads the newest one and replays only the events after it, so the
-    stream can be trimmed up to it and still rebuild the same index (router/service.py).
+    stream can be trimmed up to it and still rebuild the same index (router/snapshots.py).
     ``nodes`` and ``held`` are ``RadixIndex.state()``.
     """
 

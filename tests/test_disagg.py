@@ -17,8 +17,7 @@ import psutil
 import pytest
 
 from conftest import fresh_redis_url, live_status, make_settings, start_deployment, wait_for
-from kvtransfer.policy import THRESHOLDS_KEY
-from tasks import queues
+from tasks import keys, queues
 from tasks.messages import PrefillRequest, prefill_to_task_arg
 
 pytestmark = pytest.mark.integration
@@ -103,12 +102,12 @@ def test_thresholds_change_at_run_time(disagg):
         greedy(disagg, long_prompt(next(seeds)), max_tokens=2)
         return beat_after(disagg, "decode", time.time()).num_remote_prefills == before.num_remote_prefills
 
-    disagg.redis.hset(THRESHOLDS_KEY, "max_local_prefill_length", 100_000)
+    disagg.redis.hset(keys.DISAGG_THRESHOLDS, "max_local_prefill_length", 100_000)
     try:
         # Workers re-read the thresholds about once a second, with no restart.
         wait_for(long_prompt_stays_local, 30, "the raised threshold to keep long prompts local")
     finally:
-        disagg.redis.delete(THRESHOLDS_KEY)
+        disagg.redis.delete(keys.DISAGG_THRESHOLDS)
     wait_for(lambda: not long_prompt_stays_local(), 30, "the default threshold to send them remote again")
 
 

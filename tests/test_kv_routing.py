@@ -98,7 +98,7 @@ def test_the_router_hashes_prompts_as_the_engine_stored_them(routed):
     service = RouterService(routed.settings, routed.redis)
 
     def indexed() -> bool:
-        service.replay()
+        service.events.replay()
         return {k for k, _ in block_keys(ids, BLOCK)} <= service.index.blocks_of(worker)
 
     wait_for(indexed, 30, "the prompt's blocks in a replayed index")
@@ -113,9 +113,9 @@ def test_a_late_router_replays_to_the_same_index_and_decisions(routed, tmp_path)
     # as routers do every router.snapshot_every_events events (with no margin kept here).
     complete(routed, prompt(OTHER, 30))
     whole = RouterService(routed.settings, routed.redis)
-    whole.trim_margin_s = 0
-    whole.catch_up()
-    assert whole.save_snapshot()
+    whole.snapshots.trim_margin_s = 0
+    whole.events.catch_up()
+    assert whole.snapshots.save()
     assert routed.redis.xinfo_stream(keys.KV_EVENTS)["entries-added"] > routed.redis.xlen(keys.KV_EVENTS)
     holder, overlap, _ = complete(routed, prompt(SHARED, 20))  # traffic after the snapshot
 
@@ -133,8 +133,9 @@ def test_a_late_router_replays_to_the_same_index_and_decisions(routed, tmp_path)
         assert sum(late_status.index_blocks.values()) > 0
         # Block for block: snapshot plus the stream after it is the whole stream.
         fresh = RouterService(routed.settings, routed.redis)
-        fresh.replay()
-        wait_for(lambda: (whole.catch_up(), fresh.catch_up()) and content(fresh.index) == content(whole.index),
+        fresh.events.replay()
+        wait_for(lambda: (whole.events.catch_up(), fresh.events.catch_up())
+                 and content(fresh.index) == content(whole.index),
                  10, "the snapshot-started index to equal the whole stream's")
         # And it decides as the live router did.
         decision = fresh.decide(prompt(SHARED, 21))

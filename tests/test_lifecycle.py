@@ -11,8 +11,8 @@ import redis
 from config import dump_settings
 from conftest import ROOT, make_settings, wait_for
 from tasks import keys
+from tasks.queues import role_for
 from tasks.registry import live_workers
-from workers.lifecycle import role_for
 
 
 def test_roles_from_queues():

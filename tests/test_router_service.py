@@ -5,15 +5,27 @@ that a router which saw every event has (the index round trip itself is pure). A
 than kv: random and round-robin spread requests over the live workers, whatever they cache."""
 
 import logging
+import time
 
+import msgspec
 import pytest
 import redis
 
 from config import load_settings
 from router.index import RadixIndex
-from router.service import RouterService, stream_id
+from router.runtime import RouterRuntime
+from router.service import RouterService
+from router.snapshots import stream_id
 from tasks import keys
-from tasks.messages import KvEvent, encode_kv_event
+from tasks.messages import (
+    GenerateRequest,
+    KvEvent,
+    SamplingSpec,
+    encode_kv_event,
+    request_from_task_arg,
+    request_to_task_arg,
+)
+from tasks.queues import worker_queue
 from tasks.registry import WorkerStatus, renew_lease
 from test_router_index import BS, blocks, content, store_chain
 
@@ -59,7 +71,7 @@ def router(client, trim_margin_s: float = 0.0, **overrides) -> RouterService:
     settings = load_settings("configs/agg_router.yaml", ["router.snapshot_every_events=0",
                                                          *(f"router.{k}={v}" for k, v in overrides.items())])
     service = RouterService(settings, client)
-    service.trim_margin_s = trim_margin_s
+    service.snapshots.trim_margin_s = trim_margin_s
     return service
 
 
@@ -90,20 +102,20 @@ def test_a_late_router_starts_from_the_snapshot_of_a_trimmed_stream(client):
     live = router(client)
     append(client, "w1", 0, 20)
     append(client, "w2", 0, 10)
-    live.catch_up()
-    assert live.save_snapshot()
+    live.events.catch_up()
+    assert live.snapshots.save()
     # The stream is trimmed up to the snapshot: the events before it are gone.
     assert client.xlen(keys.KV_EVENTS) < 45
     append(client, "w1", 20, 5)
     xadd(client, KvEvent("w2", "cleared"))
-    live.catch_up()
+    live.events.catch_up()
 
     late = router(client)
-    assert late.replay() == 5 + 2 + 1  # stored, removed (odd ones), cleared
+    assert late.events.replay() == 5 + 2 + 1  # stored, removed (odd ones), cleared
     assert content(late.index) == content(live.index)
     # ... and the stream alone no longer holds it (a router that never looks for a trim).
     stream_only = router(client, trim_margin_s=float("inf"))
-    stream_only.catch_up()
+    stream_only.events.catch_up()
     assert content(stream_only.index) != content(live.index)
     assert late.index.blocks_per_worker() == {"w1": live.index.blocks_per_worker()["w1"]}
 
@@ -112,10 +124,10 @@ def snapshot_ahead(client, trim_margin_s: float) -> tuple[RouterService, RouterS
     """Two replicas; the one ahead saves a snapshot while the other is 10 chains behind."""
     ahead, behind = router(client, trim_margin_s), router(client, trim_margin_s)
     append(client, "w1", 0, 10)
-    behind.catch_up()
+    behind.events.catch_up()
     append(client, "w1", 10, 10)
-    ahead.catch_up()
-    assert ahead.save_snapshot()
+    ahead.events.catch_up()
+    assert ahead.snapshots.save()
     return ahead, behind
 
 
@@ -123,39 +135,39 @@ def test_a_router_behind_a_trim_reloads_and_an_older_snapshot_never_replaces_a_n
     ahead, behind = snapshot_ahead(client, trim_margin_s=0)
     # The replica behind would have saved an index without the events after its cursor, which
     # the stream no longer holds.
-    assert not behind.save_snapshot()
-    assert behind.check_trimmed()
+    assert not behind.snapshots.save()
+    assert behind.snapshots.reload_if_trimmed()
     assert content(behind.index) == content(ahead.index)
-    assert not behind.check_trimmed()
+    assert not behind.snapshots.reload_if_trimmed()
     # A router reading on after a pause finds such a gap by itself.
     paused = router(client)
     append(client, "w1", 20, 4)
-    paused.catch_up()
+    paused.events.catch_up()
     append(client, "w1", 24, 4)
-    ahead.catch_up()
-    assert ahead.save_snapshot()
+    ahead.events.catch_up()
+    assert ahead.snapshots.save()
     append(client, "w1", 28, 4)
-    ahead.catch_up()
-    paused.catch_up()
+    ahead.events.catch_up()
+    paused.events.catch_up()
     assert content(paused.index) == content(ahead.index)
 
 
 def test_a_replica_a_little_behind_a_trim_loses_nothing(client):
     ahead, behind = snapshot_ahead(client, trim_margin_s=60)
     # The trim kept the last minute, so the replica behind reads on as if nothing happened.
-    assert not behind.check_trimmed()
-    behind.catch_up()
+    assert not behind.snapshots.reload_if_trimmed()
+    behind.events.catch_up()
     assert content(behind.index) == content(ahead.index)
 
 
 def test_snapshots_follow_the_configured_interval(client):
     replica = router(client, snapshot_every_events=10)
     append(client, "w1", 0, 4)  # 6 events
-    replica.catch_up()
-    assert not replica.maybe_snapshot()
+    replica.events.catch_up()
+    assert not replica.snapshots.save_if_due()
     append(client, "w1", 4, 4)
-    replica.catch_up()
-    assert replica.maybe_snapshot()
+    replica.events.catch_up()
+    assert replica.snapshots.save_if_due()
     assert stream_id(client.hget(keys.KV_INDEX_SNAPSHOT, "cursor")) == stream_id(
         client.xrevrange(keys.KV_EVENTS, count=1)[0][0])
 
@@ -164,8 +176,8 @@ def test_a_trim_with_no_snapshot_is_reported(client, caplog):
     append(client, "w1", 0, 10)
     client.xtrim(keys.KV_EVENTS, maxlen=3, approximate=False)  # the workers' backstop
     late = router(client)
-    with caplog.at_level(logging.WARNING, logger="router.service"):
-        late.replay()
+    with caplog.at_level(logging.WARNING, logger="router.snapshots"):
+        late.events.replay()
     assert "trimmed with no snapshot covering them" in caplog.text
 
 
@@ -185,3 +197,22 @@ def test_random_spreads_over_the_live_workers_only(client):
     decisions = [service.decide(engine_blocks(1, 2)) for _ in range(40)]
     assert {d.worker_id for d in decisions} == set(WORKERS[:2])
     assert all(d.mode == "random" and d.overlap_blocks == 0 and d.prompt_blocks == 2 for d in decisions)
+
+
+def test_the_router_forwards_the_typed_request_with_its_prefix_hit(client, scratch_redis_url):
+    lease_workers(client)
+    xadd(client, KvEvent(WORKERS[1], "stored", [b"h1", b"h2"], None, engine_blocks(1, 2)))
+    settings = load_settings("configs/agg_router.yaml", [f"redis_url={scratch_redis_url}", "router.mode=kv",
+                                                         "router.temperature=0"])
+    runtime = RouterRuntime(settings, "router0@a", ["router"])
+    req = GenerateRequest("fwd-1", engine_blocks(1, 2, 3), SamplingSpec(max_tokens=4), time.time() + 60)
+    sent = []
+    try:
+        runtime.route(req, lambda routed, queue: sent.append((routed, queue)))
+    finally:
+        client.delete(keys.output_stream(req.request_id), keys.ROUTER_OVERLAP_BLOCKS, keys.ROUTER_PROMPT_BLOCKS)
+    [(routed, queue)] = sent
+    # The request the router parsed, with only the routing field set, to the holder's own queue.
+    assert queue.name == worker_queue(WORKERS[1]).name
+    assert routed == msgspec.structs.replace(req, prefix_hit_tokens=2 * ENGINE_BS)
+    assert request_from_task_arg(request_to_task_arg(routed)) == routed

@@ -2,7 +2,7 @@
 
 vLLM publishes BlockStored / BlockRemoved / AllBlocksCleared batches on a ZMQ PUB socket from its
 engine process. One thread here subscribes and appends each event to one Redis Stream shared by
-all workers, which routers replay (router/service.py). At start the worker writes "cleared" first:
+all workers, which routers replay (router/events.py). At start the worker writes "cleared" first:
 a restarted engine holds nothing, whatever the stream said about its previous life.
 
 PUB/SUB drops what is published before a subscriber has joined, or while it falls behind. A lost

@@ -1,4 +1,5 @@
-"""Starts and stops the worker runtime on Celery's worker signals.
+"""Starts and stops an engine worker's runtime (decode or prefill) on Celery's worker signals. It
+acts only for those roles; router/lifecycle.py does the same for the router.
 
 ``celeryd_after_setup`` fires once ``-Q`` is applied and logging is configured, and before the
 worker starts consuming. So the role comes from the queues this worker consumes, the engine is
@@ -14,44 +15,35 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 
 from celery import signals
 
 from tasks import queues
+from tasks.runtime import leave, set_current_runtime
 
 logger = logging.getLogger(__name__)
 
-
-def role_for(queue_names: list[str]) -> str:
-    """The worker's role, from the queues it consumes. A worker hosts at most one engine."""
-    roles = {queues.ENGINE_ROLES[q] for q in queue_names if q in queues.ENGINE_ROLES}
-    if len(roles) > 1:
-        raise ValueError(f"a worker hosts one engine; queues {sorted(queue_names)} ask for {sorted(roles)}")
-    if roles:
-        return roles.pop()
-    if not set(queue_names) & set(queues.ALL_QUEUES):
-        raise ValueError(f"queues {sorted(queue_names)} name no role; known queues: {list(queues.ALL_QUEUES)}")
-    return "router"
+_runtime = None  # the runtime this module started, in a decode or prefill worker only
 
 
 @signals.celeryd_after_setup.connect
 def _start_runtime(sender=None, instance=None, **_kwargs) -> None:
-    from workers.runtime import RouterRuntime, WorkerRuntime, set_current_runtime
-
+    global _runtime
     settings = instance.app.conf.llmq_settings
-    # worker_direct adds a queue of the worker's own, named after it; the role comes from the rest.
-    queue_names = sorted(q for q in instance.app.amqp.queues.consume_from if not q.endswith(".dq2"))
+    queue_names = queues.role_queues(instance.app)
     try:
-        role = role_for(queue_names)
-        if role == "router":
-            runtime = RouterRuntime(settings, instance.hostname, queue_names)
-        else:
-            runtime = WorkerRuntime(settings, instance.hostname, role, queue_names)
+        role = queues.role_for(queue_names)
+        if role not in queues.ENGINE_ROLES.values():
+            return
+        # Imported here: Flower imports this module too (the app's include) and loads no engine.
+        from workers.runtime import WorkerRuntime
+
+        runtime = WorkerRuntime(settings, instance.hostname, role, queue_names)
         runtime.start()
     except Exception:
         # A worker without its engine must not start consuming.
-        _leave("worker %s failed to start", instance.hostname)
+        leave("worker %s failed to start", instance.hostname)
+    _runtime = runtime
     set_current_runtime(runtime)
     freeze_startup_heap()
 
@@ -59,24 +51,15 @@ def _start_runtime(sender=None, instance=None, **_kwargs) -> None:
 @signals.worker_ready.connect
 def _put_up_lease(**_kwargs) -> None:
     """The worker's lease goes up once Celery consumes, not as soon as the runtime has started:
-    Celery installs its SIGTERM handler in between, and a worker stopped in that gap died without
-    dropping its lease, which then named a dead worker for workers.lease_s (seen in CI)."""
-    from workers.runtime import current_runtime
-
+    Celery installs its SIGTERM handler in between, and a worker stopped in that gap would die
+    without dropping its lease, which would then name a dead worker for workers.lease_s."""
+    if _runtime is None:
+        return
     try:
-        current_runtime().heartbeat.start()
+        _runtime.heartbeat.start()
     except Exception:
         # Consuming with no lease, the worker would get no traffic and say nothing.
-        _leave("worker could not put up its lease")
-
-
-def _leave(message: str, *args) -> None:
-    """Celery logs and swallows exceptions from signal handlers, so leave now with the reason in
-    the log. os._exit, because a half-started engine's processes would hold up a normal exit;
-    they watch this process and go with it."""
-    logger.exception(message, *args)
-    logging.shutdown()
-    os._exit(1)
+        leave("worker could not put up its lease")
 
 
 def freeze_startup_heap() -> None:
@@ -90,11 +73,9 @@ def freeze_startup_heap() -> None:
 
 @signals.worker_shutdown.connect
 def _stop_runtime(**_kwargs) -> None:
-    from workers.runtime import current_runtime, set_current_runtime
-
-    try:
-        runtime = current_runtime()
-    except RuntimeError:
+    global _runtime
+    if _runtime is None:
         return
+    runtime, _runtime = _runtime, None
     set_current_runtime(None)
     runtime.stop()

@@ -11,19 +11,16 @@ import contextlib
 import logging
 import os
 import signal
-import threading
 import time
 
 import redis
 
 from config import Settings
-from router.service import NoCandidates, RouterService, router_hit_rate
 from tasks import keys
 from kvtransfer import registry as kv_registry
 from kvtransfer.connector import engine_id_for, side_channel, transfer_config
 from kvtransfer.registry import NixlEndpoint
-from tasks.messages import (Accepted, Finished, GenerateRequest, PrefillRequest, Routed, prefill_to_task_arg,
-                            task_argsrepr)
+from tasks.messages import Accepted, Finished, GenerateRequest, PrefillRequest, prefill_to_task_arg, task_argsrepr
 from tasks.queues import PREFILL_TASK
 from workers.disagg import DisaggCounters, PrefillServer, RemotePrefill
 from workers.engine import EngineHost
@@ -41,20 +38,6 @@ COUNTER_FIGURES = {"prefix_cache_queries", "prefix_cache_hits", "num_batched_ste
 
 # How often a running request looks for the frontend's cancel flag (client went away).
 CANCEL_CHECK_INTERVAL_S = 0.5
-
-_current: WorkerRuntime | None = None
-
-
-def current_runtime() -> WorkerRuntime:
-    if _current is None:
-        raise RuntimeError("no worker runtime in this process: tasks run only inside `celery -A tasks worker`")
-    return _current
-
-
-def set_current_runtime(runtime: WorkerRuntime | None) -> None:
-    global _current
-    _current = runtime
-
 
 class WorkerRuntime:
     def __init__(self, settings: Settings, worker_id: str, role: str, queues: list[str]):
@@ -251,81 +234,3 @@ class WorkerRuntime:
 
     def reject_malformed(self, payload: object, reason: str) -> None:
         reject_malformed(self.redis, payload, reason, self.settings.workers.stream_ttl_s)
-
-class RouterRuntime:
-    """A router worker: keeps the KV index current and forwards each request to a worker queue."""
-
-    # How often the index catches up with the event stream while no request arrives.
-    CATCH_UP_INTERVAL_S = 0.5
-
-    def __init__(self, settings: Settings, worker_id: str, queues: list[str]):
-        self.settings = settings
-        self.worker_id = worker_id
-        self.redis = redis.Redis.from_url(settings.redis_url, health_check_interval=30)
-        self.service = RouterService(settings, self.redis)
-        self.metrics = WorkerMetrics("router", self._router_figures, counters={"num_events_applied"})
-        self.decision_seconds = self.metrics.histogram("llmq_router_decision_seconds", "Time to choose a worker")
-        self.heartbeat = Heartbeat(self.redis, worker_id, "router", queues,
-                                   interval_s=settings.workers.heartbeat_interval_s,
-                                   lease_s=settings.workers.lease_s, load=self._index_figures,
-                                   metrics_address=self.metrics.serve(settings.workers.metrics_port,
-                                                                      settings.workers.advertise_host))
-        self._stop = threading.Event()
-        self._follower = threading.Thread(target=self._follow, name="kv-index", daemon=True)
-
-    def _index_figures(self) -> dict:
-        with self.service.lock:
-            return dict(index_blocks=self.service.index.blocks_per_worker(),
-                        num_events_applied=self.service.num_events_applied)
-
-    def _router_figures(self) -> dict:
-        figures = self._index_figures()
-        figures["index_size_blocks"] = self.service.index.num_blocks
-        figures["overlap_hit_rate"] = router_hit_rate(self.redis)
-        return figures
-
-    def start(self) -> None:
-        started = time.monotonic()
-        applied = self.service.replay()
-        logger.info("router %s (%s) replayed %d KV events into %d blocks in %.2fs", self.worker_id,
-                    self.settings.router.mode, applied, self.service.index.num_blocks, time.monotonic() - started)
-        self._follower.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self.heartbeat.stop()
-        self._follower.join(timeout=5)
-
-    def _follow(self) -> None:
-        while not self._stop.wait(self.CATCH_UP_INTERVAL_S):
-            try:
-                self.service.catch_up()
-                self.service.maybe_snapshot()
-                self.service.live_workers()
-            except redis.RedisError as e:
-                logger.warning("router could not read KV events: %s", e)
-
-    def reject_malformed(self, payload: object, reason: str) -> None:
-        reject_malformed(self.redis, payload, reason, self.settings.workers.stream_ttl_s)
-
-    def route(self, req: GenerateRequest, payload: dict, send) -> None:
-        """Picks a worker and hands the request to its own queue via ``send(payload, queue)``."""
-        from tasks.queues import worker_queue
-
-        out = OutputWriter(self.redis, req.request_id, self.settings.workers.stream_ttl_s)
-        started = time.perf_counter()
-        try:
-            decision = self.service.decide(req.prompt_token_ids)
-        except NoCandidates as e:
-            logger.warning("[%s] cannot route: %s", req.request_id, e)
-            out.fail(503, "service_unavailable", str(e))
-            return
-        self.decision_seconds.observe(time.perf_counter() - started)
-        out.write([Routed(decision.worker_id, decision.mode, decision.overlap_blocks, decision.prompt_blocks)])
-        # The overlap tells the chosen decode worker how much of the prompt it need not prefill.
-        hit_tokens = decision.overlap_blocks * self.settings.engine.block_size
-        send({**payload, "prefix_hit_tokens": hit_tokens}, worker_queue(decision.worker_id))
-        costs = "".join(f"; cost {w} {c:g}" for w, c in sorted(decision.costs.items()))
-        logger.info("[%s] routed to %s (%s): overlap %d/%d blocks%s; in %.2fms", req.request_id,
-                    decision.worker_id, decision.mode, decision.overlap_blocks, decision.prompt_blocks, costs,
-                    (time.perf_counter() - started) * 1000)
