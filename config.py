@@ -79,21 +79,21 @@ class EngineConfig(_Section):
     dtype: str = "bfloat16"
     enable_prefix_caching: bool = True
     seed: int = 0
-    # OpenMP threads for the engine; "auto" lets vLLM bind. Several engines on 2 cores
-    # compete for the same cores, so deployments usually pin this.
+    # The cores the engine's OpenMP threads are bound to (VLLM_CPU_OMP_THREADS_BIND): "auto" lets
+    # vLLM bind, and the launcher gives several engines on one node a core each; "nobind", or a
+    # core list such as "0-1". With disaggregation, "auto" means unbound (placement.py).
     omp_threads_bind: str = "auto"
     # Niceness of vLLM's scheduler process (EngineCore) where it runs free, that is where it is
     # not pinned to its runner's cores (below): between steps it busy-polls with sched_yield, and
     # on a machine with few cores that starves the frontend, Celery and Redis of the CPU time a
-    # request needs to get in and its tokens to get out. Unpinned, at 32 streams on 2 cores, 10
-    # gave 1.8x the output tokens/s of 0 (bench/README.md). A pinned scheduler is not reniced: it
-    # would lose its turns to its own runner's spin (bench/results/scheduler-nice-pinned-ab).
-    # 0 leaves it alone.
+    # request needs to get in and its tokens to get out. A pinned scheduler is not reniced: it
+    # would lose its turns to its own runner's spin. 0 leaves it alone. docs/benchmarks.md,
+    # "Scheduler placement".
     scheduler_nice: int = Field(10, ge=0, le=19)
     # Pin vLLM's scheduler process to the cores its model runner is bound to, so that the two
-    # take turns on them instead of the scheduler busy-polling a core of its own: 1.51x the
-    # output tokens/s at 32 streams on 2 cores (workers/engine.py, place_scheduler). A no-op
-    # where the runner is not bound (engine.omp_threads_bind: nobind, or disaggregation).
+    # take turns on them instead of the scheduler busy-polling a core of its own (placement.py,
+    # place_scheduler; docs/benchmarks.md, "Scheduler placement"). A no-op where the runner is
+    # not bound (engine.omp_threads_bind: nobind, or disaggregation).
     scheduler_on_runner_cores: bool = True
 
     @field_validator("block_size")
@@ -111,8 +111,7 @@ class FrontendConfig(_Section):
     port: int = Field(8000, ge=1, le=65535)
     # gunicorn gthread workers x threads = concurrent requests held open (streaming holds one).
     # Four processes of 80 rather than two of 160: a new request's thread then competes with
-    # fewer streaming threads for its process's GIL (bench/results/frontend-workers-ab/: 1.08-1.14x
-    # output at c=32, TTFT p90 20-48% lower).
+    # fewer streaming threads for its process's GIL.
     workers: int = Field(4, ge=1)
     threads: int = Field(80, ge=1)
     max_body_bytes: int = Field(1_048_576, gt=0)
@@ -122,7 +121,8 @@ class FrontendConfig(_Section):
     # When set, clients must send "Authorization: Bearer <api_key>".
     api_key: str | None = None
     # Freeze the heap gunicorn's master preloaded before it forks the workers, so their garbage
-    # collections do not copy it (app/gunicorn_conf.py). Off only to measure what that saves.
+    # collections do not copy it (placement.py, PreforkFreeze; docs/benchmarks.md, "The gc
+    # freeze"). Off only to measure what that saves.
     gc_freeze: bool = True
 
 
@@ -187,7 +187,8 @@ class DisaggConfig(_Section):
     # computed (vLLM's NixlConnector). README, "Connector choice".
     connector: Literal["pull", "push"] = "push"
     # NIXL's progress thread busy-polls a whole core per engine unless it sleeps between idle
-    # polls (kvtransfer/nixl_agents.py). 0 keeps NIXL's own behaviour.
+    # polls (placement.py; docs/benchmarks.md, "NIXL's progress delay"). 0 keeps NIXL's own
+    # behaviour.
     nixl_progress_delay_us: int = Field(1000, ge=0, le=1_000_000)
     num_prefill: int = Field(1, ge=0)
     max_local_prefill_length: int = Field(512, ge=0)

@@ -11,10 +11,10 @@ import os
 import random
 import socket
 
+from placement import PROGRESS_DELAY_ENV
+
 CONNECTORS = {"pull": "NixlConnector", "push": "NixlPushConnector"}
 ROLES = {"prefill": "kv_producer", "decode": "kv_consumer"}
-# How long NIXL's progress thread sleeps between idle polls, for kvtransfer/nixl_agents.py.
-PROGRESS_DELAY_ENV = "LLMQ_NIXL_PROGRESS_DELAY_US"
 
 # Keys vLLM's decode side needs; a dict without them kills the EngineCore, so check first.
 REQUIRED_PULL_PARAMS = ("remote_engine_id", "remote_host", "remote_port", "remote_block_ids", "remote_request_id")
@@ -101,17 +101,3 @@ def decode_leg_params(from_prefill: dict | None) -> dict:
     if missing:
         raise BadTransferParams(f"kv_transfer_params lack {missing}")
     return dict(from_prefill)
-
-
-def patch_progress_delay(bindings, delay_us: int) -> None:
-    """Makes every NIXL agent created through ``bindings`` sleep ``delay_us`` between idle polls."""
-    make_agent = bindings.nixlAgent
-    if getattr(make_agent, "llmq_delay_us", None) is not None:
-        return
-
-    def agent_with_delay(name, config):
-        config.pthrDelay = delay_us
-        return make_agent(name, config)
-
-    agent_with_delay.llmq_delay_us = delay_us
-    bindings.nixlAgent = agent_with_delay

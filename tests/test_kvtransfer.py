@@ -7,10 +7,10 @@ import os
 import pytest
 
 from config import DisaggConfig
-from kvtransfer.connector import (PROGRESS_DELAY_ENV, BadTransferParams, decode_leg_params, engine_id_for,
-                                  patch_progress_delay, transfer_config)
+from kvtransfer.connector import BadTransferParams, decode_leg_params, engine_id_for, transfer_config
 from kvtransfer.policy import Thresholds, ThresholdSource, should_prefill_remotely
 from kvtransfer.stats import TransferStats
+from placement import PROGRESS_DELAY_ENV
 
 T = Thresholds(max_local_prefill_length=512, max_prefill_queue_size=2)
 
@@ -73,29 +73,6 @@ def test_decode_params_are_checked_before_the_engine_sees_them():
 def test_engine_ids_are_safe_and_differ_per_incarnation():
     assert engine_id_for("decode0@host.example", pid=42) == "decode0-host.example-42"
     assert engine_id_for("decode0@host", pid=1) != engine_id_for("decode0@host", pid=2)
-
-
-class FakeAgentConfig:
-    pthrDelay = 0
-
-
-class FakeBindings:
-    """Stands in for NIXL's compiled bindings: records the config each agent was made with."""
-
-    def __init__(self):
-        self.made = []
-
-    def nixlAgent(self, name, config):  # noqa: N802  the bindings' own spelling
-        self.made.append((name, config.pthrDelay))
-        return name
-
-
-def test_progress_delay_reaches_every_agent_and_patches_once():
-    bindings = FakeBindings()
-    patch_progress_delay(bindings, 1000)
-    patch_progress_delay(bindings, 5)  # a second import of the module must not stack wrappers
-    assert bindings.nixlAgent("a", FakeAgentConfig()) == "a"
-    assert bindings.made == [("a", 1000)]
 
 
 def test_transfer_config_loads_our_connectors_unless_delay_is_off(monkeypatch):

@@ -12,12 +12,12 @@ start, or one that a SIGTERM would kill before it could drop its lease.
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 
 from celery import signals
 
+import placement
 from tasks import queues
 
 logger = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ def _start_runtime(sender=None, instance=None, **_kwargs) -> None:
         # A worker without its engine must not start consuming.
         _leave("worker %s failed to start", instance.hostname)
     set_current_runtime(runtime)
-    freeze_startup_heap()
+    placement.freeze_startup_heap()
 
 
 @signals.worker_ready.connect
@@ -77,15 +77,6 @@ def _leave(message: str, *args) -> None:
     logger.exception(message, *args)
     logging.shutdown()
     os._exit(1)
-
-
-def freeze_startup_heap() -> None:
-    """Takes what start-up built (torch, vLLM, Celery: some 640,000 objects in a decode worker)
-    out of the garbage collector's reach, as vLLM's own server does once it is up. A full
-    collection of that heap took 0.36-0.40 s here, a pause for every stream on the worker; frozen,
-    the collector walks only what serving allocates."""
-    gc.collect()
-    gc.freeze()
 
 
 @signals.worker_shutdown.connect
