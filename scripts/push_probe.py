@@ -1,7 +1,7 @@
-"""Probe for issue 4: the push connector (vLLM 0.32's NixlPushConnector, loaded through
-kvtransfer/nixl_agents.py) between two engines, P and D, in one process.
+"""The push connector (vLLM's NixlPushConnector, loaded through kvtransfer/nixl_agents.py)
+between two engines, P and D, in one process: no Redis, no Celery.
 
-    .venv/bin/python scripts/push_probe.py            # ours; about 2 min; no Redis, no Celery
+    .venv/bin/python scripts/push_probe.py            # ours; about 2 min
     .venv/bin/python scripts/push_probe.py --stock    # vLLM's own push connector, for comparison
 
 Each case prints one line that starts with "case". D's request carries {"do_remote_prefill":
@@ -9,23 +9,16 @@ True, "remote_engine_id", "remote_host", "remote_port", "tp_size", "remote_reque
 carries {"do_remote_decode": True}. D allocates its blocks and registers them with P, and P
 WRITEs the KV into them. "blocks used" is D's KV cache use, read off a short unrelated request.
 
-What vLLM's own connector did (2026-11-27, 2 cores; the earlier version of this probe):
-- P first, D after: D's greedy tokens equal a local run; num_cached_tokens=300, the whole
-  prompt over NIXL. P's request id gets a random suffix; the connector matches D's by base id.
-- D registered for a P that never prefills, then aborted: D kept its 10 blocks for good (still
-  held ~40 s later, past push_registration_timeout and kv_lease_duration).
-- D registered, then P's engine processes SIGKILLed: D's request never ended. vLLM logged
-  "registration for request ... timed out after 10.0s without a push completion" and did
-  nothing more: no failed receive, no recompute, and the blocks stayed allocated.
-What ours printed (2026-11-27 21:26-21:27 UTC, 2 cores, registration timeout 8 s, 1 min 31 s):
-- case 1 (P first, then D): tokens equal True, cached 300, outcome received
-- case 2 (D registers, then P prefills; the order of our claim flow): tokens equal True, cached
-  300, outcome received
-- case 3 (D registered, P never prefills, D aborts): blocks back to 0 after 7 s
-- case 4 (P killed after D registered): finished in 8.6 s, tokens equal True, outcome
-  recomputed; blocks back to 0 after 1 s
-(--stock was not rerun with this version of the probe; the lines above about vLLM's own
-connector come from the earlier one.)
+What ours prints:
+- case 1 (P first, then D) and case 2 (D registers, then P prefills; the order of our claim
+  flow): tokens equal True, the whole prompt (300 tokens) cached, outcome received;
+- case 3 (D registered, P never prefills, D aborts): D's blocks go back once the registration
+  times out;
+- case 4 (P killed after D registered): D's request finishes within the registration timeout,
+  tokens equal True, outcome recomputed, and D's blocks go back.
+vLLM's own connector (--stock) keeps D's blocks for good in case 3, and in case 4 never ends D's
+request: it logs that the registration "timed out ... without a push completion", and neither
+fails the receive nor frees the blocks.
 """
 import argparse
 import asyncio
@@ -46,12 +39,15 @@ settings = load_settings(str(Path(__file__).resolve().parent.parent / "configs" 
 
 
 def host(name, role, stock):
-    h, port = side_channel("127.0.0.1")
+    channel = side_channel("127.0.0.1")
+    h, port = channel
     eid = f"{name}-{os.getpid()}"
-    cfg = transfer_config(role, eid, "push", push_registration_timeout_s=REGISTRATION_TIMEOUT_S, kv_lease_s=12)
+    transfer = transfer_config(role, eid, "push", push_registration_timeout_s=REGISTRATION_TIMEOUT_S, kv_lease_s=12)
+    cfg = transfer.config
     if stock:
         cfg.kv_connector_module_path = None
     e = EngineHost(settings, {"kv_transfer_config": cfg})
+    os.environ.update(channel.env | transfer.env)  # this engine's processes inherit them
     e.start()
     return e, eid, h, port
 
