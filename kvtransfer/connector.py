@@ -15,9 +15,12 @@ import os
 import random
 import socket
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import placement
+
+if TYPE_CHECKING:
+    from vllm.config import KVTransferConfig
 
 CONNECTORS = {"pull": "NixlConnector", "push": "NixlPushConnector"}
 ROLES = {"prefill": "kv_producer", "decode": "kv_consumer"}
@@ -81,7 +84,7 @@ class TransferSetup:
     """An engine's KV-transfer configuration: ``config`` for its engine arguments, and ``env`` for
     the environment of its processes."""
 
-    config: Any  # vllm.config.KVTransferConfig
+    config: KVTransferConfig
     env: dict[str, str] = field(default_factory=dict)
 
 

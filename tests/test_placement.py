@@ -11,9 +11,19 @@ import pytest
 
 import placement
 from conftest import ROOT, wait_for
-from placement import (NOBIND, OMP_BIND_ENV, PROGRESS_DELAY_ENV, RUNNER_PROCESS_TITLE, SCHEDULER_PROCESS_TITLE,
-                       engine_bind_env, engine_cores, nixl_agent_env, patch_progress_delay, place_scheduler,
-                       progress_delay_us)
+from placement import (
+    NOBIND,
+    OMP_BIND_ENV,
+    PROGRESS_DELAY_ENV,
+    RUNNER_PROCESS_TITLE,
+    SCHEDULER_PROCESS_TITLE,
+    engine_bind_env,
+    engine_cores,
+    nixl_agent_env,
+    patch_progress_delay,
+    place_scheduler,
+    progress_delay_us,
+)
 
 
 def probe(code: str, env: dict | None = None) -> list[str]:
@@ -94,7 +104,8 @@ def test_pins_the_scheduler_to_its_runners_core_and_renices_it_only_when_unpinne
     # core as vLLM binds it. argv[0] is what vLLM's setproctitle shows.
     core = min(os.sched_getaffinity(0))
     runner_cmd = f"taskset -c {core} bash -c 'exec -a {RUNNER_PROCESS_TITLE} sleep 60'"
-    parent = subprocess.Popen(["bash", "-c", f'(exec -a {SCHEDULER_PROCESS_TITLE} bash -c "{runner_cmd} & wait") & wait'])
+    scheduler_cmd = f'(exec -a {SCHEDULER_PROCESS_TITLE} bash -c "{runner_cmd} & wait") & wait'
+    parent = subprocess.Popen(["bash", "-c", scheduler_cmd])
     try:
         def engine():
             tree = psutil.Process(parent.pid).children(recursive=True)
