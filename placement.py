@@ -174,16 +174,20 @@ def patch_progress_delay(bindings, delay_us: int) -> None:
     whole core per idle agent. The thread stays on rather than off: UCX transports without
     one-sided reads (TCP, across hosts) need the side that holds the KV to make progress while
     its engine is idle. docs/benchmarks.md, "NIXL's progress delay"."""
-    make_agent = bindings.nixlAgent
-    if getattr(make_agent, "llmq_delay_us", None) is not None:
-        return
+    if not isinstance(bindings.nixlAgent, _AgentWithDelay):
+        bindings.nixlAgent = _AgentWithDelay(bindings.nixlAgent, delay_us)
 
-    def agent_with_delay(name, config):
-        config.pthrDelay = delay_us
-        return make_agent(name, config)
 
-    agent_with_delay.llmq_delay_us = delay_us
-    bindings.nixlAgent = agent_with_delay
+class _AgentWithDelay:
+    """Stands in for NIXL's agent constructor, setting the delay in each agent's config."""
+
+    def __init__(self, make_agent, delay_us: int):
+        self.make_agent = make_agent
+        self.delay_us = delay_us
+
+    def __call__(self, name, config):
+        config.pthrDelay = self.delay_us
+        return self.make_agent(name, config)
 
 
 # -- the gc freezes ----------------------------------------------------------------------------
