@@ -79,20 +79,21 @@ class EngineConfig(_Section):
     dtype: str = "bfloat16"
     enable_prefix_caching: bool = True
     seed: int = 0
-    # OpenMP threads for the engine; "auto" lets vLLM bind. Several engines on 2 cores
-    # compete for the same cores, so deployments usually pin this.
+    # The cores the engine's OpenMP threads are bound to (VLLM_CPU_OMP_THREADS_BIND): "auto" lets
+    # vLLM bind, and the launcher gives several engines on one node a core each; "nobind", or a
+    # core list such as "0-1". With disaggregation, "auto" means unbound (placement.py).
     omp_threads_bind: str = "auto"
     # Niceness of vLLM's scheduler process (EngineCore) where it runs free, that is where it is
     # not pinned to its runner's cores (below): between steps it busy-polls with sched_yield, and
     # on a machine with few cores that starves the frontend, Celery and Redis of the CPU time a
     # request needs to get in and its tokens to get out. A pinned scheduler is not reniced: it
-    # would lose its turns to its own runner's spin (docs/benchmarks.md, "Scheduler placement").
-    # 0 leaves it alone.
+    # would lose its turns to its own runner's spin. 0 leaves it alone. docs/benchmarks.md,
+    # "Scheduler placement".
     scheduler_nice: int = Field(10, ge=0, le=19)
     # Pin vLLM's scheduler process to the cores its model runner is bound to, so that the two
-    # take turns on them instead of the scheduler busy-polling a core of its own, so the engine
-    # costs one core instead of two (docs/benchmarks.md, "Scheduler placement"). A no-op where
-    # the runner is not bound (engine.omp_threads_bind: nobind, or disaggregation).
+    # take turns on them instead of the scheduler busy-polling a core of its own (placement.py,
+    # place_scheduler; docs/benchmarks.md, "Scheduler placement"). A no-op where the runner is
+    # not bound (engine.omp_threads_bind: nobind, or disaggregation).
     scheduler_on_runner_cores: bool = True
 
     @field_validator("block_size")
@@ -120,7 +121,8 @@ class FrontendConfig(_Section):
     # When set, clients must send "Authorization: Bearer <api_key>".
     api_key: str | None = None
     # Freeze the heap gunicorn's master preloaded before it forks the workers, so their garbage
-    # collections do not copy it (app/gunicorn_conf.py). Off only to measure what that saves.
+    # collections do not copy it (placement.py, PreforkFreeze; docs/benchmarks.md, "The gc
+    # freeze"). Off only to measure what that saves.
     gc_freeze: bool = True
 
 
@@ -185,7 +187,8 @@ class DisaggConfig(_Section):
     # decode reads the KV prefill computed (vLLM's NixlConnector). docs/disaggregation.md.
     connector: Literal["pull", "push"] = "push"
     # NIXL's progress thread busy-polls a whole core per engine unless it sleeps between idle
-    # polls (kvtransfer/nixl_agents.py). 0 keeps NIXL's own behaviour.
+    # polls (placement.py; docs/benchmarks.md, "NIXL's progress delay"). 0 keeps NIXL's own
+    # behaviour.
     nixl_progress_delay_us: int = Field(1000, ge=0, le=1_000_000)
     num_prefill: int = Field(1, ge=0)
     max_local_prefill_length: int = Field(512, ge=0)

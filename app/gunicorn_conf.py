@@ -5,11 +5,11 @@ gthread workers: each open request holds one thread, mostly blocked on Redis, so
 (4 x 80 = 320 by default).
 """
 
-import gc
 import glob
 import os
 import tempfile
 
+import placement
 from config import load_settings
 
 _settings = load_settings()
@@ -23,24 +23,18 @@ for _stale in glob.glob(os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], "*.
     os.remove(_stale)  # counts from an earlier run would otherwise be summed in
 
 
-# Python's recipe for forking without exec (the gc module's docs): no collections in the master,
-# whose heap the workers share copy-on-write; everything it holds frozen before each fork; and
-# collections on again in each worker. A collection walks every tracked object and writes to its
-# header, so without this a worker's first full collection copied nearly the whole preloaded heap,
-# about 90 MB and 23,000 page faults in each worker, inside the first burst of requests after a
-# start (bench/results/first-burst-ab/).
-if _settings.frontend.gc_freeze:
-    gc.disable()
+# Collections off in the master, its heap frozen before each fork, on again in each worker, so
+# that the workers' collections do not copy the heap they share with it (placement.py).
+_gc = placement.PreforkFreeze(_settings.frontend.gc_freeze)
+_gc.in_master()
 
 
 def pre_fork(server, worker):
-    if _settings.frontend.gc_freeze:
-        gc.freeze()
+    _gc.before_fork()
 
 
 def post_fork(server, worker):
-    if _settings.frontend.gc_freeze:
-        gc.enable()
+    _gc.after_fork()
 
 
 def post_worker_init(worker):
@@ -60,9 +54,9 @@ worker_class = "gthread"
 threads = _settings.frontend.threads
 # A gthread worker accepts up to worker_connections (default 1000) and queues what its threads
 # cannot serve yet. A stream holds its thread for minutes, so a request queued behind streams in
-# one worker would wait for them while the other worker has threads free (CI saw /metrics time
-# out with 256 streams open). Accepting no more than it has threads leaves the surplus in the
-# listen backlog, where whichever worker frees a thread first takes it.
+# one worker would wait for them (even a /metrics scrape) while another worker has threads free.
+# Accepting no more than it has threads leaves the surplus in the listen backlog, where whichever
+# worker frees a thread first takes it.
 worker_connections = threads
 # Load the tokenizer once in the master; workers share it after fork.
 preload_app = True

@@ -281,7 +281,7 @@ class VllmServer:
     log_dir: Path
     port: int = 0
     name: str = "vllm"
-    # Place its scheduler process as our decode workers do (workers/engine.py, place_scheduler).
+    # Place its scheduler process as our decode workers do (placement.py, place_scheduler).
     place_scheduler: bool = False
     ready_timeout_s: float = 300.0
     process: ManagedProcess | None = None
@@ -308,7 +308,7 @@ class VllmServer:
         try:
             self.process.wait_until(lambda: _http_ok(f"{self.base_url}/models"), self.ready_timeout_s)
             if self.place_scheduler:
-                from workers.engine import place_scheduler
+                from placement import place_scheduler
 
                 e = self.settings().engine
                 if not place_scheduler(e.scheduler_nice, e.scheduler_on_runner_cores, parent_pid=self.process.pid):

@@ -94,7 +94,7 @@ def _agent(name: str, setup: Setup):
 
     from nixl._api import nixl_agent, nixl_agent_config
 
-    from kvtransfer.connector import patch_progress_delay
+    from placement import patch_progress_delay
 
     if setup.progress_delay_us:
         patch_progress_delay(sys.modules[nixl_agent.__module__].nixlBind, setup.progress_delay_us)

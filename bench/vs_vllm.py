@@ -6,7 +6,7 @@ vLLM gets them as flags through bench.deploy.vllm_server_args):
 - `agg`: configs/agg.yaml, one decode worker, so one engine, as vLLM has;
 - `vllm`: `python -m vllm.entrypoints.openai.api_server`, the baseline;
 - `vllm_placed`: the same server with its scheduler process placed as our workers place theirs
-  (engine.scheduler_nice and engine.scheduler_on_runner_cores, workers/engine.py): what vLLM's
+  (engine.scheduler_nice and engine.scheduler_on_runner_cores, placement.py): what vLLM's
   own server makes with the one engine setting we add, so that the ratio against `vllm` is not
   read as our stack beating vLLM's;
 - `agg_router`: configs/agg_router.yaml, two decode workers and the kv router. It has two

@@ -2,7 +2,11 @@
 
 The prefill engine is the KV producer and the decode engine the consumer (the decode engine still
 prefills locally whenever the policy says so, or as a fallback). Each engine has its own NIXL side
-channel: a host and a free port, put into the environment before the engine's processes spawn.
+channel: a host and a free port.
+
+vLLM reads part of this configuration from the environment of the engine's processes. The
+builders here set no process state: they return the variables (``env``), and the worker applies
+them before its engine's processes spawn, which inherit them.
 """
 
 from __future__ import annotations
@@ -10,11 +14,16 @@ from __future__ import annotations
 import os
 import random
 import socket
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, NamedTuple
+
+import placement
+
+if TYPE_CHECKING:
+    from vllm.config import KVTransferConfig
 
 CONNECTORS = {"pull": "NixlConnector", "push": "NixlPushConnector"}
 ROLES = {"prefill": "kv_producer", "decode": "kv_consumer"}
-# How long NIXL's progress thread sleeps between idle polls, for kvtransfer/nixl_agents.py.
-PROGRESS_DELAY_ENV = "LLMQ_NIXL_PROGRESS_DELAY_US"
 
 # Keys vLLM's decode side needs; a dict without them kills the EngineCore, so check first.
 REQUIRED_PULL_PARAMS = ("remote_engine_id", "remote_host", "remote_port", "remote_block_ids", "remote_request_id")
@@ -26,8 +35,8 @@ class BadTransferParams(ValueError):
 
 # Side-channel ports come from below Linux's ephemeral range (32768-60999), where nothing takes a
 # port implicitly. A port from bind(0) is in that range, and the engine binds it half a minute
-# later: in between, another process's ZMQ socket took it once (EADDRINUSE, and vLLM's engine then
-# hung at start).
+# later: in between, another process's socket may take it implicitly (EADDRINUSE, and vLLM's engine
+# then hangs at start).
 SIDE_CHANNEL_PORTS = range(20000, 30000)
 
 
@@ -44,12 +53,22 @@ def free_port(host: str, rng: random.Random | None = None, attempts: int = 50) -
     raise OSError(f"no free NIXL side-channel port on {host} in {SIDE_CHANNEL_PORTS}")
 
 
-def side_channel(host: str) -> tuple[str, int]:
-    """Claims this process's NIXL side channel; the engine processes it spawns inherit it."""
-    port = free_port(host)
-    os.environ["VLLM_NIXL_SIDE_CHANNEL_HOST"] = host
-    os.environ["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(port)
-    return host, port
+class SideChannel(NamedTuple):
+    """An engine's NIXL side channel, where peers reach it for the handshake."""
+
+    host: str
+    port: int
+
+    @property
+    def env(self) -> dict[str, str]:
+        """What tells vLLM's engine processes to listen there."""
+        return {"VLLM_NIXL_SIDE_CHANNEL_HOST": self.host, "VLLM_NIXL_SIDE_CHANNEL_PORT": str(self.port)}
+
+
+def side_channel(host: str) -> SideChannel:
+    """Picks a free port on ``host`` for an engine's side channel. Nothing holds it: the engine
+    binds it when it starts, so apply ``.env`` just before starting it."""
+    return SideChannel(host, free_port(host))
 
 
 def engine_id_for(worker_id: str, pid: int | None = None) -> str:
@@ -60,15 +79,24 @@ def engine_id_for(worker_id: str, pid: int | None = None) -> str:
     return f"{name}-{os.getpid() if pid is None else pid}"
 
 
-def transfer_config(role: str, engine_id: str, connector: str, progress_delay_us: int = 1000,
-                    push_registration_timeout_s: float = 10.0, kv_lease_s: int = 30):
+@dataclass(frozen=True)
+class TransferSetup:
+    """An engine's KV-transfer configuration: ``config`` for its engine arguments, and ``env`` for
+    the environment of its processes."""
+
+    config: KVTransferConfig
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def transfer_config(role: str, engine_id: str, connector: str,
+                    progress_delay_us: int = placement.DEFAULT_PROGRESS_DELAY_US,
+                    push_registration_timeout_s: float = 10.0, kv_lease_s: int = 30) -> TransferSetup:
     from vllm.config import KVTransferConfig
 
-    os.environ[PROGRESS_DELAY_ENV] = str(progress_delay_us)  # read in the engine's processes, which inherit it
     # Push always goes through our module: vLLM's own push connector leaves a decode request
     # whose push never came waiting for ever (kvtransfer/push.py).
     ours = progress_delay_us > 0 or connector == "push"
-    return KVTransferConfig(
+    config = KVTransferConfig(
         kv_connector=CONNECTORS[connector],
         # vLLM's connectors, loaded through our module, which tames NIXL's progress thread.
         kv_connector_module_path="kvtransfer.nixl_agents" if ours else None,
@@ -87,6 +115,8 @@ def transfer_config(role: str, engine_id: str, connector: str, progress_delay_us
             "push_registration_timeout": push_registration_timeout_s,
         },
     )
+    # Our module reads the delay in the engine's processes (kvtransfer/nixl_agents.py).
+    return TransferSetup(config, placement.nixl_agent_env(progress_delay_us))
 
 
 def prefill_leg_params() -> dict:
@@ -101,17 +131,3 @@ def decode_leg_params(from_prefill: dict | None) -> dict:
     if missing:
         raise BadTransferParams(f"kv_transfer_params lack {missing}")
     return dict(from_prefill)
-
-
-def patch_progress_delay(bindings, delay_us: int) -> None:
-    """Makes every NIXL agent created through ``bindings`` sleep ``delay_us`` between idle polls."""
-    make_agent = bindings.nixlAgent
-    if getattr(make_agent, "llmq_delay_us", None) is not None:
-        return
-
-    def agent_with_delay(name, config):
-        config.pthrDelay = delay_us
-        return make_agent(name, config)
-
-    agent_with_delay.llmq_delay_us = delay_us
-    bindings.nixlAgent = agent_with_delay

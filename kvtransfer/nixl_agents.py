@@ -1,17 +1,12 @@
 """vLLM's NIXL connectors, with a NIXL progress thread that sleeps when it has nothing to do, and
 a push connector whose decode side recomputes a prompt whose push never came.
 
-NIXL's Python agent hard-codes ``pthrDelay = 0`` for its progress thread, which then busy-polls
-UCX: a whole core per idle agent, against 0.02 cores with a 1 ms sleep (``python -m
-bench.nixl_bandwidth`` measures both). Two engines' threads were most of a 2-core machine. The
-thread stays on rather than off: UCX transports without one-sided reads (TCP, across hosts) need
-the side that holds the KV to make progress while its engine is idle, and only that thread would.
-(Untested here without it since the pinning fix in workers/engine.py.)
-
-vLLM loads this module inside each engine process (``kv_connector_module_path``), so the patch
-applies there whatever way vLLM starts that process. The classes keep vLLM's names, so every
-``has_connector("NixlConnector")`` check in vLLM still sees them. The delay comes from the
-environment, which the worker sets before its engine starts (``PROGRESS_DELAY_ENV``).
+vLLM loads this module inside each engine process (``kv_connector_module_path``), so what it
+patches applies there whatever way vLLM starts that process: NIXL's agents get the progress delay
+the worker put in the environment (placement.py, ``patch_progress_delay``), and an engine that runs
+unbound stays unbound when vLLM's NIXL worker half pins it (placement.py, ``unpinned_when_nobind``).
+The classes keep vLLM's names, so every ``has_connector("NixlConnector")`` check in vLLM still
+sees them.
 
 vLLM builds a connector twice per engine, through the same factory and so from this module:
 once with role SCHEDULER in the engine core's scheduler, once with role WORKER in the model
@@ -22,9 +17,7 @@ worker half each step, and the transfer results going back (kvtransfer/push.py s
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import sys
 import time
 
@@ -36,51 +29,22 @@ from vllm.distributed.kv_transfer.kv_connector.v1.nixl.connector import NixlPush
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl.push_scheduler import NixlPushConnectorScheduler
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl.push_worker import NixlPushConnectorWorker
 
+import placement
 from kvtransfer import push
-from kvtransfer.connector import PROGRESS_DELAY_ENV, patch_progress_delay
 
 # Under vLLM's logger: the engine processes configure its handler, and nothing else.
 logger = logging.getLogger(f"vllm.{__name__}")
 
 if base_worker.NixlWrapper is not None:
-    patch_progress_delay(sys.modules[base_worker.NixlWrapper.__module__].nixlBind,
-                         int(os.environ.get(PROGRESS_DELAY_ENV, "1000")))
-
-
-@contextlib.contextmanager
-def unpinned_when_nobind():
-    """Undoes the core pinning that building vLLM's NIXL worker half does, for engines that run
-    unpinned (``VLLM_CPU_OMP_THREADS_BIND=nobind``, workers/engine.py).
-
-    On CPU, vLLM's NIXL worker pins the model runner's thread to the last core of each NUMA node
-    (nixl/base_worker.py, "reserve different cores for start_load_kv"), in every engine, and the
-    NIXL threads it starts next inherit that core. On 2 cores the decode and the prefill engine's
-    runners and all their NIXL threads then shared core 1. A decode engine waiting for KV steps
-    without pause, so it took that core: with push, 900-token prefills took 20 s instead of under
-    1 s and every push timed out; with pull, a read could stall until the prefill engine's hold on
-    the blocks expired (30 s, "retrieved by 0 remote worker(s)"). So every thread this pinned is
-    given back the cores the process was allowed before.
-    """
-    allowed = os.sched_getaffinity(0)
-    yield
-    if os.environ.get("VLLM_CPU_OMP_THREADS_BIND") != "nobind":
-        return
-    moved = []
-    for tid in map(int, os.listdir("/proc/self/task")):
-        with contextlib.suppress(OSError):  # a thread that has ended meanwhile
-            if os.sched_getaffinity(tid) != allowed:
-                os.sched_setaffinity(tid, allowed)
-                moved.append(tid)
-    if moved:
-        logger.info("unpinned %d thread(s) of the model runner from vLLM's KV-transfer core (cores %s)",
-                    len(moved), sorted(allowed))
+    placement.patch_progress_delay(sys.modules[base_worker.NixlWrapper.__module__].nixlBind,
+                                   placement.progress_delay_us())
 
 
 class NixlConnector(_PullConnector):
     """Decode pulls the KV that prefill computed (vLLM's NixlConnector)."""
 
     def __init__(self, vllm_config, role, kv_cache_config):
-        with unpinned_when_nobind():
+        with placement.unpinned_when_nobind(logger):
             super().__init__(vllm_config, role, kv_cache_config)
 
 
@@ -180,7 +144,7 @@ class NixlPushConnector(_PushConnector):
         if role == KVConnectorRole.SCHEDULER:
             self.connector_scheduler = PushScheduler(vllm_config, self.engine_id, kv_cache_config)
         elif role == KVConnectorRole.WORKER:
-            with unpinned_when_nobind():
+            with placement.unpinned_when_nobind(logger):
                 self.connector_worker = PushWorker(vllm_config, self.engine_id, kv_cache_config)
         else:
             raise ValueError(f"Unsupported KVConnectorRole: {role}")

@@ -24,6 +24,7 @@ from urllib.parse import urlparse
 
 import redis
 
+import placement
 from config import ConfigError, Settings, dump_settings, load_settings
 from launcher.supervisor import Child, Supervisor
 from tasks import queues
@@ -69,16 +70,6 @@ def _celery_worker(name: str, queue: str, settings: Settings, stop_order: int, e
                         "--loglevel", settings.log_level], stop_order=stop_order, env=env or {})
 
 
-def engine_cores(num_engines: int, bind: str, moves_kv: bool = False) -> list[dict]:
-    """Per-engine environment for vLLM's CPU thread binding. With "auto", vLLM binds every
-    engine to the same first core; several engines on one node get a core each instead. Engines
-    that move KV stay unbound (workers/engine.py says why)."""
-    if bind != "auto" or num_engines < 2 or moves_kv:
-        return [{} for _ in range(num_engines)]
-    cores = os.cpu_count() or 1
-    return [{"VLLM_CPU_OMP_THREADS_BIND": str(i % cores)} for i in range(num_engines)]
-
-
 def worker_children(settings: Settings, roles: set[str]) -> list[Child]:
     """Decode workers, then prefill workers; each engine gets its own core where there are several."""
     specs = []
@@ -86,7 +77,7 @@ def worker_children(settings: Settings, roles: set[str]) -> list[Child]:
         specs += [(f"decode{i}", queues.DECODE) for i in range(settings.workers.num_decode)]
     if "prefill" in roles and settings.disagg.enabled:
         specs += [(f"prefill{i}", queues.PREFILL) for i in range(settings.disagg.num_prefill)]
-    envs = engine_cores(len(specs), settings.engine.omp_threads_bind, moves_kv=settings.disagg.enabled)
+    envs = placement.engine_cores(len(specs), settings.engine.omp_threads_bind, moves_kv=settings.disagg.enabled)
     return [_celery_worker(name, queue, settings, 3, env) for (name, queue), env in zip(specs, envs)]
 
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from celery import signals
 
+import placement
 from tasks import queues
 from tasks.runtime import leave, set_current_runtime
-from workers.lifecycle import freeze_startup_heap
 
 _runtime = None  # the runtime this module started, in a router worker only
 
@@ -33,7 +33,7 @@ def _start_runtime(sender=None, instance=None, **_kwargs) -> None:
         leave("worker %s failed to start", instance.hostname)
     _runtime = runtime
     set_current_runtime(runtime)
-    freeze_startup_heap()
+    placement.freeze_startup_heap()
 
 
 @signals.worker_ready.connect

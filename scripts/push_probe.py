@@ -9,14 +9,16 @@ True, "remote_engine_id", "remote_host", "remote_port", "tp_size", "remote_reque
 carries {"do_remote_decode": True}. D allocates its blocks and registers them with P, and P
 WRITEs the KV into them. "blocks used" is D's KV cache use, read off a short unrelated request.
 
-What it shows (docs/disaggregation.md, "The two vLLM fixes"):
-- case 1 (P first, then D) and case 2 (D registers, then P prefills: the order of our claim
-  flow): D's greedy tokens equal a local run, and the whole prompt arrives over NIXL.
-- case 3 (D registered, P never prefills, D aborts): D's blocks go back to where they were.
-- case 4 (P killed after D registered): D's request finishes with the local run's tokens, by a
-  recompute, and its blocks go back.
-With --stock, vLLM's own connector leaves cases 3 and 4 holding D's blocks (and case 4's
-request never ends): its watchdog only logs a registration that no WRITE answered.
+What ours prints:
+- case 1 (P first, then D) and case 2 (D registers, then P prefills; the order of our claim
+  flow): tokens equal True, the whole prompt (300 tokens) cached, outcome received;
+- case 3 (D registered, P never prefills, D aborts): D's blocks go back once the registration
+  times out;
+- case 4 (P killed after D registered): D's request finishes within the registration timeout,
+  tokens equal True, outcome recomputed, and D's blocks go back.
+vLLM's own connector (--stock) keeps D's blocks for good in case 3, and in case 4 never ends D's
+request: it logs that the registration "timed out ... without a push completion", and neither
+fails the receive nor frees the blocks.
 """
 import argparse
 import asyncio
@@ -35,12 +37,15 @@ settings = load_settings(str(Path(__file__).resolve().parent.parent / "configs" 
 
 
 def host(name, role, stock):
-    h, port = side_channel("127.0.0.1")
+    channel = side_channel("127.0.0.1")
+    h, port = channel
     eid = f"{name}-{os.getpid()}"
-    cfg = transfer_config(role, eid, "push", push_registration_timeout_s=REGISTRATION_TIMEOUT_S, kv_lease_s=12)
+    transfer = transfer_config(role, eid, "push", push_registration_timeout_s=REGISTRATION_TIMEOUT_S, kv_lease_s=12)
+    cfg = transfer.config
     if stock:
         cfg.kv_connector_module_path = None
     e = EngineHost(settings, {"kv_transfer_config": cfg})
+    os.environ.update(channel.env | transfer.env)  # this engine's processes inherit them
     e.start()
     return e, eid, h, port
 

@@ -43,8 +43,8 @@ def test_a_process_connects_before_its_first_request(model_path, scratch_redis_u
 
 @pytest.mark.parametrize("freeze", [True, False])
 def test_gunicorn_master_freezes_its_heap_before_each_fork(freeze):
-    # Without it each worker's first full collection copied the whole preloaded heap inside the
-    # first burst (bench/results/first-burst-ab/). The hooks, run as gunicorn runs them.
+    # Without it each worker's first full collection copies the whole preloaded heap inside the
+    # first burst (placement.PreforkFreeze). The hooks, run as gunicorn runs them.
     probe = ("import gc; import app.gunicorn_conf as c; a = gc.isenabled(); c.pre_fork(None, None); "
              "b = gc.get_freeze_count() > 0; c.post_fork(None, None); print(a, b, gc.isenabled())")
     env = dict(os.environ, LLMQ__FRONTEND__GC_FREEZE=str(freeze).lower())

@@ -7,16 +7,10 @@ import os
 import pytest
 
 from config import DisaggConfig
-from kvtransfer.connector import (
-    PROGRESS_DELAY_ENV,
-    BadTransferParams,
-    decode_leg_params,
-    engine_id_for,
-    patch_progress_delay,
-    transfer_config,
-)
+from kvtransfer.connector import BadTransferParams, decode_leg_params, engine_id_for, side_channel, transfer_config
 from kvtransfer.policy import Thresholds, ThresholdSource, should_prefill_remotely
 from kvtransfer.stats import TransferStats
+from placement import PROGRESS_DELAY_ENV
 
 T = Thresholds(max_local_prefill_length=512, max_prefill_queue_size=2)
 
@@ -81,37 +75,31 @@ def test_engine_ids_are_safe_and_differ_per_incarnation():
     assert engine_id_for("decode0@host", pid=1) != engine_id_for("decode0@host", pid=2)
 
 
-class FakeAgentConfig:
-    pthrDelay = 0
-
-
-class FakeBindings:
-    """Stands in for NIXL's compiled bindings: records the config each agent was made with."""
-
-    def __init__(self):
-        self.made = []
-
-    def nixlAgent(self, name, config):  # noqa: N802  the bindings' own spelling
-        self.made.append((name, config.pthrDelay))
-        return name
-
-
-def test_progress_delay_reaches_every_agent_and_patches_once():
-    bindings = FakeBindings()
-    patch_progress_delay(bindings, 1000)
-    patch_progress_delay(bindings, 5)  # a second import of the module must not stack wrappers
-    assert bindings.nixlAgent("a", FakeAgentConfig()) == "a"
-    assert bindings.made == [("a", 1000)]
-
-
 def test_transfer_config_loads_our_connectors_unless_delay_is_off(monkeypatch):
+    import vllm.config  # noqa: F401  importing vLLM and torch sets variables of their own
+
     monkeypatch.delenv(PROGRESS_DELAY_ENV, raising=False)
+    before = dict(os.environ)
     tamed = transfer_config("decode", "e-1", "pull", progress_delay_us=250)
-    assert tamed.kv_connector == "NixlConnector" and tamed.kv_connector_module_path == "kvtransfer.nixl_agents"
-    assert tamed.kv_role == "kv_consumer" and tamed.kv_buffer_device == "cpu"
-    assert os.environ[PROGRESS_DELAY_ENV] == "250"
+    assert tamed.config.kv_connector == "NixlConnector"
+    assert tamed.config.kv_connector_module_path == "kvtransfer.nixl_agents"
+    assert tamed.config.kv_role == "kv_consumer" and tamed.config.kv_buffer_device == "cpu"
+    # The delay is for the engine's processes: returned for the worker to apply, not set here.
+    assert tamed.env == {PROGRESS_DELAY_ENV: "250"}
     stock = transfer_config("prefill", "e-2", "pull", progress_delay_us=0)
-    assert stock.kv_role == "kv_producer" and stock.kv_connector_module_path is None
+    assert stock.config.kv_role == "kv_producer" and stock.config.kv_connector_module_path is None
+    assert dict(os.environ) == before
+
+
+def test_side_channel_is_returned_with_its_environment_and_not_set(monkeypatch):
+    monkeypatch.delenv("VLLM_NIXL_SIDE_CHANNEL_HOST", raising=False)
+    monkeypatch.delenv("VLLM_NIXL_SIDE_CHANNEL_PORT", raising=False)
+    before = dict(os.environ)
+    channel = side_channel("127.0.0.1")
+    host, port = channel
+    assert host == "127.0.0.1" and port > 0
+    assert channel.env == {"VLLM_NIXL_SIDE_CHANNEL_HOST": "127.0.0.1", "VLLM_NIXL_SIDE_CHANNEL_PORT": str(port)}
+    assert dict(os.environ) == before
 
 
 def test_side_channel_ports_avoid_the_ephemeral_range():

@@ -15,8 +15,9 @@ import redis.asyncio
 
 from config import load_settings
 from kvtransfer import push
-from kvtransfer.connector import PROGRESS_DELAY_ENV, BadTransferParams, transfer_config
+from kvtransfer.connector import BadTransferParams, transfer_config
 from kvtransfer.registry import NixlEndpoint, register
+from placement import PROGRESS_DELAY_ENV
 from tasks import keys
 from tasks.messages import PrefillClaimed, PrefillRequest, decode_prefill_claimed, encode_prefill_claimed
 from workers.disagg import DisaggCounters, PrefillServer, RemotePrefill
@@ -56,12 +57,18 @@ def test_outcome_of_a_decode_request(params, outcome):
 
 
 def test_push_always_loads_our_connector_with_its_timeouts(monkeypatch):
+    import vllm.config  # noqa: F401  importing vLLM and torch sets variables of their own
+
     monkeypatch.delenv(PROGRESS_DELAY_ENV, raising=False)
-    cfg = transfer_config("decode", "d-1", "push", progress_delay_us=0, push_registration_timeout_s=7, kv_lease_s=12)
+    before = dict(os.environ)
+    transfer = transfer_config("decode", "d-1", "push", progress_delay_us=0, push_registration_timeout_s=7,
+                               kv_lease_s=12)
+    cfg = transfer.config
     assert cfg.kv_connector == "NixlPushConnector" and cfg.kv_connector_module_path == "kvtransfer.nixl_agents"
     assert cfg.kv_load_failure_policy == "recompute"
     assert cfg.kv_connector_extra_config == {"push_registration_timeout": 7, "kv_lease_duration": 12}
-    assert os.environ[PROGRESS_DELAY_ENV] == "0"
+    assert transfer.env == {PROGRESS_DELAY_ENV: "0"}
+    assert dict(os.environ) == before
 
 
 def test_push_config_keys_are_typed_and_checked():

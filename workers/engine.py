@@ -22,71 +22,12 @@ from concurrent.futures import TimeoutError as FuturesTimeout
 from dataclasses import dataclass, field
 from typing import Any
 
+import placement
 from config import Settings
 from kvtransfer.stats import TransferStats
 from tasks.messages import SamplingSpec
 
 logger = logging.getLogger(__name__)
-
-# vLLM names its processes so (setproctitle): the scheduler, and the model runner it spawns.
-SCHEDULER_PROCESS_TITLE = "VLLM::EngineCore"
-RUNNER_PROCESS_TITLE = "VLLM::Worker"
-
-
-def place_scheduler(niceness: int, share_runner_cores: bool, parent_pid: int | None = None) -> list[int]:
-    """Pins each vLLM scheduler process under this process (or ``parent_pid``) to the cores of
-    its own model runner, with ``share_runner_cores``; renices one that stays unpinned. It acts
-    on every thread (Linux keeps a niceness and an affinity per thread; threads started later
-    inherit both). Returns their pids.
-
-    Why: on a CPU vLLM schedules and runs the model in turn (async scheduling is off there), and
-    whichever side is waiting busy-polls the shared-memory queue with sched_yield. The runner is
-    bound to its core(s); a scheduler left free spins on another core, the one the frontend,
-    Celery and Redis need to move requests and tokens. On its runner's core the waiting side
-    yields to the working one and the engine costs one core, not two: 1.51x the output tokens/s
-    at 32 streams on 2 cores (bench/results/scheduler-placement-ab).
-    The niceness is only for a scheduler that runs free (its runner unbound), to keep its spin
-    behind our own processes. A pinned one keeps the runner's niceness: niced, it lost its turns
-    to the runner's spin, and at 32 streams the engine made 1.24x fewer tokens/s, with 1.1 ms
-    more between tokens at one stream (bench/results/scheduler-nice-pinned-ab). Neither needs
-    privilege."""
-    import psutil
-
-    placed = []
-    for child in psutil.Process(parent_pid).children(recursive=True):
-        try:
-            if not _titled(child, SCHEDULER_PROCESS_TITLE):
-                continue
-            cores = _runner_cores(child) if share_runner_cores else None
-            nice = 0 if cores else niceness
-            for thread in child.threads():
-                if nice:
-                    os.setpriority(os.PRIO_PROCESS, thread.id, nice)
-                if cores:
-                    os.sched_setaffinity(thread.id, cores)
-        except (psutil.Error, OSError) as e:
-            logger.warning("could not place engine process %d: %s", child.pid, e)
-            continue
-        placed.append(child.pid)
-        logger.info("vLLM scheduler process %d runs at niceness %d on cores %s", child.pid, nice,
-                    ",".join(map(str, sorted(cores or child.cpu_affinity()))))
-    if not placed:
-        logger.warning("found no %s process to place", SCHEDULER_PROCESS_TITLE)
-    return placed
-
-
-def _runner_cores(scheduler) -> set[int]:
-    """The cores the scheduler's model runner(s) are bound to, or an empty set if none runs."""
-    cores: set[int] = set()
-    for proc in scheduler.children(recursive=True):
-        if _titled(proc, RUNNER_PROCESS_TITLE):
-            cores.update(proc.cpu_affinity())
-    return cores
-
-
-def _titled(proc, title: str) -> bool:
-    return " ".join(proc.cmdline()).startswith(title)
-
 
 @dataclass
 class EngineLoad:
@@ -189,15 +130,9 @@ class EngineHost:
     # -- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> None:
-        bind = self.settings.engine.omp_threads_bind
-        if bind != "auto":
-            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind
-        elif self.settings.disagg.enabled:
-            # An engine that moves KV over NIXL must not be pinned to one core: its NIXL threads
-            # (handshake, progress) would share that core with its spinning OpenMP threads, and
-            # each KV pull then waited until the prefill engine's hold on the blocks expired
-            # (30 s, every remote prefill, measured here). Unpinned, the same pulls took < 1.5 s.
-            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
+        # Before the engine's processes spawn: they inherit the binding.
+        os.environ.update(placement.engine_bind_env(self.settings.engine.omp_threads_bind,
+                                                    moves_kv=self.settings.disagg.enabled))
         started = time.monotonic()
         self._thread.start()
         timeout_s = self.settings.workers.engine_start_timeout_s
@@ -208,7 +143,7 @@ class EngineHost:
                                "(workers.engine_start_timeout_s)") from None
         e = self.settings.engine
         if e.scheduler_nice or e.scheduler_on_runner_cores:
-            place_scheduler(e.scheduler_nice, e.scheduler_on_runner_cores)
+            placement.place_scheduler(e.scheduler_nice, e.scheduler_on_runner_cores)
         logger.info(
             "engine ready: model=%s kv_blocks=%d block_size=%d in %.1fs",
             self.settings.model.resolved_path, self.num_kv_blocks,

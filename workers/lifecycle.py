@@ -13,11 +13,11 @@ start, or one that a SIGTERM would kill before it could drop its lease.
 
 from __future__ import annotations
 
-import gc
 import logging
 
 from celery import signals
 
+import placement
 from tasks import queues
 from tasks.runtime import leave, set_current_runtime
 
@@ -45,7 +45,7 @@ def _start_runtime(sender=None, instance=None, **_kwargs) -> None:
         leave("worker %s failed to start", instance.hostname)
     _runtime = runtime
     set_current_runtime(runtime)
-    freeze_startup_heap()
+    placement.freeze_startup_heap()
 
 
 @signals.worker_ready.connect
@@ -60,15 +60,6 @@ def _put_up_lease(**_kwargs) -> None:
     except Exception:
         # Consuming with no lease, the worker would get no traffic and say nothing.
         leave("worker could not put up its lease")
-
-
-def freeze_startup_heap() -> None:
-    """Takes what start-up built (torch, vLLM, Celery: some 640,000 objects in a decode worker)
-    out of the garbage collector's reach, as vLLM's own server does once it is up. A full
-    collection of that heap took 0.36-0.40 s here, a pause for every stream on the worker; frozen,
-    the collector walks only what serving allocates."""
-    gc.collect()
-    gc.freeze()
 
 
 @signals.worker_shutdown.connect

@@ -76,14 +76,17 @@ class WorkerRuntime:
         )
 
     def _claim_nixl_side_channel(self):
-        host, port = side_channel(self.settings.workers.advertise_host or this_host())
+        channel = side_channel(self.settings.workers.advertise_host or this_host())
+        host, port = channel
         engine_id = engine_id_for(self.worker_id)
         connector = self.settings.disagg.connector
         self.nixl = NixlEndpoint(engine_id, self.worker_id, self.role, host, port, connector)
         logger.info("NIXL side channel %s:%d (engine %s, %s connector)", host, port, engine_id, connector)
         d = self.settings.disagg
-        return transfer_config(self.role, engine_id, connector, d.nixl_progress_delay_us,
-                               push_registration_timeout_s=d.push_registration_timeout_s, kv_lease_s=d.kv_lease_s)
+        transfer = transfer_config(self.role, engine_id, connector, d.nixl_progress_delay_us,
+                                   push_registration_timeout_s=d.push_registration_timeout_s, kv_lease_s=d.kv_lease_s)
+        os.environ.update(channel.env | transfer.env)  # for the engine's processes, which spawn from this one
+        return transfer.config
 
     def _register_nixl(self) -> None:
         kv_registry.register(self.redis, self.nixl, self.settings.workers.lease_s)

@@ -1,0 +1,226 @@
+"""Where the processes of a deployment run on the CPU, and what stays out of the garbage collector.
+
+- Which cores a vLLM engine's OpenMP threads are bound to (``engine.omp_threads_bind``): the
+  launcher gives several engines a core each, and an engine that moves KV over NIXL runs unbound.
+- Where a vLLM scheduler process runs (``engine.scheduler_on_runner_cores``,
+  ``engine.scheduler_nice``): on its model runner's cores, or else niced.
+- How NIXL's agents poll (``disagg.nixl_progress_delay_us``): their progress thread sleeps between
+  idle polls instead of busy-polling a core.
+- The gc freezes (``frontend.gc_freeze``, and always in a worker): a heap built at start-up is
+  frozen, so collections while serving do not walk it.
+
+The frontend and the launcher import this module, and vLLM's engine processes import it through
+kvtransfer/nixl_agents.py. It therefore imports only the standard library at module level (psutil
+lazily), never vLLM, torch or NIXL, and nothing of the project: the frontend must start fast and
+must not import ``workers/`` or ``router/``.
+
+Functions that decide on environment variables return them; the caller applies them in the
+process that spawns the engine, before it spawns it, because the engine's processes inherit them.
+The measurements behind the defaults are in docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+logger = logging.getLogger(__name__)
+
+# -- the OpenMP bind mode ----------------------------------------------------------------------
+
+# vLLM's CPU backend binds the model runner's OpenMP threads to the cores this names: "auto" (or
+# unset) lets vLLM choose, "nobind" leaves them unbound, otherwise a core list such as "0" or "0-1".
+OMP_BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
+NOBIND = "nobind"
+
+
+def engine_cores(num_engines: int, bind: str, moves_kv: bool = False) -> list[dict[str, str]]:
+    """The launcher's per-engine environment, for the engines it starts on one node.
+
+    With "auto", vLLM binds every engine to the same first core, so several engines get a core
+    each, round robin. One engine, an explicit ``engine.omp_threads_bind``, or engines that move
+    KV (which must run unbound, see ``engine_bind_env``) get nothing from the launcher."""
+    if bind != "auto" or num_engines < 2 or moves_kv:
+        return [{} for _ in range(num_engines)]
+    cores = os.cpu_count() or 1
+    return [{OMP_BIND_ENV: str(i % cores)} for i in range(num_engines)]
+
+
+def engine_bind_env(bind: str, moves_kv: bool) -> dict[str, str]:
+    """The environment a worker sets for its own engine before starting it.
+
+    An explicit ``engine.omp_threads_bind`` wins. Otherwise an engine that moves KV over NIXL runs
+    unbound: bound to one core, its NIXL threads (handshake, progress) share that core with its
+    spinning OpenMP threads, and a KV transfer waits until the other engine's hold on the blocks
+    expires. An empty result keeps what the launcher set, or vLLM's own choice."""
+    if bind != "auto":
+        return {OMP_BIND_ENV: bind}
+    if moves_kv:
+        return {OMP_BIND_ENV: NOBIND}
+    return {}
+
+
+@contextlib.contextmanager
+def unpinned_when_nobind(log: logging.Logger = logger) -> Iterator[None]:
+    """Gives every thread of this process back the cores it was allowed on entry, if the engine
+    runs unbound (``OMP_BIND_ENV`` is "nobind"). For building vLLM's NIXL worker half inside an
+    engine process; ``log`` is a logger that process has a handler for.
+
+    On CPU, vLLM's NIXL worker pins the model runner's thread to the last core of each NUMA node
+    (nixl/base_worker.py, "reserve different cores for start_load_kv"), in every engine, and the
+    NIXL threads it starts next inherit that core. The decode and the prefill engine's runners and
+    all their NIXL threads would then share one core, which a decode engine waiting for KV takes
+    by stepping without pause: pushes time out, and a pull can stall until the prefill engine's
+    hold on the blocks expires."""
+    allowed = os.sched_getaffinity(0)
+    yield
+    if os.environ.get(OMP_BIND_ENV) != NOBIND:
+        return
+    moved = []
+    for tid in map(int, os.listdir("/proc/self/task")):
+        with contextlib.suppress(OSError):  # a thread that has ended meanwhile
+            if os.sched_getaffinity(tid) != allowed:
+                os.sched_setaffinity(tid, allowed)
+                moved.append(tid)
+    if moved:
+        log.info("unpinned %d thread(s) of the model runner from vLLM's KV-transfer core (cores %s)",
+                 len(moved), sorted(allowed))
+
+
+# -- the scheduler's placement -----------------------------------------------------------------
+
+# vLLM names its processes so (setproctitle): the scheduler, and the model runner it spawns.
+SCHEDULER_PROCESS_TITLE = "VLLM::EngineCore"
+RUNNER_PROCESS_TITLE = "VLLM::Worker"
+
+
+def place_scheduler(niceness: int, share_runner_cores: bool, parent_pid: int | None = None) -> list[int]:
+    """Pins each vLLM scheduler process under this process (or ``parent_pid``) to the cores of
+    its own model runner, with ``share_runner_cores``; renices one that stays unpinned. It acts
+    on every thread, since Linux keeps a niceness and an affinity per thread (threads started
+    later inherit both). Needs no privilege. Returns the pids placed.
+
+    On a CPU, vLLM schedules and runs the model in turn, and whichever side waits busy-polls the
+    shared-memory queue with sched_yield. Left free, the scheduler spins on a core of its own,
+    the one the frontend, Celery and Redis need; on its runner's cores the waiting side yields to
+    the working one, and the engine costs those cores only. Only a scheduler that runs free is
+    niced, to keep its spin behind our processes: a pinned one keeps the runner's niceness, or it
+    loses its turns to the runner's spin. docs/benchmarks.md, "Scheduler placement"."""
+    import psutil
+
+    placed = []
+    for child in psutil.Process(parent_pid).children(recursive=True):
+        try:
+            if not _titled(child, SCHEDULER_PROCESS_TITLE):
+                continue
+            cores = _runner_cores(child) if share_runner_cores else None
+            nice = 0 if cores else niceness
+            for thread in child.threads():
+                if nice:
+                    os.setpriority(os.PRIO_PROCESS, thread.id, nice)
+                if cores:
+                    os.sched_setaffinity(thread.id, cores)
+        except (psutil.Error, OSError) as e:
+            logger.warning("could not place engine process %d: %s", child.pid, e)
+            continue
+        placed.append(child.pid)
+        logger.info("vLLM scheduler process %d runs at niceness %d on cores %s", child.pid, nice,
+                    ",".join(map(str, sorted(cores or child.cpu_affinity()))))
+    if not placed:
+        logger.warning("found no %s process to place", SCHEDULER_PROCESS_TITLE)
+    return placed
+
+
+def _runner_cores(scheduler) -> set[int]:
+    """The cores the scheduler's model runner(s) are bound to, or an empty set if none runs."""
+    cores: set[int] = set()
+    for proc in scheduler.children(recursive=True):
+        if _titled(proc, RUNNER_PROCESS_TITLE):
+            cores.update(proc.cpu_affinity())
+    return cores
+
+
+def _titled(proc, title: str) -> bool:
+    return " ".join(proc.cmdline()).startswith(title)
+
+
+# -- NIXL's agents -----------------------------------------------------------------------------
+
+# How long NIXL's progress thread sleeps between idle polls, in microseconds. The worker decides
+# it and the engine's processes, which inherit the environment, read it (kvtransfer/nixl_agents.py).
+PROGRESS_DELAY_ENV = "LLMQ_NIXL_PROGRESS_DELAY_US"
+DEFAULT_PROGRESS_DELAY_US = 1000
+
+
+def nixl_agent_env(progress_delay_us: int) -> dict[str, str]:
+    """The environment that gives the engine's NIXL agents this progress delay."""
+    return {PROGRESS_DELAY_ENV: str(progress_delay_us)}
+
+
+def progress_delay_us(environ: Mapping[str, str] = os.environ) -> int:
+    """The progress delay the worker chose for this engine process (``nixl_agent_env``)."""
+    return int(environ.get(PROGRESS_DELAY_ENV, DEFAULT_PROGRESS_DELAY_US))
+
+
+def patch_progress_delay(bindings, delay_us: int) -> None:
+    """Makes every NIXL agent created through ``bindings`` (NIXL's compiled ``nixlBind``) sleep
+    ``delay_us`` between idle polls. Patches once: a second call leaves the first delay.
+
+    NIXL's Python agent hard-codes a delay of 0, and its progress thread then busy-polls UCX, a
+    whole core per idle agent. The thread stays on rather than off: UCX transports without
+    one-sided reads (TCP, across hosts) need the side that holds the KV to make progress while
+    its engine is idle. docs/benchmarks.md, "NIXL's progress delay"."""
+    if not isinstance(bindings.nixlAgent, _AgentWithDelay):
+        bindings.nixlAgent = _AgentWithDelay(bindings.nixlAgent, delay_us)
+
+
+class _AgentWithDelay:
+    """Stands in for NIXL's agent constructor, setting the delay in each agent's config."""
+
+    def __init__(self, make_agent, delay_us: int):
+        self.make_agent = make_agent
+        self.delay_us = delay_us
+
+    def __call__(self, name, config):
+        config.pthrDelay = self.delay_us
+        return self.make_agent(name, config)
+
+
+# -- the gc freezes ----------------------------------------------------------------------------
+
+def freeze_startup_heap() -> None:
+    """Takes everything built so far out of the garbage collector's reach, as vLLM's own server
+    does once it is up. For a worker whose engine has started: what start-up built (torch, vLLM,
+    Celery) lives as long as the process, and a full collection of it is a pause for every stream
+    on the worker; frozen, the collector walks only what serving allocates.
+    docs/benchmarks.md, "The gc freeze"."""
+    gc.collect()
+    gc.freeze()
+
+
+@dataclass(frozen=True)
+class PreforkFreeze:
+    """Python's recipe for forking without exec (the gc module's docs), for gunicorn's master
+    and its workers: no collections in the master, whose heap the workers share copy-on-write;
+    its whole heap frozen before each fork; collections on again in each worker. A collection
+    writes to the header of every object it walks, so without this a worker's first full
+    collection copies the preloaded heap, inside the first requests after a start.
+    docs/benchmarks.md, "The gc freeze". Disabled, every step does nothing."""
+
+    enabled: bool = True
+
+    def in_master(self) -> None:
+        if self.enabled:
+            gc.disable()
+
+    def before_fork(self) -> None:
+        if self.enabled:
+            gc.freeze()
+
+    def after_fork(self) -> None:
+        if self.enabled:
+            gc.enable()

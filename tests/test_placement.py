@@ -1,0 +1,175 @@
+"""placement.py: the OpenMP bind mode, the scheduler's placement, NIXL's progress delay and the gc
+freezes. Each probe that changes process-wide state (affinity, the collector) runs in a fresh
+interpreter, since the test runner's own state is not the test's to change."""
+
+import os
+import subprocess
+import sys
+
+import psutil
+import pytest
+
+import placement
+from conftest import ROOT, wait_for
+from placement import (
+    NOBIND,
+    OMP_BIND_ENV,
+    PROGRESS_DELAY_ENV,
+    RUNNER_PROCESS_TITLE,
+    SCHEDULER_PROCESS_TITLE,
+    engine_bind_env,
+    engine_cores,
+    nixl_agent_env,
+    patch_progress_delay,
+    place_scheduler,
+    progress_delay_us,
+)
+
+
+def probe(code: str, env: dict | None = None) -> list[str]:
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.split()
+
+
+def test_imports_nothing_heavy_and_nothing_of_the_workers():
+    # The frontend and the launcher import it, and both must start fast; the frontend must not
+    # import workers/ or router/.
+    heavy = ("vllm", "torch", "nixl", "nixl_cu12", "psutil", "workers", "router", "kvtransfer", "tasks", "app")
+    out = probe(f"import sys, placement; print(sorted(m for m in {heavy!r} if m in sys.modules))")
+    assert out == ["[]"]
+
+
+# -- the OpenMP bind mode ----------------------------------------------------------------------
+
+def test_several_engines_get_a_core_each_round_robin(monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    envs = engine_cores(3, "auto")
+    assert [e[OMP_BIND_ENV] for e in envs] == ["0", "1", "0"]
+
+
+def test_engines_that_move_kv_are_left_unpinned_by_the_launcher():
+    # They run unbound (engine_bind_env); the launcher must not pin them first.
+    assert engine_cores(2, "auto", moves_kv=True) == [{}, {}]
+
+
+def test_one_engine_or_an_explicit_binding_is_left_to_vllm_and_the_config():
+    assert engine_cores(1, "auto") == [{}]
+    assert engine_cores(2, "0-1") == [{}, {}]
+
+
+@pytest.mark.parametrize("bind,moves_kv,env", [
+    ("auto", False, {}),                        # the launcher's core, or vLLM's own choice
+    ("auto", True, {OMP_BIND_ENV: NOBIND}),     # an engine that moves KV runs unbound
+    ("0-1", True, {OMP_BIND_ENV: "0-1"}),       # the config wins
+    ("nobind", False, {OMP_BIND_ENV: NOBIND}),
+])
+def test_a_worker_binds_its_engine_as_configured_or_unbound_when_it_moves_kv(bind, moves_kv, env):
+    assert engine_bind_env(bind, moves_kv) == env
+
+
+def test_builders_leave_the_environment_alone(monkeypatch):
+    monkeypatch.delenv(OMP_BIND_ENV, raising=False)
+    monkeypatch.delenv(PROGRESS_DELAY_ENV, raising=False)
+    before = dict(os.environ)
+    engine_cores(3, "auto")
+    engine_bind_env("auto", moves_kv=True)
+    nixl_agent_env(250)
+    assert dict(os.environ) == before
+
+
+UNPIN_PROBE = """
+import os, threading, placement
+allowed = os.sched_getaffinity(0)
+with placement.unpinned_when_nobind():
+    os.sched_setaffinity(0, {min(allowed)})  # as vLLM's NIXL worker pins the runner's thread
+    seen = []
+    started = threading.Thread(target=lambda: seen.append(os.sched_getaffinity(0)))
+    started.start(); started.join()  # a thread started meanwhile inherits the pin
+print(os.sched_getaffinity(0) == allowed, seen == [{min(allowed)}])
+"""
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores to pin to one of them")
+@pytest.mark.parametrize("bind,unpinned", [(NOBIND, "True"), ("0", "False")])
+def test_building_nixls_worker_half_leaves_an_unbound_engine_unbound(bind, unpinned):
+    assert probe(UNPIN_PROBE, env=dict(os.environ, **{OMP_BIND_ENV: bind})) == [unpinned, "True"]
+
+
+# -- the scheduler's placement -----------------------------------------------------------------
+
+def test_pins_the_scheduler_to_its_runners_core_and_renices_it_only_when_unpinned():
+    # A stand-in for an engine: the scheduler, and under it the runner it spawned, bound to one
+    # core as vLLM binds it. argv[0] is what vLLM's setproctitle shows.
+    core = min(os.sched_getaffinity(0))
+    runner_cmd = f"taskset -c {core} bash -c 'exec -a {RUNNER_PROCESS_TITLE} sleep 60'"
+    scheduler_cmd = f'(exec -a {SCHEDULER_PROCESS_TITLE} bash -c "{runner_cmd} & wait") & wait'
+    parent = subprocess.Popen(["bash", "-c", scheduler_cmd])
+    try:
+        def engine():
+            tree = psutil.Process(parent.pid).children(recursive=True)
+            by_title = {p.cmdline()[0]: p for p in tree if p.cmdline()}
+            return {SCHEDULER_PROCESS_TITLE, RUNNER_PROCESS_TITLE} <= set(by_title) and by_title
+        procs = wait_for(engine, 10, "the stand-in engine to exec")
+        scheduler, runner = procs[SCHEDULER_PROCESS_TITLE], procs[RUNNER_PROCESS_TITLE]
+        assert runner.cpu_affinity() == [core]
+        ours = os.getpriority(os.PRIO_PROCESS, 0)
+        assert place_scheduler(7, True, parent_pid=parent.pid) == [scheduler.pid]
+        assert scheduler.cpu_affinity() == [core]
+        assert os.getpriority(os.PRIO_PROCESS, scheduler.pid) == ours  # pinned: it takes turns, unniced
+        assert place_scheduler(7, False, parent_pid=parent.pid) == [scheduler.pid]
+        assert os.getpriority(os.PRIO_PROCESS, scheduler.pid) == 7  # free: niced behind our processes
+        assert runner.nice() == ours
+    finally:
+        for child in psutil.Process(parent.pid).children(recursive=True):
+            child.kill()
+        parent.wait(timeout=10)
+
+
+# -- NIXL's agents -----------------------------------------------------------------------------
+
+class FakeAgentConfig:
+    pthrDelay = 0
+
+
+class FakeBindings:
+    """Stands in for NIXL's compiled bindings: records the config each agent was made with."""
+
+    def __init__(self):
+        self.made = []
+
+    def nixlAgent(self, name, config):  # noqa: N802  the bindings' own spelling
+        self.made.append((name, config.pthrDelay))
+        return name
+
+
+def test_progress_delay_reaches_every_agent_and_patches_once():
+    bindings = FakeBindings()
+    patch_progress_delay(bindings, 1000)
+    patch_progress_delay(bindings, 5)  # a second import of the module must not stack wrappers
+    assert bindings.nixlAgent("a", FakeAgentConfig()) == "a"
+    assert bindings.made == [("a", 1000)]
+
+
+def test_the_engines_processes_read_the_delay_the_worker_chose():
+    assert progress_delay_us(nixl_agent_env(250)) == 250
+    assert progress_delay_us(nixl_agent_env(0)) == 0
+    assert progress_delay_us({}) == placement.DEFAULT_PROGRESS_DELAY_US == 1000
+
+
+# -- the gc freezes ----------------------------------------------------------------------------
+
+def test_the_start_up_heap_leaves_the_collectors_reach():
+    out = probe("import gc, placement; held = [[] for _ in range(1000)]; placement.freeze_startup_heap(); "
+                "seen = {id(o) for o in gc.get_objects()}; "
+                "print(gc.get_freeze_count() >= 1000, gc.isenabled(), any(id(x) in seen for x in held))")
+    # Frozen: the collector no longer sees the objects, and it still runs for new ones.
+    assert out == ["True", "True", "False"]
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_prefork_freeze_stops_collections_in_the_master_and_freezes_before_each_fork(enabled):
+    out = probe(f"import gc, placement; f = placement.PreforkFreeze({enabled}); f.in_master(); a = gc.isenabled(); "
+                "f.before_fork(); b = gc.get_freeze_count() > 0; f.after_fork(); print(a, b, gc.isenabled())")
+    assert out == (["False", "True", "True"] if enabled else ["True", "False", "True"])
