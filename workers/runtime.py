@@ -22,10 +22,11 @@ from tasks import keys
 from kvtransfer import registry as kv_registry
 from kvtransfer.connector import engine_id_for, side_channel, transfer_config
 from kvtransfer.registry import NixlEndpoint
+from kvtransfer.stats import DisaggCounters
 from tasks.messages import (Accepted, Finished, GenerateRequest, PrefillRequest, Routed, prefill_to_task_arg,
                             task_argsrepr)
 from tasks.queues import PREFILL_TASK
-from workers.disagg import DisaggCounters, PrefillServer, RemotePrefill
+from workers.disagg import PrefillServer, RemotePrefill
 from workers.engine import EngineHost
 from workers.heartbeat import Heartbeat
 from workers.metrics import WorkerMetrics, this_host
@@ -208,8 +209,8 @@ class WorkerRuntime:
                         next_cancel_check = loop.time() + CANCEL_CHECK_INTERVAL_S
                         if await aredis.exists(keys.cancel_flag(rid)):
                             return num_tokens, None
-        if kv_params is not None and self.remote_prefill.pushes:
-            self.remote_prefill.settle_push(rid, last.kv_transfer_params if last is not None else None)
+        if kv_params is not None:
+            self.remote_prefill.settle(rid, last.kv_transfer_params if last is not None else None)
         return num_tokens, last
 
     async def _async_redis(self) -> tuple:
