@@ -47,7 +47,7 @@ def _start_runtime(sender=None, instance=None, **_kwargs) -> None:
         if role == "router":
             runtime = RouterRuntime(settings, instance.hostname, queue_names)
         else:
-            runtime = WorkerRuntime(settings, instance.hostname, role, queue_names)
+            runtime = WorkerRuntime.for_role(role)(settings, instance.hostname, queue_names)
         runtime.start()
     except Exception:
         # A worker without its engine must not start consuming.
