@@ -81,10 +81,11 @@ class DecodeRuntime(WorkerRuntime):
         num_tokens, last = 0, None
         loop = asyncio.get_running_loop()
         next_cancel_check = loop.time() + CANCEL_CHECK_INTERVAL_S
+        remote = self.remote_prefill
         async with asyncio.timeout(req.deadline_unix - time.time()):
             kv_params = None
-            if self.remote_prefill is not None:
-                kv_params = await self.remote_prefill.kv_transfer_params(aredis, req)
+            if remote is not None:
+                kv_params = await remote.kv_transfer_params(aredis, req)
             generation = self.engine.generate(rid, req.prompt_token_ids, req.sampling, kv_transfer_params=kv_params)
             async with contextlib.aclosing(generation) as outputs:
                 async for output in outputs:
@@ -98,8 +99,8 @@ class DecodeRuntime(WorkerRuntime):
                         next_cancel_check = loop.time() + CANCEL_CHECK_INTERVAL_S
                         if await aredis.exists(keys.cancel_flag(rid)):
                             return num_tokens, None
-        if kv_params is not None:
-            self.remote_prefill.settle(rid, last.kv_transfer_params if last is not None else None)
+        if remote is not None and kv_params is not None:
+            remote.settle(rid, last.kv_transfer_params if last is not None else None)
         return num_tokens, last
 
     async def _async_redis(self) -> tuple:
