@@ -119,15 +119,3 @@ def transfer_config(role: str, engine_id: str, connector: str,
     return TransferSetup(config, placement.nixl_agent_env(progress_delay_us))
 
 
-def prefill_leg_params() -> dict:
-    """kv_transfer_params for the prefill engine's request: compute, keep the KV for a decoder."""
-    return {"do_remote_decode": True}
-
-
-def decode_leg_params(from_prefill: dict | None) -> dict:
-    if not isinstance(from_prefill, dict):
-        raise BadTransferParams("the prefill worker returned no kv_transfer_params")
-    missing = [k for k in REQUIRED_PULL_PARAMS if k not in from_prefill]
-    if missing:
-        raise BadTransferParams(f"kv_transfer_params lack {missing}")
-    return dict(from_prefill)

@@ -11,7 +11,7 @@ keeps its blocks (scripts/push_probe.py). kvtransfer/nixl_agents.py closes that 
 - A registration carries the wall-clock time after which P must not start its WRITE, so a slow
   (not dead) P never writes into blocks D has already given back and handed to another request.
 - A D request's final kv_transfer_params say whether the KV arrived or the engine recomputed it,
-  so the decode worker can count the outcome (workers/disagg.py).
+  so the decode worker can count the outcome (kvtransfer/transfer.py).
 
 Only the engine processes import vllm; this module does not, so it is tested without one.
 """
@@ -28,9 +28,6 @@ EXPIRED_ATTR = "llmq_expired_push_recvs"
 OUTCOME_KEY = "llmq_push"
 RECEIVED = "received"
 RECOMPUTED = "recomputed"
-
-# Our engines run without tensor parallelism (EngineConfig has no such setting).
-TP_SIZE = 1
 
 
 def expired(deadlines: dict[str, float], now: float) -> list[str]:
@@ -64,10 +61,3 @@ def outcome_of(final_kv_transfer_params: dict | None) -> str | None:
     value = final_kv_transfer_params.get(OUTCOME_KEY)
     return value if value in (RECEIVED, RECOMPUTED) else None
 
-
-def decode_leg_params(request_id: str, engine_id: str, host: str, port: int) -> dict:
-    """kv_transfer_params for D's request once P has claimed the prefill: allocate, register
-    with P at its side channel, and wait for P's WRITE. ``remote_request_id`` also makes D
-    heartbeat P, which keeps P's hold on the prefilled blocks alive while D waits."""
-    return {"do_remote_prefill": True, "remote_engine_id": engine_id, "remote_host": host,
-            "remote_port": port, "tp_size": TP_SIZE, "remote_request_id": request_id}

@@ -1,4 +1,5 @@
-"""KV transfer statistics, summed from vLLM's connector stats as the engine reports them."""
+"""KV transfer statistics, summed from vLLM's connector stats as the engine reports them, and the
+worker's counts of how its remote prefills went."""
 
 from __future__ import annotations
 
@@ -32,3 +33,14 @@ def _stat_dicts(node) -> list[dict]:
     if "bytes_transferred" in node or "transfer_duration" in node:
         return [node]
     return [d for value in node.values() for d in _stat_dicts(value)]
+
+
+@dataclass
+class DisaggCounters:
+    """A worker's remote-prefill outcomes, reported in its heartbeat and metrics."""
+
+    num_remote_prefills: int = 0
+    num_local_fallbacks: int = 0
+    num_prefills_served: int = 0
+    num_prefills_dropped: int = 0
+    num_prefill_done_notices: int = 0

@@ -7,9 +7,10 @@ import os
 import pytest
 
 from config import DisaggConfig
-from kvtransfer.connector import BadTransferParams, decode_leg_params, engine_id_for, side_channel, transfer_config
+from kvtransfer.connector import BadTransferParams, engine_id_for, side_channel, transfer_config
 from kvtransfer.policy import Thresholds, ThresholdSource, should_prefill_remotely
 from kvtransfer.stats import TransferStats
+from kvtransfer.transfer import PullTransfer
 from placement import PROGRESS_DELAY_ENV
 
 T = Thresholds(max_local_prefill_length=512, max_prefill_queue_size=2)
@@ -63,11 +64,11 @@ def test_transfer_stats_fold_nested_reports():
 def test_decode_params_are_checked_before_the_engine_sees_them():
     good = {"remote_engine_id": "p", "remote_host": "h", "remote_port": 1, "remote_block_ids": [[1]],
             "remote_request_id": "r", "do_remote_prefill": True}
-    assert decode_leg_params(good) == good
+    assert PullTransfer.decode_params_from_done(good) == good
     with pytest.raises(BadTransferParams, match="remote_request_id"):
-        decode_leg_params({k: v for k, v in good.items() if k != "remote_request_id"})
+        PullTransfer.decode_params_from_done({k: v for k, v in good.items() if k != "remote_request_id"})
     with pytest.raises(BadTransferParams):
-        decode_leg_params(None)
+        PullTransfer.decode_params_from_done(None)
 
 
 def test_engine_ids_are_safe_and_differ_per_incarnation():

@@ -1,6 +1,6 @@
 """The push connector's pure parts (kvtransfer/push.py), and the claim that decides between a
-prefill worker taking a prefill and its decode worker giving up on it (workers/disagg.py), on a
-real Redis: no broker, no engine."""
+prefill worker taking a prefill and its decode worker giving up on it (kvtransfer/transfer.py,
+workers/disagg.py), on a real Redis: no broker, no engine."""
 
 from __future__ import annotations
 
@@ -17,13 +17,18 @@ from config import load_settings
 from kvtransfer import push
 from kvtransfer.connector import BadTransferParams, transfer_config
 from kvtransfer.registry import NixlEndpoint, register
+from kvtransfer.stats import DisaggCounters
+from kvtransfer.transfer import PushTransfer
 from placement import PROGRESS_DELAY_ENV
 from tasks import keys
 from tasks.messages import PrefillClaimed, PrefillRequest, decode_prefill_claimed, encode_prefill_claimed
-from workers.disagg import DisaggCounters, PrefillServer, RemotePrefill
+from workers.disagg import PrefillServer, RemotePrefill
 
 SETTINGS = load_settings("configs/disagg.yaml", ["disagg.connector=push"], environ={})
 P_ENDPOINT = NixlEndpoint("prefill0-7", "prefill0@h", "prefill", "10.0.0.2", 21000, "push")
+# The decode engine's kv_transfer_params for request r1 once P_ENDPOINT's worker has claimed it.
+PUSHED_TO_P_ENDPOINT = {"do_remote_prefill": True, "remote_engine_id": "prefill0-7", "remote_host": "10.0.0.2",
+                        "remote_port": 21000, "tp_size": 1, "remote_request_id": "r1"}
 
 
 def test_expired_scans_every_deadline_not_just_a_prefix():
@@ -126,8 +131,7 @@ def await_claim(redis_url: str, rid: str, wait_s: float, publish: bytes | None =
         try:
             if publish is not None:
                 await aredis.publish(keys.prefill_claimed_channel(rid), publish)
-            remote = RemotePrefill(SETTINGS, "decode0@h", send_prefill=lambda preq: None, counters=DisaggCounters())
-            return await remote._await_claim(aredis, pubsub, rid, wait_s=wait_s)
+            return await PushTransfer(SETTINGS.disagg, DisaggCounters()).wait(aredis, pubsub, rid, wait_s=wait_s)
         finally:
             await pubsub.aclose()
             await aredis.aclose()
@@ -144,6 +148,11 @@ def listen(client: redis.Redis, rid: str):
     return pubsub
 
 
+def claim(client: redis.Redis, preq: PrefillRequest) -> bool:
+    """The prefill side's claim, as PrefillServer.serve makes it."""
+    return PushTransfer(SETTINGS.disagg, DisaggCounters()).claim(client, preq, "prefill0@h", P_ENDPOINT)
+
+
 def prefill_request(rid="r1", deadline_in_s=30.0) -> PrefillRequest:
     import time
 
@@ -152,11 +161,11 @@ def prefill_request(rid="r1", deadline_in_s=30.0) -> PrefillRequest:
 
 def test_a_claim_that_beat_the_give_up_is_still_taken(client, redis_url):
     register(client, P_ENDPOINT, lease_s=30)
-    assert prefill_server(client, DisaggCounters())._claim(prefill_request())
+    assert claim(client, prefill_request())
     # The claim's message went out before the decode side listened; the key still says who took it.
     params, worker = await_claim(redis_url, "r1", wait_s=0.05)
     assert worker == "prefill0@h"
-    assert params == push.decode_leg_params("r1", P_ENDPOINT.engine_id, P_ENDPOINT.host, P_ENDPOINT.port)
+    assert params == PUSHED_TO_P_ENDPOINT
     assert params["do_remote_prefill"] and params["remote_request_id"] == "r1"
 
 
@@ -182,7 +191,7 @@ def test_a_prefill_for_a_gone_decode_worker_is_dropped_without_a_claim(client):
 def test_the_published_claim_names_the_engine_to_register_with(client, redis_url):
     register(client, P_ENDPOINT, lease_s=30)
     claims = listen(client, "r1")
-    assert prefill_server(client, DisaggCounters())._claim(prefill_request())
+    assert claim(client, prefill_request())
     message = claims.get_message(timeout=5)
     assert message is not None and message["channel"] == keys.prefill_claimed_channel("r1").encode()
     client.delete(keys.prefill_claim("r1"))  # so the decode side takes the message, not the key
@@ -202,9 +211,9 @@ def test_a_claim_from_an_engine_no_longer_registered_is_refused(redis_url, clien
 
 def test_push_outcomes_are_counted_when_the_request_ends():
     remote = RemotePrefill(SETTINGS, "decode0@h", send_prefill=lambda preq: None, counters=DisaggCounters())
-    remote.settle_push("a", {push.OUTCOME_KEY: push.RECEIVED})
-    remote.settle_push("b", {push.OUTCOME_KEY: push.RECOMPUTED})
-    remote.settle_push("c", None)  # ended before its KV arrived: neither
+    remote.settle("a", {push.OUTCOME_KEY: push.RECEIVED})
+    remote.settle("b", {push.OUTCOME_KEY: push.RECOMPUTED})
+    remote.settle("c", None)  # ended before its KV arrived: neither
     assert (remote._counters.num_remote_prefills, remote._counters.num_local_fallbacks) == (1, 1)
 
 
@@ -233,14 +242,14 @@ def test_a_push_hears_the_prefill_done_over_pub_sub_after_the_claim(client, redi
                                   SamplingSpec(max_tokens=1), deadline_unix=time.time() + 30)
             params = await remote.kv_transfer_params(aredis, req)
             async with asyncio.timeout(10):
-                while remote._reports:  # the PrefillDone report, which ends when the message comes
-                    await asyncio.gather(*remote._reports)
+                while remote.transfer._reports:  # the PrefillDone report, which ends when the message comes
+                    await asyncio.gather(*remote.transfer._reports)
             return params
         finally:
             await aredis.aclose()
 
     params = asyncio.run(run())
-    assert params == push.decode_leg_params("r1", P_ENDPOINT.engine_id, P_ENDPOINT.host, P_ENDPOINT.port)
+    assert params == PUSHED_TO_P_ENDPOINT
     assert counters.num_prefill_done_notices == 1
     assert counters.num_local_fallbacks == 0
     assert client.pubsub_numsub(keys.prefill_done_channel("r1"))[0][1] == 0, "the subscription must be closed"

@@ -38,7 +38,7 @@ def _start_runtime(sender=None, instance=None, **_kwargs) -> None:
         # Imported here: Flower imports this module too (the app's include) and loads no engine.
         from workers.runtime import WorkerRuntime
 
-        runtime = WorkerRuntime(settings, instance.hostname, role, queue_names)
+        runtime = WorkerRuntime.for_role(role)(settings, instance.hostname, queue_names)
         runtime.start()
     except Exception:
         # A worker without its engine must not start consuming.

@@ -1,33 +1,28 @@
 """What one worker process is: its role, its engine, its heartbeat, and how it serves a request.
 
 Plain classes, created by workers/lifecycle.py on Celery's worker signals, and usable without a
-broker: a test can build a WorkerRuntime and call ``serve`` directly.
+broker: a test can build a DecodeRuntime and call ``serve`` directly. One class per role:
+``WorkerRuntime`` holds what every engine worker has, ``DecodeRuntime`` (workers/decode.py) and
+``PrefillRuntime`` (workers/prefill.py) what only their role has.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import os
-import signal
-import time
 
 import redis
 
 from config import Settings
-from tasks import keys
 from kvtransfer import registry as kv_registry
 from kvtransfer.connector import engine_id_for, side_channel, transfer_config
 from kvtransfer.registry import NixlEndpoint
-from tasks.messages import Accepted, Finished, GenerateRequest, PrefillRequest, prefill_to_task_arg, task_argsrepr
-from tasks.queues import PREFILL_TASK
-from workers.disagg import DisaggCounters, PrefillServer, RemotePrefill
+from kvtransfer.stats import DisaggCounters
 from workers.engine import EngineHost
 from workers.heartbeat import Heartbeat
-from workers.metrics import WorkerMetrics, this_host
 from workers.kv_events import KvEventForwarder, kv_events_config, kv_events_endpoint
-from workers.outputs import BatchedStreamWriter, OutputWriter, deltas_from, reject_malformed
+from workers.metrics import WorkerMetrics, this_host
+from workers.outputs import reject_malformed
 
 logger = logging.getLogger(__name__)
 
@@ -36,14 +31,24 @@ COUNTER_FIGURES = {"prefix_cache_queries", "prefix_cache_hits", "num_batched_ste
                    "num_local_fallbacks", "num_prefills_served", "num_prefills_dropped", "num_prefill_done_notices",
                    "kv_transfer_bytes", "kv_transfer_seconds"}
 
-# How often a running request looks for the frontend's cancel flag (client went away).
-CANCEL_CHECK_INTERVAL_S = 0.5
-
 class WorkerRuntime:
-    def __init__(self, settings: Settings, worker_id: str, role: str, queues: list[str]):
+    """What every engine worker has: its engine, heartbeat and metrics; the KV-event forwarder
+    when the router routes on KV; its NIXL side channel, registered while it lives, when
+    prefill is disaggregated. A subclass per role adds how that role serves its tasks."""
+
+    role: str
+
+    @staticmethod
+    def for_role(role: str) -> type[WorkerRuntime]:
+        """The runtime class of an engine role. Imported here: the role modules import this one."""
+        from workers.decode import DecodeRuntime
+        from workers.prefill import PrefillRuntime
+
+        return {"decode": DecodeRuntime, "prefill": PrefillRuntime}[role]
+
+    def __init__(self, settings: Settings, worker_id: str, queues: list[str]):
         self.settings = settings
         self.worker_id = worker_id
-        self.role = role
         self.redis = redis.Redis.from_url(settings.redis_url, health_check_interval=30)
         extra_engine_args = {}
         self.kv_events: KvEventForwarder | None = None
@@ -54,20 +59,12 @@ class WorkerRuntime:
             self.kv_events = KvEventForwarder(self.redis, worker_id, endpoint, settings.router.kv_events_maxlen)
         self.disagg = DisaggCounters()
         self.nixl: NixlEndpoint | None = None
-        self.remote_prefill: RemotePrefill | None = None
         if settings.disagg.enabled:
             extra_engine_args["kv_transfer_config"] = self._claim_nixl_side_channel()
-            if role == "decode":
-                self.remote_prefill = RemotePrefill(settings, worker_id, self._send_prefill, self.disagg)
         self.engine = EngineHost(settings, extra_engine_args)
-        self.prefill_server: PrefillServer | None = None
-        if settings.disagg.enabled and role == "prefill":
-            self.prefill_server = PrefillServer(settings, worker_id, self.engine, self.redis, self.nixl, self.disagg)
-        self._aredis = None
-        self._writer: BatchedStreamWriter | None = None
-        self.metrics = WorkerMetrics(role, self._metric_figures, counters=COUNTER_FIGURES)
+        self.metrics = WorkerMetrics(self.role, self._metric_figures, counters=COUNTER_FIGURES)
         self.heartbeat = Heartbeat(
-            self.redis, worker_id, role, queues,
+            self.redis, worker_id, self.role, queues,
             interval_s=settings.workers.heartbeat_interval_s,
             lease_s=settings.workers.lease_s,
             load=self._load_figures,
@@ -90,11 +87,6 @@ class WorkerRuntime:
 
     def _register_nixl(self) -> None:
         kv_registry.register(self.redis, self.nixl, self.settings.workers.lease_s)
-
-    def _send_prefill(self, preq: PrefillRequest) -> None:
-        from tasks import app
-
-        app.send_task(PREFILL_TASK, args=[prefill_to_task_arg(preq)], argsrepr=task_argsrepr(preq))
 
     def start(self) -> None:
         self.engine.start()
@@ -134,106 +126,6 @@ class WorkerRuntime:
             kv_transfer_seconds=load.transfers.transfer_seconds,
             **vars(self.disagg),
         )
-
-    # -- serving ---------------------------------------------------------------------------
-
-    def serve(self, req: GenerateRequest) -> None:
-        """Runs on a Celery task thread; the token stream itself runs on the engine's loop."""
-        rid = req.request_id
-        out = OutputWriter(self.redis, rid, self.settings.workers.stream_ttl_s)
-        if time.time() >= req.deadline_unix:
-            logger.warning("[%s] dropped: deadline passed while queued", rid)
-            out.fail(504, "timeout", "the request waited in the queue past its deadline")
-            return
-        out.write([Accepted(worker_id=self.worker_id)])
-        started = time.monotonic()
-        try:
-            num_tokens, last = self.engine.run(self._stream(req)).result()
-        except TimeoutError:
-            self.metrics.requests.labels("timeout").inc()
-            logger.warning("[%s] deadline passed during generation; aborted", rid)
-            out.fail(504, "timeout", "generation did not finish before the request deadline")
-        except Exception as e:  # noqa: BLE001  every failure must reach the client as an event
-            self.metrics.requests.labels("failed").inc()
-            self._fail(req, out, e)
-        else:
-            if last is None:
-                self.metrics.requests.labels("cancelled").inc()
-                logger.info("[%s] client went away; aborted after %d tokens", rid, num_tokens)
-                return
-            out.write([Finished(num_prompt_tokens=len(req.prompt_token_ids),
-                                num_cached_tokens=last.num_cached_tokens or 0)])
-            self.metrics.requests.labels("finished").inc()
-            logger.info("[%s] done: prompt=%d completion=%d cached=%d in %.3fs", rid,
-                        len(req.prompt_token_ids), num_tokens, last.num_cached_tokens or 0,
-                        time.monotonic() - started)
-
-    async def _stream(self, req: GenerateRequest):
-        """Relays engine outputs to the request's stream, on the engine's loop. Returns
-        (tokens, last output), or (tokens, None) if the client cancelled. Raises TimeoutError
-        past the deadline; leaving early in any way aborts the request in the engine."""
-        rid = req.request_id
-        aredis, writer = await self._async_redis()
-        num_tokens, last = 0, None
-        loop = asyncio.get_running_loop()
-        next_cancel_check = loop.time() + CANCEL_CHECK_INTERVAL_S
-        async with asyncio.timeout(req.deadline_unix - time.time()):
-            kv_params = None
-            if self.remote_prefill is not None:
-                kv_params = await self.remote_prefill.kv_transfer_params(aredis, req)
-            generation = self.engine.generate(rid, req.prompt_token_ids, req.sampling, kv_transfer_params=kv_params)
-            async with contextlib.aclosing(generation) as outputs:
-                async for output in outputs:
-                    events = deltas_from(output, req.sampling.logprobs)
-                    num_tokens += sum(len(d.token_ids) for d in events)
-                    # While this write is awaited the engine keeps stepping; DELTA outputs that
-                    # arrive meanwhile are merged, so a slow Redis means bigger writes, not lag.
-                    await writer.write(rid, events)
-                    last = output
-                    if loop.time() >= next_cancel_check:
-                        next_cancel_check = loop.time() + CANCEL_CHECK_INTERVAL_S
-                        if await aredis.exists(keys.cancel_flag(rid)):
-                            return num_tokens, None
-        if kv_params is not None and self.remote_prefill.pushes:
-            self.remote_prefill.settle_push(rid, last.kv_transfer_params if last is not None else None)
-        return num_tokens, last
-
-    async def _async_redis(self) -> tuple:
-        # One asyncio client and one stream writer, created on (and bound to) the engine's loop
-        # on first use.
-        if self._aredis is None:
-            import redis.asyncio
-
-            self._aredis = redis.asyncio.Redis.from_url(self.settings.redis_url, health_check_interval=30)
-            self._writer = BatchedStreamWriter(self._aredis)
-        return self._aredis, self._writer
-
-    def serve_prefill(self, preq: PrefillRequest) -> None:
-        """A prefill worker's task: compute the KV for the waiting decode worker."""
-        self.prefill_server.serve(preq)
-
-    def _fail(self, req: GenerateRequest, out: OutputWriter, error: Exception) -> None:
-        from vllm.exceptions import VLLMClientError
-        from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
-
-        rid = req.request_id
-        cause = error.__cause__ if isinstance(error, EngineGenerateError) else error
-        if isinstance(cause, (VLLMClientError, ValueError, TypeError)):
-            logger.info("[%s] rejected by the engine: %s", rid, cause)
-            out.fail(400, "invalid_request_error", str(cause))
-        elif isinstance(error, EngineDeadError):
-            logger.error("[%s] engine died; worker %s shuts down", rid, self.worker_id)
-            out.fail(503, "engine_unavailable", "the worker's engine died; retry the request")
-            self._shutdown_worker()
-        else:
-            logger.exception("[%s] generation failed", rid)
-            out.fail(503, "server_error", f"generation failed: {type(error).__name__}: {error}")
-
-    def _shutdown_worker(self) -> None:
-        # Stop renewing the lease at once so no new work is routed here, then ask Celery for a
-        # warm shutdown (the same as a first Ctrl-C): in-flight tasks end, the process exits.
-        self.heartbeat.stop()
-        os.kill(os.getpid(), signal.SIGTERM)
 
     def reject_malformed(self, payload: object, reason: str) -> None:
         reject_malformed(self.redis, payload, reason, self.settings.workers.stream_ttl_s)

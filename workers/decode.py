@@ -1,0 +1,137 @@
+"""A decode worker: generates each request's tokens into its stream, prefilling the prompt
+itself or, with disaggregation on and a long enough prompt, taking a remote prefill."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+
+from config import Settings
+from tasks import keys
+from tasks.messages import Accepted, Finished, GenerateRequest, PrefillRequest, prefill_to_task_arg, task_argsrepr
+from tasks.queues import PREFILL_TASK
+from workers.disagg import RemotePrefill
+from workers.outputs import BatchedStreamWriter, OutputWriter, deltas_from
+from workers.runtime import WorkerRuntime
+
+logger = logging.getLogger(__name__)
+
+# How often a running request looks for the frontend's cancel flag (client went away).
+CANCEL_CHECK_INTERVAL_S = 0.5
+
+
+class DecodeRuntime(WorkerRuntime):
+    role = "decode"
+
+    def __init__(self, settings: Settings, worker_id: str, queues: list[str]):
+        super().__init__(settings, worker_id, queues)
+        # Whether, and from whom, a request's prompt KV comes: only with disaggregation.
+        self.remote_prefill: RemotePrefill | None = None
+        if settings.disagg.enabled:
+            self.remote_prefill = RemotePrefill(settings, worker_id, self._send_prefill, self.disagg)
+        self._aredis = None
+        self._writer: BatchedStreamWriter | None = None
+
+    def _send_prefill(self, preq: PrefillRequest) -> None:
+        from tasks import app
+
+        app.send_task(PREFILL_TASK, args=[prefill_to_task_arg(preq)], argsrepr=task_argsrepr(preq))
+
+    def serve(self, req: GenerateRequest) -> None:
+        """Runs on a Celery task thread; the token stream itself runs on the engine's loop."""
+        rid = req.request_id
+        out = OutputWriter(self.redis, rid, self.settings.workers.stream_ttl_s)
+        if time.time() >= req.deadline_unix:
+            logger.warning("[%s] dropped: deadline passed while queued", rid)
+            out.fail(504, "timeout", "the request waited in the queue past its deadline")
+            return
+        out.write([Accepted(worker_id=self.worker_id)])
+        started = time.monotonic()
+        try:
+            num_tokens, last = self.engine.run(self._stream(req)).result()
+        except TimeoutError:
+            self.metrics.requests.labels("timeout").inc()
+            logger.warning("[%s] deadline passed during generation; aborted", rid)
+            out.fail(504, "timeout", "generation did not finish before the request deadline")
+        except Exception as e:  # noqa: BLE001  every failure must reach the client as an event
+            self.metrics.requests.labels("failed").inc()
+            self._fail(req, out, e)
+        else:
+            if last is None:
+                self.metrics.requests.labels("cancelled").inc()
+                logger.info("[%s] client went away; aborted after %d tokens", rid, num_tokens)
+                return
+            out.write([Finished(num_prompt_tokens=len(req.prompt_token_ids),
+                                num_cached_tokens=last.num_cached_tokens or 0)])
+            self.metrics.requests.labels("finished").inc()
+            logger.info("[%s] done: prompt=%d completion=%d cached=%d in %.3fs", rid,
+                        len(req.prompt_token_ids), num_tokens, last.num_cached_tokens or 0,
+                        time.monotonic() - started)
+
+    async def _stream(self, req: GenerateRequest):
+        """Relays engine outputs to the request's stream, on the engine's loop. Returns
+        (tokens, last output), or (tokens, None) if the client cancelled. Raises TimeoutError
+        past the deadline; leaving early in any way aborts the request in the engine."""
+        rid = req.request_id
+        aredis, writer = await self._async_redis()
+        num_tokens, last = 0, None
+        loop = asyncio.get_running_loop()
+        next_cancel_check = loop.time() + CANCEL_CHECK_INTERVAL_S
+        remote = self.remote_prefill
+        async with asyncio.timeout(req.deadline_unix - time.time()):
+            kv_params = None
+            if remote is not None:
+                kv_params = await remote.kv_transfer_params(aredis, req)
+            generation = self.engine.generate(rid, req.prompt_token_ids, req.sampling, kv_transfer_params=kv_params)
+            async with contextlib.aclosing(generation) as outputs:
+                async for output in outputs:
+                    events = deltas_from(output, req.sampling.logprobs)
+                    num_tokens += sum(len(d.token_ids) for d in events)
+                    # While this write is awaited the engine keeps stepping; DELTA outputs that
+                    # arrive meanwhile are merged, so a slow Redis means bigger writes, not lag.
+                    await writer.write(rid, events)
+                    last = output
+                    if loop.time() >= next_cancel_check:
+                        next_cancel_check = loop.time() + CANCEL_CHECK_INTERVAL_S
+                        if await aredis.exists(keys.cancel_flag(rid)):
+                            return num_tokens, None
+        if remote is not None and kv_params is not None:
+            remote.settle(rid, last.kv_transfer_params if last is not None else None)
+        return num_tokens, last
+
+    async def _async_redis(self) -> tuple:
+        # One asyncio client and one stream writer, created on (and bound to) the engine's loop
+        # on first use.
+        if self._aredis is None:
+            import redis.asyncio
+
+            self._aredis = redis.asyncio.Redis.from_url(self.settings.redis_url, health_check_interval=30)
+            self._writer = BatchedStreamWriter(self._aredis)
+        return self._aredis, self._writer
+
+    def _fail(self, req: GenerateRequest, out: OutputWriter, error: Exception) -> None:
+        from vllm.exceptions import VLLMClientError
+        from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
+
+        rid = req.request_id
+        cause = error.__cause__ if isinstance(error, EngineGenerateError) else error
+        if isinstance(cause, (VLLMClientError, ValueError, TypeError)):
+            logger.info("[%s] rejected by the engine: %s", rid, cause)
+            out.fail(400, "invalid_request_error", str(cause))
+        elif isinstance(error, EngineDeadError):
+            logger.error("[%s] engine died; worker %s shuts down", rid, self.worker_id)
+            out.fail(503, "engine_unavailable", "the worker's engine died; retry the request")
+            self._shutdown_worker()
+        else:
+            logger.exception("[%s] generation failed", rid)
+            out.fail(503, "server_error", f"generation failed: {type(error).__name__}: {error}")
+
+    def _shutdown_worker(self) -> None:
+        # Stop renewing the lease at once so no new work is routed here, then ask Celery for a
+        # warm shutdown (the same as a first Ctrl-C): in-flight tasks end, the process exits.
+        self.heartbeat.stop()
+        os.kill(os.getpid(), signal.SIGTERM)
