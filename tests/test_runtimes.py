@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from conftest import make_settings
-from kvtransfer.connector import PROGRESS_DELAY_ENV
 from kvtransfer.transfer import PullTransfer, PushTransfer
+from placement import PROGRESS_DELAY_ENV
 from workers.decode import DecodeRuntime
 from workers.prefill import PrefillRuntime
 from workers.runtime import WorkerRuntime
