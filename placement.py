@@ -91,6 +91,24 @@ def unpinned_when_nobind(log: logging.Logger = logger) -> Iterator[None]:
                  len(moved), sorted(allowed))
 
 
+def no_amx_when_unbound(log: logging.Logger = logger) -> bool:
+    """Keeps vLLM's CPU attention off its AMX kernels in an engine that runs unbound. Returns
+    whether it did.
+
+    An unbound model runner's threads move between cores, and on some virtual machines that
+    advertise AMX a tile instruction then raises SIGILL inside vLLM's attention kernel: the engine
+    dies. The AVX-512 kernels have no such state; vLLM picks them when AMX is not reported."""
+    if os.environ.get(OMP_BIND_ENV) != NOBIND:
+        return False
+    import torch
+
+    if not torch.cpu._is_amx_tile_supported():
+        return False
+    torch.cpu._is_amx_tile_supported = lambda: False
+    log.info("unbound engine: vLLM's CPU attention uses its AVX-512 kernels, not AMX")
+    return True
+
+
 # -- the scheduler's placement -----------------------------------------------------------------
 
 # vLLM names its processes so (setproctitle): the scheduler, and the model runner it spawns.

@@ -35,6 +35,8 @@ from kvtransfer import push
 # Under vLLM's logger: the engine processes configure its handler, and nothing else.
 logger = logging.getLogger(f"vllm.{__name__}")
 
+placement.no_amx_when_unbound(logger)
+
 if base_worker.NixlWrapper is not None:
     placement.patch_progress_delay(sys.modules[base_worker.NixlWrapper.__module__].nixlBind,
                                    placement.progress_delay_us())

@@ -20,6 +20,7 @@ from placement import (
     engine_bind_env,
     engine_cores,
     nixl_agent_env,
+    no_amx_when_unbound,
     patch_progress_delay,
     place_scheduler,
     progress_delay_us,
@@ -173,3 +174,15 @@ def test_prefork_freeze_stops_collections_in_the_master_and_freezes_before_each_
     out = probe(f"import gc, placement; f = placement.PreforkFreeze({enabled}); f.in_master(); a = gc.isenabled(); "
                 "f.before_fork(); b = gc.get_freeze_count() > 0; f.after_fork(); print(a, b, gc.isenabled())")
     assert out == (["False", "True", "True"] if enabled else ["True", "False", "True"])
+
+
+def test_no_amx_when_unbound_only_touches_unbound_engines(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    monkeypatch.setenv(OMP_BIND_ENV, "0")
+    assert not no_amx_when_unbound()
+    assert torch.cpu._is_amx_tile_supported()
+    monkeypatch.setenv(OMP_BIND_ENV, NOBIND)
+    assert no_amx_when_unbound()
+    assert not torch.cpu._is_amx_tile_supported()
