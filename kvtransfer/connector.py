@@ -21,9 +21,10 @@ import placement
 
 if TYPE_CHECKING:
     from vllm.config import KVTransferConfig
+    from vllm.config.kv_transfer import KVRole
 
 CONNECTORS = {"pull": "NixlConnector", "push": "NixlPushConnector"}
-ROLES = {"prefill": "kv_producer", "decode": "kv_consumer"}
+ROLES: dict[str, KVRole] = {"prefill": "kv_producer", "decode": "kv_consumer"}
 
 # Keys vLLM's decode side needs; a dict without them kills the EngineCore, so check first.
 REQUIRED_PULL_PARAMS = ("remote_engine_id", "remote_host", "remote_port", "remote_block_ids", "remote_request_id")

@@ -7,6 +7,8 @@ it pulls. An entry expires with its worker's lease, so nobody transfers to or fr
 
 from __future__ import annotations
 
+from typing import cast
+
 import msgspec
 import redis
 
@@ -35,7 +37,9 @@ def _decode(raw: bytes | None) -> NixlEndpoint | None:
 
 
 def lookup(client: redis.Redis, engine_id: str) -> NixlEndpoint | None:
-    return _decode(client.get(keys.nixl_endpoint(engine_id)))
+    # redis-py types replies as `Awaitable[T] | T` for both of its clients; this one is sync and
+    # returns bytes (no decode_responses), hence the cast.
+    return _decode(cast("bytes | None", client.get(keys.nixl_endpoint(engine_id))))
 
 
 async def alookup(client, engine_id: str) -> NixlEndpoint | None:

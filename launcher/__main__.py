@@ -189,7 +189,12 @@ def with_redis(args: argparse.Namespace) -> int:
     # so the command's own teardown (pytest stopping its deployments) still has Redis. Set
     # before the command starts; exec resets Python handlers, so the command keeps its own.
     signal.signal(signal.SIGINT, lambda *_: None)
-    signal.signal(signal.SIGTERM, lambda signum, _: [p.send_signal(signum) for p in running])
+
+    def forward(signum: int, _frame: object) -> None:
+        for proc in running:
+            proc.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
     try:
         ensure_redis(args.url, supervisor)
         running.append(subprocess.Popen(command))

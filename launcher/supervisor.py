@@ -63,11 +63,12 @@ class Supervisor:
         self.children.append(child)
 
     def _spawn(self, child: Child) -> None:
-        child.proc = subprocess.Popen(
+        proc = subprocess.Popen(
             child.argv, env={**self.env, **child.env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        threading.Thread(target=_relay, args=(child.name, child.proc.stdout), daemon=True).start()
+        child.proc = proc
+        threading.Thread(target=_relay, args=(child.name, proc.stdout), daemon=True).start()
 
     def install_signal_handlers(self) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -98,7 +99,7 @@ class Supervisor:
         return 0
 
     def _revive(self, child: Child) -> bool:
-        code = child.proc.returncode
+        code = child.proc.returncode if child.proc is not None else None
         now = time.monotonic()
         child.restarts = [t for t in child.restarts if now - t < RESTART_WINDOW_S]
         if not child.restart or len(child.restarts) >= MAX_RESTARTS:
@@ -114,35 +115,39 @@ class Supervisor:
     def stop_all(self) -> None:
         self._stopping.set()
         for order in sorted({c.stop_order for c in self.children}):
-            group = [c for c in self.children if c.stop_order == order and c.running]
-            for child in group:
-                logger.info("stopping %s (pid %d)", child.name, child.proc.pid)
+            # A running child has a process (Child.running); the pairs say so to the type checker.
+            group = [(c, c.proc) for c in self.children
+                     if c.stop_order == order and c.running and c.proc is not None]
+            for child, proc in group:
+                logger.info("stopping %s (pid %d)", child.name, proc.pid)
                 # The child alone, not its process group: a Celery worker shuts its engine down
                 # in order, and an engine process signalled directly dies under it instead
                 # (EngineDeadError tracebacks in the log). The group is killed after the grace.
                 with contextlib.suppress(ProcessLookupError):
-                    child.proc.send_signal(signal.SIGTERM)
+                    proc.send_signal(signal.SIGTERM)
             deadline = time.monotonic() + self.grace_s
-            for child in group:
+            for child, proc in group:
                 try:
-                    child.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+                    proc.wait(timeout=max(0.0, deadline - time.monotonic()))
                 except subprocess.TimeoutExpired:
                     logger.warning("%s did not stop within %.0fs; killing it", child.name, self.grace_s)
-            for child in group:
+            for child, _proc in group:
                 self._kill(child)  # also reaps engine processes left in the child's group
         logger.info("all processes stopped")
 
-    def _signal(self, child: Child, sig: int) -> None:
+    @staticmethod
+    def _signal(proc: subprocess.Popen, sig: int) -> None:
         try:
-            os.killpg(child.proc.pid, sig)
+            os.killpg(proc.pid, sig)
         except ProcessLookupError:
             pass
 
     def _kill(self, child: Child) -> None:
-        if child.proc is None:
+        proc = child.proc
+        if proc is None:
             return
-        self._signal(child, signal.SIGKILL)
+        self._signal(proc, signal.SIGKILL)
         try:
-            child.proc.wait(timeout=5)
+            proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
-            logger.error("%s (pid %d) survived SIGKILL", child.name, child.proc.pid)
+            logger.error("%s (pid %d) survived SIGKILL", child.name, proc.pid)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any, cast
 
 import redis
 
@@ -48,7 +49,8 @@ class KvEvents:
         with shared.lock:
             applied = 0
             while True:
-                reply = self.redis.xread({keys.KV_EVENTS: shared.cursor}, count=EVENT_BATCH)
+                # redis-py types replies as `Awaitable[T] | T` for both of its clients; this one is sync.
+                reply = cast("list[Any]", self.redis.xread({keys.KV_EVENTS: shared.cursor}, count=EVENT_BATCH))
                 if not reply:
                     return applied
                 entries = reply[0][1]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass, field
+from typing import cast
 
 import redis
 
@@ -65,7 +66,8 @@ class RouterService:
         if mode == "random":
             return Decision(self._rng.choice(sorted(workers)), mode, 0, prompt_blocks)
         if mode == "round-robin":
-            turn = self.redis.incr(keys.ROUTER_ROUND_ROBIN)
+            # redis-py types replies as `Awaitable[T] | T` for both of its clients; this one is sync.
+            turn = cast(int, self.redis.incr(keys.ROUTER_ROUND_ROBIN))
             return Decision(sorted(workers)[turn % len(workers)], mode, 0, prompt_blocks)
         self.events.catch_up()
         with self.shared.lock:
@@ -93,5 +95,5 @@ class RouterService:
 
 
 def router_hit_rate(client: redis.Redis) -> float:
-    overlap, prompt = client.mget(keys.ROUTER_OVERLAP_BLOCKS, keys.ROUTER_PROMPT_BLOCKS)
+    overlap, prompt = cast("list[bytes | None]", client.mget(keys.ROUTER_OVERLAP_BLOCKS, keys.ROUTER_PROMPT_BLOCKS))
     return int(overlap or 0) / int(prompt) if prompt and int(prompt) else 0.0

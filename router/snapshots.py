@@ -9,6 +9,8 @@ the gap (``XINFO STREAM``'s first entry is past its cursor) and reloads.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from typing import Any, cast
 
 import redis
 
@@ -41,7 +43,9 @@ class IndexSnapshots:
 
     def load(self) -> bool:
         """Starts the index from the newest snapshot, if there is one this router can use."""
-        raw = self.redis.hget(keys.KV_INDEX_SNAPSHOT, "index")
+        # redis-py types replies as `Awaitable[T] | T` for both of its clients; this one is sync and
+        # returns bytes (no decode_responses), hence the cast.
+        raw = cast("bytes | None", self.redis.hget(keys.KV_INDEX_SNAPSHOT, "index"))
         if raw is None:
             return False
         snapshot = decode_kv_index_snapshot(raw)
@@ -83,7 +87,10 @@ class IndexSnapshots:
             pipe.xtrim(keys.KV_EVENTS, minid=f"{max(0, ms - int(self.trim_margin_s * 1000))}-0", approximate=False)
             return True
 
-        saved = self.redis.transaction(publish, keys.KV_INDEX_SNAPSHOT, value_from_callable=True)
+        # With value_from_callable=True, transaction() returns what publish returned; redis-py's
+        # stubs type it as returning None whatever the flag.
+        transaction = cast("Callable[..., bool]", self.redis.transaction)
+        saved = transaction(publish, keys.KV_INDEX_SNAPSHOT, value_from_callable=True)
         if saved:
             logger.info("index snapshot saved: %d blocks as of KV event %s (%d bytes); stream trimmed to %.0fs "
                         "before it", len(nodes), snapshot.cursor, len(raw), self.trim_margin_s)
@@ -93,14 +100,14 @@ class IndexSnapshots:
         """Reloads from the newest snapshot if the stream was trimmed past events this router
         had not read yet (it fell behind another replica's trim). Returns whether it reloaded."""
         try:
-            info = self.redis.xinfo_stream(keys.KV_EVENTS)
+            info = cast("dict[str, Any]", self.redis.xinfo_stream(keys.KV_EVENTS))
         except redis.ResponseError:  # no stream yet: no worker has written an event
             return False
         first = info.get("recorded-first-entry-id") or (info.get("first-entry") or (None,))[0]
         trimmed = info.get("entries-added", 0) > info.get("length", 0)
         if not trimmed or first is None or stream_id(first) <= stream_id(self.shared.cursor):
             return False
-        newest = self.redis.hget(keys.KV_INDEX_SNAPSHOT, "cursor")
+        newest = cast("bytes | None", self.redis.hget(keys.KV_INDEX_SNAPSHOT, "cursor"))
         # The snapshot trim keeps the entries from a margin before the snapshot on, so a
         # snapshot that covers the gap is at or after the first entry left.
         if newest is not None and stream_id(newest) >= stream_id(first) and self.load():

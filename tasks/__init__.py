@@ -9,6 +9,14 @@ Nothing in tasks/ imports a role: the roles' lifecycle modules are the app's ``i
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+    # Declared for the type checker only: no binding exists until __getattr__ below makes one.
+    app: Celery
+
 
 def __getattr__(name: str):
     if name != "app":

@@ -8,8 +8,6 @@ never inferred from a timeout.
 
 from __future__ import annotations
 
-from typing import Union
-
 import msgspec
 
 # Bump when a field changes meaning or a required field is added; peers reject other versions
@@ -135,7 +133,7 @@ class Failed(msgspec.Struct, frozen=True, tag_field="event", tag="failed"):
 
 
 
-OutputEvent = Union[Routed, Accepted, Delta, Finished, Failed]
+OutputEvent = Routed | Accepted | Delta | Finished | Failed
 
 _encoder = msgspec.json.Encoder()
 _event_decoder = msgspec.json.Decoder(OutputEvent)
@@ -191,8 +189,8 @@ class KvEvent(msgspec.Struct, frozen=True, array_like=True):
 
     worker_id: str
     kind: str
-    block_hashes: list[Union[bytes, int]] = []
-    parent_hash: Union[bytes, int, None] = None
+    block_hashes: list[bytes | int] = []
+    parent_hash: bytes | int | None = None
     token_ids: list[int] = []
     block_size: int = 0
 
@@ -208,7 +206,7 @@ class KvIndexSnapshot(msgspec.Struct, frozen=True, array_like=True):
     cursor: str
     block_size: int
     nodes: list[tuple[int, int, bytes, list[str]]]
-    held: dict[str, list[tuple[Union[bytes, int], int]]]
+    held: dict[str, list[tuple[bytes | int, int]]]
 
 
 _kv_encoder = msgspec.msgpack.Encoder()

@@ -6,6 +6,8 @@ that is the whole failure detector, with no separate bookkeeping to go stale.
 
 from __future__ import annotations
 
+from typing import cast
+
 import msgspec
 import redis
 
@@ -62,7 +64,11 @@ def _statuses(raws: list, role: str | None) -> list[WorkerStatus]:
 
 def live_workers(client: redis.Redis, role: str | None = None) -> list[WorkerStatus]:
     lease_keys = list(client.scan_iter(match=keys.WORKER_LEASE_PATTERN, count=500))
-    return _statuses(client.mget(lease_keys), role) if lease_keys else []
+    if not lease_keys:
+        return []
+    # redis-py types replies as `Awaitable[T] | T` for both of its clients; this one is sync and
+    # returns bytes (no decode_responses), hence the cast.
+    return _statuses(cast("list[bytes | None]", client.mget(lease_keys)), role)
 
 
 async def alive_workers(client, role: str | None = None) -> list[WorkerStatus]:

@@ -16,16 +16,21 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FuturesTimeout
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import placement
 from config import Settings
 from kvtransfer.stats import TransferStats
 from tasks.messages import SamplingSpec
+
+if TYPE_CHECKING:
+    from vllm.config.model import ModelDType
+    from vllm.inputs import TokensPrompt
+    from vllm.v1.engine.async_llm import AsyncLLM
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +62,8 @@ def engine_args(settings: Settings, **extra: Any):
         max_num_seqs=e.max_num_seqs,
         max_num_batched_tokens=e.max_num_batched_tokens,
         enforce_eager=e.enforce_eager,
-        dtype=e.dtype,
+        # A str in config.py, so that vLLM, not the config, decides which dtypes it takes.
+        dtype=cast("ModelDType", e.dtype),
         enable_prefix_caching=e.enable_prefix_caching,
         seed=e.seed,
         disable_log_stats=False,
@@ -125,7 +131,7 @@ class EngineHost:
         self._extra = extra_engine_args or {}
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="engine-loop", daemon=True)
-        self._engine = None
+        self._engine: AsyncLLM | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -176,17 +182,23 @@ class EngineHost:
                 await handler
 
     @property
+    def _started(self) -> AsyncLLM:
+        if self._engine is None:
+            raise RuntimeError("the engine is not started")
+        return self._engine
+
+    @property
     def num_kv_blocks(self) -> int:
-        return self._engine.vllm_config.cache_config.num_gpu_blocks or 0
+        return self._started.vllm_config.cache_config.num_gpu_blocks or 0
 
     # -- requests --------------------------------------------------------------------------
 
     def generate(self, request_id: str, prompt_token_ids: list[int], spec: SamplingSpec,
-                 kv_transfer_params: dict | None = None) -> AsyncIterator[Any]:
+                 kv_transfer_params: dict | None = None) -> AsyncGenerator[Any, None]:
         """vLLM RequestOutputs (deltas) for one request. Iterate it on the engine's loop (inside a
         coroutine given to ``run``); closing it early aborts the request in the engine."""
-        prompt = {"prompt_token_ids": prompt_token_ids}
-        return self._engine.generate(prompt, sampling_params(spec, kv_transfer_params), request_id)
+        prompt: TokensPrompt = {"prompt_token_ids": prompt_token_ids}
+        return self._started.generate(prompt, sampling_params(spec, kv_transfer_params), request_id)
 
     def run(self, coro) -> Future:
         """Runs a coroutine on the engine's event loop; the caller's thread waits on the future.

@@ -8,6 +8,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import redis
 
@@ -34,7 +35,7 @@ class Heartbeat:
         self._lease_s = lease_s
         self._load = load
         self._on_beat = on_beat  # renews leases that live and die with this one
-        self._identity = dict(
+        self._identity: dict[str, Any] = dict(
             worker_id=worker_id, role=role, queues=queues, hostname=socket.gethostname(),
             pid=os.getpid(), started_unix=time.time(), metrics_address=metrics_address,
         )

@@ -112,7 +112,7 @@ class KvEventForwarder:
         from vllm.distributed.kv_events import KVEventBatch
 
         self._decoder = msgspec.msgpack.Decoder(KVEventBatch)
-        context = zmq.Context.instance()
+        context: zmq.Context[zmq.Socket] = zmq.Context.instance()
         sub = context.socket(zmq.SUB)
         sub.setsockopt_string(zmq.SUBSCRIBE, TOPIC)
         sub.connect(self._endpoint)

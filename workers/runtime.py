@@ -86,7 +86,8 @@ class WorkerRuntime:
         return transfer.config
 
     def _register_nixl(self) -> None:
-        kv_registry.register(self.redis, self.nixl, self.settings.workers.lease_s)
+        if self.nixl is not None:  # on_beat only when there is one (__init__)
+            kv_registry.register(self.redis, self.nixl, self.settings.workers.lease_s)
 
     def start(self) -> None:
         self.engine.start()
