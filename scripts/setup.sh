@@ -35,5 +35,9 @@ if [ ! -f "$stamp" ]; then
   touch "$stamp"
 fi
 
+# The roles' plain commands (`celery -A tasks worker`, `gunicorn -c app/gunicorn_conf.py`) import the
+# project from this checkout; Celery takes the working directory off sys.path before it builds
+# the app. A .pth file is what an editable install would add, without a build step.
+"$VENV/bin/python" -c 'import site, sys; open(site.getsitepackages()[0] + "/llmq.pth", "w").write(sys.argv[1] + "\n")' "$PWD"
 "$VENV/bin/python" scripts/build_tiny_model.py >/dev/null
 log "ready: $VENV"
