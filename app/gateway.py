@@ -74,9 +74,9 @@ class Gateway:
 
     # -- warm-up ---------------------------------------------------------------------------
     # First uses that cost far more than a request should. Paid inside the first burst of
-    # requests they made its TTFT 1.3-1.8 s against 0.2-0.3 s later (py-spy, 32 requests at once
-    # after a quiet spell): every thread that sent a task before the first one finished repeated
-    # them, while each process's Redis and broker connections were still being opened.
+    # requests, every thread that sent a task before the first one finished would repeat them,
+    # while each process's Redis and broker connections were still being opened
+    # (docs/benchmarks.md, "The gc freeze", covers the rest of the first burst's cost).
 
     def prepare(self) -> None:
         """Fork-safe first uses, done once in gunicorn's master (preload_app): Celery builds its

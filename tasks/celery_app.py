@@ -28,9 +28,8 @@ def make_celery(settings: Settings) -> Celery:
         task_ignore_result=True,
         # The (disabled) result backend holds no state, so one per process is right. Celery's
         # default is one per thread, and building one scans every installed package's entry
-        # points (0.1-1 s with vLLM's dependencies): each frontend thread paid that in its first
-        # request, and a burst after a quiet spell waited 1-2 s to be enqueued. Gateway.prepare
-        # builds the one before gunicorn forks.
+        # points, which is slow with vLLM's dependencies: each frontend thread would pay it in its
+        # first request. Gateway.prepare builds the one before gunicorn forks.
         result_backend_thread_safe=True,
         # A generation task spends its life waiting on the engine's event loop, so many run as
         # threads in one process around one engine (see workers/engine.py). Prefork would give
