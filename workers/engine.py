@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+
 @dataclass
 class EngineLoad:
     """Latest scheduler figures, written by vLLM's stat-logger hook on the engine loop thread."""
