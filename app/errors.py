@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flask import Flask, jsonify
+from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 
@@ -64,6 +64,24 @@ def error_response(err: APIError):
     return jsonify(err.body()), err.status
 
 
+# An oversized body this large or smaller is read and dropped before the 413 goes out, so a client
+# that sends its whole body before it reads the answer gets the 413 rather than a broken pipe.
+# A larger one is refused unread, and its connection closed.
+DRAIN_LIMIT_BYTES = 16 * 1024 * 1024
+
+
+def _drain_refused_body() -> None:
+    remaining = request.content_length
+    if remaining is None or remaining > DRAIN_LIMIT_BYTES:
+        return
+    stream = request.environ["wsgi.input"]
+    while remaining > 0:
+        chunk = stream.read(min(remaining, 1 << 16))
+        if not chunk:
+            return
+        remaining -= len(chunk)
+
+
 def register_error_handlers(app: Flask) -> None:
     app.register_error_handler(APIError, error_response)
 
@@ -72,6 +90,8 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(HTTPException)
     def _http_error(e: HTTPException):
         kind: dict[int | None, str] = {404: "not_found_error", 405: "invalid_request_error", 413: "request_too_large"}
+        if e.code == 413:
+            _drain_refused_body()
         return error_response(APIError(e.description or e.name, status=e.code,
                                        type=kind.get(e.code, "invalid_request_error")))
 
