@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -28,8 +29,22 @@ def both(model_path, tmp_path_factory):
     dep = start_deployment(settings, tmp_path_factory.mktemp("disagg_router"), ready_timeout_s=500)
     wait_for(lambda: {w.role for w in live_status(dep, role=None)} >= {"decode", "prefill", "router"}, 400,
              "router, decode and prefill workers")
+    warm_up_transfers(dep)
     yield dep
     dep.stop()
+
+
+def warm_up_transfers(dep) -> None:
+    """Two long prompts at once, so that each decode worker takes one and makes its first KV
+    transfer before the tests do. On these 2-core machines a deployment's first transfers can
+    freeze every process for tens of seconds (issue 12, "the disaggregated stall", is open),
+    which turns a remote prefill into a local fallback; these tests are about routing and
+    disaggregation composed, so they start after it. Each answer must still be whole."""
+    warm = [[20 + (i * 37 + k) % 1500 for i in range(900)] for k in (1, 2)]
+    with ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda ids: dep.client(timeout=300).completions.create(
+            model=MODEL, prompt=ids, max_tokens=2, extra_body={"ignore_eos": True}), warm))
+    assert all(a.usage.completion_tokens == 2 for a in answers)
 
 
 def remote_prefills(dep) -> dict[str, int]:
