@@ -31,7 +31,7 @@ import psutil
 logger = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parent.parent
-# The Redis databases benchmarks may use: 0 is the default deployment's, 8-15 the test suite's.
+# The Redis databases benchmarks may use: 0 is the default deployment's, 6-15 the test suite's.
 BENCH_REDIS_DBS = range(1, 6)
 LAUNCHER_READY = "ready: http"
 LAUNCHER_STOPPED = "all processes stopped"

@@ -22,8 +22,9 @@ from config import Settings, default_model_cache, load_settings
 ROOT = Path(__file__).resolve().parent.parent
 
 REDIS_BASE = os.environ.get("LLMQ_TEST_REDIS", "redis://127.0.0.1:6379")
-# Databases 8-15 belong to the tests; each deployment fixture takes the next one.
-_next_db = iter(range(8, 16))
+# Databases 6-15 belong to the tests (the benchmarks take 1-5, bench/deploy.py; `make serve` 0);
+# each deployment fixture takes the next one.
+_next_db = iter(range(6, 16))
 
 
 def free_port() -> int:
@@ -59,7 +60,7 @@ def fresh_redis_url() -> str:
 @pytest.fixture(scope="session")
 def scratch_redis_url() -> str:
     """One database for the tests that need a bare Redis and no deployment, whose keys do not
-    overlap: the suite has only 8 databases, and every deployment fixture takes one."""
+    overlap: the suite has only 10 databases, and every deployment fixture takes one."""
     return fresh_redis_url()
 
 
