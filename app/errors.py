@@ -53,6 +53,14 @@ class NoWorkers(APIError):
     type = "service_unavailable"
 
 
+class ClientGone(APIError):
+    """The client hung up before its answer was whole. Nobody reads this status; the access
+    log shows it, as nginx's 499 does."""
+
+    status = 499
+    type = "client_closed_request"
+
+
 class UpstreamTimeout(APIError):
     """The request did not finish within its deadline (504)."""
 

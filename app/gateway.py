@@ -12,14 +12,14 @@ import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import redis
 from celery import Celery
 
 from app import metrics
-from app.errors import APIError, NoWorkers, UpstreamTimeout
+from app.errors import APIError, ClientGone, NoWorkers, UpstreamTimeout
 from app.streams import StreamReader
 from config import Settings
 from tasks import keys, queues
@@ -161,9 +161,12 @@ class Gateway:
                     "+".join(str(len(s.prompt_token_ids)) for s in subs))
         return subs
 
-    def events(self, subs: list[SubRequest]) -> Iterator[tuple[SubRequest, Delta]]:
+    def events(self, subs: list[SubRequest],
+               client_gone: Callable[[], bool] | None = None) -> Iterator[tuple[SubRequest, Delta]]:
         """Yields (sub-request, delta) until every sub-request has finished. Raises APIError on
-        failure or timeout, after cancelling whatever is still running."""
+        failure or timeout, after cancelling whatever is still running. ``client_gone`` is asked
+        once a poll interval, for responses that write nothing until the end: a stream learns
+        that its client left when a write fails (GeneratorExit), a whole answer would not."""
         by_key = {keys.output_stream(s.request_id): s for s in subs}
         unfinished = set(by_key)
         started = next_check = last_delta = time.monotonic()
@@ -172,6 +175,9 @@ class Gateway:
         try:
             while unfinished:
                 if time.monotonic() >= next_check:  # at most once a poll interval, not per token
+                    if client_gone is not None and client_gone():
+                        logger.info("[%s] client closed the connection; cancelling", subs[0].request_id)
+                        raise ClientGone("the client closed the connection")
                     self._check_deadlines(subs, started)
                     next_check = time.monotonic() + POLL_INTERVAL_S
                 try:

@@ -12,6 +12,7 @@ import redis
 from flask import Blueprint, Response, current_app, g, jsonify, request, stream_with_context
 
 from app import metrics
+from app.disconnect import client_gone
 from app.errors import APIError, BadRequest, ModelNotFound, Unauthorized
 from app.gateway import Gateway, SubRequest
 from app.processor import Processor
@@ -167,7 +168,8 @@ def _generate(kind: str, req: ChatCompletionRequest | CompletionRequest, prompts
     fmt = Formatter(kind, g.request_id, req.model, want_logprobs=req.num_logprobs is not None)
     usage = Usage(prompt_tokens=sum(len(p) for p in prompts))
     metrics.PROMPT_TOKENS.inc(usage.prompt_tokens)
-    events = gateway.events(subs)
+    environ = request.environ
+    events = gateway.events(subs, client_gone=None if req.stream else lambda: client_gone(environ))
     deltas = _numbered(events, usage)
     if req.stream:
         return _stream(fmt, deltas, events, subs, usage, req)
