@@ -4,6 +4,7 @@ with their parent, and the router's resync to a new KV event stream."""
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -146,25 +147,26 @@ def test_a_redis_outage_is_a_503_with_retry_after_not_the_catch_all(error, caplo
 
 # -- engine processes die with their worker -----------------------------------------------------
 
-# A parent that installs the hook and forks a child from a thread other than its main one, which
-# lives on (as the worker's engine-loop thread forks EngineCore); the child forks a grandchild from
-# its main thread (as EngineCore forks VLLM::Worker). Then the parent dies without any cleanup.
-_FORKER = textwrap.dedent("""
-    import os, threading, time
-    from workers import orphans
-    assert orphans.install()
+# A parent that installs the hook and starts a child from a thread other than its main one, which
+# lives on (as the worker's engine-loop thread starts EngineCore); the child starts a grandchild
+# from its main thread (as EngineCore starts VLLM::Worker). Then the parent dies without any
+# cleanup. vLLM's CPU platform spawns them; the fork method is covered too.
+_FAMILY = textwrap.dedent("""
+    import multiprocessing, sys, threading, time
 
-    def fork_pair():
-        if os.fork() == 0:
-            if os.fork() == 0:
-                time.sleep(120)
-                os._exit(0)
-            time.sleep(120)
-            os._exit(0)
+    def child(method):
+        multiprocessing.get_context(method).Process(target=time.sleep, args=(120,), daemon=False).start()
         time.sleep(120)
 
-    threading.Thread(target=fork_pair).start()
-    time.sleep(120)
+    def start_child(method):
+        multiprocessing.get_context(method).Process(target=child, args=(method,), daemon=False).start()
+        time.sleep(120)
+
+    if __name__ == "__main__":
+        from workers import orphans
+        assert orphans.install()
+        threading.Thread(target=start_child, args=(sys.argv[1],)).start()
+        time.sleep(120)
 """)
 
 
@@ -175,13 +177,22 @@ def _alive(p: psutil.Process) -> bool:
         return False
 
 
-def test_forked_children_die_with_the_process_that_forked_them():
-    parent = subprocess.Popen([sys.executable, "-c", _FORKER], cwd=ROOT, start_new_session=True)
+def _sleepers(children: list[psutil.Process]) -> list[psutil.Process]:
+    """The child and the grandchild, not multiprocessing's resource tracker."""
+    return [p for p in children if "resource_tracker" not in " ".join(p.cmdline())]
+
+
+@pytest.mark.parametrize("method", ["spawn", "fork"])
+def test_children_die_with_the_process_that_started_them(method, tmp_path):
+    script = tmp_path / "family.py"
+    script.write_text(_FAMILY)
+    parent = subprocess.Popen([sys.executable, str(script), method], cwd=ROOT, start_new_session=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
     family: list[psutil.Process] = []
     try:
         me = psutil.Process(parent.pid)
-        family = wait_for(lambda: (lambda c: c if len(c) == 2 else None)(me.children(recursive=True)), 30,
-                          "the child and the grandchild")
+        family = wait_for(lambda: (lambda c: c if len(c) == 2 else None)(_sleepers(me.children(recursive=True))),
+                          60, "the child and the grandchild")
         assert all(_alive(p) for p in family)
         parent.kill()
         parent.wait(timeout=10)
