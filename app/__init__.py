@@ -33,7 +33,10 @@ def create_app(settings: Settings | None = None) -> Flask:
     json_provider = DefaultJSONProvider(app)
     json_provider.ensure_ascii = False
     app.json = json_provider
-    client = redis.Redis.from_url(settings.redis_url, health_check_interval=30)
+    # Bounded: while Redis is down or hung, a request gets its 503 (app/errors.py) within
+    # seconds. The stream reader's blocking XREAD (app/streams.py) waits 1 s, well within.
+    client = redis.Redis.from_url(settings.redis_url, health_check_interval=30, socket_connect_timeout=2,
+                                  socket_timeout=10)
     app.extensions["llmq.gateway"] = gateway = Gateway(settings, make_celery(settings), client)
     app.extensions["llmq.processor"] = processor = Processor(settings)
     gateway.prepare()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import redis
 from flask import Flask, jsonify, request
+from kombu.exceptions import OperationalError
 from werkzeug.exceptions import HTTPException
 
 
@@ -68,8 +70,28 @@ class UpstreamTimeout(APIError):
     type = "timeout"
 
 
+class RedisUnavailable(APIError):
+    """Redis, the broker and the token path in one, does not answer (503). Retry-After: a Redis
+    that the launcher started is back within about a second, and the workers consume again within
+    seconds more (README, "Failure behaviour")."""
+
+    status = 503
+    type = "service_unavailable"
+    retry_after_s = 2
+
+    @classmethod
+    def from_error(cls, e: Exception) -> RedisUnavailable:
+        return cls(f"Redis is unavailable ({type(e).__name__}: {e}); retry shortly")
+
+
+# What the Redis client (redis-py) and the broker client (kombu, under Celery's send_task) raise
+# when Redis does not answer.
+REDIS_ERRORS = (redis.RedisError, OperationalError)
+
+
 def error_response(err: APIError):
-    return jsonify(err.body()), err.status
+    headers = {"Retry-After": str(err.retry_after_s)} if isinstance(err, RedisUnavailable) else {}
+    return jsonify(err.body()), err.status, headers
 
 
 # An oversized body this large or smaller is read and dropped before the 413 goes out, so a client
@@ -92,6 +114,13 @@ def _drain_refused_body() -> None:
 
 def register_error_handlers(app: Flask) -> None:
     app.register_error_handler(APIError, error_response)
+
+    # An outage, not a bug: a fast 503 the client can retry, not the catch-all below.
+    @app.errorhandler(redis.RedisError)
+    @app.errorhandler(OperationalError)
+    def _redis_unavailable(e: Exception):
+        app.logger.warning("Redis unavailable: %s: %s", type(e).__name__, e)
+        return error_response(RedisUnavailable.from_error(e))
 
     # Routing errors (404, 405) and body limits (413) come from werkzeug before any blueprint
     # sees the request, so they are handled on the app, in the same shape.

@@ -19,7 +19,7 @@ import redis
 from celery import Celery
 
 from app import metrics
-from app.errors import APIError, ClientGone, NoWorkers, UpstreamTimeout
+from app.errors import APIError, ClientGone, NoWorkers, RedisUnavailable, UpstreamTimeout
 from app.streams import StreamReader
 from config import Settings
 from tasks import keys, queues
@@ -185,8 +185,7 @@ class Gateway:
                 except queue.Empty:
                     continue
                 if isinstance(entries, Exception):
-                    raise APIError(f"lost the connection to Redis: {entries}", status=503,
-                                   type="service_unavailable")
+                    raise RedisUnavailable.from_error(entries)
                 sub = by_key[key]
                 for _, fields in entries:
                     event = decode_event(fields[b"m"])
@@ -210,9 +209,11 @@ class Gateway:
                         self.streams.close([key])
                     elif isinstance(event, Failed):
                         raise APIError(event.message, status=event.status, type=event.type)
-        except BaseException:
+        except BaseException as e:
             # The client went away (GeneratorExit) or the request failed: stop the others.
             self.cancel(s for s in subs if s.finished is None)
+            if isinstance(e, redis.RedisError):  # mid-stream too, in the error event's shape
+                raise RedisUnavailable.from_error(e) from e
             raise
         finally:
             self.streams.close(by_key)

@@ -13,7 +13,7 @@ from flask import Blueprint, Response, current_app, g, jsonify, request, stream_
 
 from app import metrics
 from app.disconnect import client_gone
-from app.errors import APIError, BadRequest, ModelNotFound, Unauthorized
+from app.errors import APIError, BadRequest, ModelNotFound, RedisUnavailable, Unauthorized
 from app.gateway import Gateway, SubRequest
 from app.processor import Processor
 from app.responses import Choice, Formatter, Usage
@@ -114,7 +114,8 @@ def health():
         missing = gateway.missing_roles(use_cache=False)
         roles = gateway.live_roles()
     except redis.RedisError as e:
-        return jsonify({"status": "unhealthy", "reason": f"redis: {e}"}), 503
+        return (jsonify({"status": "unhealthy", "reason": f"Redis is unavailable: {e}"}), 503,
+                {"Retry-After": str(RedisUnavailable.retry_after_s)})
     if missing:
         return jsonify({"status": "unhealthy", "reason": f"no live {' or '.join(missing)} worker"}), 503
     return jsonify({"status": "ok", "workers": roles.get("decode", 0), "roles": dict(roles)})

@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -27,7 +28,7 @@ import redis
 import placement
 from config import ConfigError, Settings, dump_settings, load_settings
 from launcher.supervisor import Child, Supervisor
-from tasks import queues
+from tasks import keys, queues
 
 logger = logging.getLogger("launcher")
 
@@ -45,7 +46,8 @@ def _redis_answers(url: str) -> bool:
 
 def ensure_redis(url: str, supervisor: Supervisor, timeout_s: float = 15.0) -> None:
     """Starts a redis-server under the supervisor, which stops it with the rest, when nothing
-    answers at a local URL."""
+    answers at a local URL. If it dies, the supervisor starts it again with the same port and
+    options; the workers and the frontend reconnect by themselves (README, "Failure behaviour")."""
     if _redis_answers(url):
         return
     parsed = urlparse(url)
@@ -56,7 +58,7 @@ def ensure_redis(url: str, supervisor: Supervisor, timeout_s: float = 15.0) -> N
         raise SystemExit("no Redis answers and redis-server is not installed (apt-get install redis-server)")
     port = str(parsed.port or 6379)
     supervisor.start(Child("redis", [server, "--port", port, "--bind", parsed.hostname, "--save", "",
-                                     "--appendonly", "no"], stop_order=9, restart=False))
+                                     "--appendonly", "no"], stop_order=9))
     deadline = time.monotonic() + timeout_s
     while not _redis_answers(url):
         if time.monotonic() > deadline:
@@ -87,6 +89,35 @@ def router_children(settings: Settings) -> list[Child]:
     return [_celery_worker(f"router{i}", queues.ROUTER, settings, 2) for i in range(settings.router.num_replicas)]
 
 
+WORKER_ROLES = ("decode", "prefill", "router")
+
+
+def worker_id(child_name: str) -> str:
+    """The Celery worker id of a worker child: ``-n name@%h``, where Celery expands %h to
+    socket.gethostname()."""
+    return f"{child_name}@{socket.gethostname()}"
+
+
+def lease_dropper(redis_url: str):
+    """The supervisor's ``on_exit``: deletes the lease of a worker child that exited, at once, so
+    the frontend and the router stop counting it within a poll rather than a whole lease (a
+    SIGKILLed worker cannot drop its own)."""
+    client = redis.Redis.from_url(redis_url, socket_connect_timeout=1, socket_timeout=1)
+
+    def on_exit(child: Child) -> None:
+        if child.name.rstrip("0123456789") not in WORKER_ROLES:
+            return
+        name = worker_id(child.name)
+        try:
+            dropped = client.delete(keys.worker_lease(name))
+        except redis.RedisError as e:
+            logger.warning("%s exited; could not drop its lease (%s), which lapses on its own", name, e)
+            return
+        logger.warning("%s exited; %s its lease", name, "dropped" if dropped else "it held no")
+
+    return on_exit
+
+
 def frontend_child(settings: Settings, metrics_dir: Path) -> Child:
     return Child("frontend", [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "app" / "gunicorn_conf.py")],
                  stop_order=1, env={"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)})
@@ -100,7 +131,7 @@ def flower_child(settings: Settings) -> Child:
 def started_workers(children: list[Child]) -> Counter:
     """Role -> how many workers this node started. Worker children are named role + index."""
     roles = (c.name.rstrip("0123456789") for c in children)
-    return Counter(role for role in roles if role in ("decode", "prefill", "router"))
+    return Counter(role for role in roles if role in WORKER_ROLES)
 
 
 def wait_ready(settings: Settings, supervisor: Supervisor, timeout_s: float, expected: Counter) -> str | None:
@@ -148,7 +179,7 @@ def serve(args: argparse.Namespace) -> int:
     for key in [k for k in env if k.startswith("LLMQ__")] + ["REDIS_URL", "PORT"]:
         env.pop(key, None)  # already folded into the resolved file
 
-    supervisor = Supervisor(env, grace_s=args.grace_s)
+    supervisor = Supervisor(env, grace_s=args.grace_s, on_exit=lease_dropper(settings.redis_url))
     supervisor.install_signal_handlers()
     try:
         ensure_redis(settings.redis_url, supervisor)

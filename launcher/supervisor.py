@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 logger = logging.getLogger("launcher")
@@ -50,9 +51,13 @@ def _relay(name: str, stream) -> None:
 
 
 class Supervisor:
-    def __init__(self, env: dict[str, str], grace_s: float = 30.0):
+    def __init__(self, env: dict[str, str], grace_s: float = 30.0,
+                 on_exit: Callable[[Child], None] | None = None):
         self.env = env
         self.grace_s = grace_s
+        # Told of a child that exited on its own, before it is restarted: the launcher drops a
+        # dead worker's lease there, so nobody waits for it to lapse.
+        self.on_exit = on_exit
         self.children: list[Child] = []
         self._stopping = threading.Event()
         self._forced = False
@@ -88,12 +93,19 @@ class Supervisor:
     def stopping(self) -> bool:
         return self._stopping.is_set()
 
-    def wait(self, poll_s: float = 0.5) -> int:
+    def wait(self, poll_s: float = 0.2) -> int:
         """Blocks until a stop is asked for, restarting children that exit on their own.
         Returns the exit code to use: 0 after a requested stop, 1 when a child gave up."""
         while not self._stopping.wait(poll_s):
             for child in self.children:
-                if not child.running and not self._stopping.is_set() and not self._revive(child):
+                if child.running or self._stopping.is_set():
+                    continue
+                if self.on_exit is not None:
+                    try:
+                        self.on_exit(child)
+                    except Exception:  # a failed notice must not stop the restart
+                        logger.exception("handling the exit of %s failed", child.name)
+                if not self._revive(child):
                     self._stopping.set()
                     return 1
         return 0
@@ -133,6 +145,10 @@ class Supervisor:
                     logger.warning("%s did not stop within %.0fs; killing it", child.name, self.grace_s)
             for child, _proc in group:
                 self._kill(child)  # also reaps engine processes left in the child's group
+        for child in self.children:
+            # A child that had already exited (killed while the deployment was starting, say) may
+            # have left processes in its group.
+            self._kill(child)
         logger.info("all processes stopped")
 
     @staticmethod

@@ -13,7 +13,7 @@ from typing import Any, cast
 import redis
 
 from router.index import SharedIndex
-from router.snapshots import IndexSnapshots
+from router.snapshots import IndexSnapshots, stream_id
 from tasks import keys
 from tasks.messages import KvEvent, decode_kv_event
 
@@ -63,6 +63,28 @@ class KvEvents:
                 shared.events_since_snapshot += len(entries)
                 if len(entries) < EVENT_BATCH:
                     return applied
+
+    def resync(self) -> bool:
+        """After a Redis outage: if the stream is gone or was started again below this router's
+        cursor (a Redis restarted with no data, whose new entry ids need not be past the old
+        cursor), reads the new stream from its start; otherwise it would skip the new events
+        until the clock passed the old cursor. Returns whether it reset the cursor."""
+        try:
+            info = cast("dict[str, Any]", self.redis.xinfo_stream(keys.KV_EVENTS))
+            last = info.get("last-generated-id")
+        except redis.ResponseError:  # no stream at all
+            last = None
+        shared = self.shared
+        with shared.lock:
+            if last is not None and stream_id(last) >= stream_id(shared.cursor):
+                return False
+            if shared.cursor == "0-0":
+                return False
+            logger.warning("the KV event stream is gone or new (Redis lost its data?); its events after %s are "
+                           "lost. Reading the new stream from its start; workers whose leases lapsed meanwhile "
+                           "leave the index", shared.cursor)
+            shared.cursor = "0-0"
+        return True
 
     def apply(self, event: KvEvent) -> None:
         """Applies one event to the index; the caller holds the shared lock."""

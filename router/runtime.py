@@ -60,6 +60,9 @@ class RouterRuntime:
     def start(self) -> None:
         started = time.monotonic()
         applied = self.service.events.replay()
+        if self.service.index.num_blocks == 0 and self.service.events.shared.cursor == "0-0":
+            logger.info("router %s: no index snapshot and no KV events in Redis; the index starts empty",
+                        self.worker_id)
         logger.info("router %s (%s) replayed %d KV events into %d blocks in %.2fs", self.worker_id,
                     self.settings.router.mode, applied, self.service.index.num_blocks, time.monotonic() - started)
         self._follower.start()
@@ -70,12 +73,17 @@ class RouterRuntime:
         self._follower.join(timeout=5)
 
     def _follow(self) -> None:
+        outage = False
         while not self._stop.wait(self.CATCH_UP_INTERVAL_S):
             try:
+                if outage:  # Redis may have come back without its data
+                    self.service.events.resync()
+                    outage = False
                 self.service.events.catch_up()
                 self.service.snapshots.save_if_due()
                 self.service.members.refresh()
             except redis.RedisError as e:
+                outage = True
                 logger.warning("router could not read KV events: %s", e)
 
     def reject_malformed(self, payload: object, reason: str) -> None:

@@ -7,6 +7,7 @@ from kombu import Queue
 
 from config import Settings
 from tasks import queues
+from tasks.consuming import ConsumingStep
 
 # The roles' lifecycle modules: each builds its role's runtime on the worker's signals (and only
 # for its role) and sets it in tasks/runtime.py. Celery's loader imports them by name where it
@@ -45,7 +46,16 @@ def make_celery(settings: Settings) -> Celery:
         worker_send_task_events=True,
         task_send_sent_event=True,
         broker_connection_retry_on_startup=True,
+        # send_task: one retry re-opens a pooled connection that a restarted Redis closed; while
+        # Redis is down, more retries (Celery's default is 3, over about 0.6 s) only delay the
+        # client's 503. A worker's consumer reconnects by itself, with kombu's intervals (2 s,
+        # then 4 s more, ...; broker_connection_max_retries, 100, bounds the attempts).
+        task_publish_retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": 0.2,
+                                   "interval_max": 0.2},
         broker_transport_options={"socket_timeout": 10, "socket_connect_timeout": 5},
         llmq_settings=settings,
     )
+    # Follows whether the consumer consumes, across broker reconnects: a worker holds its lease
+    # only while it does (tasks/consuming.py).
+    app.steps["consumer"].add(ConsumingStep)
     return app

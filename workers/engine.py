@@ -26,6 +26,7 @@ import placement
 from config import Settings
 from kvtransfer.stats import TransferStats
 from tasks.messages import SamplingSpec
+from workers import orphans
 
 if TYPE_CHECKING:
     from vllm.config.model import ModelDType
@@ -140,6 +141,8 @@ class EngineHost:
         # Before the engine's processes spawn: they inherit the binding.
         os.environ.update(placement.engine_bind_env(self.settings.engine.omp_threads_bind,
                                                     moves_kv=self.settings.disagg.enabled))
+        # Before the engine's processes fork: they die with this worker, however it dies.
+        orphans.install()
         started = time.monotonic()
         self._thread.start()
         timeout_s = self.settings.workers.engine_start_timeout_s

@@ -12,6 +12,7 @@ from typing import Any
 
 import redis
 
+from tasks import consuming
 from tasks.registry import WorkerStatus, drop_lease, renew_lease
 
 logger = logging.getLogger(__name__)
@@ -29,12 +30,17 @@ class Heartbeat:
         load: Callable[[], dict],
         metrics_address: str = "",
         on_beat: Callable[[], None] | None = None,
+        serving: Callable[[], bool] = consuming.consuming,
     ):
         self._client = client
         self._interval_s = interval_s
         self._lease_s = lease_s
         self._load = load
         self._on_beat = on_beat  # renews leases that live and die with this one
+        # Whether tasks sent to this worker are taken now. While they are not (Celery's consumer
+        # reconnecting after a broker outage), the lease is not renewed but dropped: a lease that
+        # a restarted Redis got back before the consumer would draw requests nobody reads.
+        self._serving = serving
         self._identity: dict[str, Any] = dict(
             worker_id=worker_id, role=role, queues=queues, hostname=socket.gethostname(),
             pid=os.getpid(), started_unix=time.time(), metrics_address=metrics_address,
@@ -58,6 +64,9 @@ class Heartbeat:
         status = WorkerStatus(**self._identity, updated_unix=time.time(), **self._load())
         with self._renewing:
             if self._stop.is_set():
+                return
+            if not self._serving():
+                drop_lease(self._client, self.worker_id)
                 return
             renew_lease(self._client, status, self._lease_s)
             if self._on_beat is not None:
