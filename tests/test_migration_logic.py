@@ -292,3 +292,27 @@ def test_an_unaccepted_request_is_resent_when_a_worker_that_may_hold_it_dies(cli
     out.write([delta(5, 6, finish="length"), Finished(1)])
     reader.join(timeout=10)
     assert not reader.is_alive() and sub.finished is not None
+
+
+def test_a_dead_engine_moves_the_request_but_not_back_to_that_process(client, scratch_redis_url):
+    from tasks.messages import Failed
+
+    sent = Sent()
+    gateway = _gateway(client, scratch_redis_url, sent)
+    _lease(client, "mig0@h", 10)  # the dying worker's lease is still up when it reports
+    [sub] = gateway.submit("mig-engine", [[1, 2]], SamplingSpec(max_tokens=3, temperature=0.0))
+    reader = threading.Thread(target=lambda: list(gateway.events([sub])))
+    reader.start()
+    out = OutputWriter(client, sent.wait(1).request_id, ttl_s=60)
+    out.accept("mig0@h", 60)
+    out.write([delta(7), Failed(503, "engine_unavailable", "the worker's engine died; retry the request")])
+    time.sleep(1.0)  # two poll intervals: it must not go back to the same process meanwhile
+    assert len(sent.messages) == 1 and sub.migrations == 1 and sub.waiting
+    _lease(client, "mig0@h", 20)  # the launcher's replacement
+    again = sent.wait(2)
+    assert again.prompt_token_ids == [1, 2, 7] and again.sampling.max_tokens == 2
+    out2 = OutputWriter(client, again.request_id, ttl_s=60)
+    out2.accept("mig0@h", 60)
+    out2.write([delta(8, 9, finish="length"), Finished(3)])
+    reader.join(timeout=10)
+    assert not reader.is_alive() and sub.finished is not None
