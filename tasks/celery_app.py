@@ -52,8 +52,9 @@ def make_celery(settings: Settings) -> Celery:
         #   tokens so far, under a new id; the dead attempt's cancel flag is set, so a copy of it
         #   found later is dropped unrun (workers/decode.py).
         # - Not silently dropped: a message a dead worker had taken but not started goes back to
-        #   its queue only after the visibility timeout, so the frontend does not wait for that
-        #   either. It resubmits a request no live worker has accepted (its stream has no Accepted)
+        #   its queue only after the visibility timeout, or never (one that Redis handed to a
+        #   BRPOP whose reply the worker did not read before it died), so the frontend waits for
+        #   neither. It resubmits a request no live worker has accepted (its stream has no Accepted)
         #   as soon as the worker that may hold it loses its lease; a decode worker accepts a
         #   request by claiming its id atomically (SET NX, with Accepted in the same Lua script),
         #   so the copy that comes second is dropped before anything reaches the client. A lost
