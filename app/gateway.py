@@ -277,6 +277,9 @@ class Gateway:
                     elif isinstance(event, Failed):
                         self._failed(sub, event, watch)
                         break  # the attempt is over, and it moved (or waits to): the rest is void
+        except redis.RedisError as e:  # reading leases, or flagging an abandoned attempt
+            self.cancel(s for s in subs if s.finished is None)
+            raise APIError(f"lost the connection to Redis: {e}", status=503, type="service_unavailable") from e
         except BaseException:
             # The client went away (GeneratorExit) or the request failed: stop the others.
             self.cancel(s for s in subs if s.finished is None)
@@ -313,10 +316,7 @@ class Gateway:
         now = time.monotonic()
         if now - started > self.settings.frontend.request_timeout_s:
             raise UpstreamTimeout(f"the request did not finish within {self.settings.frontend.request_timeout_s:.0f}s")
-        try:
-            live = self.live()
-        except redis.RedisError as e:
-            raise APIError(f"lost the connection to Redis: {e}", status=503, type="service_unavailable") from e
+        live = self.live()
         for sub in subs:
             if sub.finished is not None:
                 continue
