@@ -16,6 +16,7 @@ import psutil
 import pytest
 
 from conftest import fresh_redis_url, live_status, make_settings, start_deployment, wait_for
+from tasks import keys
 
 pytestmark = pytest.mark.integration
 
@@ -118,14 +119,17 @@ def test_a_non_streaming_request_to_a_dying_worker_moves_too(fragile):
         try:
             result["raw"] = client.chat.completions.with_raw_response.create(
                 model=MODEL, messages=[{"role": "user", "content": "Go on."}], max_tokens=MAX_TOKENS,
-                extra_body={"ignore_eos": True})
+                extra_body={"ignore_eos": True}, extra_headers={"X-Request-Id": "dying"})
         except openai.APIStatusError as e:
             result["error"] = e
 
     t = threading.Thread(target=call)
     t.start()
-    wait_for(lambda: live_status(fragile)[0].num_running >= 1 if live_status(fragile) else False, 30,
-             "the request to start running", interval_s=0.05)
+    def generating() -> bool:  # its stream holds Accepted and some tokens
+        streams = list(fragile.redis.scan_iter(match=keys.output_stream("dying-*")))
+        return bool(streams) and fragile.redis.xlen(streams[0]) >= 5
+
+    wait_for(generating, 30, "the request to be generating", interval_s=0.02)
     _kill_worker(worker)
     t.join(timeout=MOVE_WAIT_S + 60)
     assert not t.is_alive()
