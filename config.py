@@ -118,6 +118,11 @@ class FrontendConfig(_Section):
     # Bounds on how long a request may wait: for any output at all, and in total.
     first_token_timeout_s: float = Field(120.0, gt=0)
     request_timeout_s: float = Field(600.0, gt=0)
+    # How many times one request may move to another worker after its worker died (app/
+    # migration.py); past it the client gets a 503. 0: never migrate. Each migration costs a
+    # prefill of the prompt plus the tokens so far, and a bound keeps a request that kills its
+    # workers (or a deployment losing workers) from going round for ever.
+    max_migrations: int = Field(3, ge=0)
     # When set, clients must send "Authorization: Bearer <api_key>".
     api_key: str | None = None
     # Freeze the heap gunicorn's master preloaded before it forks the workers, so their garbage

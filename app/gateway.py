@@ -1,8 +1,9 @@
 """The frontend's side of the task queue: enqueue generation tasks, then read their output streams.
 
 Every wait here is bounded. A request fails with 504 when no worker takes it within
-``first_token_timeout_s`` or it runs past ``request_timeout_s``, and with 503 when the worker
-that took it stops renewing its lease. Nothing waits on Celery results.
+``first_token_timeout_s`` or it runs past ``request_timeout_s``. When the worker serving it dies,
+the request moves to another (app/migration.py), or fails with a 503 saying why it could not.
+Nothing waits on Celery results.
 """
 
 from __future__ import annotations
@@ -13,13 +14,14 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import redis
 from celery import Celery
 
-from app import metrics
+from app import metrics, migration
 from app.errors import APIError, ClientGone, NoWorkers, RedisUnavailable, UpstreamTimeout
+from app.migration import Attempts, CannotMigrate, is_lost
 from app.streams import StreamReader
 from config import Settings
 from tasks import keys, queues
@@ -35,26 +37,78 @@ from tasks.messages import (
     request_to_task_arg,
     task_argsrepr,
 )
-from tasks.registry import is_alive, live_workers
+from tasks.registry import WorkerStatus, live_workers
 
 logger = logging.getLogger(__name__)
 
-# How often a waiting request re-checks its deadlines and its worker's lease.
-POLL_INTERVAL_S = 1.0
-# Live-worker lookups are cached this long, so a burst of requests costs one SCAN.
+# How often a waiting request re-checks its deadlines and its workers' leases: half of the 2 s
+# in which a lost worker's requests must be on their way elsewhere (app/migration.py).
+POLL_INTERVAL_S = 0.5
+# Role counts (for /health and the 503 at submit) are cached this long, so a burst of requests
+# costs one SCAN.
 WORKER_CACHE_S = 1.0
+# The leases the per-request checks read are cached this long: every request thread of a process
+# shares one read, whatever the number of requests.
+LIVENESS_CACHE_S = 0.25
 
 
 @dataclass
 class SubRequest:
-    """One engine request: a completion with k prompts fans out into k of these."""
+    """One engine request: a completion with k prompts fans out into k of these. It may run as
+    several attempts, one after another, when its worker dies (app/migration.py); the fields
+    below are about the current one."""
 
-    request_id: str
-    prompt_token_ids: list[int]
+    request_id: str  # the current attempt's id: its output stream and cancel flag
+    prompt_token_ids: list[int]  # the original prompt
     choice_offset: int  # this sub-request's choice i is the response's choice offset + i
-    worker_id: str | None = None
-    routed: Routed | None = None
+    worker_id: str | None = None  # the worker that accepted the attempt
+    routed: Routed | None = None  # the router's choice for it
     finished: Finished | None = None
+    # What migration needs; None (a sub-request built by hand) never moves: its lost worker is a 503.
+    attempts: Attempts | None = None
+    worker_pid: int | None = None  # the process behind worker_id, from its lease
+    routed_pid: int | None = None  # the process behind routed.worker_id
+    # Before anyone accepted it: the workers that may hold its message (the routers, or in queue
+    # mode the decode workers, live when it was sent), id -> pid.
+    holders: dict[str, int] = field(default_factory=dict)
+    sent_at: float = field(default_factory=time.monotonic)  # when the attempt was sent
+    waiting: bool = False  # it must move, and waits for a live worker to move to
+    # Monotonic: how long it may look for a worker to move to, from the moment it had to move
+    # until an attempt is accepted again (so a router that keeps finding none cannot extend it).
+    move_deadline: float | None = None
+
+    @property
+    def migrations(self) -> int:
+        return self.attempts.migrations if self.attempts else 0
+
+
+class _Watch:
+    """The output streams one request thread reads, on one reply queue: the current attempt's
+    stream of each unfinished sub-request. An abandoned attempt's stream is dropped, so its late
+    entries are never read."""
+
+    def __init__(self, streams: StreamReader, subs: list[SubRequest]):
+        self._streams = streams
+        self._subs: dict[str, SubRequest] = {}
+        self.replies: queue.SimpleQueue = queue.SimpleQueue()
+        self.add(subs)
+
+    def add(self, subs: list[SubRequest]) -> None:
+        added = {keys.output_stream(s.request_id): s for s in subs}
+        self._subs.update(added)
+        self._streams.open(list(added), into=self.replies)
+
+    def drop(self, sub: SubRequest) -> None:
+        key = keys.output_stream(sub.request_id)
+        if self._subs.pop(key, None) is not None:
+            self._streams.close([key])
+
+    def sub_for(self, key: str) -> SubRequest | None:
+        return self._subs.get(key)
+
+    def close(self) -> None:
+        self._streams.close(list(self._subs))
+        self._subs.clear()
 
 
 class Gateway:
@@ -63,8 +117,8 @@ class Gateway:
         self.celery = celery
         self.redis = client
         self.streams = StreamReader(client)
-        self._workers_checked_at = 0.0
-        self._roles: Counter = Counter()
+        self._live: dict[str, WorkerStatus] = {}
+        self._live_read_at = float("-inf")
         self._lock = threading.Lock()
 
     @property
@@ -112,14 +166,18 @@ class Gateway:
 
     # -- liveness --------------------------------------------------------------------------
 
+    def live(self, max_age_s: float = LIVENESS_CACHE_S) -> dict[str, WorkerStatus]:
+        """Every live worker's lease, by worker id, read at most ``max_age_s`` ago. One read
+        serves every request thread of the process."""
+        with self._lock:
+            if time.monotonic() - self._live_read_at > max_age_s:
+                self._live = {w.worker_id: w for w in live_workers(self.redis)}
+                self._live_read_at = time.monotonic()
+            return self._live
+
     def live_roles(self, use_cache: bool = True) -> dict[str, int]:
         """How many live workers each role has, e.g. {"decode": 2, "router": 1}."""
-        with self._lock:
-            stale = time.monotonic() - self._workers_checked_at > WORKER_CACHE_S
-            if not use_cache or stale:
-                self._roles = Counter(w.role for w in live_workers(self.redis))
-                self._workers_checked_at = time.monotonic()
-            return self._roles
+        return Counter(w.role for w in self.live(WORKER_CACHE_S if use_cache else 0).values())
 
     def missing_roles(self, use_cache: bool = True) -> list[str]:
         needed = ["decode"] + (["router"] if self.settings.router.enabled else [])
@@ -138,55 +196,67 @@ class Gateway:
 
     # -- submit and stream -----------------------------------------------------------------
 
+    @property
+    def _entry_role(self) -> str:
+        """The role whose workers take a request from the queue it is sent to."""
+        return "router" if self.settings.router.enabled else "decode"
+
     def submit(self, request_id: str, prompts: list[list[int]], spec: SamplingSpec) -> list[SubRequest]:
         self.require_workers()
         deadline = time.time() + self.settings.frontend.request_timeout_s
-        subs = [
-            SubRequest(f"{request_id}-{i}" if len(prompts) > 1 else request_id, ids, i * spec.n)
-            for i, ids in enumerate(prompts)
-        ]
-        for sub in subs:
-            msg = GenerateRequest(request_id=sub.request_id, prompt_token_ids=sub.prompt_token_ids,
-                                  sampling=spec, deadline_unix=deadline)
-            self.celery.send_task(
-                self._task,
-                args=[request_to_task_arg(msg)],
-                argsrepr=task_argsrepr(msg),
-                # The request id as the task id: Flower and the worker's log then name the request.
-                task_id=sub.request_id,
-                # A task nobody waits for any more is dropped by the broker-side expiry.
-                expires=self.settings.frontend.first_token_timeout_s,
-            )
+        live = self.live(WORKER_CACHE_S)
+        subs = []
+        for i, ids in enumerate(prompts):
+            msg = GenerateRequest(request_id=f"{request_id}-{i}" if len(prompts) > 1 else request_id,
+                                  prompt_token_ids=ids, sampling=spec, deadline_unix=deadline)
+            sub = SubRequest(msg.request_id, ids, i * spec.n,
+                             attempts=Attempts(msg, self.settings.frontend.max_migrations))
+            self._send(sub, msg, live)
+            subs.append(sub)
         logger.info("[%s] enqueued %d task(s), %s prompt tokens", request_id, len(subs),
                     "+".join(str(len(s.prompt_token_ids)) for s in subs))
         return subs
 
+    def _send(self, sub: SubRequest, msg: GenerateRequest, live: dict[str, WorkerStatus]) -> None:
+        self.celery.send_task(
+            self._task,
+            args=[request_to_task_arg(msg)],
+            argsrepr=task_argsrepr(msg),
+            # The request id as the task id: Flower and the worker's log then name the request.
+            task_id=msg.request_id,
+            # A task nobody waits for any more is dropped by the broker-side expiry.
+            expires=self.settings.frontend.first_token_timeout_s,
+        )
+        sub.sent_at = time.monotonic()
+        sub.holders = {w: s.pid for w, s in live.items() if s.role == self._entry_role}
+
     def events(self, subs: list[SubRequest],
                client_gone: Callable[[], bool] | None = None) -> Iterator[tuple[SubRequest, Delta]]:
-        """Yields (sub-request, delta) until every sub-request has finished. Raises APIError on
-        failure or timeout, after cancelling whatever is still running. ``client_gone`` is asked
-        once a poll interval, for responses that write nothing until the end: a stream learns
-        that its client left when a write fails (GeneratorExit), a whole answer would not."""
-        by_key = {keys.output_stream(s.request_id): s for s in subs}
-        unfinished = set(by_key)
+        """Yields (sub-request, delta) until every sub-request has finished, moving a sub-request
+        whose worker is lost to another (app/migration.py). Raises APIError on failure or timeout,
+        after cancelling whatever is still running. ``client_gone`` is asked once a poll interval,
+        for responses that write nothing until the end: a stream learns that its client left when
+        a write fails (GeneratorExit), a whole answer would not."""
+        watch = _Watch(self.streams, subs)
         started = next_check = last_delta = time.monotonic()
         first_delta = True
-        replies = self.streams.open(list(by_key))
         try:
-            while unfinished:
+            while any(s.finished is None for s in subs):
                 if time.monotonic() >= next_check:  # at most once a poll interval, not per token
                     if client_gone is not None and client_gone():
                         logger.info("[%s] client closed the connection; cancelling", subs[0].request_id)
                         raise ClientGone("the client closed the connection")
-                    self._check_deadlines(subs, started)
+                    self._check(subs, watch, started)
                     next_check = time.monotonic() + POLL_INTERVAL_S
                 try:
-                    key, entries = replies.get(timeout=max(0.0, next_check - time.monotonic()))
+                    key, entries = watch.replies.get(timeout=max(0.0, next_check - time.monotonic()))
                 except queue.Empty:
                     continue
                 if isinstance(entries, Exception):
                     raise RedisUnavailable.from_error(entries)
-                sub = by_key[key]
+                sub = watch.sub_for(key)
+                if sub is None:  # an abandoned attempt's stream: read before it was dropped
+                    continue
                 for _, fields in entries:
                     event = decode_event(fields[b"m"])
                     if isinstance(event, Delta):
@@ -196,42 +266,159 @@ class Gateway:
                         else:
                             metrics.ITL.observe(now - last_delta)
                         first_delta, last_delta = False, now
+                        if sub.attempts is not None:
+                            sub.attempts.record(event)
                         yield sub, event
                     elif isinstance(event, Routed):
-                        sub.routed = event
+                        sub.routed, sub.routed_pid = event, self._pid_of(event.worker_id)
                     elif isinstance(event, Accepted):
-                        metrics.QUEUE_WAIT.observe(time.monotonic() - started)
-                        sub.worker_id = event.worker_id
+                        metrics.QUEUE_WAIT.observe(time.monotonic() - sub.sent_at)
+                        sub.worker_id, sub.worker_pid = event.worker_id, self._pid_of(event.worker_id)
+                        sub.move_deadline = None
                         logger.info("[%s] taken by %s", sub.request_id, event.worker_id)
                     elif isinstance(event, Finished):
-                        sub.finished = event
-                        unfinished.discard(key)
-                        self.streams.close([key])
+                        self._finish(sub, event)
+                        watch.drop(sub)
                     elif isinstance(event, Failed):
-                        raise APIError(event.message, status=event.status, type=event.type)
-        except BaseException as e:
+                        self._failed(sub, event, watch)
+                        break  # the attempt is over, and it moved (or waits to): the rest is void
+        except redis.RedisError as e:  # reading leases, or flagging an abandoned attempt
+            self.cancel(s for s in subs if s.finished is None)
+            raise RedisUnavailable.from_error(e) from e
+        except BaseException:
             # The client went away (GeneratorExit) or the request failed: stop the others.
             self.cancel(s for s in subs if s.finished is None)
-            if isinstance(e, redis.RedisError):  # mid-stream too, in the error event's shape
-                raise RedisUnavailable.from_error(e) from e
             raise
         finally:
-            self.streams.close(by_key)
+            watch.close()
 
-    def _check_deadlines(self, subs: list[SubRequest], started: float) -> None:
-        waited = time.monotonic() - started
-        if waited > self.settings.frontend.request_timeout_s:
+    def _finish(self, sub: SubRequest, event: Finished | None) -> None:
+        prompt = len(sub.prompt_token_ids)
+        # A resumed attempt's prompt holds the tokens received before: its cache hits may cover
+        # some of them, which are not prompt tokens of the client's.
+        cached = min(event.num_cached_tokens, prompt) if event else 0
+        sub.finished = Finished(num_prompt_tokens=prompt, num_cached_tokens=cached)
+
+    def _failed(self, sub: SubRequest, event: Failed, watch: _Watch) -> None:
+        """A Failed event ends the current attempt: the request moves, waits for a worker to move
+        to, or fails with it."""
+        if sub.attempts is not None and event.type == "engine_unavailable":
+            worker = sub.worker_id or (sub.routed.worker_id if sub.routed else "")
+            self._migrate(sub, worker, sub.worker_pid, migration.ENGINE_DIED, watch)
+        elif (sub.attempts is not None and self.settings.router.enabled and sub.worker_id is None
+              and event.type == "service_unavailable"):
+            # The router found no live decode worker to take it (none outside those it lost).
+            watch.drop(sub)
+            self._wait_for_worker(sub)
+        else:
+            raise APIError(event.message, status=event.status, type=event.type)
+
+    # -- liveness and migration ------------------------------------------------------------
+
+    def _check(self, subs: list[SubRequest], watch: _Watch, started: float) -> None:
+        """Deadlines, and the liveness of whichever worker each unfinished sub-request depends
+        on. Once a poll interval."""
+        now = time.monotonic()
+        if now - started > self.settings.frontend.request_timeout_s:
             raise UpstreamTimeout(f"the request did not finish within {self.settings.frontend.request_timeout_s:.0f}s")
+        live = self.live()
         for sub in subs:
             if sub.finished is not None:
                 continue
-            if sub.worker_id is None:
-                if waited > self.settings.frontend.first_token_timeout_s:
-                    raise UpstreamTimeout(
-                        f"no worker took the request within {self.settings.frontend.first_token_timeout_s:.0f}s")
-            elif not is_alive(self.redis, sub.worker_id):
-                raise APIError(f"worker {sub.worker_id} was lost while serving the request; retry it",
-                               status=503, type="service_unavailable")
+            if sub.waiting:
+                if self._has_candidate(sub, live):
+                    self._resubmit(sub, watch, live)
+                elif sub.move_deadline is not None and now > sub.move_deadline:
+                    self._count_failure("no_worker")
+                    lost = ", ".join(sorted({w.worker_id for w in sub.attempts.lost})) if sub.attempts else "?"
+                    raise NoWorkers(f"the request's worker ({lost}) was lost, and no other live "
+                                    f"{' or '.join(self.missing_roles()) or 'decode'} worker could take it within "
+                                    f"{self.settings.frontend.first_token_timeout_s:.0f}s")
+            elif sub.worker_id is not None:
+                if is_lost(sub.worker_id, sub.worker_pid, live):
+                    self._migrate(sub, sub.worker_id, sub.worker_pid, migration.WORKER_LOST, watch)
+            elif sub.routed is not None and is_lost(sub.routed.worker_id, sub.routed_pid, live):
+                self._migrate(sub, sub.routed.worker_id, sub.routed_pid, migration.ROUTED_TO_LOST, watch)
+            elif now - sub.sent_at > self.settings.frontend.first_token_timeout_s:
+                raise self._not_taken()
+            elif sub.routed is None and sub.attempts is not None:
+                gone = sorted(w for w, pid in sub.holders.items() if is_lost(w, pid, live))
+                if gone:
+                    self._resend(sub, gone, live)
+
+    def _not_taken(self) -> APIError:
+        timeout = self.settings.frontend.first_token_timeout_s
+        if "decode" in self.missing_roles():
+            self._count_failure("no_worker")
+            return NoWorkers(f"no live decode worker took the request within {timeout:.0f}s")
+        return UpstreamTimeout(f"no worker took the request within {timeout:.0f}s")
+
+    def _migrate(self, sub: SubRequest, worker_id: str, pid: int | None, reason: str, watch: _Watch) -> None:
+        """The current attempt's worker is lost: abandon the attempt, and send the rest of the
+        request elsewhere (or wait for a worker to send it to)."""
+        watch.drop(sub)
+        self.cancel([sub])  # a worker that finds the abandoned attempt's message later drops it
+        attempts = sub.attempts
+        if attempts is None:
+            raise APIError(f"worker {worker_id} was lost while serving the request; retry it",
+                           status=503, type="service_unavailable")
+        if attempts.complete:  # it died between its last token and its Finished
+            self._finish(sub, None)
+            return
+        try:
+            attempts.lose(worker_id, pid)
+        except CannotMigrate as e:
+            self._count_failure(e.reason)
+            logger.warning("[%s] not migrated from %s (%s): %s", attempts.base_id, worker_id, reason, e.message)
+            raise APIError(e.message, status=503, type="service_unavailable") from None
+        metrics.MIGRATIONS.labels(reason).inc()
+        logger.warning("[%s] migrating from %s (%s) after %d token(s): attempt %d, migration %d of at most %d",
+                       attempts.base_id, worker_id, reason, attempts.num_received, attempts.attempt + 1,
+                       attempts.migrations, attempts.max_migrations)
+        self._wait_for_worker(sub)
+        live = self.live(0)
+        if self._has_candidate(sub, live):
+            self._resubmit(sub, watch, live)
+
+    def _wait_for_worker(self, sub: SubRequest) -> None:
+        sub.waiting = True
+        if sub.move_deadline is None:
+            sub.move_deadline = time.monotonic() + self.settings.frontend.first_token_timeout_s
+
+    def _has_candidate(self, sub: SubRequest, live: dict[str, WorkerStatus]) -> bool:
+        """Whether a live worker could take the sub-request's next attempt: a decode worker it
+        did not lose, and a router if the deployment routes."""
+        routers = not self.settings.router.enabled or any(s.role == "router" for s in live.values())
+        return routers and sub.attempts is not None and sub.attempts.has_candidate(live)
+
+    def _resubmit(self, sub: SubRequest, watch: _Watch, live: dict[str, WorkerStatus]) -> None:
+        assert sub.attempts is not None
+        msg = sub.attempts.next_attempt(live)
+        sub.request_id, sub.waiting = msg.request_id, False
+        sub.worker_id = sub.worker_pid = sub.routed = sub.routed_pid = None
+        watch.add([sub])
+        self._send(sub, msg, live)
+        logger.info("[%s] attempt %s sent: %d prompt tokens, max_tokens=%d, excluding %s", sub.attempts.base_id,
+                    msg.request_id, len(msg.prompt_token_ids), msg.sampling.max_tokens, msg.exclude_workers or "none")
+
+    def _resend(self, sub: SubRequest, gone: list[str], live: dict[str, WorkerStatus]) -> None:
+        """Sends the unaccepted attempt again, under its own id: a worker that died may have held
+        it. The worker's claim drops whichever copy runs second."""
+        assert sub.attempts is not None
+        metrics.RESENDS.inc()
+        logger.warning("[%s] resending: not accepted yet, and %s, which may hold it, was lost",
+                       sub.request_id, ", ".join(gone))
+        self._send(sub, sub.attempts.request, live)
+
+    @staticmethod
+    def _count_failure(reason: str) -> None:
+        metrics.MIGRATION_FAILURES.labels(reason).inc()
+
+    def _pid_of(self, worker_id: str) -> int | None:
+        """The process behind a worker's lease, so that its replacement under the same name is
+        not taken for it."""
+        status = self.live().get(worker_id) or self.live(0).get(worker_id)
+        return status.pid if status else None
 
     def cancel(self, subs) -> None:
         pipe = self.redis.pipeline(transaction=False)

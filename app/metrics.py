@@ -32,6 +32,13 @@ ITL = Histogram("llmq_frontend_inter_token_latency_seconds", "Between successive
 QUEUE_WAIT = Histogram("llmq_frontend_queue_wait_seconds", "From enqueue until a worker took the request",
                        buckets=LATENCY_BUCKETS)
 PROMPT_TOKENS = Counter("llmq_frontend_prompt_tokens_total", "Prompt tokens of served requests")
+MIGRATIONS = Counter("llmq_frontend_migrations_total",
+                     "Sub-requests moved to another worker after theirs was lost (app/migration.py), by reason",
+                     ["reason"])
+MIGRATION_FAILURES = Counter("llmq_frontend_migration_failures_total",
+                             "Sub-requests that had to move and could not: limit, unresumable, no_worker", ["reason"])
+RESENDS = Counter("llmq_frontend_resends_total",
+                  "Unaccepted sub-requests sent again because a worker that may have held them was lost")
 COMPLETION_TOKENS = Counter("llmq_frontend_completion_tokens_total", "Completion tokens streamed to clients")
 
 

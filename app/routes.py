@@ -181,7 +181,7 @@ def _generate(kind: str, req: ChatCompletionRequest | CompletionRequest, prompts
         choice.logprobs.extend(delta.logprobs or [])
         choice.finish_reason = delta.finish_reason or choice.finish_reason
     usage.cached_tokens = sum(s.finished.num_cached_tokens for s in subs if s.finished)
-    return jsonify(fmt.response(choices, usage)), 200, _routing_headers(subs)
+    return jsonify(fmt.response(choices, usage)), 200, {**_routing_headers(subs), **_migration_header(subs, True)}
 
 
 def _routing_headers(subs: list[SubRequest]) -> dict[str, str]:
@@ -196,6 +196,13 @@ def _routing_headers(subs: list[SubRequest]) -> dict[str, str]:
                         "X-Overlap-Blocks": each(lambda s: str(s.routed.overlap_blocks) if s.routed else ""),
                         "X-Prompt-Blocks": each(lambda s: str(s.routed.prompt_blocks) if s.routed else "")})
     return headers
+
+
+def _migration_header(subs: list[SubRequest], always: bool) -> dict[str, str]:
+    """How many times the request moved to another worker after one died (app/migration.py).
+    A stream's headers go out with its first token, so a stream shows only the moves before it."""
+    count = sum(s.migrations for s in subs)
+    return {"X-Migrations": str(count)} if count or always else {}
 
 
 def _numbered(events: Iterator[tuple[SubRequest, Delta]], usage: Usage) -> Iterator[tuple[int, Delta]]:
@@ -235,6 +242,7 @@ def _stream(fmt: Formatter, deltas: Iterator[tuple[int, Delta]], events, subs: l
         yield fmt.DONE
 
     return Response(stream_with_context(body()), mimetype="text/event-stream",
-                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **_routing_headers(subs)})
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **_routing_headers(subs),
+                             **_migration_header(subs, False)})
 
 

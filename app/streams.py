@@ -44,8 +44,10 @@ class StreamReader:
         self._wake_cursor = "0-0"
         self._pid = 0
 
-    def open(self, stream_keys: list[str]) -> queue.SimpleQueue:
-        q: queue.SimpleQueue = queue.SimpleQueue()
+    def open(self, stream_keys: list[str], into: queue.SimpleQueue | None = None) -> queue.SimpleQueue:
+        """``into``: a queue an earlier ``open`` returned, so one waiting thread reads more streams
+        (a migrated request's new attempt) from one queue."""
+        q: queue.SimpleQueue = into if into is not None else queue.SimpleQueue()
         with self._lock:
             self._start_if_needed()
             for key in stream_keys:

@@ -94,7 +94,7 @@ class RouterRuntime:
         out = OutputWriter(self.redis, req.request_id, self.settings.workers.stream_ttl_s)
         started = time.perf_counter()
         try:
-            decision = self.service.decide(req.prompt_token_ids)
+            decision = self.service.decide(req.prompt_token_ids, req.exclude_workers)
         except NoCandidates as e:
             logger.warning("[%s] cannot route: %s", req.request_id, e)
             out.fail(503, "service_unavailable", str(e))

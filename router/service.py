@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -55,12 +56,17 @@ class RouterService:
         """The index as it stands; a snapshot load replaces it."""
         return self.shared.index
 
-    def decide(self, prompt_token_ids: list[int]) -> Decision:
+    def decide(self, prompt_token_ids: list[int], exclude: Collection[str] = ()) -> Decision:
+        """``exclude``: workers a resubmitted request must not go back to (GenerateRequest's
+        exclude_workers). With none left, NoCandidates, as with no worker at all: the frontend
+        then waits for a live one."""
         # An empty cached view is read again before it turns into a 503: it may be from a moment
         # when a worker's lease was between renewals.
-        workers = self.members.refresh() or self.members.refresh(fresh=True)
+        workers = self._eligible(self.members.refresh(), exclude) or self._eligible(
+            self.members.refresh(fresh=True), exclude)
         if not workers:
-            raise NoCandidates("no live decode worker")
+            raise NoCandidates("no live decode worker" + (f" other than {', '.join(sorted(exclude))}"
+                                                          if exclude else ""))
         prompt_blocks = self.index.num_prompt_blocks(prompt_token_ids)
         mode = self.config.mode
         if mode == "random":
@@ -78,6 +84,10 @@ class RouterService:
         self._count_hits(chosen.overlap_blocks, prompt_blocks)
         return Decision(chosen.worker_id, mode, chosen.overlap_blocks, prompt_blocks,
                         {c.worker_id: c.cost for c in candidates})
+
+    @staticmethod
+    def _eligible(workers: dict[str, WorkerStatus], exclude: Collection[str]) -> dict[str, WorkerStatus]:
+        return {w: status for w, status in workers.items() if w not in exclude} if exclude else workers
 
     def _candidate(self, status: WorkerStatus, overlap: int, prompt_blocks: int) -> Candidate:
         booked_blocks, booked_requests = self.bookings.pending(status.worker_id)

@@ -16,6 +16,12 @@ from tasks.consuming import ConsumingStep
 ROLE_LIFECYCLES = ("workers.lifecycle", "router.lifecycle")
 
 
+def visibility_timeout_s(settings: Settings) -> int:
+    """How long an unacked message stays with the worker that took it before the broker gives it
+    to another: past the task's expiry (see make_celery's delivery notes)."""
+    return int(settings.frontend.first_token_timeout_s) + 60
+
+
 def make_celery(settings: Settings) -> Celery:
     app = Celery("llmq", broker=settings.redis_url, set_as_current=False, include=ROLE_LIFECYCLES)
     app.conf.update(
@@ -38,7 +44,32 @@ def make_celery(settings: Settings) -> Celery:
         # engine's start.
         worker_pool="threads",
         worker_concurrency=settings.workers.concurrency,
-        # Take one message per free thread, so an idle worker elsewhere can get the rest.
+        # Delivery, on purpose: every queue (decode and the workers' own: generate; router:
+        # route; prefill: prefill) is delivered at most once by the broker, and the frontend owns
+        # retries (app/migration.py).
+        # - Acks early: a message is acked when its task starts, so the broker never runs a
+        #   started generation again: a second run would stream tokens the client already has.
+        #   When a worker dies, the frontend sees its lease go and resubmits the request with the
+        #   tokens so far, under a new id; the dead attempt's cancel flag is set, so a copy of it
+        #   found later is dropped unrun (workers/decode.py).
+        # - Not silently dropped: a message a dead worker had taken but not started goes back to
+        #   its queue only after the visibility timeout, or never (one that Redis handed to a
+        #   BRPOP whose reply the worker did not read before it died), so the frontend waits for
+        #   neither. It resubmits a request no live worker has accepted (its stream has no Accepted)
+        #   as soon as the worker that may hold it loses its lease; a decode worker accepts a
+        #   request by claiming its id atomically (SET NX, with Accepted in the same Lua script),
+        #   so the copy that comes second is dropped before anything reaches the client. A lost
+        #   prefill costs time, not the request: the decode worker prefills locally on its
+        #   deadline, and a push prefill is claimed once (tasks/keys.py, prefill_claim).
+        # - The visibility timeout outlasts the expiry of what the frontend sends
+        #   (expires=first_token_timeout_s): such a message restored from a dead worker has
+        #   expired by then, and is discarded. One the router forwarded has no expiry; the cancel
+        #   flag or the claim drops it.
+        # - task_reject_on_worker_lost applies to acks-late tasks only; it stays off.
+        # - Take one message per free thread, so an idle worker elsewhere can get the rest, and
+        #   a worker that dies holds as few unstarted messages as possible.
+        task_acks_late=False,
+        task_reject_on_worker_lost=False,
         worker_prefetch_multiplier=1,
         # Each worker also consumes a queue of its own, so a router can pick the worker.
         worker_direct=True,
@@ -52,7 +83,8 @@ def make_celery(settings: Settings) -> Celery:
         # then 4 s more, ...; broker_connection_max_retries, 100, bounds the attempts).
         task_publish_retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": 0.2,
                                    "interval_max": 0.2},
-        broker_transport_options={"socket_timeout": 10, "socket_connect_timeout": 5},
+        broker_transport_options={"socket_timeout": 10, "socket_connect_timeout": 5,
+                                  "visibility_timeout": visibility_timeout_s(settings)},
         llmq_settings=settings,
     )
     # Follows whether the consumer consumes, across broker reconnects: a worker holds its lease

@@ -13,6 +13,12 @@ def cancel_flag(request_id: str) -> str:
     return f"{PREFIX}:cancel:{request_id}"
 
 
+def claim(request_id: str) -> str:
+    """Set once (SET NX) by the worker that accepts the request: a copy of its message that the
+    broker redelivers, or that the frontend resent, finds it and is dropped unrun."""
+    return f"{PREFIX}:claim:{request_id}"
+
+
 def worker_lease(worker_id: str) -> str:
     """A live worker's status; it expires when the worker stops renewing it."""
     return f"{PREFIX}:worker:{worker_id}"

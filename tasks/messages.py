@@ -12,7 +12,7 @@ import msgspec
 
 # Bump when a field changes meaning or a required field is added; peers reject other versions
 # before decoding the rest, so a mixed-version rollout fails loudly instead of mis-parsing.
-WIRE_VERSION = 2  # 2: GenerateRequest.prefix_hit_tokens
+WIRE_VERSION = 3  # 2: GenerateRequest.prefix_hit_tokens; 3: GenerateRequest.exclude_workers
 
 
 class SamplingSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -40,6 +40,10 @@ class GenerateRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     deadline_unix: float
     # Prompt tokens the router expects the chosen worker to have cached (KV routing only).
     prefix_hit_tokens: int = 0
+    # Workers the router must not choose: the frontend resubmits a request whose worker died
+    # (app/migration.py) and names that worker here while its lease, or the router's cached view
+    # of it, may still say it lives.
+    exclude_workers: list[str] = []
     version: int = WIRE_VERSION
 
 

@@ -434,7 +434,7 @@ def test_scenario_subcommands_parse():
     workload = spec.workload(2, seed=5)
     assert workload.options.seed == 5 and workload.options.warmup_sessions == 0
     assert workload.params.num_system_prompts == 3 and workload.kind is WorkloadKind.MULTITURN
-    for name in ("vs-vllm", "profile", "router-speed", "first-burst"):
+    for name in ("vs-vllm", "profile", "router-speed", "first-burst", "migration"):
         assert build_parser().parse_args([name, "--out", "x"]).command == name
 
 

@@ -38,7 +38,7 @@ def test_a_process_connects_before_its_first_request(model_path, scratch_redis_u
     # Its Redis connection and a full pool of broker connections are open (a burst opening them
     # queued its threads for over a second), and the liveness cache is filled.
     assert clients() >= before + 1 + gateway.celery.producer_pool.limit
-    assert gateway._workers_checked_at > 0
+    assert gateway._live_read_at > 0
 
 
 @pytest.mark.parametrize("freeze", [True, False])

@@ -216,3 +216,22 @@ def test_the_router_forwards_the_typed_request_with_its_prefix_hit(client, scrat
     assert queue.name == worker_queue(WORKERS[1]).name
     assert routed == msgspec.structs.replace(req, prefix_hit_tokens=2 * ENGINE_BS)
     assert request_from_task_arg(request_to_task_arg(routed)) == routed
+
+
+@pytest.mark.parametrize("mode", ["round-robin", "random", "kv"])
+def test_excluded_workers_are_never_chosen(client, mode):
+    # A migrated request names the workers it lost (GenerateRequest.exclude_workers), which the
+    # router may still see as live for a moment.
+    lease_workers(client)
+    xadd(client, KvEvent(WORKERS[1], "stored", [b"h1", b"h2"], None, engine_blocks(1, 2)))
+    service = router(client, mode=mode)
+    chosen = {service.decide(engine_blocks(1, 2), exclude=[WORKERS[1]]).worker_id for _ in range(12)}
+    assert WORKERS[1] not in chosen and chosen <= set(WORKERS)
+
+
+def test_with_every_worker_excluded_there_is_no_candidate(client):
+    from router.service import NoCandidates
+
+    lease_workers(client)
+    with pytest.raises(NoCandidates, match="other than decode0@a, decode1@a, decode2@b"):
+        router(client, mode="round-robin").decide(engine_blocks(1), exclude=WORKERS)

@@ -12,16 +12,19 @@ import time
 
 from config import Settings
 from tasks import keys
-from tasks.messages import Accepted, Finished, GenerateRequest, PrefillRequest, prefill_to_task_arg, task_argsrepr
+from tasks.messages import Finished, GenerateRequest, PrefillRequest, prefill_to_task_arg, task_argsrepr
 from tasks.queues import PREFILL_TASK
 from workers.disagg import RemotePrefill
-from workers.outputs import BatchedStreamWriter, OutputWriter, deltas_from
+from workers.outputs import ACCEPTED, CANCELLED, BatchedStreamWriter, OutputWriter, deltas_from
 from workers.runtime import WorkerRuntime
 
 logger = logging.getLogger(__name__)
 
 # How often a running request looks for the frontend's cancel flag (client went away).
 CANCEL_CHECK_INTERVAL_S = 0.5
+# A request's claim outlives its deadline by this much, so a clock a little behind still drops a
+# late copy of its message.
+CLAIM_MARGIN_S = 60
 
 
 class DecodeRuntime(WorkerRuntime):
@@ -49,7 +52,15 @@ class DecodeRuntime(WorkerRuntime):
             logger.warning("[%s] dropped: deadline passed while queued", rid)
             out.fail(504, "timeout", "the request waited in the queue past its deadline")
             return
-        out.write([Accepted(worker_id=self.worker_id)])
+        # The claim lasts as long as any copy of the message could still run: the deadline check
+        # above drops every copy after it.
+        verdict = out.accept(self.worker_id, claim_ttl_s=req.deadline_unix - time.time() + CLAIM_MARGIN_S)
+        if verdict != ACCEPTED:
+            # Cancelled: the client went away while it queued, or the frontend resubmitted it
+            # elsewhere (app/migration.py). Claimed: another copy of this message runs.
+            self.metrics.requests.labels(f"dropped_{verdict}").inc()
+            logger.info("[%s] dropped unrun: %s", rid, "cancelled" if verdict == CANCELLED else "already claimed")
+            return
         started = time.monotonic()
         try:
             num_tokens, last = self.engine.run(self._stream(req)).result()

@@ -7,7 +7,7 @@ import logging
 from typing import Any
 
 from tasks import keys
-from tasks.messages import Delta, Failed, OutputEvent, TokenLogprob, TopLogprob, encode_event
+from tasks.messages import Accepted, Delta, Failed, OutputEvent, TokenLogprob, TopLogprob, encode_event
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +27,7 @@ class OutputWriter:
 
     def __init__(self, client, request_id: str, ttl_s: int):
         self._client = client
+        self._request_id = request_id
         self._key = keys.output_stream(request_id)
         self._ttl_s = ttl_s
 
@@ -42,6 +43,36 @@ class OutputWriter:
 
     def fail(self, status: int, error_type: str, message: str) -> None:
         self.write([Failed(status=status, type=error_type, message=message)])
+
+    def accept(self, worker_id: str, claim_ttl_s: float) -> str:
+        """Claims the request for this worker and writes its Accepted, in one atomic step, unless
+        the frontend has cancelled it or another copy of its message was claimed first.
+
+        Returns ``ACCEPTED``, ``CANCELLED`` or ``CLAIMED`` (the second copy of a message). Atomic,
+        so a request is claimed if and only if its stream says Accepted: the frontend may then
+        resend a message that has no Accepted (its worker may have died holding it), and the
+        copy that runs second finds the claim and is dropped before the client could see it.
+        """
+        request_id = self._request_id
+        # register_script costs a SHA1 of the source; the call is EVALSHA, loading the script
+        # on a Redis that does not hold it yet (a new one, or one restarted).
+        reply = self._client.register_script(_ACCEPT_LUA)(
+            keys=[keys.cancel_flag(request_id), keys.claim(request_id), self._key],
+            args=[worker_id, max(1, int(claim_ttl_s)), encode_event(Accepted(worker_id)), self._ttl_s])
+        return reply.decode() if isinstance(reply, bytes) else str(reply)
+
+
+ACCEPTED, CANCELLED, CLAIMED = "accepted", "cancelled", "claimed"
+
+# KEYS: the cancel flag, the claim, the output stream. ARGV: worker id, claim TTL, the encoded
+# Accepted event, the stream's TTL. The stream entry is shaped as _append shapes it (field "m").
+_ACCEPT_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 'cancelled' end
+if not redis.call('SET', KEYS[2], ARGV[1], 'NX', 'EX', ARGV[2]) then return 'claimed' end
+redis.call('XADD', KEYS[3], '*', 'm', ARGV[3])
+redis.call('EXPIRE', KEYS[3], ARGV[4])
+return 'accepted'
+"""
 
 
 class BatchedStreamWriter:
