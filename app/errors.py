@@ -5,6 +5,8 @@ from __future__ import annotations
 from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+from app import metrics
+
 
 class APIError(Exception):
     """An error the client should see, with its HTTP status."""
@@ -71,8 +73,9 @@ DRAIN_LIMIT_BYTES = 16 * 1024 * 1024
 
 
 def _drain_refused_body() -> None:
-    remaining = request.content_length
-    if remaining is None or remaining > DRAIN_LIMIT_BYTES:
+    # A chunked body has no length: it is read up to the same limit, or to its end.
+    remaining = request.content_length if request.content_length is not None else DRAIN_LIMIT_BYTES
+    if remaining > DRAIN_LIMIT_BYTES:
         return
     stream = request.environ["wsgi.input"]
     while remaining > 0:
@@ -95,8 +98,11 @@ def register_error_handlers(app: Flask) -> None:
         return error_response(APIError(e.description or e.name, status=e.code,
                                        type=kind.get(e.code, "invalid_request_error")))
 
+    # For bugs only: every input a client can send has its own 4xx above. A request that gets
+    # here is logged with its traceback and counted, so a test or an alert sees it.
     @app.errorhandler(Exception)
     def _unexpected(e: Exception):
-        app.logger.exception("unhandled error")
+        metrics.UNHANDLED_ERRORS.inc()
+        app.logger.error("unhandled error (a bug) on %s %s", request.method, request.path, exc_info=e)
         return error_response(APIError(f"internal error: {type(e).__name__}", status=503,
                                        type="server_error"))

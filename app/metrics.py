@@ -33,6 +33,10 @@ QUEUE_WAIT = Histogram("llmq_frontend_queue_wait_seconds", "From enqueue until a
                        buckets=LATENCY_BUCKETS)
 PROMPT_TOKENS = Counter("llmq_frontend_prompt_tokens_total", "Prompt tokens of served requests")
 COMPLETION_TOKENS = Counter("llmq_frontend_completion_tokens_total", "Completion tokens streamed to clients")
+PROMPTS_REFUSED_BY_SIZE = Counter("llmq_frontend_prompts_refused_by_size_total",
+                                  "Prompts refused as too long from their size in bytes, before tokenizing")
+# The catch-all error handler's count: anything here is a bug, not a client's mistake.
+UNHANDLED_ERRORS = Counter("llmq_frontend_unhandled_errors_total", "Requests that reached the catch-all error handler")
 
 
 def render() -> tuple[bytes, str]:
