@@ -30,6 +30,7 @@ def _utf8(text: str) -> str:
 
 
 Text = Annotated[str, AfterValidator(_utf8)]
+StopText = Annotated[Text, Field(min_length=1)]
 PositiveInt = Annotated[int, Field(ge=1, le=INT32_MAX)]
 TokenId = Annotated[int, Field(ge=0, le=INT32_MAX)]
 TokenIds = Annotated[list[TokenId], Field(min_length=1)]
@@ -76,7 +77,8 @@ class _Sampling(_Body):
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     repetition_penalty: float = Field(1.0, gt=0, le=2)
-    stop: Text | Annotated[list[Text], Field(max_length=16)] | None = None
+    # vLLM refuses an empty stop string.
+    stop: StopText | Annotated[list[StopText], Field(max_length=16)] | None = None
     stop_token_ids: list[TokenId] | None = None
     seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     # Token id (a string of digits, as OpenAI sends it) -> bias added to its logit. The ids are

@@ -127,9 +127,9 @@ COMPLETION = {"model": "m", "prompt": "hi"}
     ("seed", 2**63), ("seed", -(2**63) - 1), ("seed", 2**64), ("top_k", 2**31), ("top_k", 2**64),
     ("max_tokens", 2**31), ("min_tokens", 2**31), ("min_tokens", -1), ("n", 17), ("n", 2**64),
     ("stop_token_ids", [2**31]), ("stop_token_ids", [-1]), ("top_logprobs", 21), ("max_completion_tokens", 2**31),
-    ("temperature", 10**400),
+    ("temperature", 10**400), ("stop", ""), ("stop", ["a", ""]),
 ])
-def test_integers_are_bounded_to_what_the_engine_takes(field, value):
+def test_values_are_bounded_to_what_the_engine_takes(field, value):
     bad(ChatCompletionRequest, {**CHAT, field: value}, field)
 
 
