@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from flask import Flask, jsonify, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, InternalServerError
 
 from app import metrics
 
@@ -92,6 +92,8 @@ def register_error_handlers(app: Flask) -> None:
     # sees the request, so they are handled on the app, in the same shape.
     @app.errorhandler(HTTPException)
     def _http_error(e: HTTPException):
+        if isinstance(e, InternalServerError):  # Flask's answer when an error handler itself failed
+            return _unexpected(e.original_exception or e)
         kind: dict[int | None, str] = {404: "not_found_error", 405: "invalid_request_error", 413: "request_too_large"}
         if e.code == 413:
             _drain_refused_body()
@@ -101,7 +103,7 @@ def register_error_handlers(app: Flask) -> None:
     # For bugs only: every input a client can send has its own 4xx above. A request that gets
     # here is logged with its traceback and counted, so a test or an alert sees it.
     @app.errorhandler(Exception)
-    def _unexpected(e: Exception):
+    def _unexpected(e: BaseException):
         metrics.UNHANDLED_ERRORS.inc()
         app.logger.error("unhandled error (a bug) on %s %s", request.method, request.path, exc_info=e)
         return error_response(APIError(f"internal error: {type(e).__name__}", status=503,

@@ -14,6 +14,10 @@ from app.errors import BadRequest, register_error_handlers
 from app.gunicorn_worker import client_error, error_bytes
 
 
+class _Unsendable(Exception):
+    pass
+
+
 def _app() -> Flask:
     app = Flask(__name__)
     register_error_handlers(app)
@@ -21,6 +25,14 @@ def _app() -> Flask:
     @app.post("/bug")
     def bug():
         raise KeyError("a bug")
+
+    @app.post("/broken-handler")
+    def broken_handler():
+        raise _Unsendable("no")
+
+    @app.errorhandler(_Unsendable)
+    def _fails(e):
+        raise RuntimeError("an error handler with a bug")
 
     @app.post("/bad")
     def bad():
@@ -72,3 +84,10 @@ def test_gunicorn_refusal_is_a_complete_json_response():
     assert "Content-Type: application/json" in lines and f"Content-Length: {len(body)}" in lines
     err = json.loads(body)["error"]
     assert set(err) == {"message", "type", "param", "code"} and err["message"].endswith('\u00e9 "q"')
+
+
+def test_an_error_handler_that_fails_is_a_counted_503_not_a_500():
+    before = _unhandled()
+    resp = _app().test_client().post("/broken-handler")
+    assert resp.status_code == 503 and resp.json["error"]["type"] == "server_error"
+    assert _unhandled() == before + 1
