@@ -5,7 +5,9 @@ from __future__ import annotations
 import redis
 from flask import Flask, jsonify, request
 from kombu.exceptions import OperationalError
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, InternalServerError
+
+from app import metrics
 
 
 class APIError(Exception):
@@ -101,8 +103,9 @@ DRAIN_LIMIT_BYTES = 16 * 1024 * 1024
 
 
 def _drain_refused_body() -> None:
-    remaining = request.content_length
-    if remaining is None or remaining > DRAIN_LIMIT_BYTES:
+    # A chunked body has no length: it is read up to the same limit, or to its end.
+    remaining = request.content_length if request.content_length is not None else DRAIN_LIMIT_BYTES
+    if remaining > DRAIN_LIMIT_BYTES:
         return
     stream = request.environ["wsgi.input"]
     while remaining > 0:
@@ -126,14 +129,19 @@ def register_error_handlers(app: Flask) -> None:
     # sees the request, so they are handled on the app, in the same shape.
     @app.errorhandler(HTTPException)
     def _http_error(e: HTTPException):
+        if isinstance(e, InternalServerError):  # Flask's answer when an error handler itself failed
+            return _unexpected(e.original_exception or e)
         kind: dict[int | None, str] = {404: "not_found_error", 405: "invalid_request_error", 413: "request_too_large"}
         if e.code == 413:
             _drain_refused_body()
         return error_response(APIError(e.description or e.name, status=e.code,
                                        type=kind.get(e.code, "invalid_request_error")))
 
+    # For bugs only: every input a client can send has its own 4xx above. A request that gets
+    # here is logged with its traceback and counted, so a test or an alert sees it.
     @app.errorhandler(Exception)
-    def _unexpected(e: Exception):
-        app.logger.exception("unhandled error")
+    def _unexpected(e: BaseException):
+        metrics.UNHANDLED_ERRORS.inc()
+        app.logger.error("unhandled error (a bug) on %s %s", request.method, request.path, exc_info=e)
         return error_response(APIError(f"internal error: {type(e).__name__}", status=503,
                                        type="server_error"))

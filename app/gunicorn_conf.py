@@ -50,7 +50,9 @@ def child_exit(server, worker):
 wsgi_app = "app:create_app()"
 bind = f"{_settings.frontend.host}:{_settings.frontend.port}"
 workers = _settings.frontend.workers
-worker_class = "gthread"
+# gthread, answering the requests gunicorn refuses itself (a header over its default limits of
+# 8190 bytes a field and 100 fields, a request line over 4094 bytes) in OpenAI's error shape.
+worker_class = "app.gunicorn_worker.JsonErrorThreadWorker"
 threads = _settings.frontend.threads
 # A gthread worker accepts up to worker_connections (default 1000) and queues what its threads
 # cannot serve yet. A stream holds its thread for minutes, so a request queued behind streams in

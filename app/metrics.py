@@ -40,6 +40,10 @@ MIGRATION_FAILURES = Counter("llmq_frontend_migration_failures_total",
 RESENDS = Counter("llmq_frontend_resends_total",
                   "Unaccepted sub-requests sent again because a worker that may have held them was lost")
 COMPLETION_TOKENS = Counter("llmq_frontend_completion_tokens_total", "Completion tokens streamed to clients")
+PROMPTS_REFUSED_BY_SIZE = Counter("llmq_frontend_prompts_refused_by_size_total",
+                                  "Prompts refused as too long from their size in bytes, before tokenizing")
+# The catch-all error handler's count: anything here is a bug, not a client's mistake.
+UNHANDLED_ERRORS = Counter("llmq_frontend_unhandled_errors_total", "Requests that reached the catch-all error handler")
 
 
 def render() -> tuple[bytes, str]:

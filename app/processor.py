@@ -9,6 +9,7 @@ import contextlib
 import logging
 from typing import cast
 
+from app import metrics
 from app.errors import BadRequest
 from app.schemas import ChatCompletionRequest, CompletionRequest
 from config import Settings
@@ -25,6 +26,7 @@ class Processor:
         self.max_model_len = settings.engine.max_model_len
         self.tokenizer = AutoTokenizer.from_pretrained(settings.model.resolved_path)
         self.vocab_size = len(self.tokenizer)
+        self.max_token_bytes = self._max_token_bytes()
         if not self.tokenizer.chat_template:
             logger.warning("model %s has no chat template; /v1/chat/completions will refuse requests",
                            settings.model.resolved_path)
@@ -39,6 +41,42 @@ class Processor:
                                                    add_generation_prompt=True)
         self.tokenizer.encode("warm up", add_special_tokens=False)
 
+    def _max_token_bytes(self) -> int | None:
+        """The most bytes of UTF-8 text one token stands for, or None if that cannot be relied on.
+
+        A text of B bytes then has at least B / max_token_bytes tokens, so a prompt can be
+        refused as too long from its size alone, before the tokenizer spends seconds of CPU on
+        it. A token's own string, in UTF-8, is at least as long as the text it covers in the
+        byte-level (GPT-2, Llama 3) and SentencePiece (U+2581 for a space, "<0x0A>" for a
+        byte) vocabularies alike. A normalizer that folds text (NFKC turns a 3-byte full-width
+        letter into a 1-byte one) or a tokenizer that drops or fuses characters would break
+        that, so the bound must hold on the hardest texts below, or it is not used."""
+        vocab = self.tokenizer.get_vocab()
+        if not vocab:
+            return None
+        longest = max(len(token.encode("utf-8", "replace")) for token in vocab)
+        probes = ["\uff21\uff22\uff23", "e\u0301", "\ufb01", "\x01", "\u200b", "\ufeff", "\U00020000", "\U0001f642",
+                  " ", "\n", "\t", "the ", "a", "0", "<|endoftext|>", "\u00e9", "\u4e2d"]
+        for probe in probes:
+            text = probe * 64
+            if len(self.tokenizer.encode(text, add_special_tokens=False)) * longest < len(text.encode()):
+                logger.warning("tokenizer of %s folds or drops text (%r): prompts are measured only "
+                               "by tokenizing them", self.model_name, probe)
+                return None
+        return longest
+
+    def _check_size(self, text: str, param: str, requested: int | None) -> None:
+        """Refuses a text whose size in bytes already proves it too long for the context."""
+        if self.max_token_bytes is None:
+            return
+        at_least = -(-len(text.encode("utf-8")) // self.max_token_bytes)
+        if at_least >= self.max_model_len or (requested is not None and at_least + requested > self.max_model_len):
+            metrics.PROMPTS_REFUSED_BY_SIZE.inc()
+            raise BadRequest(
+                f"This model's maximum context length is {self.max_model_len} tokens; your prompt has at "
+                f"least {at_least} tokens ({len(text.encode('utf-8'))} bytes). Shorten the prompt.",
+                param=param, code="context_length_exceeded")
+
     # -- prompts ---------------------------------------------------------------------------
 
     def chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
@@ -46,33 +84,37 @@ class Processor:
             raise BadRequest("this model has no chat template; use /v1/completions", param="messages")
         messages = [{"role": m.role, "content": m.text} for m in req.messages]
         try:
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = cast(str, self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
         except Exception as e:  # noqa: BLE001  template errors (e.g. role order) are the caller's
             raise BadRequest(f"the chat template rejected these messages: {e}", param="messages") from e
+        # Measured after the template, which may trim or drop parts of the messages; rendering
+        # is cheap next to tokenizing.
+        self._check_size(text, "messages", req.requested_max_tokens)
         # The template already wrote the special tokens it wants.
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def completion_prompts(self, req: CompletionRequest) -> list[list[int]]:
         prompt = req.prompt
         if isinstance(prompt, str):
-            return [self._encode(prompt)]
+            return [self._encode(prompt, req.requested_max_tokens)]
         if all(isinstance(p, int) for p in prompt):
             return [self._check_ids(cast(list[int], prompt))]
         if all(isinstance(p, str) for p in prompt):
-            return [self._encode(cast(str, p)) for p in prompt]
+            texts = cast(list[str], prompt)
+            for text in texts:  # all of them before any is tokenized
+                self._check_size(text, "prompt", req.requested_max_tokens)
+            return [self._encode(text, req.requested_max_tokens) for text in texts]
         return [self._check_ids(cast(list[int], p)) for p in prompt]
 
-    def _encode(self, text: str) -> list[int]:
+    def _encode(self, text: str, requested: int | None) -> list[int]:
+        self._check_size(text, "prompt", requested)
         ids = self.tokenizer.encode(text, add_special_tokens=True)
         if not ids:
             raise BadRequest("the prompt is empty", param="prompt")
         return ids
 
     def _check_ids(self, ids: list[int]) -> list[int]:
-        bad = [i for i in ids if i >= self.vocab_size]
-        if bad:
-            raise BadRequest(f"token id {bad[0]} is out of range; the vocabulary has {self.vocab_size} tokens",
-                             param="prompt")
+        self._check_vocab(ids, "prompt")
         return list(ids)
 
     # -- limits and sampling ---------------------------------------------------------------
@@ -93,9 +135,19 @@ class Processor:
                 param="max_tokens", code="context_length_exceeded")
         return requested
 
-    @staticmethod
-    def sampling(req: ChatCompletionRequest | CompletionRequest, max_tokens: int) -> SamplingSpec:
-        top_k = req.top_k if req.top_k not in (None, -1) else 0
+    def _check_vocab(self, ids, param: str) -> None:
+        bad = [i for i in ids if i >= self.vocab_size]
+        if bad:
+            raise BadRequest(f"token id {bad[0]} is out of range; the vocabulary has {self.vocab_size} tokens",
+                             param=param)
+
+    def sampling(self, req: ChatCompletionRequest | CompletionRequest, max_tokens: int) -> SamplingSpec:
+        self._check_vocab(req.stop_token_ids or [], "stop_token_ids")
+        logit_bias = req.token_logit_bias
+        self._check_vocab(logit_bias, "logit_bias")
+        # A top_k of the vocabulary or more keeps every token: the same as none, which is also
+        # what the engine makes of it.
+        top_k = req.top_k if req.top_k is not None and 0 < req.top_k < self.vocab_size else 0
         return SamplingSpec(
             max_tokens=max_tokens,
             temperature=1.0 if req.temperature is None else req.temperature,
@@ -111,4 +163,5 @@ class Processor:
             n=req.n,
             ignore_eos=req.ignore_eos,
             logprobs=req.num_logprobs,
+            logit_bias=sorted(logit_bias.items()),
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import re
 import uuid
@@ -10,6 +11,7 @@ from collections.abc import Iterator
 
 import redis
 from flask import Blueprint, Response, current_app, g, jsonify, request, stream_with_context
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from app import metrics
 from app.disconnect import client_gone
@@ -90,10 +92,30 @@ def _check_api_key() -> None:
 
 
 def _json_body() -> object:
-    body = request.get_json(silent=True)
-    if body is None:
+    if not request.is_json:
         raise BadRequest("the request body is not valid JSON (or Content-Type is not application/json)")
-    return body
+    try:
+        raw = request.get_data(cache=False)
+        # Without a Content-Length (a chunked body) werkzeug stops reading at MAX_CONTENT_LENGTH
+        # and returns what it has, as if the body ended there: any byte left means it was over.
+        limit = current_app.config["MAX_CONTENT_LENGTH"]
+        if (limit is not None and request.content_length is None and len(raw) >= limit
+                and request.environ["wsgi.input"].read(1)):
+            raise RequestEntityTooLarge()
+    except HTTPException:
+        raise
+    except Exception as e:  # noqa: BLE001  a broken chunked encoding fails in gunicorn's reader
+        raise BadRequest(f"the request body could not be read: {type(e).__name__}") from None
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise BadRequest("the request body is nested too deeply") from None
+    except ValueError as e:  # invalid JSON or invalid UTF-8
+        raise BadRequest(f"the request body is not valid JSON: {_first_line(e)}") from None
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).splitlines()[0][:200] if str(e) else type(e).__name__
 
 
 def _check_model(name: str) -> None:

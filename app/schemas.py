@@ -4,12 +4,36 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from app.errors import BadRequest
 
-PositiveInt = Annotated[int, Field(ge=1)]
-TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+# Every integer is bounded here, so none reaches the engine out of the range its tensors and
+# its torch.Generator take (an int of 2**64 or more made the worker fail with OverflowError).
+# Counts and token ids fit vLLM's int32 tensors; a seed is a torch.long, the bound vLLM's own
+# server applies (torch.Generator.manual_seed takes no more than 64 bits).
+INT32_MAX = 2**31 - 1
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+# OpenAI's own limits on logit_bias: at most 300 entries, each bias in [-100, 100].
+MAX_LOGIT_BIAS_ENTRIES = 300
+
+
+def _utf8(text: str) -> str:
+    # JSON may spell a lone UTF-16 surrogate ("\ud800"), which Python keeps in a str but which
+    # has no UTF-8 form: the tokenizer (and any log line or error message quoting it) fails on it.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"must be valid Unicode text: it contains a lone UTF-16 surrogate at "
+                         f"character {e.start}") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_utf8)]
+StopText = Annotated[Text, Field(min_length=1)]
+PositiveInt = Annotated[int, Field(ge=1, le=INT32_MAX)]
+TokenId = Annotated[int, Field(ge=0, le=INT32_MAX)]
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 
 
 class _Body(BaseModel):
@@ -18,7 +42,8 @@ class _Body(BaseModel):
     # Strict: a field takes only its own JSON type, so "max_tokens": "5", "temperature": "0.5",
     # "top_k": 2.0 or "stream": "yes" are 400s, as with OpenAI, not quietly converted. Float
     # fields still take integers ("temperature": 1), which strict mode allows and OpenAI does too.
-    model_config = ConfigDict(extra="ignore", strict=True)
+    # Floats must be finite: Python's JSON parser takes NaN and Infinity, which no range excludes.
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
 
 
 class StreamOptions(_Body):
@@ -27,13 +52,13 @@ class StreamOptions(_Body):
 
 class TextPart(_Body):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
+    content: Text | list[TextPart] | None = None
+    name: Text | None = None
 
     @property
     def text(self) -> str:
@@ -43,22 +68,40 @@ class ChatMessage(_Body):
 
 
 class _Sampling(_Body):
-    model: str
+    model: Text
     max_tokens: PositiveInt | None = None
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=-1)
-    min_tokens: int = Field(0, ge=0)
+    top_k: int | None = Field(None, ge=-1, le=INT32_MAX)
+    min_tokens: int = Field(0, ge=0, le=INT32_MAX)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     repetition_penalty: float = Field(1.0, gt=0, le=2)
-    stop: str | Annotated[list[str], Field(max_length=16)] | None = None
-    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
-    seed: int | None = None
+    # vLLM refuses an empty stop string.
+    stop: StopText | Annotated[list[StopText], Field(max_length=16)] | None = None
+    stop_token_ids: list[TokenId] | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
+    # Token id (a string of digits, as OpenAI sends it) -> bias added to its logit. The ids are
+    # checked against the vocabulary in app/processor.py, which knows it.
+    logit_bias: Annotated[dict[str, Annotated[float, Field(ge=-100, le=100)]],
+                          Field(max_length=MAX_LOGIT_BIAS_ENTRIES)] | None = None
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_keys_are_token_ids(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        for key in bias or {}:
+            # Digits only: int() would also take " 7", "+7", "7_0" and "٧" (an Arabic-Indic 7).
+            if not (key.isascii() and key.isdigit() and len(key) <= 10 and int(key) <= INT32_MAX):
+                raise ValueError(f"keys must be token ids (strings of digits), got {key[:32]!r}")
+        return bias
+
+    @property
+    def token_logit_bias(self) -> dict[int, float]:
+        return {int(k): v for k, v in (self.logit_bias or {}).items()}
 
     @property
     def stop_list(self) -> list[str]:
@@ -101,10 +144,11 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | TokenIds | Annotated[list[str], Field(min_length=1)] | Annotated[list[TokenIds], Field(min_length=1)]
+    prompt: (Text | TokenIds | Annotated[list[Text], Field(min_length=1)]
+             | Annotated[list[TokenIds], Field(min_length=1)])
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
-    suffix: str | None = None
+    suffix: Text | None = None
     best_of: int | None = None
 
     @property
@@ -134,8 +178,23 @@ def parse(model: type[_Body], body: object) -> _Body:
     try:
         return model.model_validate(body)
     except ValidationError as e:
-        first = e.errors()[0]
-        loc = [str(p) for p in first["loc"]]
-        message = first["msg"].removeprefix("Value error, ")
+        errors = e.errors(include_url=False, include_input=False)
+        # A field of several types (prompt, content, stop) fails once per type; the error that
+        # went deepest, and then one about a value rather than a type, is from the type the
+        # client meant (a list of strings, one of them bad).
+        first = max(errors, key=lambda err: (len(err["loc"]), not err["type"].endswith("_type")))
+        # Locations name those types too ("function-after[_utf8(), str]", "list[int]"): dropped.
+        # A location may hold a client's dict key (logit_bias), which may be long or hold a lone
+        # surrogate: the message quotes at most 64 characters of it, escaped.
+        loc = [_quotable(str(p)[:64]) for p in first["loc"] if not _is_type_tag(p)]
+        message = _quotable(first["msg"].removeprefix("Value error, "))
         raise BadRequest(f"{'.'.join(loc)}: {message}" if loc else message,
                          param=loc[0] if loc else None) from None
+
+
+def _quotable(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _is_type_tag(part: str | int) -> bool:
+    return isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool"))

@@ -12,7 +12,7 @@ import msgspec
 
 # Bump when a field changes meaning or a required field is added; peers reject other versions
 # before decoding the rest, so a mixed-version rollout fails loudly instead of mis-parsing.
-WIRE_VERSION = 3  # 2: GenerateRequest.prefix_hit_tokens; 3: GenerateRequest.exclude_workers
+WIRE_VERSION = 3  # 2: GenerateRequest.prefix_hit_tokens; 3: GenerateRequest.exclude_workers, SamplingSpec.logit_bias
 
 
 class SamplingSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -30,6 +30,9 @@ class SamplingSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     n: int = 1
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top alternatives; None = no logprobs
+    # (token id, bias added to its logit) pairs. Pairs, not a dict: Celery's JSON would turn
+    # int keys into strings on the way.
+    logit_bias: list[tuple[int, float]] = []
 
 
 class GenerateRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -116,3 +116,95 @@ def test_echo_refused():
 def test_unknown_fields_are_ignored():
     req = parse(ChatCompletionRequest, {**CHAT, "user": "u1", "metadata": {"a": 1}})
     assert req.model == "m"
+
+
+# -- hostile values: every integer bounded, text UTF-8, floats finite, logit_bias well formed ----
+
+COMPLETION = {"model": "m", "prompt": "hi"}
+
+
+@pytest.mark.parametrize("field,value", [
+    ("seed", 2**63), ("seed", -(2**63) - 1), ("seed", 2**64), ("top_k", 2**31), ("top_k", 2**64),
+    ("max_tokens", 2**31), ("min_tokens", 2**31), ("min_tokens", -1), ("n", 17), ("n", 2**64),
+    ("stop_token_ids", [2**31]), ("stop_token_ids", [-1]), ("top_logprobs", 21), ("max_completion_tokens", 2**31),
+    ("temperature", 10**400), ("stop", ""), ("stop", ["a", ""]),
+])
+def test_values_are_bounded_to_what_the_engine_takes(field, value):
+    bad(ChatCompletionRequest, {**CHAT, field: value}, field)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("seed", 2**63 - 1), ("seed", -(2**63)), ("top_k", 2**31 - 1), ("top_k", -1), ("max_tokens", 2**31 - 1),
+    ("stop_token_ids", [0, 2**31 - 1]),
+])
+def test_integer_bounds_are_inclusive(field, value):
+    assert getattr(parse(ChatCompletionRequest, {**CHAT, field: value}), field) == value
+
+
+@pytest.mark.parametrize("prompt", [[2**31], [[1], [2**64]], [-1]])
+def test_token_id_prompts_are_bounded(prompt):
+    err = bad(CompletionRequest, {**COMPLETION, "prompt": prompt}, "prompt")
+    assert "equal to" in err.message
+
+
+def test_completion_logprobs_bounded():
+    bad(CompletionRequest, {**COMPLETION, "logprobs": 2**64}, "logprobs")
+
+
+@pytest.mark.parametrize("model,body,field", [
+    (ChatCompletionRequest, {**CHAT, "messages": [{"role": "user", "content": "a\ud800b"}]}, "messages"),
+    (ChatCompletionRequest, {**CHAT, "messages": [{"role": "user", "content": [{"type": "text", "text": "\udc00"}]}]},
+     "messages"),
+    (ChatCompletionRequest, {**CHAT, "messages": [{"role": "user", "content": "x", "name": "\ud800"}]}, "messages"),
+    (ChatCompletionRequest, {**CHAT, "stop": "\ud83d"}, "stop"),
+    (ChatCompletionRequest, {**CHAT, "stop": ["ok", "\ud83d"]}, "stop"),
+    (ChatCompletionRequest, {**CHAT, "model": "\ud800"}, "model"),
+    (CompletionRequest, {**COMPLETION, "prompt": "\ud800"}, "prompt"),
+    (CompletionRequest, {**COMPLETION, "prompt": ["fine", "\udfff"]}, "prompt"),
+    (CompletionRequest, {**COMPLETION, "suffix": "\udfff"}, "suffix"),
+])
+def test_lone_surrogates_are_refused(model, body, field):
+    err = bad(model, body, field)
+    assert "surrogate" in err.message
+    err.message.encode("utf-8")  # the message itself must be sendable
+
+
+def test_the_error_names_the_type_the_client_meant():
+    # A list of strings with one bad string: not "prompt.0: Input should be a valid integer".
+    err = bad(CompletionRequest, {**COMPLETION, "prompt": ["fine", "\udfff"]}, "prompt")
+    assert err.message.startswith("prompt.1: ")
+    assert "function-after" not in err.message and "list[" not in err.message
+
+
+def test_valid_unicode_is_kept():
+    req = parse(CompletionRequest, {**COMPLETION, "prompt": "h\u00e9llo \U0001f642 \u4e2d"})
+    assert req.prompt == "h\u00e9llo \U0001f642 \u4e2d"
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_floats_must_be_finite(value):
+    for field in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+        err = bad(ChatCompletionRequest, {**CHAT, field: value}, field)
+        assert "finite" in err.message
+
+
+def test_logit_bias_becomes_token_ids():
+    req = parse(ChatCompletionRequest, {**CHAT, "logit_bias": {"7": 100, "12": -100, "0": 0.5}})
+    assert req.token_logit_bias == {7: 100.0, 12: -100.0, 0: 0.5}
+    assert parse(ChatCompletionRequest, CHAT).token_logit_bias == {}
+
+
+@pytest.mark.parametrize("bias", [
+    {"abc": 1}, {"-1": 1}, {" 7": 1}, {"+7": 1}, {"7_0": 1}, {"\u0667": 1}, {"": 1}, {"7": 100.5}, {"7": -101},
+    {"7": "1"}, {"7": float("nan")}, {"7": None}, {str(2**31): 1}, {"1" * 40: 1}, {"\ud800": 1},
+    {str(i): 1 for i in range(301)}, [["7", 1]], "7",
+])
+def test_invalid_logit_bias(bias):
+    err = bad(CompletionRequest, {**COMPLETION, "logit_bias": bias}, "logit_bias")
+    err.message.encode("utf-8")
+    assert len(err.message) < 300
+
+
+def test_logit_bias_of_300_entries_is_allowed():
+    assert len(parse(CompletionRequest, {**COMPLETION, "logit_bias": {str(i): 1 for i in range(300)}})
+               .token_logit_bias) == 300
