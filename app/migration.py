@@ -52,6 +52,11 @@ refused with a 503 once it has tokens, rather than given a silently different an
 counts only the tokens the engine itself generated), stop strings (matched on the engine's own
 output text, which holds back a string's possible start), and ``n`` > 1 (several choices cannot
 continue as one request). With no token received yet, a request is always resubmitted whole.
+
+The text is the engine's own detokenization of each attempt. vLLM primes a new request's
+detokenizer from the end of its prompt, so a character split across the move comes out whole;
+only a run of bytes that is not valid UTF-8 at all may get its replacement characters (U+FFFD) in
+other places than without the move.
 """
 
 from __future__ import annotations

@@ -59,6 +59,14 @@ def references(pair) -> list[tuple[list[str], str]]:
         return list(pool.map(one, PROMPTS))
 
 
+def same_answer(got: tuple[list[str], str], want: tuple[list[str], str]) -> bool:
+    """Token for token the same, and the same text but for where U+FFFD stands. The random-weight
+    model emits byte tokens that form no valid UTF-8; where such a run spans the point where the
+    request moved, the new engine's detokenizer, primed from the prompt, may place its
+    replacement characters differently (README, "Failure behaviour")."""
+    return got[0] == want[0] and got[1].replace("\ufffd", "") == want[1].replace("\ufffd", "")
+
+
 @dataclass
 class Streamed:
     """What one streaming client got."""
@@ -168,7 +176,7 @@ def test_streams_on_a_killed_worker_complete_elsewhere_token_for_token(pair, ref
         assert r.usage.completion_tokens == MAX_TOKENS == len(r.tokens), f"stream {i}"
         assert r.usage.prompt_tokens == len(PROMPTS[i])
         # Token for token what it gives with no kill: nothing repeated, missing or different.
-        assert (r.tokens, r.text) == references[i], f"stream {i} (on the victim: {i in on_victim})"
+        assert same_answer((r.tokens, r.text), references[i]), f"stream {i} (on the victim: {i in on_victim})"
     # At least two of the victim's streams were still running when it died, and moved.
     assert len(on_victim) >= 3 and len(unfinished) >= 2, (on_victim, before)
     lines = pair.log().splitlines()
@@ -200,7 +208,7 @@ def test_requests_queued_for_a_worker_that_dies_before_accepting_go_elsewhere(pa
         assert r.done.wait(240), "a stream neither finished nor failed"
     for i, r in enumerate(results):
         assert r.error is None, f"stream {i}: {r.error}"
-        assert r.usage.completion_tokens == MAX_TOKENS and (r.tokens, r.text) == references[i]
+        assert r.usage.completion_tokens == MAX_TOKENS and same_answer((r.tokens, r.text), references[i])
     for tag in stranded:
         r = results[tags.index(tag)]
         # Re-routed before its first token, so its headers say so.
@@ -244,5 +252,5 @@ def test_a_non_streaming_request_migrates(pair, references):
     assert raw.headers["x-migrations"] == "1"
     assert raw.headers["x-worker-id"] != victim
     assert out.usage.completion_tokens == MAX_TOKENS and out.usage.prompt_tokens == len(PROMPTS[5])
-    assert (out.choices[0].logprobs.tokens, out.choices[0].text) == references[5]
+    assert same_answer((out.choices[0].logprobs.tokens, out.choices[0].text), references[5])
     assert "migrating from " + victim in pair.log()
