@@ -15,6 +15,7 @@ Scenarios start and stop their own servers (bench/deploy.py) and write a results
     python -m bench aiperf-check    # aiperf and the harness, same deployment
     python -m bench stages          # TTFT split: dispatch, engine, delivery
     python -m bench first-burst     # the first bursts after a start
+    python -m bench admission       # a burst of 800: 429s, and /health meanwhile
 
 Without --out, results go to bench/out/COMMAND-YYYYMMDDTHHMMSSZ (ignored by git). The last line
 printed is the path of the report.
@@ -43,6 +44,7 @@ SCENARIOS = {
     "aiperf-check": ("bench.aiperf_check", "AiperfCheckSpec", "aiperf and the harness on the same agg deployment"),
     "stages": ("bench.stages", "StagesSpec", "time to first token split into dispatch, engine and delivery"),
     "first-burst": ("bench.first_burst", "FirstBurstSpec", "the first bursts of requests after a fresh start"),
+    "admission": ("bench.admission", "AdmissionSpec", "a burst past admission control: 429s, /health meanwhile"),
 }
 
 
