@@ -12,7 +12,9 @@ deployment-wide admission set in Redis after the burst (it must be empty: no lea
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import queue
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -54,73 +56,106 @@ class Reply:
 @dataclass
 class Probe:
     path: str
-    sent_at_s: float  # since the burst started
+    sent_at_s: float  # since the burst started (negative: before it)
     latency_s: float
     status: int
 
 
-async def _one(session, url: str, body: dict, timeout_s: float) -> Reply:
-    import aiohttp
-
+async def _post(host: str, port: int, path: str, body: bytes, timeout_s: float) -> Reply:
+    """One POST on a new connection, by hand: HTTP/1.1 with Connection: close, read to EOF.
+    An HTTP library costs several times the CPU per request, and with hundreds of requests
+    started at once that cost, not the server, would set the latencies measured."""
     started = time.monotonic()
+    writer = None
     try:
-        async with session.post(url, json=body, timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
-            payload = await resp.json(content_type=None)
-            reply = Reply(resp.status, time.monotonic() - started, resp.headers.get("Retry-After"))
-            if resp.status == 200:
-                reply.completion_tokens = payload["usage"]["completion_tokens"]
-            else:
-                reply.error_type = (payload.get("error") or {}).get("type")
-                reply.error = (payload.get("error") or {}).get("message", "")[:200]
-            return reply
+        async with asyncio.timeout(timeout_s):
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+                         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+            raw = await reader.read()
+        latency = time.monotonic() - started
+        head, _, payload_bytes = raw.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+        reply = Reply(status, latency, headers.get("retry-after"))
+        payload = json.loads(payload_bytes)
+        if status == 200:
+            reply.completion_tokens = payload["usage"]["completion_tokens"]
+        else:
+            reply.error_type = (payload.get("error") or {}).get("type")
+            reply.error = (payload.get("error") or {}).get("message", "")[:200]
+        return reply
     except Exception as e:  # noqa: BLE001  recorded per request
         return Reply(0, time.monotonic() - started, error=f"{type(e).__name__}: {e}"[:200])
+    finally:
+        if writer is not None:
+            writer.close()
 
 
-async def _poll(session, url: str, path: str, started: float, interval_s: float, stop: asyncio.Event,
-                probes: list[Probe]) -> None:
-    import aiohttp
+def _probe_forever(root_url: str, paths: tuple[str, ...], interval_s: float, stop, results) -> None:
+    """In a process of its own, so the burst's client does not delay the probes it times: GET
+    each path in turn, on a new connection each, until `stop` is set."""
+    import http.client
+    from urllib.parse import urlsplit
 
+    url = urlsplit(root_url)
     while not stop.is_set():
-        sent = time.monotonic()
-        try:
-            async with session.get(url + path, timeout=aiohttp.ClientTimeout(total=30)) as resp:
-                await resp.read()
+        for path in paths:
+            sent = time.monotonic()
+            try:
+                conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+                conn.request("GET", path)
+                resp = conn.getresponse()
+                resp.read()
                 status = resp.status
-        except Exception:  # noqa: BLE001  a probe that got no answer
-            status = 0
-        probes.append(Probe(path, sent - started, time.monotonic() - sent, status))
-        try:
-            await asyncio.wait_for(stop.wait(), interval_s)
-        except TimeoutError:
-            pass
+                conn.close()
+            except Exception:  # noqa: BLE001  a probe that got no answer
+                status = 0
+            results.put((path, sent, time.monotonic() - sent, status))
+        stop.wait(interval_s)
 
 
-async def burst(root_url: str, num_requests: int, prompt: list[int], max_tokens: int, timeout_s: float,
-                poll_interval_s: float = 0.05, probe_paths: tuple[str, ...] = ("/health", "/metrics"),
-                ) -> tuple[list[Reply], list[Probe]]:
-    """`num_requests` completions at once, each on its own connection, with /health and /metrics
-    probed meanwhile. `root_url` has no /v1."""
-    import aiohttp
+async def _burst(root_url: str, num_requests: int, body: bytes, timeout_s: float) -> list[Reply]:
+    from urllib.parse import urlsplit
 
-    body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0}
-    # No connection limit and no keep-alive: every request is a new connection in the listen
-    # backlog at once, as 800 independent clients would be.
-    connector = aiohttp.TCPConnector(limit=0, force_close=True)
-    probes: list[Probe] = []
-    stop = asyncio.Event()
-    async with aiohttp.ClientSession(connector=connector) as session, \
-            aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as probe_session:
-        started = time.monotonic()
-        pollers = [asyncio.create_task(_poll(probe_session, root_url, p, started, poll_interval_s, stop, probes))
-                   for p in probe_paths]
-        try:
-            replies = await asyncio.gather(*(_one(session, f"{root_url}/v1/completions", body, timeout_s)
-                                             for _ in range(num_requests)))
-        finally:
-            stop.set()
-            await asyncio.gather(*pollers)
-    return list(replies), probes
+    url = urlsplit(root_url)
+    return list(await asyncio.gather(*(_post(url.hostname or "127.0.0.1", url.port or 80, "/v1/completions", body,
+                                               timeout_s) for _ in range(num_requests))))
+
+
+def burst(root_url: str, num_requests: int, prompt: list[int], max_tokens: int, timeout_s: float,
+          poll_interval_s: float = 0.05, probe_paths: tuple[str, ...] = ("/health", "/metrics"),
+          ) -> tuple[list[Reply], list[Probe]]:
+    """`num_requests` completions at once, each on its own connection (as that many independent
+    clients would: all in the listen backlog at once), with `probe_paths` timed meanwhile from
+    another process. `root_url` has no /v1."""
+    import multiprocessing
+
+    body = json.dumps({"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True,
+                       "temperature": 0}).encode()
+    ctx = multiprocessing.get_context("spawn")
+    stop, results = ctx.Event(), ctx.Queue()
+    prober = ctx.Process(target=_probe_forever, args=(root_url, probe_paths, poll_interval_s, stop, results),
+                         daemon=True)
+    raw: list[tuple] = []
+    if probe_paths:
+        prober.start()
+        raw.append(results.get(timeout=60))  # the prober is running before the burst starts
+    started = time.monotonic()
+    try:
+        replies = asyncio.run(_burst(root_url, num_requests, body, timeout_s))
+    finally:
+        stop.set()
+        if probe_paths:
+            while prober.is_alive() or not results.empty():
+                try:
+                    raw.append(results.get(timeout=1))
+                except queue.Empty:
+                    pass
+            prober.join(timeout=30)
+    # CLOCK_MONOTONIC is one clock for every process of the machine.
+    return replies, [Probe(path, sent - started, latency, status) for path, sent, latency, status in raw]
 
 
 def summarize(replies: list[Reply], probes: list[Probe], max_tokens: int) -> dict:
@@ -176,11 +211,11 @@ def run(spec: AdmissionSpec, out: Path) -> Path:
         root = dep.base_url.removesuffix("/v1")
         prompt = [10 + (i * 37) % 1500 for i in range(spec.input_len)]
         # One request first, so the burst measures admission, not a cold engine.
-        asyncio.run(burst(root, 1, prompt, 4, spec.request_timeout_s, probe_paths=()))
+        burst(root, 1, prompt, 4, spec.request_timeout_s, probe_paths=())
         at_burst = MachineState.now()
         started = time.monotonic()
-        replies, probes = asyncio.run(burst(root, spec.burst_size, prompt, spec.output_len, spec.request_timeout_s,
-                                            spec.poll_interval_s))
+        replies, probes = burst(root, spec.burst_size, prompt, spec.output_len, spec.request_timeout_s,
+                                spec.poll_interval_s)
         wall_s = time.monotonic() - started
         with urllib.request.urlopen(f"{root}/metrics", timeout=30) as resp:
             counters = _refused_counters(resp.read().decode())

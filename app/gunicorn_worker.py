@@ -1,0 +1,104 @@
+"""gunicorn's gthread worker with a lane of its own for /health and /metrics.
+
+A gthread worker accepts connections in its main loop and queues each one, unread, on one FIFO
+thread pool. In a burst of hundreds of connections, a /health probe then waits behind every
+connection accepted before it (or, once the worker stops accepting, in the kernel's listen
+backlog behind them). Admission control (app/admission.py) makes each of those quick, a 429, but
+hundreds of quick answers on two busy cores still take seconds.
+
+This worker peeks at a new connection's first bytes (MSG_PEEK: nothing is consumed, the request
+is parsed as usual later) and hands ``GET /health`` and ``GET /metrics`` to a small pool of their
+own, so they never queue behind generation requests or refusals. A connection whose first bytes
+have not arrived yet waits for them in the main loop's selector, not in a thread, for up to
+FIRST_BYTES_WAIT_S, and then takes the ordinary lane, where gunicorn's own handling of slow
+clients applies.
+
+It relies on gthread's internals (``enqueue_req``, ``method_queue``, ``finish_request``), so the
+gunicorn version is pinned in requirements.txt; tests/test_admission.py exercises this lane.
+"""
+
+from __future__ import annotations
+
+import selectors
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+
+from gunicorn.workers.gthread import ThreadWorker
+
+# Request lines that take the probe lane. Bytes, compared with the connection's first bytes.
+PROBE_PREFIXES = (b"GET /health ", b"GET /health?", b"GET /metrics")
+PEEK_BYTES = max(len(p) for p in PROBE_PREFIXES)
+# Threads of the probe lane, per process: /health does a Redis ping and a lease scan, /metrics
+# reads the processes' metric files; neither waits on generation.
+PROBE_THREADS = 4
+# How long a new connection may take to send the first bytes of its request line before it
+# takes the ordinary lane anyway.
+FIRST_BYTES_WAIT_S = 1.0
+
+
+def lane_of(first_bytes: bytes | None) -> str | None:
+    """'probe' or 'ordinary' for a connection's first bytes; None while too few have arrived to
+    tell (``None``: nothing yet). An empty read (the client closed) is ordinary."""
+    if first_bytes is None:
+        return None
+    if any(first_bytes.startswith(p) for p in PROBE_PREFIXES):
+        return "probe"
+    if first_bytes and len(first_bytes) < PEEK_BYTES and any(p.startswith(first_bytes) for p in PROBE_PREFIXES):
+        return None  # a prefix of a probe's request line: wait for more
+    return "ordinary"
+
+
+def _peek(sock: socket.socket) -> bytes | None:
+    try:
+        return sock.recv(PEEK_BYTES, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return None
+    except OSError:
+        return b""  # the ordinary lane reports or ignores the error as gunicorn does
+
+
+class FrontendWorker(ThreadWorker):
+    def init_process(self) -> None:
+        # The base class's init_process runs the worker's main loop and never returns.
+        self.probe_pool = ThreadPoolExecutor(max_workers=PROBE_THREADS, thread_name_prefix="probe")
+        self.awaiting_first_bytes: dict = {}  # connection -> monotonic deadline
+        super().init_process()
+
+    def enqueue_req(self, conn) -> None:
+        if conn.initialized:  # a connection coming back for another request (keep-alive)
+            return super().enqueue_req(conn)
+        lane = lane_of(_peek(conn.sock))
+        if lane is None:
+            self.awaiting_first_bytes[conn] = time.monotonic() + FIRST_BYTES_WAIT_S
+            self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_first_bytes, conn))
+        elif lane == "probe":
+            fs = self.probe_pool.submit(self.handle, conn)
+            fs.add_done_callback(lambda fut: self.method_queue.defer(self.finish_request, conn, fut))
+        else:
+            super().enqueue_req(conn)
+
+    def _on_first_bytes(self, conn, _sock) -> None:
+        self.poller.unregister(conn.sock)
+        deadline = self.awaiting_first_bytes.pop(conn)
+        if time.monotonic() < deadline and lane_of(_peek(conn.sock)) is None:
+            # Still only part of a probe's request line: wait for the rest.
+            self.awaiting_first_bytes[conn] = deadline
+            self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_first_bytes, conn))
+            return
+        if lane_of(_peek(conn.sock)) is None:  # the deadline passed on part of a request line
+            super().enqueue_req(conn)
+        else:
+            self.enqueue_req(conn)
+
+    def murder_keepalived(self, force: bool = False) -> None:
+        # Called on every turn of the main loop, stopping or not: the place to time out the
+        # connections still waiting for their first bytes.
+        super().murder_keepalived(force)
+        now = time.monotonic()
+        for conn, deadline in list(self.awaiting_first_bytes.items()):
+            if deadline <= now or force or not self.alive:
+                del self.awaiting_first_bytes[conn]
+                self.poller.unregister(conn.sock)
+                super().enqueue_req(conn)
