@@ -13,14 +13,23 @@ have not arrived yet waits for them in the main loop's selector, not in a thread
 FIRST_BYTES_WAIT_S, and then takes the ordinary lane, where gunicorn's own handling of slow
 clients applies.
 
+A process whose generation slots are all taken (app/admission.py) leaves new connections to its
+siblings for ACCEPT_DEFER_S before it takes them itself. Every process's selector is woken by a
+new connection, and the kernel wakes them in the same order each time, so one process would
+otherwise win most accepts, refuse with 429 past its own limit while its siblings sit idle, and
+leave them idle. After the pause it takes whatever its siblings left, until the backlog is empty:
+when every process is full, refusals and probes still leave the backlog within ACCEPT_DEFER_S.
+
 It relies on gthread's internals (``enqueue_req``, ``method_queue``, ``finish_request``), so the
 gunicorn version is pinned in requirements.txt; tests/test_admission.py exercises this lane.
 """
 
 from __future__ import annotations
 
+import select
 import selectors
 import socket
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -36,6 +45,8 @@ PROBE_THREADS = 4
 # How long a new connection may take to send the first bytes of its request line before it
 # takes the ordinary lane anyway.
 FIRST_BYTES_WAIT_S = 1.0
+# How long a process with no generation slot free leaves a new connection to its siblings.
+ACCEPT_DEFER_S = 0.05
 
 
 def lane_of(first_bytes: bytes | None) -> str | None:
@@ -59,12 +70,51 @@ def _peek(sock: socket.socket) -> bytes | None:
         return b""  # the ordinary lane reports or ignores the error as gunicorn does
 
 
+def _readable(listener) -> bool:
+    poller = select.poll()
+    poller.register(listener, select.POLLIN)
+    return bool(poller.poll(0))
+
+
 class FrontendWorker(ThreadWorker):
+    _defer_until = 0.0
+    _draining = False  # the pause is over: take what the siblings left, until nothing is left
+
+    # gthread's main loop accepts while nr_conns < worker_connections: 0 during a pause stops it.
+    @property
+    def worker_connections(self) -> int:
+        return 0 if time.monotonic() < self._defer_until else self._worker_connections
+
+    @worker_connections.setter
+    def worker_connections(self, value: int) -> None:
+        self._worker_connections = value
+
     def init_process(self) -> None:
         # The base class's init_process runs the worker's main loop and never returns.
         self.probe_pool = ThreadPoolExecutor(max_workers=PROBE_THREADS, thread_name_prefix="probe")
         self.awaiting_first_bytes: dict = {}  # connection -> monotonic deadline
         super().init_process()
+
+    def _generation_full(self) -> bool:
+        admission = getattr(self.wsgi, "extensions", {}).get("llmq.admission")
+        return admission is not None and admission.process.taken >= admission.process.limit
+
+    def accept(self, listener) -> None:
+        if not self._generation_full():
+            self._draining = False
+        elif not self._draining:
+            self._defer_until = time.monotonic() + ACCEPT_DEFER_S
+            self._draining = True
+            threading.Timer(ACCEPT_DEFER_S, self.method_queue.defer, args=(self._pause_over,)).start()
+            return
+        super().accept(listener)
+        if self._draining and not _readable(listener):
+            self._draining = False
+
+    def _pause_over(self) -> None:
+        # On the main loop. Nothing left in the backlog: the next connection pauses afresh.
+        if not any(_readable(listener) for listener in self.sockets):
+            self._draining = False
 
     def enqueue_req(self, conn) -> None:
         if conn.initialized:  # a connection coming back for another request (keep-alive)
