@@ -134,7 +134,7 @@ class FrontendConfig(_Section):
     # engine.max_num_seqs (64) at once, and this lets twice as many again wait, about what one
     # worker finishes within a client's timeout at long answers (600 requests of 768 tokens left
     # 216 clients timing out at 120 s with no bound). A burst of 800 on configs/agg.yaml (one
-    # worker) admits 192 and refuses the rest.
+    # worker) has 192 admitted at a time, and the rest refused.
     max_requests_per_decode_worker: int = Field(192, ge=1)
     # The Retry-After a 429 carries, in seconds.
     retry_after_s: int = Field(1, ge=0)
