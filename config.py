@@ -129,6 +129,32 @@ class FrontendConfig(_Section):
     # collections do not copy it (placement.py, PreforkFreeze; docs/benchmarks.md, "The gc
     # freeze"). Off only to measure what that saves.
     gc_freeze: bool = True
+    # Admission control (app/admission.py). Past a limit a generation request gets 429 with
+    # Retry-After at once, before its body is read.
+    # Threads of each gunicorn process that generation requests never take, so /health, /metrics
+    # and the refusals always find one: each process serves at most threads - reserved_threads
+    # generation requests (4 x (80 - 16) = 256 by default).
+    reserved_threads: int = Field(16, ge=1)
+    # Queued plus running requests per live decode worker, over all frontends: the engine runs
+    # engine.max_num_seqs (64) at once, and this lets twice as many again wait, about what one
+    # worker finishes within a client's timeout at long answers (600 requests of 768 tokens left
+    # 216 clients timing out at 120 s with no bound). A burst of 800 on configs/agg.yaml (one
+    # worker) has 192 admitted at a time, and the rest refused.
+    max_requests_per_decode_worker: int = Field(192, ge=1)
+    # The Retry-After a 429 carries, in seconds.
+    retry_after_s: int = Field(1, ge=0)
+    # Prompts in one /v1/completions request, and choices (n x prompts) in one request: each
+    # choice is an engine sequence, and one request should not take more than an engine's batch
+    # (engine.max_num_seqs, 64) twice over. Past either, 400 naming "prompt" or "n", before
+    # tokenizing. (8,000 prompts in one request once took 60 s and slowed every other client.)
+    max_prompts_per_request: int = Field(64, ge=1)
+    max_choices_per_request: int = Field(128, ge=1)
+
+    @model_validator(mode="after")
+    def _threads_left_for_generation(self) -> FrontendConfig:
+        if self.threads <= self.reserved_threads:
+            raise ValueError("frontend.threads must be more than frontend.reserved_threads")
+        return self
 
 
 class WorkerConfig(_Section):

@@ -13,6 +13,7 @@ from config import Settings, load_settings
 
 
 def create_app(settings: Settings | None = None) -> Flask:
+    from app.admission import Admission, AdmissionMiddleware
     from app.errors import register_error_handlers
     from app.gateway import Gateway
     from app.processor import Processor
@@ -43,5 +44,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     processor.prepare()
     app.register_blueprint(bp)
     register_error_handlers(app)
+    # In front of Flask, so a refusal costs no request parsing (app/admission.py).
+    admission = Admission(settings.frontend, client, lambda: gateway.live_roles().get("decode", 0))
+    app.extensions["llmq.admission"] = admission
+    app.wsgi_app = AdmissionMiddleware(app.wsgi_app, admission, settings.frontend)  # type: ignore[method-assign]
     logging.getLogger(__name__).info("frontend ready: model=%s redis=%s", settings.model.name, settings.redis_url)
     return app

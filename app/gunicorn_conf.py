@@ -1,8 +1,9 @@
 """gunicorn settings, taken from the deployment config: ``gunicorn -c app/gunicorn_conf.py``.
 
-gthread workers: each open request holds one thread, mostly blocked on Redis, so
-``frontend.workers x frontend.threads`` is how many streaming clients stay open at once
-(4 x 80 = 320 by default).
+gthread workers: each open request holds one thread, mostly blocked on Redis. Admission control
+keeps ``frontend.reserved_threads`` of each process's threads for everything but generation, so
+``frontend.workers x (frontend.threads - frontend.reserved_threads)`` generation requests (4 x 64 =
+256 by default) stay open at once per frontend, at most.
 """
 
 import glob
@@ -50,23 +51,29 @@ def child_exit(server, worker):
 wsgi_app = "app:create_app()"
 bind = f"{_settings.frontend.host}:{_settings.frontend.port}"
 workers = _settings.frontend.workers
-# gthread, answering the requests gunicorn refuses itself (a header over its default limits of
-# 8190 bytes a field and 100 fields, a request line over 4094 bytes) in OpenAI's error shape.
-worker_class = "app.gunicorn_worker.JsonErrorThreadWorker"
+# gthread, with a lane of its own for /health and /metrics, and the requests gunicorn refuses
+# itself (a header over its default limits of 8190 bytes a field and 100 fields, a request line
+# over 4094 bytes) answered in OpenAI's error shape (app/gunicorn_worker.py).
+worker_class = "app.gunicorn_worker.FrontendWorker"
 threads = _settings.frontend.threads
-# A gthread worker accepts up to worker_connections (default 1000) and queues what its threads
-# cannot serve yet. A stream holds its thread for minutes, so a request queued behind streams in
-# one worker would wait for them (even a /metrics scrape) while another worker has threads free.
-# Accepting no more than it has threads leaves the surplus in the listen backlog, where whichever
-# worker frees a thread first takes it.
-worker_connections = threads
+# Each process accepts up to this many connections and queues the ones its threads cannot serve
+# yet. That queue cannot hold a request behind streams: admission control (app/admission.py)
+# keeps frontend.reserved_threads threads of every process free of generation, so whatever waits
+# there (refusals, /v1/models) is served in milliseconds. Accepting well past the threads is what
+# lets /health and /metrics out of the listen backlog at once during a burst, into their own
+# lane; 4 x threads holds a burst of 800 on the default 4 x 80 in the processes, not the kernel.
+worker_connections = 4 * threads
+# The kernel's queue of connections no process has accepted yet (gunicorn's default, 2048, is
+# under the default net.core.somaxconn of 4096): a burst past the processes waits there instead
+# of having its SYNs dropped and retried a second later.
+backlog = 2048
 # Load the tokenizer once in the master; workers share it after fork.
 preload_app = True
 # The worker's own liveness timeout; a long stream is not a hung worker under gthread.
 timeout = 60
 graceful_timeout = 30
-# Off: with worker_connections == threads gunicorn has no room to park idle kept-alive
-# connections, and each would hold a thread. A new local TCP connection costs well under 1 ms.
+# Off: a kept-alive connection's next request would skip the probe lane (the worker peeks only at
+# a connection's first request), and a new local TCP connection costs well under 1 ms.
 keepalive = 0
 loglevel = _settings.log_level.lower()
 accesslog = "-"

@@ -1,18 +1,89 @@
-"""gunicorn's gthread worker, with the errors gunicorn answers itself in OpenAI's shape.
+"""gunicorn's gthread worker with a lane of its own for /health and /metrics, and the errors
+gunicorn answers itself in OpenAI's shape.
 
 A request line or header over gunicorn's limits (``limit_request_line``,
 ``limit_request_field_size``, ``limit_request_fields``), or one it cannot parse, never reaches
 the app: gunicorn's worker writes an HTML page for it. This worker writes the same status as
 {"error": {"message", "type", "param", "code"}} instead, like every other error of the API.
+
+A gthread worker accepts connections in its main loop and queues each one, unread, on one FIFO
+thread pool. In a burst of hundreds of connections, a /health probe then waits behind every
+connection accepted before it (or, once the worker stops accepting, in the kernel's listen
+backlog behind them). Admission control (app/admission.py) makes each of those quick, a 429, but
+hundreds of quick answers on two busy cores still take seconds.
+
+This worker peeks at a new connection's first bytes (MSG_PEEK: nothing is consumed, the request
+is parsed as usual later) and hands ``GET /health`` and ``GET /metrics`` to a small pool of their
+own, so they never queue behind generation requests or refusals. A connection whose first bytes
+have not arrived yet waits for them in the main loop's selector, not in a thread, for up to
+FIRST_BYTES_WAIT_S, and then takes the ordinary lane, where gunicorn's own handling of slow
+clients applies.
+
+A process whose generation slots are all taken (app/admission.py) leaves new connections to its
+siblings for ACCEPT_DEFER_S before it takes them itself. Every process's selector is woken by a
+new connection, and the kernel wakes them in the same order each time, so one process would
+otherwise win most accepts, refuse with 429 past its own limit while its siblings sit idle, and
+leave them idle. After the pause it takes whatever its siblings left, until the backlog is empty:
+when every process is full, refusals and probes still leave the backlog within ACCEPT_DEFER_S.
+
+It relies on gthread's internals (``enqueue_req``, ``method_queue``, ``finish_request``), so the
+gunicorn version is pinned in requirements.txt; tests/test_admission.py exercises this lane.
 """
 
 from __future__ import annotations
 
 import json
+import select
+import selectors
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 from gunicorn import util
 from gunicorn.http import errors
 from gunicorn.workers.gthread import ThreadWorker
+
+# Request lines that take the probe lane. Bytes, compared with the connection's first bytes.
+PROBE_PREFIXES = (b"GET /health ", b"GET /health?", b"GET /metrics")
+PEEK_BYTES = max(len(p) for p in PROBE_PREFIXES)
+# Threads of the probe lane, per process: /health does a Redis ping and a lease scan, /metrics
+# reads the processes' metric files; neither waits on generation.
+PROBE_THREADS = 4
+# How long a new connection may take to send the first bytes of its request line before it
+# takes the ordinary lane anyway.
+FIRST_BYTES_WAIT_S = 1.0
+# How long a process with no generation slot free leaves a new connection to its siblings.
+ACCEPT_DEFER_S = 0.05
+
+
+def lane_of(first_bytes: bytes | None) -> str | None:
+    """'probe' or 'ordinary' for a connection's first bytes; None while too few have arrived to
+    tell (``None``: nothing yet). An empty read (the client closed) is ordinary."""
+    if first_bytes is None:
+        return None
+    if any(first_bytes.startswith(p) for p in PROBE_PREFIXES):
+        return "probe"
+    if first_bytes and len(first_bytes) < PEEK_BYTES and any(p.startswith(first_bytes) for p in PROBE_PREFIXES):
+        return None  # a prefix of a probe's request line: wait for more
+    return "ordinary"
+
+
+def _peek(sock: socket.socket) -> bytes | None:
+    try:
+        return sock.recv(PEEK_BYTES, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return None
+    except OSError:
+        return b""  # the ordinary lane reports or ignores the error as gunicorn does
+
+
+def _readable(listener) -> bool:
+    poller = select.poll()
+    poller.register(listener, select.POLLIN)
+    return bool(poller.poll(0))
+
 
 # (exception types, status, reason); the first match wins. Errors in the app's own response
 # headers, gunicorn's configuration or TLS stay gunicorn's (they are not the client's).
@@ -42,7 +113,83 @@ def error_bytes(status: int, reason: str, message: str) -> bytes:
     return head.encode("latin-1") + body
 
 
-class JsonErrorThreadWorker(ThreadWorker):
+class FrontendWorker(ThreadWorker):
+    _defer_until = 0.0
+    _draining = False  # the pause is over: take what the siblings left, until nothing is left
+
+    # gthread's main loop accepts while nr_conns < worker_connections: 0 during a pause stops it.
+    @property
+    def worker_connections(self) -> int:
+        return 0 if time.monotonic() < self._defer_until else self._worker_connections
+
+    @worker_connections.setter
+    def worker_connections(self, value: int) -> None:
+        self._worker_connections = value
+
+    def init_process(self) -> None:
+        # The base class's init_process runs the worker's main loop and never returns.
+        self.probe_pool = ThreadPoolExecutor(max_workers=PROBE_THREADS, thread_name_prefix="probe")
+        self.awaiting_first_bytes: dict = {}  # connection -> monotonic deadline
+        super().init_process()
+
+    def _generation_full(self) -> bool:
+        admission = getattr(self.wsgi, "extensions", {}).get("llmq.admission")
+        return admission is not None and admission.process.taken >= admission.process.limit
+
+    def accept(self, listener) -> None:
+        if not self._generation_full():
+            self._draining = False
+        elif not self._draining:
+            self._defer_until = time.monotonic() + ACCEPT_DEFER_S
+            self._draining = True
+            threading.Timer(ACCEPT_DEFER_S, self.method_queue.defer, args=(self._pause_over,)).start()
+            return
+        super().accept(listener)
+        if self._draining and not _readable(listener):
+            self._draining = False
+
+    def _pause_over(self) -> None:
+        # On the main loop. Nothing left in the backlog: the next connection pauses afresh.
+        if not any(_readable(listener) for listener in self.sockets):
+            self._draining = False
+
+    def enqueue_req(self, conn) -> None:
+        if conn.initialized:  # a connection coming back for another request (keep-alive)
+            return super().enqueue_req(conn)
+        lane = lane_of(_peek(conn.sock))
+        if lane is None:
+            self.awaiting_first_bytes[conn] = time.monotonic() + FIRST_BYTES_WAIT_S
+            self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_first_bytes, conn))
+        elif lane == "probe":
+            fs = self.probe_pool.submit(self.handle, conn)
+            fs.add_done_callback(lambda fut: self.method_queue.defer(self.finish_request, conn, fut))
+        else:
+            super().enqueue_req(conn)
+
+    def _on_first_bytes(self, conn, _sock) -> None:
+        self.poller.unregister(conn.sock)
+        deadline = self.awaiting_first_bytes.pop(conn)
+        if time.monotonic() < deadline and lane_of(_peek(conn.sock)) is None:
+            # Still only part of a probe's request line: wait for the rest.
+            self.awaiting_first_bytes[conn] = deadline
+            self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_first_bytes, conn))
+            return
+        if lane_of(_peek(conn.sock)) is None:  # the deadline passed on part of a request line
+            super().enqueue_req(conn)
+        else:
+            self.enqueue_req(conn)
+
+    def murder_keepalived(self, force: bool = False) -> None:
+        # Called on every turn of the main loop, stopping or not: the place to time out the
+        # connections still waiting for their first bytes.
+        super().murder_keepalived(force)
+        now = time.monotonic()
+        for conn, deadline in list(self.awaiting_first_bytes.items()):
+            if deadline <= now or force or not self.alive:
+                del self.awaiting_first_bytes[conn]
+                self.poller.unregister(conn.sock)
+                super().enqueue_req(conn)
+
     def handle_error(self, req, client, addr, exc):
         answer = client_error(exc)
         if answer is None:

@@ -31,6 +31,8 @@ ITL = Histogram("llmq_frontend_inter_token_latency_seconds", "Between successive
                 buckets=LATENCY_BUCKETS)
 QUEUE_WAIT = Histogram("llmq_frontend_queue_wait_seconds", "From enqueue until a worker took the request",
                        buckets=LATENCY_BUCKETS)
+REFUSED = Counter("llmq_frontend_refused_total",
+                  "Generation requests refused with 429, by the limit they met (process, deployment)", ["reason"])
 PROMPT_TOKENS = Counter("llmq_frontend_prompt_tokens_total", "Prompt tokens of served requests")
 MIGRATIONS = Counter("llmq_frontend_migrations_total",
                      "Sub-requests moved to another worker after theirs was lost (app/migration.py), by reason",

@@ -7,6 +7,7 @@ import json
 import logging
 import re
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 
 import redis
@@ -168,6 +169,7 @@ def chat_completions():
     _check_api_key()
     req = parse(ChatCompletionRequest, _json_body())
     _check_model(req.model)
+    _check_request_size(req, num_prompts=1)
     prompt = _processor().chat_prompt(req)
     return _generate("chat", req, [prompt])
 
@@ -177,7 +179,27 @@ def completions():
     _check_api_key()
     req = parse(CompletionRequest, _json_body())
     _check_model(req.model)
+    _check_request_size(req, num_prompts=_count_prompts(req.prompt))
     return _generate("completion", req, _processor().completion_prompts(req))
+
+
+def _count_prompts(prompt: str | list) -> int:
+    """A string or a list of token ids is one prompt; a list of either is several."""
+    if isinstance(prompt, str) or all(isinstance(p, int) for p in prompt):
+        return 1
+    return len(prompt)
+
+
+def _check_request_size(req: ChatCompletionRequest | CompletionRequest, num_prompts: int) -> None:
+    """Bounds one request's work before anything is tokenized: each choice is an engine sequence."""
+    frontend = current_app.config["LLMQ_SETTINGS"].frontend
+    if num_prompts > frontend.max_prompts_per_request:
+        raise BadRequest(f"this request has {num_prompts} prompts; at most {frontend.max_prompts_per_request} "
+                         f"are allowed per request (frontend.max_prompts_per_request)", param="prompt")
+    if num_prompts * req.n > frontend.max_choices_per_request:
+        raise BadRequest(f"n={req.n} for {num_prompts} prompt(s) asks for {num_prompts * req.n} choices; at most "
+                         f"{frontend.max_choices_per_request} are allowed per request "
+                         f"(frontend.max_choices_per_request)", param="n")
 
 
 # -- generation ------------------------------------------------------------------------------
@@ -206,11 +228,29 @@ def _generate(kind: str, req: ChatCompletionRequest | CompletionRequest, prompts
     return jsonify(fmt.response(choices, usage)), 200, {**_routing_headers(subs), **_migration_header(subs, True)}
 
 
+# A routing header lists one value per prompt up to this many prompts; past it, each distinct
+# value once with its count, so a request of many prompts cannot grow its headers past what
+# clients read (aiohttp refuses a header over 8 KB).
+ROUTING_HEADER_MAX_VALUES = 16
+
+
+def _header_values(values: list[str]) -> str:
+    """``a,b,a`` for a few prompts; ``a*40,b*24`` (first seen first, at most
+    ROUTING_HEADER_MAX_VALUES of them, then ``+N`` prompts not listed) for many."""
+    if len(values) <= ROUTING_HEADER_MAX_VALUES:
+        return ",".join(values)
+    shown = list(Counter(values).items())[:ROUTING_HEADER_MAX_VALUES]
+    parts = [f"{value}*{count}" for value, count in shown]
+    if rest := len(values) - sum(count for _, count in shown):
+        parts.append(f"+{rest}")
+    return ",".join(parts)
+
+
 def _routing_headers(subs: list[SubRequest]) -> dict[str, str]:
     """Where each prompt went and why: one comma-separated value per prompt, in prompt order
-    (a single prompt's values are plain)."""
+    (a single prompt's values are plain), bounded by _header_values for many prompts."""
     def each(value) -> str:
-        return ",".join(value(sub) for sub in subs)
+        return _header_values([value(sub) for sub in subs])
 
     headers = {"X-Worker-Id": each(lambda s: s.routed.worker_id if s.routed else (s.worker_id or ""))}
     if subs[0].routed:

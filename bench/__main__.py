@@ -16,6 +16,7 @@ Scenarios start and stop their own servers (bench/deploy.py) and write a results
     python -m bench stages          # TTFT split: dispatch, engine, delivery
     python -m bench first-burst     # the first bursts after a start
     python -m bench migration       # SIGKILL a decode worker: detection and resume times
+    python -m bench admission       # a burst of 800: 429s, and /health meanwhile
 
 Without --out, results go to bench/out/COMMAND-YYYYMMDDTHHMMSSZ (ignored by git). The last line
 printed is the path of the report.
@@ -45,6 +46,7 @@ SCENARIOS = {
     "stages": ("bench.stages", "StagesSpec", "time to first token split into dispatch, engine and delivery"),
     "first-burst": ("bench.first_burst", "FirstBurstSpec", "the first bursts of requests after a fresh start"),
     "migration": ("bench.migration", "MigrationSpec", "detection and resume times when a decode worker is SIGKILLed"),
+    "admission": ("bench.admission", "AdmissionSpec", "a burst past admission control: 429s, /health meanwhile"),
 }
 
 

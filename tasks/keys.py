@@ -26,6 +26,10 @@ def worker_lease(worker_id: str) -> str:
 
 WORKER_LEASE_PATTERN = f"{PREFIX}:worker:*"
 
+# Sorted set of the generation requests every frontend admitted and has not finished, scored by
+# each one's lease (app/admission.py).
+ADMITTED = f"{PREFIX}:admitted"
+
 
 KV_EVENTS = f"{PREFIX}:kv-events"  # every engine's KV cache events, replayed by routers
 # The newest router index snapshot: a hash of "cursor" (a KV_EVENTS entry id) and "index".

@@ -1,4 +1,5 @@
-"""Concurrent requests are batched by the engine, and one gunicorn config holds 256 open streams."""
+"""Concurrent requests are batched by the engine, and the frontend holds as many open streams as
+admission control lets in (app/admission.py)."""
 
 from __future__ import annotations
 
@@ -9,15 +10,27 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from app.admission import deployment_limit, process_limit
 from conftest import live_status, wait_for
 
 pytestmark = pytest.mark.integration
 
 MODEL = "tiny-llama"
+# The clients retry a 429 (after its Retry-After), as a client of a loaded service should: each
+# gunicorn process admits its own share, and a burst does not spread evenly over the processes.
+RETRIES = 10
+
+
+def admitted_at_once(dep) -> int:
+    """Generation requests the deployment holds open at once: the smaller of its processes' and
+    its decode workers' admission limits."""
+    frontend = dep.settings.frontend
+    return min(frontend.workers * process_limit(frontend),
+               deployment_limit(frontend.max_requests_per_decode_worker, dep.settings.workers.num_decode))
 
 
 async def _stream_all(dep, num_requests: int, max_tokens: int, timeout_s: float):
-    client = openai.AsyncOpenAI(base_url=dep.base_url, api_key="none", max_retries=0, timeout=timeout_s)
+    client = openai.AsyncOpenAI(base_url=dep.base_url, api_key="none", max_retries=RETRIES, timeout=timeout_s)
 
     async def one(i: int):
         chunks = []
@@ -55,11 +68,11 @@ def test_16_concurrent_streams_are_batched(deployment):
     assert after.max_running_seen >= 2
 
 
-def test_256_concurrent_streaming_clients(deployment):
-    frontend = deployment.settings.frontend
-    assert frontend.workers * frontend.threads >= 256
-    results = asyncio.run(_stream_all(deployment, 256, max_tokens=8, timeout_s=300))
-    assert len(results) == 256
+def test_as_many_concurrent_streaming_clients_as_admitted(deployment):
+    count = admitted_at_once(deployment)
+    assert count >= 128
+    results = asyncio.run(_stream_all(deployment, count, max_tokens=8, timeout_s=300))
+    assert len(results) == count
     assert all(chunks[-1].usage.completion_tokens == 8 for chunks in results)
 
 
@@ -84,7 +97,7 @@ async def _wait_in_flight(http: httpx.AsyncClient, done, timeout_s: float, tasks
 
 
 async def _hold_streams_open(dep, num_requests: int, max_tokens: int) -> float:
-    client = openai.AsyncOpenAI(base_url=dep.base_url, api_key="none", max_retries=0, timeout=120)
+    client = openai.AsyncOpenAI(base_url=dep.base_url, api_key="none", max_retries=RETRIES, timeout=120)
 
     async def one(i: int):
         stream = await client.chat.completions.create(
@@ -106,13 +119,14 @@ async def _hold_streams_open(dep, num_requests: int, max_tokens: int) -> float:
             await _wait_in_flight(http, lambda n: n == 0, timeout_s=120)
 
 
-def test_frontend_holds_256_streams_open_at_once(deployment):
-    # gunicorn's gthread worker queues connections beyond its threads, so 256 streams finishing
-    # shows nothing about holding them at once. Here the frontend's own in-flight gauge must reach
-    # 256 while every stream is still open: one engine runs at most engine.max_num_seqs of them,
-    # and each of those has more tokens to make than it takes to open all 256, so the rest wait
-    # in the queue with their HTTP requests open.
-    assert deployment.settings.engine.max_num_seqs < 256
+def test_frontend_holds_every_admitted_stream_open_at_once(deployment):
+    # gunicorn's gthread worker queues connections beyond its threads, so streams finishing shows
+    # nothing about holding them at once. Here the frontend's own in-flight gauge must reach the
+    # admission limit while every stream is still open: one engine runs at most
+    # engine.max_num_seqs of them, and each of those has more tokens to make than it takes to open
+    # them all, so the rest wait in the queue with their HTTP requests open.
+    count = admitted_at_once(deployment)
+    assert deployment.settings.engine.max_num_seqs < count
     # Near max_model_len (2048), for the widest margin; cancelled once seen, so it costs nothing.
-    peak = asyncio.run(_hold_streams_open(deployment, 256, max_tokens=1900))
-    assert peak >= 256
+    peak = asyncio.run(_hold_streams_open(deployment, count, max_tokens=1900))
+    assert peak >= count
