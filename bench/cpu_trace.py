@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from collections import defaultdict
@@ -94,16 +95,36 @@ def process_name(pid: int) -> str:
     except OSError:
         cmd = ""
     if cmd.startswith("VLLM::"):
-        return cmd.split()[0]
+        return f"{cmd.split()[0]}({_celery_name(pid)})"
     for marker, name in (("celery", "celery"), ("gunicorn", "gunicorn"), ("launcher", "launcher"),
                          ("redis-server", "redis"), ("bench", "bench"), ("pytest", "pytest")):
         if marker in cmd:
             return name
+    if cmd.split(" ", 1)[0].rsplit("/", 1)[-1].startswith("python"):
+        return "python " + " ".join(cmd.split()[1:3])[:40]
     try:
         with open(f"/proc/{pid}/comm") as f:
             return f.read().strip()
     except OSError:
         return "?"
+
+
+def _celery_name(pid: int) -> str:
+    """The Celery worker name (``-n decode0@%h``) of the nearest ancestor that has one: tells the
+    decode engine's processes from the prefill engine's."""
+    for _ in range(6):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                pid = int(_stat_fields(f.read())[1][1])
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, ValueError):
+            return "?"
+        # Celery retitles its process ("[celeryd: decode0@vm:MainProcess] ... -n decode0@%h ...").
+        found = re.search(r"(?:celeryd: |-n )([\w.-]+)@", cmd)
+        if found:
+            return found.group(1)
+    return "?"
 
 
 def record(out: Path, interval: float, duration: float | None) -> None:
