@@ -96,9 +96,10 @@ def process_name(pid: int) -> str:
         cmd = ""
     if cmd.startswith("VLLM::"):
         return f"{cmd.split()[0]}({_celery_name(pid)})"
+    head = " ".join(cmd.split()[:3])  # the program and its module, not its arguments
     for marker, name in (("celery", "celery"), ("gunicorn", "gunicorn"), ("launcher", "launcher"),
                          ("redis-server", "redis"), ("bench", "bench"), ("pytest", "pytest")):
-        if marker in cmd:
+        if marker in head:
             return name
     if cmd.split(" ", 1)[0].rsplit("/", 1)[-1].startswith("python"):
         return "python " + " ".join(cmd.split()[1:3])[:40]
