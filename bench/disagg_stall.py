@@ -21,6 +21,7 @@ import argparse
 import json
 import logging
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -111,6 +112,11 @@ def one_run(i: int, args: argparse.Namespace, out: Path) -> RunResult:
                                        "--out", str(out / f"run{i:02d}" / "trace.jsonl"), "--interval",
                                        str(args.trace_interval)])
             time.sleep(1)
+        perf = None
+        if args.perf:
+            perf = subprocess.Popen(["perf", "record", "-a", "-g", "-F", "199", "-o",
+                                     str(out / f"run{i:02d}" / "perf.data")], stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL)
         before_remote, before_fallback = decode_counters(dep)
         jobs: list[list[tuple[str, list[int]]]] = [[("long", prompt(i, k, args.input_len))] for k in range(args.long)]
         jobs += [[("long", prompt(i, 100 + 2 * k, args.input_len)), ("long", prompt(i, 101 + 2 * k, args.input_len))]
@@ -134,12 +140,24 @@ def one_run(i: int, args: argparse.Namespace, out: Path) -> RunResult:
         if tracer is not None:
             tracer.terminate()
             tracer.wait(10)
+        if perf is not None:
+            perf.send_signal(signal.SIGINT)
+            perf.wait(60)
+            perf_report(out / f"run{i:02d}")
         log = dep.process.log_text() if dep.process else ""
     for name, pattern in STALL_PATTERNS.items():
         hits = [line for line in log.splitlines() if pattern.search(line)]
         result.log_hits[name] = len(hits)
         result.log_lines += hits[:5]
     return result
+
+
+def perf_report(run_dir: Path) -> None:
+    """The samples by command and symbol, kernel and user, into perf.txt beside perf.data."""
+    with (run_dir / "perf.txt").open("w") as f:
+        subprocess.run(["perf", "report", "-i", str(run_dir / "perf.data"), "--stdio", "--no-children",
+                        "--sort", "comm,dso,sym", "-g", "none", "--percent-limit", "0.5"], stdout=f,
+                       stderr=subprocess.DEVNULL, timeout=300, check=False)
 
 
 def report(results: list[RunResult], args: argparse.Namespace) -> str:
@@ -175,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-request-s", type=float, default=2.0, help="a run fails past this")
     parser.add_argument("--redis-db", type=int, default=4)
     parser.add_argument("--trace", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--perf", action="store_true", help="also `perf record -a -g` the request phase "
+                        "(perf.data and perf.txt in the run's folder)")
     parser.add_argument("--trace-interval", type=float, default=0.2)
     parser.add_argument("--keep-traces", action=argparse.BooleanOptionalAction, default=True,
                         help="keep the trace of a run that passed (a failed run's is always kept)")
