@@ -8,7 +8,8 @@ long prompts at once, and one short prompt. It records each request's latency, t
 remote prefills and local fallbacks (from its lease), and the deployment log's lines that show a
 stall: Celery's "missed heartbeat" and clock "drift", vLLM's "No available shared memory
 broadcast block", a lost worker. With `--trace` (the default), bench/cpu_trace.py samples every
-thread on the machine from just before the first request to the end of the run.
+thread on the machine from just before the first request to the end of the run; with `--perf`,
+`perf record -a -g` records the same span.
 
 A run passes when every long prompt was prefilled remotely, no request took longer than
 `--max-request-s`, and the log has none of those lines. Results: `runs.jsonl` (a line per run),
