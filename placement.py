@@ -7,8 +7,8 @@
 - How NIXL's agents poll (``disagg.nixl_progress_delay_us``): their progress thread sleeps between
   idle polls instead of busy-polling a core.
 - How an unbound engine waits (``unbound_engine_env``, ``spin_less_when_unbound``): its OpenMP
-  threads and its two processes sleep while they wait instead of spinning, since they share
-  their cores with everything else.
+  threads sleep at a barrier, and its two processes sleep between looks at their queues, instead
+  of spinning, since they share their cores with everything else.
 - The gc freezes (``frontend.gc_freeze``, and always in a worker): a heap built at start-up is
   frozen, so collections while serving do not walk it.
 
@@ -28,6 +28,7 @@ import contextlib
 import gc
 import logging
 import os
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
@@ -117,37 +118,45 @@ def unpinned_when_nobind(log: logging.Logger = logger) -> Iterator[None]:
                  len(moved), sorted(allowed))
 
 
-# How long an unbound engine's processes spin on their shared-memory queue after a message,
-# before they sleep until the next one is announced: just long enough for back-to-back steps.
-UNBOUND_SHM_SPIN_S = 0.0002
+# How long an unbound engine's shared-memory queue readers sleep between looks at their queue,
+# where vLLM would call sched_yield: short next to a model step, long next to a look.
+UNBOUND_SHM_NAP_S = 0.0001
 
 
 def spin_less_when_unbound(shm_broadcast, log: logging.Logger = logger) -> bool:
     """Makes the readers of vLLM's shared-memory queues (``shm_broadcast``, vLLM's module) in an
-    engine that runs unbound spin for ``UNBOUND_SHM_SPIN_S`` after each message instead of a
-    whole second, then sleep until the writer's notification. Returns whether it did.
+    engine that runs unbound sleep ``UNBOUND_SHM_NAP_S`` between looks at their queue, where vLLM
+    has them call ``sched_yield``. Returns whether it did.
 
     The model runner reads its steps from the scheduler through such a queue, and the scheduler
     reads the results back through another. vLLM has each reader spin with ``sched_yield`` for a
-    second after every message it reads. A decode engine waiting for a pushed KV still steps
-    every millisecond or so (to poll its connector), so its runner never stops spinning: it took
-    most of a core while the prefill engine it waited on, computing that very KV, waited for one.
-    Bound engines keep vLLM's spin: theirs is on their own core."""
+    second after every message, then wait for the writer's notification. A decode engine waiting
+    for a pushed KV still steps every millisecond or so (to poll its connector), so its runner
+    never stops spinning: it took most of a core while the prefill engine it waited on, computing
+    that very KV, waited for one. ``sched_yield`` gives the core up only to a thread that is
+    already queued on it, and the spinner is runnable again at once.
+
+    The second of looking and the wait after it stay vLLM's: a reader that switches to waiting
+    for the notification after every message can miss one (the writer's socket keeps a single
+    notification), and then the scheduler and the runner each wait for the other until a poll
+    times out. Bound engines keep vLLM's spin: theirs is on their own core."""
     if os.environ.get(OMP_BIND_ENV) != NOBIND:
         return False
     cls = shm_broadcast.SpinCondition
-    if getattr(cls, "_llmq_spin_s", None) is not None:
+    if getattr(cls, "_llmq_nap_s", None) is not None:
         return True
     original = cls.wait
 
     def wait(self, timeout_ms=None):
-        self.busy_loop_s = min(self.busy_loop_s, UNBOUND_SHM_SPIN_S)
+        if time.monotonic() <= self.last_read + self.busy_loop_s:
+            time.sleep(UNBOUND_SHM_NAP_S)  # in place of sched_yield
+            return None
         return original(self, timeout_ms)
 
     cls.wait = wait
-    cls._llmq_spin_s = UNBOUND_SHM_SPIN_S
-    log.info("unbound engine: its shared-memory queues spin %.1f ms after a message, then sleep",
-             UNBOUND_SHM_SPIN_S * 1e3)
+    cls._llmq_nap_s = UNBOUND_SHM_NAP_S
+    log.info("unbound engine: its shared-memory queue readers sleep %.1f ms between looks instead of "
+             "spinning", UNBOUND_SHM_NAP_S * 1e3)
     return True
 
 

@@ -219,21 +219,30 @@ class _FakeShmBroadcast:
         class SpinCondition:
             def __init__(self):
                 self.busy_loop_s = 1.0
+                self.last_read = 0.0
 
-            def wait(self, timeout_ms=None):
-                waits.append((self.busy_loop_s, timeout_ms))
+            def wait(self, timeout_ms=None):  # vLLM's: sched_yield in the busy second, else poll
+                waits.append(timeout_ms)
 
         self.SpinCondition = SpinCondition
 
 
-def test_an_unbound_engines_queue_readers_spin_briefly_then_sleep(monkeypatch):
+def test_an_unbound_engines_queue_readers_nap_instead_of_spinning_and_keep_vllms_wait(monkeypatch):
+    import time
+
     shm = _FakeShmBroadcast()
     existing = shm.SpinCondition()  # made before the patch, as the runner's step queue is
     monkeypatch.setenv(OMP_BIND_ENV, "0")
     assert not spin_less_when_unbound(shm)
     existing.wait(5)
+    assert shm.waits == [5]
     monkeypatch.setenv(OMP_BIND_ENV, NOBIND)
     assert spin_less_when_unbound(shm) and spin_less_when_unbound(shm)  # patches once
+    existing.last_read = time.monotonic()  # within the busy second: a nap, not vLLM's spin
+    started = time.monotonic()
     existing.wait(5)
+    assert shm.waits == [5] and time.monotonic() - started >= placement.UNBOUND_SHM_NAP_S
+    existing.last_read = time.monotonic() - 2  # past it: vLLM's own wait for the notification
+    existing.wait(7)
     shm.SpinCondition().wait(None)
-    assert shm.waits == [(1.0, 5), (placement.UNBOUND_SHM_SPIN_S, 5), (placement.UNBOUND_SHM_SPIN_S, None)]
+    assert shm.waits == [5, 7, None]
