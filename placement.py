@@ -42,15 +42,19 @@ OMP_BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
 NOBIND = "nobind"
 
 
-def engine_cores(num_engines: int, bind: str, moves_kv: bool = False) -> list[dict[str, str]]:
+def engine_cores(num_engines: int, bind: str, moves_kv: bool = False,
+                 environ: Mapping[str, str] = os.environ) -> list[dict[str, str]]:
     """The launcher's per-engine environment, for the engines it starts on one node.
 
     With "auto", vLLM binds every engine to the same first core, so several engines get a core
     each, round robin. Engines that move KV run unbound (``engine_bind_env``): each gets an
-    OpenMP team of its share of the cores instead, at least one thread. One engine that moves no
-    KV, or an explicit ``engine.omp_threads_bind``, gets nothing from the launcher."""
+    OpenMP team of its share of the cores instead, at least one thread, unless the operator set
+    ``OMP_NUM_THREADS`` (in ``environ``, which the workers inherit). One engine that moves no KV,
+    or an explicit ``engine.omp_threads_bind``, gets nothing from the launcher."""
     cores = os.cpu_count() or 1
     if bind == "auto" and moves_kv:
+        if OMP_THREADS_ENV in environ:
+            return [{} for _ in range(num_engines)]
         return [{OMP_THREADS_ENV: str(max(1, cores // num_engines))} for _ in range(num_engines)]
     if bind != "auto" or num_engines < 2:
         return [{} for _ in range(num_engines)]

@@ -55,6 +55,7 @@ def test_several_engines_get_a_core_each_round_robin(monkeypatch):
 
 
 def test_engines_that_move_kv_are_left_unpinned_and_share_out_the_cores(monkeypatch):
+    monkeypatch.delenv(OMP_THREADS_ENV, raising=False)
     # They run unbound (engine_bind_env); the launcher must not pin them first, but sizes their
     # OpenMP teams so that together they have no more threads than the node has cores.
     monkeypatch.setattr("os.cpu_count", lambda: 2)
@@ -64,6 +65,8 @@ def test_engines_that_move_kv_are_left_unpinned_and_share_out_the_cores(monkeypa
     monkeypatch.setattr("os.cpu_count", lambda: 8)
     assert engine_cores(2, "auto", moves_kv=True) == [{OMP_THREADS_ENV: "4"}] * 2
     assert engine_cores(2, "nobind", moves_kv=True) == [{}, {}]
+    # The operator's own thread count reaches the workers unchanged.
+    assert engine_cores(2, "auto", moves_kv=True, environ={OMP_THREADS_ENV: "3"}) == [{}, {}]
 
 
 def test_one_engine_or_an_explicit_binding_is_left_to_vllm_and_the_config():
