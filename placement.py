@@ -87,10 +87,10 @@ def unbound_engine_env(environ: Mapping[str, str] = os.environ) -> dict[str, str
     Unbound, vLLM sets neither, and libgomp then starts a team of one thread per core in every
     engine, whose threads spin at each barrier before they sleep. Several engines on the same
     cores then outnumber them: a team's thread that has lost its core holds up the barrier while
-    the others spin out their time slices, and one engine's prefill took tens of seconds while
-    every other process of the machine (Celery's heartbeats, Redis) waited for a core. So the
-    team is one thread unless the launcher shared out the cores (``engine_cores``), and a
-    waiting thread sleeps (passive) instead of spinning. docs/disaggregation.md, "CPU notes"."""
+    the others spin out their time slices, and every other process of the machine (Celery's
+    heartbeats, Redis) waits for a core meanwhile. So the team is one thread unless the launcher
+    shared out the cores (``engine_cores``), and a waiting thread sleeps (passive) instead of
+    spinning. docs/disaggregation.md, "CPU notes"."""
     env = {OMP_THREADS_ENV: "1", OMP_WAIT_POLICY_ENV: "PASSIVE"}
     return {k: v for k, v in env.items() if k not in environ}
 
@@ -136,14 +136,14 @@ def spin_less_when_unbound(shm_broadcast, log: logging.Logger = logger) -> bool:
     reads the results back through another. vLLM has each reader spin with ``sched_yield`` for a
     second after every message, then wait for the writer's notification. A decode engine waiting
     for a pushed KV still steps every millisecond or so (to poll its connector), so its runner
-    never stops spinning: it took most of a core while the prefill engine it waited on, computing
-    that very KV, waited for one. ``sched_yield`` gives the core up only to a thread that is
-    already queued on it, and the spinner is runnable again at once.
+    never stops spinning, on a core that the prefill engine computing that very KV needs.
+    ``sched_yield`` gives the core up only to a thread already queued on it, and the spinner is
+    runnable again at once.
 
     The second of looking and the wait after it stay vLLM's: a reader that switches to waiting
-    for the notification after every message can miss one (the writer's socket keeps a single
-    notification), and then the scheduler and the runner each wait for the other until a poll
-    times out. Bound engines keep vLLM's spin: theirs is on their own core."""
+    for the notification after every message can miss one (vLLM's notification sockets hold at
+    most one at either end), and then the scheduler and the runner each wait for the other until
+    a poll times out. Bound engines keep vLLM's spin: theirs is on their own core."""
     if os.environ.get(OMP_BIND_ENV) != NOBIND:
         return False
     cls = shm_broadcast.SpinCondition
