@@ -6,6 +6,9 @@
   ``engine.scheduler_nice``): on its model runner's cores, or else niced.
 - How NIXL's agents poll (``disagg.nixl_progress_delay_us``): their progress thread sleeps between
   idle polls instead of busy-polling a core.
+- How an unbound engine waits (``unbound_engine_env``, ``spin_less_when_unbound``): its OpenMP
+  threads sleep at a barrier, and its two processes sleep between looks at their queues, instead
+  of spinning, since they share their cores with everything else.
 - The gc freezes (``frontend.gc_freeze``, and always in a worker): a heap built at start-up is
   frozen, so collections while serving do not walk it.
 
@@ -25,6 +28,7 @@ import contextlib
 import gc
 import logging
 import os
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
@@ -38,30 +42,57 @@ OMP_BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
 NOBIND = "nobind"
 
 
-def engine_cores(num_engines: int, bind: str, moves_kv: bool = False) -> list[dict[str, str]]:
+def engine_cores(num_engines: int, bind: str, moves_kv: bool = False,
+                 environ: Mapping[str, str] = os.environ) -> list[dict[str, str]]:
     """The launcher's per-engine environment, for the engines it starts on one node.
 
     With "auto", vLLM binds every engine to the same first core, so several engines get a core
-    each, round robin. One engine, an explicit ``engine.omp_threads_bind``, or engines that move
-    KV (which must run unbound, see ``engine_bind_env``) get nothing from the launcher."""
-    if bind != "auto" or num_engines < 2 or moves_kv:
-        return [{} for _ in range(num_engines)]
+    each, round robin. Engines that move KV run unbound (``engine_bind_env``): each gets an
+    OpenMP team of its share of the cores instead, at least one thread, unless the operator set
+    ``OMP_NUM_THREADS`` (in ``environ``, which the workers inherit). One engine that moves no KV,
+    or an explicit ``engine.omp_threads_bind``, gets nothing from the launcher."""
     cores = os.cpu_count() or 1
+    if bind == "auto" and moves_kv:
+        if OMP_THREADS_ENV in environ:
+            return [{} for _ in range(num_engines)]
+        return [{OMP_THREADS_ENV: str(max(1, cores // num_engines))} for _ in range(num_engines)]
+    if bind != "auto" or num_engines < 2:
+        return [{} for _ in range(num_engines)]
     return [{OMP_BIND_ENV: str(i % cores)} for i in range(num_engines)]
 
 
-def engine_bind_env(bind: str, moves_kv: bool) -> dict[str, str]:
+def engine_bind_env(bind: str, moves_kv: bool, environ: Mapping[str, str] = os.environ) -> dict[str, str]:
     """The environment a worker sets for its own engine before starting it.
 
     An explicit ``engine.omp_threads_bind`` wins. Otherwise an engine that moves KV over NIXL runs
     unbound: bound to one core, its NIXL threads (handshake, progress) share that core with its
     spinning OpenMP threads, and a KV transfer waits until the other engine's hold on the blocks
-    expires. An empty result keeps what the launcher set, or vLLM's own choice."""
-    if bind != "auto":
-        return {OMP_BIND_ENV: bind}
-    if moves_kv:
-        return {OMP_BIND_ENV: NOBIND}
-    return {}
+    expires. An unbound engine also gets ``unbound_engine_env``. An empty result keeps what the
+    launcher set, or vLLM's own choice."""
+    bound = bind if bind != "auto" else (NOBIND if moves_kv else None)
+    if bound is None:
+        return {}
+    return {OMP_BIND_ENV: bound, **(unbound_engine_env(environ) if bound == NOBIND else {})}
+
+
+# OpenMP's own variables, read by the engine's processes when they start.
+OMP_THREADS_ENV = "OMP_NUM_THREADS"
+OMP_WAIT_POLICY_ENV = "OMP_WAIT_POLICY"
+
+
+def unbound_engine_env(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """OpenMP settings for an engine whose threads are bound to no core; a value already in
+    ``environ`` (the launcher's thread count, or the operator's) is kept.
+
+    Unbound, vLLM sets neither, and libgomp then starts a team of one thread per core in every
+    engine, whose threads spin at each barrier before they sleep. Several engines on the same
+    cores then outnumber them: a team's thread that has lost its core holds up the barrier while
+    the others spin out their time slices, and every other process of the machine (Celery's
+    heartbeats, Redis) waits for a core meanwhile. So the team is one thread unless the launcher
+    shared out the cores (``engine_cores``), and a waiting thread sleeps (passive) instead of
+    spinning. docs/disaggregation.md, "CPU notes"."""
+    env = {OMP_THREADS_ENV: "1", OMP_WAIT_POLICY_ENV: "PASSIVE"}
+    return {k: v for k, v in env.items() if k not in environ}
 
 
 @contextlib.contextmanager
@@ -89,6 +120,48 @@ def unpinned_when_nobind(log: logging.Logger = logger) -> Iterator[None]:
     if moved:
         log.info("unpinned %d thread(s) of the model runner from vLLM's KV-transfer core (cores %s)",
                  len(moved), sorted(allowed))
+
+
+# How long an unbound engine's shared-memory queue readers sleep between looks at their queue,
+# where vLLM would call sched_yield: short next to a model step, long next to a look.
+UNBOUND_SHM_NAP_S = 0.0001
+
+
+def spin_less_when_unbound(shm_broadcast, log: logging.Logger = logger) -> bool:
+    """Makes the readers of vLLM's shared-memory queues (``shm_broadcast``, vLLM's module) in an
+    engine that runs unbound sleep ``UNBOUND_SHM_NAP_S`` between looks at their queue, where vLLM
+    has them call ``sched_yield``. Returns whether it did.
+
+    The model runner reads its steps from the scheduler through such a queue, and the scheduler
+    reads the results back through another. vLLM has each reader spin with ``sched_yield`` for a
+    second after every message, then wait for the writer's notification. A decode engine waiting
+    for a pushed KV still steps every millisecond or so (to poll its connector), so its runner
+    never stops spinning, on a core that the prefill engine computing that very KV needs.
+    ``sched_yield`` gives the core up only to a thread already queued on it, and the spinner is
+    runnable again at once.
+
+    The second of looking and the wait after it stay vLLM's: a reader that switches to waiting
+    for the notification after every message can miss one (vLLM's notification sockets hold at
+    most one at either end), and then the scheduler and the runner each wait for the other until
+    a poll times out. Bound engines keep vLLM's spin: theirs is on their own core."""
+    if os.environ.get(OMP_BIND_ENV) != NOBIND:
+        return False
+    cls = shm_broadcast.SpinCondition
+    if getattr(cls, "_llmq_nap_s", None) is not None:
+        return True
+    original = cls.wait
+
+    def wait(self, timeout_ms=None):
+        if time.monotonic() <= self.last_read + self.busy_loop_s:
+            time.sleep(UNBOUND_SHM_NAP_S)  # in place of sched_yield
+            return None
+        return original(self, timeout_ms)
+
+    cls.wait = wait
+    cls._llmq_nap_s = UNBOUND_SHM_NAP_S
+    log.info("unbound engine: its shared-memory queue readers sleep %.1f ms between looks instead of "
+             "spinning", UNBOUND_SHM_NAP_S * 1e3)
+    return True
 
 
 def no_amx_when_unbound(log: logging.Logger = logger) -> bool:

@@ -21,6 +21,7 @@ import logging
 import sys
 import time
 
+from vllm.distributed.device_communicators import shm_broadcast
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl import base_worker
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl.connector import NixlBaseConnector
@@ -36,6 +37,7 @@ from kvtransfer import push
 logger = logging.getLogger(f"vllm.{__name__}")
 
 placement.no_amx_when_unbound(logger)
+placement.spin_less_when_unbound(shm_broadcast, logger)
 
 if base_worker.NixlWrapper is not None:
     placement.patch_progress_delay(sys.modules[base_worker.NixlWrapper.__module__].nixlBind,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -17,34 +16,15 @@ PREFIX = [10 + (i * 43) % 1500 for i in range(900)]
 
 @pytest.fixture(scope="module")
 def both(model_path, tmp_path_factory):
-    # Three engines on two cores: a deployment's first KV transfer can stall every process for
-    # up to about 30 s (issue 12, "the disaggregated stall", is open). The leases, and the decode
-    # engine's wait for a push it registered for, are long enough here to ride that out; past
-    # the registration wait the request would fall back to a local prefill, which is right for a
-    # client but not what this test is about.
-    settings = make_settings(fresh_redis_url(), base="disagg_router.yaml",
-                             **{"workers.heartbeat_interval_s": 1, "workers.lease_s": 30,
-                                "disagg.push_registration_timeout_s": 120})
+    # Three engines on two cores, with the deployment's own leases and time-outs: the first KV
+    # transfers must not stall anything (docs/disaggregation.md, "CPU notes").
+    settings = make_settings(fresh_redis_url(), base="disagg_router.yaml")
     assert settings.router.mode == "kv" and settings.disagg.enabled
     dep = start_deployment(settings, tmp_path_factory.mktemp("disagg_router"), ready_timeout_s=500)
     wait_for(lambda: {w.role for w in live_status(dep, role=None)} >= {"decode", "prefill", "router"}, 400,
              "router, decode and prefill workers")
-    warm_up_transfers(dep)
     yield dep
     dep.stop()
-
-
-def warm_up_transfers(dep) -> None:
-    """Two long prompts at once, so that each decode worker takes one and makes its first KV
-    transfer before the tests do. On these 2-core machines a deployment's first transfers can
-    freeze every process for tens of seconds (issue 12, "the disaggregated stall", is open),
-    which turns a remote prefill into a local fallback; these tests are about routing and
-    disaggregation composed, so they start after it. Each answer must still be whole."""
-    warm = [[20 + (i * 37 + k) % 1500 for i in range(900)] for k in (1, 2)]
-    with ThreadPoolExecutor(2) as pool:
-        answers = list(pool.map(lambda ids: dep.client(timeout=300).completions.create(
-            model=MODEL, prompt=ids, max_tokens=2, extra_body={"ignore_eos": True}), warm))
-    assert all(a.usage.completion_tokens == 2 for a in answers)
 
 
 def remote_prefills(dep) -> dict[str, int]:

@@ -14,6 +14,8 @@ from conftest import ROOT, wait_for
 from placement import (
     NOBIND,
     OMP_BIND_ENV,
+    OMP_THREADS_ENV,
+    OMP_WAIT_POLICY_ENV,
     PROGRESS_DELAY_ENV,
     RUNNER_PROCESS_TITLE,
     SCHEDULER_PROCESS_TITLE,
@@ -24,6 +26,8 @@ from placement import (
     patch_progress_delay,
     place_scheduler,
     progress_delay_us,
+    spin_less_when_unbound,
+    unbound_engine_env,
 )
 
 
@@ -50,9 +54,19 @@ def test_several_engines_get_a_core_each_round_robin(monkeypatch):
     assert [e[OMP_BIND_ENV] for e in envs] == ["0", "1", "0"]
 
 
-def test_engines_that_move_kv_are_left_unpinned_by_the_launcher():
-    # They run unbound (engine_bind_env); the launcher must not pin them first.
-    assert engine_cores(2, "auto", moves_kv=True) == [{}, {}]
+def test_engines_that_move_kv_are_left_unpinned_and_share_out_the_cores(monkeypatch):
+    monkeypatch.delenv(OMP_THREADS_ENV, raising=False)
+    # They run unbound (engine_bind_env); the launcher must not pin them first, but sizes their
+    # OpenMP teams so that together they have no more threads than the node has cores.
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert engine_cores(2, "auto", moves_kv=True) == [{OMP_THREADS_ENV: "1"}] * 2
+    assert engine_cores(3, "auto", moves_kv=True) == [{OMP_THREADS_ENV: "1"}] * 3
+    assert engine_cores(1, "auto", moves_kv=True) == [{OMP_THREADS_ENV: "2"}]
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    assert engine_cores(2, "auto", moves_kv=True) == [{OMP_THREADS_ENV: "4"}] * 2
+    assert engine_cores(2, "nobind", moves_kv=True) == [{}, {}]
+    # The operator's own thread count reaches the workers unchanged.
+    assert engine_cores(2, "auto", moves_kv=True, environ={OMP_THREADS_ENV: "3"}) == [{}, {}]
 
 
 def test_one_engine_or_an_explicit_binding_is_left_to_vllm_and_the_config():
@@ -60,14 +74,25 @@ def test_one_engine_or_an_explicit_binding_is_left_to_vllm_and_the_config():
     assert engine_cores(2, "0-1") == [{}, {}]
 
 
+UNBOUND = {OMP_BIND_ENV: NOBIND, OMP_THREADS_ENV: "1", OMP_WAIT_POLICY_ENV: "PASSIVE"}
+
+
 @pytest.mark.parametrize("bind,moves_kv,env", [
     ("auto", False, {}),                        # the launcher's core, or vLLM's own choice
-    ("auto", True, {OMP_BIND_ENV: NOBIND}),     # an engine that moves KV runs unbound
+    ("auto", True, UNBOUND),                    # an engine that moves KV runs unbound, and waits passively
     ("0-1", True, {OMP_BIND_ENV: "0-1"}),       # the config wins
-    ("nobind", False, {OMP_BIND_ENV: NOBIND}),
+    ("nobind", False, UNBOUND),
 ])
 def test_a_worker_binds_its_engine_as_configured_or_unbound_when_it_moves_kv(bind, moves_kv, env):
-    assert engine_bind_env(bind, moves_kv) == env
+    assert engine_bind_env(bind, moves_kv, environ={}) == env
+
+
+def test_an_unbound_engine_keeps_the_thread_count_and_wait_policy_it_was_given():
+    # The launcher's share of the cores (engine_cores), or the operator's own settings.
+    assert unbound_engine_env({OMP_THREADS_ENV: "4"}) == {OMP_WAIT_POLICY_ENV: "PASSIVE"}
+    assert unbound_engine_env({OMP_THREADS_ENV: "4", OMP_WAIT_POLICY_ENV: "ACTIVE"}) == {}
+    assert engine_bind_env("auto", True, environ={OMP_THREADS_ENV: "2"}) == {
+        OMP_BIND_ENV: NOBIND, OMP_WAIT_POLICY_ENV: "PASSIVE"}
 
 
 def test_builders_leave_the_environment_alone(monkeypatch):
@@ -186,3 +211,41 @@ def test_no_amx_when_unbound_only_touches_unbound_engines(monkeypatch):
     monkeypatch.setenv(OMP_BIND_ENV, NOBIND)
     assert no_amx_when_unbound()
     assert not torch.cpu._is_amx_tile_supported()
+
+
+class _FakeShmBroadcast:
+    """vLLM's shm_broadcast as far as spin_less_when_unbound touches it."""
+
+    def __init__(self):
+        waits = self.waits = []
+
+        class SpinCondition:
+            def __init__(self):
+                self.busy_loop_s = 1.0
+                self.last_read = 0.0
+
+            def wait(self, timeout_ms=None):  # vLLM's: sched_yield in the busy second, else poll
+                waits.append(timeout_ms)
+
+        self.SpinCondition = SpinCondition
+
+
+def test_an_unbound_engines_queue_readers_nap_instead_of_spinning_and_keep_vllms_wait(monkeypatch):
+    import time
+
+    shm = _FakeShmBroadcast()
+    existing = shm.SpinCondition()  # made before the patch, as the runner's step queue is
+    monkeypatch.setenv(OMP_BIND_ENV, "0")
+    assert not spin_less_when_unbound(shm)
+    existing.wait(5)
+    assert shm.waits == [5]
+    monkeypatch.setenv(OMP_BIND_ENV, NOBIND)
+    assert spin_less_when_unbound(shm) and spin_less_when_unbound(shm)  # patches once
+    existing.last_read = time.monotonic()  # within the busy second: a nap, not vLLM's spin
+    started = time.monotonic()
+    existing.wait(5)
+    assert shm.waits == [5] and time.monotonic() - started >= placement.UNBOUND_SHM_NAP_S
+    existing.last_read = time.monotonic() - 2  # past it: vLLM's own wait for the notification
+    existing.wait(7)
+    shm.SpinCondition().wait(None)
+    assert shm.waits == [5, 7, None]
