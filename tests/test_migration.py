@@ -187,8 +187,16 @@ def test_streams_on_a_killed_worker_complete_elsewhere_token_for_token(pair, ref
     replaced(pair, victim, old_pid)
 
 
+def router_sees_both(dep) -> bool:
+    """Two requests in a row go to both workers: the router's view of the leases (re-read every
+    quarter second) holds the replacement that just came up."""
+    return len({dep.client().completions.with_raw_response.create(
+        model=MODEL, prompt=[11, 12], max_tokens=1).headers["x-worker-id"] for _ in range(2)}) == 2
+
+
 def test_requests_queued_for_a_worker_that_dies_before_accepting_go_elsewhere(pair, references):
     victim, survivor = sorted(w.worker_id for w in both_live(pair))
+    wait_for(lambda: router_sees_both(pair), 30, "the router to route to both workers")
     pid = next(w.pid for w in live_status(pair) if w.worker_id == victim)
     os.kill(pid, signal.SIGSTOP)  # it cannot take anything from its queue now
     try:
