@@ -3,9 +3,9 @@
 configs/agg_router.yaml (two decode workers, a round-robin router) on a fresh Redis database.
 Each round streams `--streams` long requests, half on each worker; once every stream has tokens,
 the Celery main process of the worker serving the first one is SIGKILLed (and its engine
-processes with it, as branch faults' orphan fix will do). With `--drop-lease` (the default) the
-scenario then deletes the worker's lease, as the launcher does at once when its child exits
-(issue 12, branch faults); without it, the lease lapses after `workers.lease_s`. The launcher
+processes with it, as workers/orphans.py makes them). With `--drop-lease` (the default) the
+scenario then deletes the worker's lease, as the launcher does when it sees its child exit
+(launcher/__main__.py); without it, the lease lapses after `workers.lease_s`. The launcher
 starts a replacement, and the next round waits for it.
 
 Per round it records:
@@ -50,7 +50,7 @@ class MigrationSpec:
     output_len: int = field(default=400, metadata=help_text("max_tokens of every stream (ignore_eos)"))
     min_tokens_before_kill: int = field(default=10, metadata=help_text("tokens every stream has before the kill"))
     drop_lease: bool = field(default=True, metadata=help_text("delete the victim's lease at the kill, as the "
-                                                              "launcher does (branch faults); else it lapses"))
+                                                              "launcher does; else it lapses"))
     poll_ms: float = field(default=20.0, metadata=help_text("how often /metrics is read after a kill"))
     redis_db: int = field(default=5, metadata=help_text("Redis database (1-5), flushed before the start"))
     seed: int = field(default=0, metadata=help_text("prompt seed"))

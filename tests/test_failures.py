@@ -63,9 +63,9 @@ def _read_stream(stream, timeout_s: float) -> tuple[int, object, Exception | Non
 
 
 def _kill_worker(worker) -> None:
-    """SIGKILLs the worker's main process. Its engine processes outlive it until the orphan fix
-    (issue 12, branch faults) lands; they are killed too, so they do not hold the CPU and memory
-    the replacement needs."""
+    """SIGKILLs the worker's main process. Its engine processes die with it (workers/orphans.py);
+    they are killed here too, collected before the kill, so that tests/test_faults.py alone
+    speaks for the orphan fix and a slow parent-death signal cannot hold the replacement's CPU."""
     engines = psutil.Process(worker.pid).children(recursive=True)
     os.kill(worker.pid, signal.SIGKILL)
     for proc in engines:

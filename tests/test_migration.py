@@ -112,10 +112,10 @@ def start_streams(dep, tags: list[str], prompts: list[list[int]]) -> list[Stream
 
 
 def kill(dep, worker_id: str, drop_lease: bool, pid: int | None = None) -> int:
-    """SIGKILLs a decode worker's Celery main process. Its engine processes would outlive it
-    until the orphan fix (issue 12, branch faults) lands; they are killed here too, collected
-    before the kill, so they do not take the CPU the migration needs. ``drop_lease`` does what
-    the launcher does when its child exits (branch faults); without it the lease lapses."""
+    """SIGKILLs a decode worker's Celery main process. Its engine processes die with it
+    (workers/orphans.py); they are killed here too, collected before the kill, so they cannot
+    take the CPU the migration needs. ``drop_lease`` does at once what the launcher does when
+    its child exits; without it the lease lapses."""
     pid = pid or next(w.pid for w in live_status(dep) if w.worker_id == worker_id)
     engines = psutil.Process(pid).children(recursive=True)
     os.kill(pid, signal.SIGKILL)
