@@ -86,9 +86,6 @@ class RedisUnavailable(APIError):
         return cls(f"Redis is unavailable ({type(e).__name__}: {e}); retry shortly")
 
 
-# What the Redis client (redis-py) and the broker client (kombu, under Celery's send_task) raise
-# when Redis does not answer.
-REDIS_ERRORS = (redis.RedisError, OperationalError)
 
 
 def error_response(err: APIError):
@@ -118,7 +115,9 @@ def _drain_refused_body() -> None:
 def register_error_handlers(app: Flask) -> None:
     app.register_error_handler(APIError, error_response)
 
-    # An outage, not a bug: a fast 503 the client can retry, not the catch-all below.
+    # An outage, not a bug: a fast 503 the client can retry, not the catch-all below. What the
+    # Redis client (redis-py) and the broker client (kombu, under send_task) raise when Redis
+    # does not answer.
     @app.errorhandler(redis.RedisError)
     @app.errorhandler(OperationalError)
     def _redis_unavailable(e: Exception):

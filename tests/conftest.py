@@ -149,6 +149,21 @@ def deployment(model_path, tmp_path_factory) -> Iterator[Deployment]:
     dep.stop()
 
 
+def sigkill_worker(pid: int) -> None:
+    """SIGKILLs a worker's main process. Its engine processes die with it (workers/orphans.py);
+    they are killed here too, collected before the kill, so that tests/test_faults.py alone
+    speaks for the orphan fix and a slow parent-death signal cannot hold the CPU a test needs."""
+    import psutil
+
+    engines = psutil.Process(pid).children(recursive=True)
+    os.kill(pid, signal.SIGKILL)
+    for proc in engines:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
 def live_status(dep: Deployment, role: str = "decode"):
     from tasks.registry import live_workers
 

@@ -6,8 +6,6 @@ replacement (app/migration.py), waiting for it at most frontend.first_token_time
 
 from __future__ import annotations
 
-import os
-import signal
 import threading
 import time
 
@@ -15,7 +13,7 @@ import openai
 import psutil
 import pytest
 
-from conftest import fresh_redis_url, live_status, make_settings, start_deployment, wait_for
+from conftest import fresh_redis_url, live_status, make_settings, sigkill_worker, start_deployment, wait_for
 from tasks import keys
 
 pytestmark = pytest.mark.integration
@@ -62,25 +60,12 @@ def _read_stream(stream, timeout_s: float) -> tuple[int, object, Exception | Non
     return (usage.completion_tokens if usage else 0), text, None
 
 
-def _kill_worker(worker) -> None:
-    """SIGKILLs the worker's main process. Its engine processes die with it (workers/orphans.py);
-    they are killed here too, collected before the kill, so that tests/test_faults.py alone
-    speaks for the orphan fix and a slow parent-death signal cannot hold the replacement's CPU."""
-    engines = psutil.Process(worker.pid).children(recursive=True)
-    os.kill(worker.pid, signal.SIGKILL)
-    for proc in engines:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
-
-
 def test_a_stream_whose_worker_is_killed_goes_on_on_its_replacement(fragile):
     worker = _serving_worker(fragile)
     stream = _long_stream(fragile)
     first = next(iter(stream))
     assert first.choices[0].delta.role == "assistant"
-    _kill_worker(worker)
+    sigkill_worker(worker.pid)
     # Its lease lapses (workers.lease_s), the request waits for the launcher's replacement, and
     # goes on there: no error event, every token once.
     completion_tokens, _, error = _read_stream(stream, timeout_s=MOVE_WAIT_S + 60)
@@ -130,7 +115,7 @@ def test_a_non_streaming_request_to_a_dying_worker_moves_too(fragile):
         return bool(streams) and fragile.redis.xlen(streams[0]) >= 5
 
     wait_for(generating, 30, "the request to be generating", interval_s=0.02)
-    _kill_worker(worker)
+    sigkill_worker(worker.pid)
     t.join(timeout=MOVE_WAIT_S + 60)
     assert not t.is_alive()
     assert "error" not in result, result.get("error")

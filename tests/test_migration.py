@@ -15,10 +15,9 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import psutil
 import pytest
 
-from conftest import fresh_redis_url, live_status, make_settings, start_deployment, wait_for
+from conftest import fresh_redis_url, live_status, make_settings, sigkill_worker, start_deployment, wait_for
 from tasks import keys
 from tasks.messages import Routed, decode_event
 from tasks.queues import worker_queue
@@ -112,20 +111,12 @@ def start_streams(dep, tags: list[str], prompts: list[list[int]]) -> list[Stream
 
 
 def kill(dep, worker_id: str, drop_lease: bool, pid: int | None = None) -> int:
-    """SIGKILLs a decode worker's Celery main process. Its engine processes die with it
-    (workers/orphans.py); they are killed here too, collected before the kill, so they cannot
-    take the CPU the migration needs. ``drop_lease`` does at once what the launcher does when
-    its child exits; without it the lease lapses."""
+    """SIGKILLs a decode worker's Celery main process (``sigkill_worker``). ``drop_lease`` does at
+    once what the launcher does when its child exits; without it the lease lapses."""
     pid = pid or next(w.pid for w in live_status(dep) if w.worker_id == worker_id)
-    engines = psutil.Process(pid).children(recursive=True)
-    os.kill(pid, signal.SIGKILL)
+    sigkill_worker(pid)
     if drop_lease:
         dep.redis.delete(keys.worker_lease(worker_id))
-    for proc in engines:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
     return pid
 
 
