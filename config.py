@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
+import ipaddress
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,6 +25,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 ENV_PREFIX = "LLMQ__"
+# Secrets set from the environment are taken as written: YAML would turn a key such as "123",
+# "yes" or "null" into a number, a boolean or nothing. (LLMQ__FRONTEND__API_KEYS__<NAME>=key.)
+_RAW_ENV_KEYS = ("frontend.api_key", "frontend.api_keys.", "flower.basic_auth")
+# What an API key's name may be: it goes into log lines and a Prometheus label.
+_KEY_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+# The name frontend.api_key has in logs and on /metrics.
+DEFAULT_KEY_NAME = "default"
+LOOPBACK = "127.0.0.1"
 DEFAULT_CONFIG_PATH = Path(__file__).parent / "configs" / "agg.yaml"
 
 
@@ -123,8 +133,12 @@ class FrontendConfig(_Section):
     # prefill of the prompt plus the tokens so far, and a bound keeps a request that kills its
     # workers (or a deployment losing workers) from going round for ever.
     max_migrations: int = Field(3, ge=0)
-    # When set, clients must send "Authorization: Bearer <api_key>".
+    # When any key is set, clients must send "Authorization: Bearer <key>" with one of them:
+    # api_key (named "default") or any of api_keys, name -> key, one per client. A key's name,
+    # never the key, goes into logs and /metrics. From the environment:
+    # LLMQ__FRONTEND__API_KEY, LLMQ__FRONTEND__API_KEYS__<NAME> (the name in lower case).
     api_key: str | None = None
+    api_keys: dict[str, str] = Field(default_factory=dict)
     # Freeze the heap gunicorn's master preloaded before it forks the workers, so their garbage
     # collections do not copy it (placement.py, PreforkFreeze; docs/benchmarks.md, "The gc
     # freeze"). Off only to measure what that saves.
@@ -156,6 +170,32 @@ class FrontendConfig(_Section):
             raise ValueError("frontend.threads must be more than frontend.reserved_threads")
         return self
 
+    @model_validator(mode="after")
+    def _keys_are_usable(self) -> FrontendConfig:
+        # Messages name the key's name, never its value: they are printed and logged.
+        if self.api_key is not None and DEFAULT_KEY_NAME in self.api_keys:
+            raise ValueError(f"frontend.api_key is the key named {DEFAULT_KEY_NAME!r}; "
+                             f"frontend.api_keys names another")
+        for name, key in self.named_api_keys.items():
+            where = "frontend.api_key" if name == DEFAULT_KEY_NAME and self.api_key is not None \
+                else f"frontend.api_keys.{name}"
+            if not _KEY_NAME.match(name):
+                raise ValueError(f"{where}: a key's name is 1-64 letters, digits, '_', '.' or '-'")
+            # It travels in an HTTP header: printable ASCII, no spaces.
+            if not key or not all(33 <= ord(c) < 127 for c in key):
+                raise ValueError(f"{where}: a key is printable ASCII without spaces, and not empty "
+                                 f"(leave it unset for no key)")
+        values = list(self.named_api_keys.values())
+        if len(set(values)) != len(values):
+            raise ValueError("frontend.api_keys: two names share one key, so its name would be ambiguous")
+        return self
+
+    @property
+    def named_api_keys(self) -> dict[str, str]:
+        """Every key clients may send, by its name."""
+        named = {DEFAULT_KEY_NAME: self.api_key} if self.api_key is not None else {}
+        return {**named, **self.api_keys}
+
 
 class WorkerConfig(_Section):
     # Decode (or aggregated) worker processes the launcher starts on this node.
@@ -171,7 +211,12 @@ class WorkerConfig(_Section):
     # Each worker serves /metrics on this port (0: any free port). The address goes into the
     # worker's lease, and the frontend's /metrics/targets lists them for Prometheus.
     metrics_port: int = Field(0, ge=0, le=65535)
-    # The host others reach this worker's /metrics on; empty: this host's address.
+    # The address /metrics listens on. Empty: advertise_host when it is set, else 127.0.0.1, so
+    # that nothing listens beyond this host unless a setting says so; 0.0.0.0 for every interface.
+    metrics_host: str = ""
+    # The host others reach this worker on, its /metrics and NIXL's side channel. Empty: for
+    # /metrics, the address it listens on (this host's address where that is every interface);
+    # for NIXL, this host's address.
     advertise_host: str = ""
     # A worker whose engine is not up by then exits (and the launcher starts it again) rather
     # than sit half-started: vLLM's start can hang, e.g. when a port it needs is taken.
@@ -182,6 +227,10 @@ class WorkerConfig(_Section):
         if self.lease_s <= 2 * self.heartbeat_interval_s:
             raise ValueError("workers.lease_s must be more than twice workers.heartbeat_interval_s")
         return self
+
+    @property
+    def metrics_listen_host(self) -> str:
+        return self.metrics_host or self.advertise_host or LOOPBACK
 
 
 class RouterConfig(_Section):
@@ -241,6 +290,36 @@ class DisaggConfig(_Section):
 class FlowerConfig(_Section):
     enabled: bool = True
     port: int = Field(5555, ge=1, le=65535)
+    # The address Flower listens on. Empty: workers.advertise_host when it is set, else 127.0.0.1.
+    address: str = ""
+    # "user:password" (several, comma-separated), Flower's --basic-auth. The launcher starts no
+    # Flower without it where a frontend API key is set or Flower listens beyond loopback.
+    # LLMQ__FLOWER__BASIC_AUTH sets it from the environment.
+    basic_auth: str | None = None
+
+    @field_validator("basic_auth")
+    @classmethod
+    def _credentials_are_pairs(cls, value: str | None) -> str | None:
+        # Flower splits the list on commas and compares ASCII strings; messages never echo it.
+        if value is None:
+            return value
+        for pair in value.split(","):
+            user, sep, password = pair.partition(":")
+            if not (sep and user and password):
+                raise ValueError("each credential is user:password, comma-separated")
+            if not all(32 <= ord(c) < 127 for c in pair):
+                raise ValueError("credentials are printable ASCII")
+        return value
+
+
+def is_loopback(host: str) -> bool:
+    """Whether an address to listen on is reachable from this host only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
 
 
 class Settings(_Section):
@@ -263,6 +342,25 @@ class Settings(_Section):
         if self.workers.stream_ttl_s < self.frontend.request_timeout_s:
             raise ValueError("workers.stream_ttl_s must be at least frontend.request_timeout_s")
         return self
+
+    @property
+    def flower_address(self) -> str:
+        return self.flower.address or self.workers.advertise_host or LOOPBACK
+
+    def flower_refusal(self) -> str | None:
+        """Why Flower must not start as configured (it would show the deployment's tasks and let
+        anyone who reaches it shut workers down), or None."""
+        if self.flower.basic_auth:
+            return None
+        fix = ("set flower.basic_auth to user:password (or LLMQ__FLOWER__BASIC_AUTH), "
+               "or turn Flower off with flower.enabled: false")
+        if self.frontend.named_api_keys:
+            return f"frontend.api_key (or api_keys) is set, so Flower needs a password too: {fix}"
+        address = self.flower_address
+        if not is_loopback(address):
+            source = "flower.address" if self.flower.address else "workers.advertise_host"
+            return f"Flower would listen on {address} ({source}) with no password: {fix}"
+        return None
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -290,7 +388,8 @@ def _env_overrides(environ: dict[str, str]) -> list[tuple[str, Any]]:
     for key, value in sorted(environ.items()):
         if key.startswith(ENV_PREFIX):
             dotted = key[len(ENV_PREFIX):].lower().replace("__", ".")
-            pairs.append((dotted, _parse_scalar(value)))
+            raw = dotted.startswith(_RAW_ENV_KEYS)
+            pairs.append((dotted, value if raw else _parse_scalar(value)))
     return pairs
 
 
@@ -332,5 +431,9 @@ def load_settings(
 
 
 def dump_settings(settings: Settings, path: str | Path) -> None:
-    """Write resolved settings so child processes load exactly what the launcher validated."""
-    Path(path).write_text(yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False))
+    """Write resolved settings so child processes load exactly what the launcher validated. Only
+    the owner may read it: it holds the API keys and Flower's password."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # a file that was there keeps its mode otherwise
+    with os.fdopen(fd, "w") as f:
+        f.write(yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False))

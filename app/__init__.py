@@ -14,6 +14,7 @@ from config import Settings, load_settings
 
 def create_app(settings: Settings | None = None) -> Flask:
     from app.admission import Admission, AdmissionMiddleware
+    from app.auth import APIKeys
     from app.errors import register_error_handlers
     from app.gateway import Gateway
     from app.processor import Processor
@@ -40,6 +41,7 @@ def create_app(settings: Settings | None = None) -> Flask:
                                   socket_timeout=10)
     app.extensions["llmq.gateway"] = gateway = Gateway(settings, make_celery(settings), client)
     app.extensions["llmq.processor"] = processor = Processor(settings)
+    app.extensions["llmq.api_keys"] = APIKeys(settings.frontend.named_api_keys)
     gateway.prepare()
     processor.prepare()
     app.register_blueprint(bp)
@@ -48,5 +50,6 @@ def create_app(settings: Settings | None = None) -> Flask:
     admission = Admission(settings.frontend, client, lambda: gateway.live_roles().get("decode", 0))
     app.extensions["llmq.admission"] = admission
     app.wsgi_app = AdmissionMiddleware(app.wsgi_app, admission, settings.frontend)  # type: ignore[method-assign]
-    logging.getLogger(__name__).info("frontend ready: model=%s redis=%s", settings.model.name, settings.redis_url)
+    logging.getLogger(__name__).info("frontend ready: model=%s redis=%s API keys: %s", settings.model.name,
+                                     settings.redis_url, ", ".join(settings.frontend.named_api_keys) or "none")
     return app

@@ -201,7 +201,8 @@ class Gateway:
         """The role whose workers take a request from the queue it is sent to."""
         return "router" if self.settings.router.enabled else "decode"
 
-    def submit(self, request_id: str, prompts: list[list[int]], spec: SamplingSpec) -> list[SubRequest]:
+    def submit(self, request_id: str, prompts: list[list[int]], spec: SamplingSpec,
+               api_key_name: str | None = None) -> list[SubRequest]:
         self.require_workers()
         deadline = time.time() + self.settings.frontend.request_timeout_s
         live = self.live(WORKER_CACHE_S)
@@ -213,8 +214,9 @@ class Gateway:
                              attempts=Attempts(msg, self.settings.frontend.max_migrations))
             self._send(sub, msg, live)
             subs.append(sub)
-        logger.info("[%s] enqueued %d task(s), %s prompt tokens", request_id, len(subs),
-                    "+".join(str(len(s.prompt_token_ids)) for s in subs))
+        logger.info("[%s] enqueued %d task(s), %s prompt tokens%s", request_id, len(subs),
+                    "+".join(str(len(s.prompt_token_ids)) for s in subs),
+                    f", API key {api_key_name}" if api_key_name else "")
         return subs
 
     def _send(self, sub: SubRequest, msg: GenerateRequest, live: dict[str, WorkerStatus]) -> None:

@@ -23,6 +23,9 @@ from prometheus_client import (
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 REQUESTS = Counter("llmq_frontend_requests_total", "HTTP requests by endpoint and status", ["endpoint", "status"])
+# By the name of the API key a request carried (app/auth.py), never the key itself.
+KEY_REQUESTS = Counter("llmq_frontend_api_key_requests_total", "Authenticated HTTP requests by API key name and status",
+                       ["api_key", "status"])
 IN_FLIGHT = Gauge("llmq_frontend_requests_in_flight", "Requests being served, streams included",
                   multiprocess_mode="livesum")
 TTFT = Histogram("llmq_frontend_time_to_first_token_seconds", "From enqueue to the first token",

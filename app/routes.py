@@ -15,6 +15,7 @@ from flask import Blueprint, Response, current_app, g, jsonify, request, stream_
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from app import metrics
+from app.auth import APIKeys
 from app.disconnect import client_gone
 from app.errors import APIError, BadRequest, ModelNotFound, RedisUnavailable, Unauthorized
 from app.gateway import Gateway, SubRequest
@@ -63,6 +64,8 @@ def _finish(response: Response) -> Response:
     response.headers["X-Request-Id"] = g.get("request_id", "")
     endpoint = request.url_rule.rule if request.url_rule else "unmatched"
     metrics.REQUESTS.labels(endpoint, str(response.status_code)).inc()
+    if key_name := g.get("api_key_name"):
+        metrics.KEY_REQUESTS.labels(key_name, str(response.status_code)).inc()
     if g.pop("in_flight", False):
         # A stream is in flight until its last chunk is sent, not when its headers are.
         response.call_on_close(metrics.IN_FLIGHT.dec)
@@ -87,9 +90,13 @@ def prometheus_targets():
 
 
 def _check_api_key() -> None:
-    expected = current_app.config["LLMQ_SETTINGS"].frontend.api_key
-    if expected and request.headers.get("Authorization", "") != f"Bearer {expected}":
+    keys: APIKeys = current_app.extensions["llmq.api_keys"]
+    if not keys.required:
+        return
+    name = keys.name_for(request.headers.get("Authorization", ""))
+    if name is None:
         raise Unauthorized("missing or invalid API key; send 'Authorization: Bearer <key>'")
+    g.api_key_name = name
 
 
 def _json_body() -> object:
@@ -209,7 +216,7 @@ def _generate(kind: str, req: ChatCompletionRequest | CompletionRequest, prompts
     processor, gateway = _processor(), _gateway()
     max_tokens = min(processor.max_tokens_for(p, req.requested_max_tokens) for p in prompts)
     spec = processor.sampling(req, max_tokens)
-    subs = gateway.submit(g.internal_id, prompts, spec)
+    subs = gateway.submit(g.internal_id, prompts, spec, api_key_name=g.get("api_key_name"))
     fmt = Formatter(kind, g.request_id, req.model, want_logprobs=req.num_logprobs is not None)
     usage = Usage(prompt_tokens=sum(len(p) for p in prompts))
     metrics.PROMPT_TOKENS.inc(usage.prompt_tokens)

@@ -124,8 +124,13 @@ def frontend_child(settings: Settings, metrics_dir: Path) -> Child:
 
 
 def flower_child(settings: Settings) -> Child:
+    """Flower on settings.flower_address (127.0.0.1 unless a setting says otherwise). Its
+    credentials go in the environment (Flower reads FLOWER_BASIC_AUTH), not on the command line,
+    which the launcher logs and `ps` shows. Settings.flower_refusal says when it must not start."""
+    env = {"FLOWER_BASIC_AUTH": settings.flower.basic_auth} if settings.flower.basic_auth else {}
     return Child("flower", [sys.executable, "-m", "celery", "-A", "tasks", "flower",
-                            f"--port={settings.flower.port}", "--address=0.0.0.0"], stop_order=4)
+                            f"--port={settings.flower.port}", f"--address={settings.flower_address}"],
+                 stop_order=4, env=env)
 
 
 def started_workers(children: list[Child]) -> Counter:
@@ -169,6 +174,9 @@ def serve(args: argparse.Namespace) -> int:
     if unknown:
         print(f"--roles: unknown role(s) {sorted(unknown)}; choose from {list(ROLES)}", file=sys.stderr)
         return 2
+    if "flower" in roles and settings.flower.enabled and (refusal := settings.flower_refusal()):
+        print(f"not starting: {refusal}", file=sys.stderr)
+        return 2
 
     run_dir = ROOT / "run"
     run_dir.mkdir(exist_ok=True)
@@ -198,8 +206,8 @@ def serve(args: argparse.Namespace) -> int:
                 if problem:
                     logger.error("deployment did not start: %s", problem)
                 return 1
-            logger.info("ready: http://127.0.0.1:%d/v1  (model %s; Flower on :%d)", settings.frontend.port,
-                        settings.model.name, settings.flower.port)
+            logger.info("ready: http://127.0.0.1:%d/v1  (model %s; Flower on %s:%d)", settings.frontend.port,
+                        settings.model.name, settings.flower_address, settings.flower.port)
         return supervisor.wait()
     finally:
         supervisor.stop_all()

@@ -41,8 +41,7 @@ class RouterRuntime:
         self.heartbeat = Heartbeat(self.redis, worker_id, "router", queues,
                                    interval_s=settings.workers.heartbeat_interval_s,
                                    lease_s=settings.workers.lease_s, load=self._index_figures,
-                                   metrics_address=self.metrics.serve(settings.workers.metrics_port,
-                                                                      settings.workers.advertise_host))
+                                   metrics_address=self.metrics.serve(settings.workers))
         self._stop = threading.Event()
         self._follower = threading.Thread(target=self._follow, name="kv-index", daemon=True)
 

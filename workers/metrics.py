@@ -14,6 +14,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from config import WorkerConfig
+
 logger = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
@@ -50,13 +52,28 @@ class WorkerMetrics:
     def histogram(self, name: str, doc: str) -> Histogram:
         return Histogram(name, doc, buckets=LATENCY_BUCKETS, registry=self.registry)
 
-    def serve(self, port: int, advertise_host: str) -> str:
-        """Starts the /metrics server; returns the host:port others should scrape."""
-        server, _thread = start_http_server(port, registry=self.registry)
-        host = advertise_host or this_host()
-        address = f"{host}:{server.server_port}"
-        logger.info("metrics on http://%s/metrics", address)
+    def serve(self, workers: WorkerConfig) -> str:
+        """Starts the /metrics server on workers.metrics_listen_host (127.0.0.1 unless a setting
+        says otherwise); returns the host:port others should scrape."""
+        listen = workers.metrics_listen_host
+        try:
+            server, _thread = start_http_server(workers.metrics_port, addr=listen, registry=self.registry)
+        except OSError as e:
+            source = "workers.metrics_host" if workers.metrics_host else "workers.advertise_host"
+            raise RuntimeError(f"/metrics cannot listen on {listen}:{workers.metrics_port} ({source}): {e}; "
+                               f"set workers.metrics_host to an address of this host (0.0.0.0: all)") from e
+        address = f"{advertised_host(workers)}:{server.server_port}"
+        logger.info("metrics on http://%s/metrics (listening on %s)", address, listen)
         return address
+
+
+def advertised_host(workers: WorkerConfig) -> str:
+    """The host others reach /metrics on: advertise_host, else the address it listens on, unless
+    that is every interface."""
+    if workers.advertise_host:
+        return workers.advertise_host
+    listen = workers.metrics_listen_host
+    return this_host() if listen in ("0.0.0.0", "::") else listen
 
 
 def this_host() -> str:

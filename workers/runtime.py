@@ -68,7 +68,7 @@ class WorkerRuntime:
             interval_s=settings.workers.heartbeat_interval_s,
             lease_s=settings.workers.lease_s,
             load=self._load_figures,
-            metrics_address=self.metrics.serve(settings.workers.metrics_port, settings.workers.advertise_host),
+            metrics_address=self.metrics.serve(settings.workers),
             on_beat=self._register_nixl if self.nixl else None,
         )
 
