@@ -108,8 +108,8 @@ def test_server_still_healthy_after_bad_input(deployment):
 
 @pytest.fixture(scope="module")
 def bare_frontend(tmp_path_factory):
-    """A frontend with an API key and no workers at all."""
-    settings = make_settings(fresh_redis_url(), **{"frontend.api_key": "sekrit"})
+    """A frontend with two API keys and no workers at all."""
+    settings = make_settings(fresh_redis_url(), **{"frontend.api_key": "sekrit", "frontend.api_keys.alice": "k-alice"})
     dep = start_deployment(settings, tmp_path_factory.mktemp("bare"), roles="frontend")
     yield dep
     dep.stop()
@@ -119,8 +119,24 @@ def test_missing_api_key_is_401(bare_frontend):
     status, body = post(bare_frontend.base_url, "/chat/completions",
                         {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
     assert_openai_error(status, body, 401)
+    for wrong in ("Bearer k-alic", "Bearer k-alice2", "k-alice", "Basic k-alice"):
+        status, body = post(bare_frontend.base_url, "/chat/completions", {"model": MODEL, "messages": []},
+                            headers={"Authorization": wrong})
+        assert assert_openai_error(status, body, 401)["type"] == "authentication_error"
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=bare_frontend.base_url, api_key="wrong", max_retries=0).models.list()
+
+
+def test_each_api_key_works_under_its_name_alone(bare_frontend):
+    for key in ("sekrit", "k-alice"):
+        assert openai.OpenAI(base_url=bare_frontend.base_url, api_key=key, max_retries=0).models.list().data
+    with urllib.request.urlopen(f"http://127.0.0.1:{bare_frontend.settings.frontend.port}/metrics", timeout=10) as r:
+        page = r.read().decode()
+    for name in ("default", "alice"):
+        assert f'llmq_frontend_api_key_requests_total{{api_key="{name}",status="200"}}' in page
+    log = bare_frontend.log()
+    assert "API keys: default, alice" in log
+    assert "sekrit" not in log and "k-alice" not in log and "sekrit" not in page and "k-alice" not in page
 
 
 def test_no_live_worker_is_503_quickly(bare_frontend):

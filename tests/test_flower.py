@@ -1,46 +1,71 @@
-"""`celery -A tasks flower`, run by hand, shows the deployment's workers, queues and tasks."""
+"""Flower, started as the launcher starts it, shows the deployment's workers, queues and tasks,
+to those who give its password only, and from loopback only."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
-import sys
+import urllib.error
 import urllib.parse
 import urllib.request
 
+import psutil
 import pytest
 
 from config import dump_settings
 from conftest import ROOT, free_port, wait_for
+from launcher.__main__ import flower_child
 
 pytestmark = pytest.mark.integration
 
+CREDENTIALS = "admin:hunter2"
+
+
+def _status(url: str, credentials: str | None = CREDENTIALS) -> tuple[int, str]:
+    headers = {"Authorization": "Basic " + base64.b64encode(credentials.encode()).decode()} if credentials else {}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, ""
+    except OSError:
+        return 0, ""
+
 
 def _get(url: str) -> str:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as resp:
-            return resp.read().decode()
-    except OSError:
-        return ""
+    return _status(url)[1]
 
 
 @pytest.fixture
 def flower(deployment, tmp_path):
+    settings = deployment.settings.model_copy(update={"flower": deployment.settings.flower.model_copy(
+        update={"enabled": True, "port": free_port(), "basic_auth": CREDENTIALS})})
+    assert settings.flower_refusal() is None
     cfg = tmp_path / "config.yaml"
-    dump_settings(deployment.settings, cfg)
-    port = free_port()
-    env = dict(os.environ, LLMQ_CONFIG=str(cfg))
-    proc = subprocess.Popen([sys.executable, "-m", "celery", "-A", "tasks", "flower", f"--port={port}",
-                             "--address=127.0.0.1"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
+    dump_settings(settings, cfg)
+    child = flower_child(settings)
+    proc = subprocess.Popen(child.argv, cwd=ROOT, env=dict(os.environ, LLMQ_CONFIG=str(cfg), **child.env),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{settings.flower.port}"
     try:
         wait_for(lambda: _get(f"{base}/healthcheck") == "OK", 60, "flower to answer")
         yield base
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def test_flower_asks_for_its_password_and_listens_on_loopback(flower):
+    assert _status(f"{flower}/workers", credentials=None)[0] == 401
+    assert _status(f"{flower}/api/workers", credentials=None)[0] == 401
+    assert _status(f"{flower}/workers", credentials="admin:wrong")[0] == 401
+    assert _status(f"{flower}/workers")[0] == 200
+    port = int(flower.rsplit(":", 1)[1])
+    listening = [c.laddr.ip for c in psutil.net_connections("tcp")
+                 if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
+    assert listening == ["127.0.0.1"]
 
 
 def test_flower_shows_workers_queues_and_tasks(deployment, flower):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import urllib.request
 
+import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -50,6 +51,11 @@ def test_frontend_metrics_move_with_traffic(deployment):
 
 def test_worker_metrics_are_discoverable_and_move(deployment):
     [url] = worker_metric_urls(deployment)["decode"]
+    # Listening on loopback only, as nothing in the config says otherwise, and advertised so.
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    assert url.startswith("http://127.0.0.1:")
+    assert [c.laddr.ip for c in psutil.net_connections("tcp")
+            if c.status == psutil.CONN_LISTEN and c.laddr.port == port] == ["127.0.0.1"]
     before = scrape(url)
     deployment.client().completions.create(model=MODEL, prompt="Hello", max_tokens=3)
     finished = ("llmq_decode_requests_total", (("outcome", "finished"),))
