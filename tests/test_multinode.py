@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import urllib.request
 
 import pytest
 import redis
@@ -102,6 +103,9 @@ def test_prefill_worker_on_another_host(two_hosts, head_redis, model_path, tmp_p
                            "node 2's prefill worker")
         endpoint = kv_registry.lookup(head.redis, engine_id_for(prefill.worker_id, prefill.pid))
         assert endpoint is not None and endpoint.host == node_ip
+        # Its /metrics listens on the host it advertises, not on loopback: node 1 (Prometheus) reaches it.
+        with urllib.request.urlopen(f"http://{prefill.metrics_address}/metrics", timeout=10) as page:
+            assert b"llmq_prefill_" in page.read()
 
         before = wait_for(lambda: next(iter(live_status(head)), None), 60, "node 1's decode worker")
         served_before = prefill.num_prefills_served
