@@ -254,13 +254,15 @@ def test_a_worker_replaced_under_its_name_counts_as_lost(client, scratch_redis_u
     assert not reader.is_alive()
 
 
-def test_with_no_worker_left_the_request_fails_clearly_not_hangs(client, scratch_redis_url):
+def test_with_no_worker_left_the_request_fails_clearly_not_hangs(client, scratch_redis_url, caplog):
     from app.errors import APIError
 
     sent = Sent()
     gateway = _gateway(client, scratch_redis_url, sent, first_token_timeout_s=1.5)
     _lease(client, "mig0@h", 10)
-    [sub] = gateway.submit("mig-none", [[1]], SamplingSpec(max_tokens=4, temperature=0.0))
+    with caplog.at_level("INFO", logger="app.gateway"):
+        [sub] = gateway.submit("mig-none", [[1]], SamplingSpec(max_tokens=4, temperature=0.0), api_key_name="alice")
+    assert "[mig-none] enqueued 1 task(s), 1 prompt tokens, API key alice" in caplog.text
     out = OutputWriter(client, sent.wait(1).request_id, ttl_s=60)
     out.accept("mig0@h", 60)
     out.write([delta(7)])
