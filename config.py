@@ -60,6 +60,11 @@ class ModelConfig(_Section):
     name: str = "tiny-llama"
     # Hub id or local path. Empty means the project's own tiny model (scripts/build_tiny_model.py).
     path: str = ""
+    # vLLM's tool parser for this model, by its --tool-call-parser name (hermes, llama3_json,
+    # mistral, ...): it reads the calls out of the text when tool_choice is "auto". Empty: "auto"
+    # is refused with a 400, while a named function and "required" work on any model. Setting it
+    # makes the frontend import vLLM (about 300 MB and a few seconds at start).
+    tool_call_parser: str = ""
 
     @property
     def resolved_path(self) -> str:

@@ -45,8 +45,10 @@ def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.2):
 
 @pytest.fixture(scope="session")
 def model_path() -> str:
+    from scripts.build_tiny_model import is_complete
+
     path = default_model_cache() / "tiny-llama"
-    if not (path / ".complete").exists():
+    if not is_complete(path):
         subprocess.run([sys.executable, str(ROOT / "scripts" / "build_tiny_model.py")], check=True)
     return str(path)
 
