@@ -144,8 +144,10 @@ def start_deployment(settings: Settings, tmp: Path, roles: str = "", ready_timeo
 
 @pytest.fixture(scope="session")
 def deployment(model_path, tmp_path_factory) -> Iterator[Deployment]:
-    """The aggregated deployment most integration tests share: frontend + one decode worker."""
-    settings = make_settings(fresh_redis_url())
+    """The aggregated deployment most integration tests share: frontend + one decode worker, with
+    the tiny model's tool parser for tool_choice "auto" (tests/test_structured_api.py)."""
+    settings = make_settings(fresh_redis_url(), **{"model.tool_call_parser": "llama3_json",
+                                                   "engine.structured_outputs_disable_any_whitespace": "true"})
     dep = start_deployment(settings, tmp_path_factory.mktemp("agg"))
     yield dep
     dep.stop()

@@ -52,9 +52,13 @@ class EngineLoad:
 
 
 def engine_args(settings: Settings, **extra: Any):
+    from vllm.config import StructuredOutputsConfig
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     e = settings.engine
+    if e.structured_outputs_disable_any_whitespace:
+        extra = {"structured_outputs_config": StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True),
+                 **extra}
     return AsyncEngineArgs(
         model=settings.model.resolved_path,
         served_model_name=[settings.model.name],
