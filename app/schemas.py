@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -37,7 +38,21 @@ class FieldError(ValueError):
         self.param = param
 
 
+def _json_text(value: dict) -> dict:
+    # A schema travels on as JSON text (the task message, the chat template, the grammar
+    # compilers), so it must have one: no lone surrogate in any key or string, no NaN or Infinity.
+    try:
+        json.dumps(value, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"must be valid Unicode text: it contains a lone UTF-16 surrogate at character "
+                         f"{e.start} of its JSON") from None
+    except ValueError:
+        raise ValueError("must be JSON without NaN or Infinity") from None
+    return value
+
+
 Text = Annotated[str, AfterValidator(_utf8)]
+JsonObject = Annotated[dict, AfterValidator(_json_text)]
 StopText = Annotated[Text, Field(min_length=1)]
 PositiveInt = Annotated[int, Field(ge=1, le=INT32_MAX)]
 TokenId = Annotated[int, Field(ge=0, le=INT32_MAX)]
@@ -105,7 +120,7 @@ class JsonSchemaFormat(_Body):
     name: Annotated[Text, Field(min_length=1, max_length=64)]
     description: Text | None = None
     # "schema" is a BaseModel attribute, hence the alias.
-    json_schema: dict = Field(alias="schema")
+    json_schema: JsonObject = Field(alias="schema")
     strict: bool | None = None
 
 
@@ -126,7 +141,7 @@ class StructuredOutputs(_Body):
 
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
-    json_: dict | Annotated[Text, Field(min_length=1)] | None = Field(None, alias="json")
+    json_: JsonObject | Annotated[Text, Field(min_length=1)] | None = Field(None, alias="json")
     json_object: Literal[True] | None = None
     regex: Text | None = None
     choice: Annotated[list[Text], Field(min_length=1, max_length=1024)] | None = None
@@ -144,7 +159,7 @@ class StructuredOutputs(_Body):
 class FunctionDefinition(_Body):
     name: Annotated[Text, Field(min_length=1, max_length=64)]
     description: Text | None = None
-    parameters: dict | None = None
+    parameters: JsonObject | None = None
     strict: bool | None = None
 
 
