@@ -56,7 +56,7 @@ def test_vllm_extras_on_completions():
                                                                                       "pattern": "("}}}},
      "response_format"),
     ({"structured_outputs": {"regex": "a\x00"}}, "structured_outputs"),
-    ({"structured_outputs": {"grammar": "start: | |"}}, "structured_outputs"),
+    ({"structured_outputs": {"grammar": "start: \"a\" undefined_rule"}}, "structured_outputs"),
     ({"structured_outputs": {"json": "[1, 2]"}}, "structured_outputs"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"properties": 5}}}],
       "tool_choice": "required"}, "tools"),
@@ -247,3 +247,17 @@ def test_inconsistent_tool_and_format_fields_are_400s(fields, param):
     with pytest.raises(BadRequest) as e:
         chat(**fields)
     assert e.value.param == param
+
+
+def test_logprobs_of_tokens_a_grammar_rules_out_are_floored_as_vllm_does():
+    from types import SimpleNamespace
+
+    from tasks.messages import decode_event, encode_event
+    from workers.outputs import deltas_from
+
+    lp = lambda value, rank: SimpleNamespace(logprob=value, rank=rank, decoded_token="t")  # noqa: E731
+    choice = SimpleNamespace(index=0, text="t", token_ids=[5], finish_reason=None,
+                             logprobs=[{5: lp(-0.1, 1), 6: lp(float("-inf"), 2)}])
+    [delta] = deltas_from(SimpleNamespace(outputs=[choice]), 2)
+    decoded = decode_event(encode_event(delta))
+    assert [t.logprob for t in decoded.logprobs[0].top] == [-0.1, -9999.0]  # type: ignore[union-attr,index]

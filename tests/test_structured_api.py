@@ -63,9 +63,11 @@ def test_json_object_and_vllm_extras(deployment):
                                          response_format={"type": "json_object"})
     if out.choices[0].finish_reason == "stop":  # an object may outgrow max_tokens; a prefix of one is no JSON
         assert isinstance(json.loads(out.choices[0].message.content), dict)
-    choice = client.completions.create(model=MODEL, prompt="The answer is", max_tokens=10,
+    choice = client.completions.create(model=MODEL, prompt="The answer is", max_tokens=10, logprobs=3,
                                        extra_body={"structured_outputs": {"choice": ["yes", "no", "maybe"]}})
     assert choice.choices[0].text in ("yes", "no", "maybe")
+    # The tokens the grammar rules out have a logprob of -inf, sent as vLLM's server sends it.
+    assert all(lp >= -9999.0 for top in choice.choices[0].logprobs.top_logprobs for lp in top.values())
     regex = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=12,
                                            extra_body={"structured_outputs": {"regex": r"[0-9]{3}-[a-z]{2}"}})
     assert re.fullmatch(r"[0-9]{3}-[a-z]{2}", regex.choices[0].message.content)
