@@ -65,7 +65,12 @@ class ChoiceTools:
             calls = _required_calls(text)
             return (None, calls) if calls is not None else (text, [])
         if self._parser is not None:
-            info = self._parser.extract_tool_calls(text, self._vllm_request)
+            try:
+                info = self._parser.extract_tool_calls(text, self._vllm_request)
+            except Exception:  # noqa: BLE001  text the parser chokes on is still the model's answer
+                logger.warning("the %s tool parser failed on a whole answer; returned as content",
+                               type(self._parser).__name__, exc_info=True)
+                return text, []
             if info.tools_called:
                 calls = [_call(c.function.name, c.function.arguments) for c in info.tool_calls]
                 return info.content or None, calls
@@ -97,8 +102,13 @@ class ChoiceTools:
             return {"content": text} if text else None
         previous, previous_ids = self._text, self._token_ids
         self._text, self._token_ids = previous + text, previous_ids + list(token_ids)
-        out = self._parser.extract_tool_calls_streaming(previous, self._text, text, previous_ids, self._token_ids,
-                                                        list(token_ids), self._vllm_request)
+        try:
+            out = self._parser.extract_tool_calls_streaming(previous, self._text, text, previous_ids,
+                                                            self._token_ids, list(token_ids), self._vllm_request)
+        except Exception:  # noqa: BLE001  as in message(): the text goes out as content, not as a failure
+            logger.warning("the %s tool parser failed on a stream; the text goes out as content",
+                           type(self._parser).__name__, exc_info=True)
+            return {"content": text} if text else None
         if out is None:
             return None
         body = out.model_dump(exclude_none=True)
