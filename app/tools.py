@@ -52,6 +52,8 @@ class ChoiceTools:
         self._text = ""
         self._token_ids: list[int] = []
         self._named_id: str | None = None
+        self._scanned = 0  # required: how far the text was read into closed calls
+        self._num_calls = 0
         self.called = False
 
     # -- whole responses -------------------------------------------------------------------
@@ -95,9 +97,10 @@ class ChoiceTools:
                                         "function": {"name": self.forced.name, "arguments": text}}]}
             return {"tool_calls": [{"index": 0, "function": {"arguments": text}}]} if text else None
         if self.mode == "required":
-            # A list of calls is known only once its JSON closes: sent whole at the end.
+            # Each call goes out whole once its object in the list closes.
             self._text += text
-            return None
+            calls = self._closed_calls()
+            return {"tool_calls": calls} if calls else None
         if self._parser is None:
             return {"content": text} if text else None
         previous, previous_ids = self._text, self._token_ids
@@ -121,20 +124,40 @@ class ChoiceTools:
         return body or None
 
     def finish(self) -> dict | None:
-        """The last delta before the finish reason: the calls ``required`` held back, or the
+        """The last delta before the finish reason: what a cut-off ``required`` answer wrote, or the
         arguments an auto parser had not streamed yet."""
         if self.mode == "required":
-            calls = _required_calls(self._text)
-            if calls is None:
-                return {"content": self._text} if self._text else None
-            self.called = True
-            return {"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]}
+            calls = self._closed_calls()
+            if calls:
+                return {"tool_calls": calls}
+            # Cut off (max_tokens) before any call closed: what came is the answer's content.
+            return {"content": self._text} if self._text and not self.called else None
         if self._parser is not None and self.called:
             rest = self._parser.get_remaining_unstreamed_args()
             if rest:
                 index = len(self._parser.prev_tool_call_arr) - 1
                 return {"tool_calls": [{"index": index, "function": {"arguments": rest}}]}
         return None
+
+
+    def _closed_calls(self) -> list[dict]:
+        """The ``required`` calls whose objects closed since the last look, as stream deltas.
+        The grammar makes the text a JSON list of objects, so each closes where raw_decode ends."""
+        calls: list[dict] = []
+        while True:
+            start = len(self._text) - len(self._text[self._scanned:].lstrip(" \t\n\r[,"))
+            try:
+                item, end = _decoder.raw_decode(self._text, start)
+                call = _call(item["name"], json.dumps(item["parameters"], ensure_ascii=False))
+            except (ValueError, TypeError, KeyError):
+                return calls
+            calls.append({"index": self._num_calls, **call})
+            self._num_calls += 1
+            self._scanned = end
+            self.called = True
+
+
+_decoder = json.JSONDecoder()
 
 
 def _required_calls(text: str) -> list[dict] | None:

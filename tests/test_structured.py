@@ -201,6 +201,20 @@ def test_required_and_named_answers_become_calls():
     assert named.finish_reason("stop", True) == "stop"
 
 
+def test_required_streams_each_call_once_its_object_closes():
+    tools = ChoiceTools(chat(tools=TOOLS, tool_choice="required"), None)
+    pieces = ['[{"name": "get_weather", "para', 'meters": {"city": "Oslo"}}',
+              ', {"name": "noop", "parameters": {}', '}]']
+    sent = [tools.delta(piece, [1]) for piece in pieces]
+    assert sent[0] is None and sent[2] is None
+    assert [c["index"] for c in sent[1]["tool_calls"]] == [0] and [c["index"] for c in sent[3]["tool_calls"]] == [1]
+    assert json.loads(sent[1]["tool_calls"][0]["function"]["arguments"]) == {"city": "Oslo"}
+    assert tools.finish() is None and tools.finish_reason("stop", tools.called) == "tool_calls"
+    cut = ChoiceTools(chat(tools=TOOLS, tool_choice="required"), None)
+    assert cut.delta('[{"name": "no', [1]) is None
+    assert cut.finish() == {"content": '[{"name": "no'}  # max_tokens came before any call closed
+
+
 def test_formatter_streams_tool_call_chunks_and_finish_reason():
     req = chat(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "get_weather"}})
     fmt = Formatter("chat", "r", "m", want_logprobs=False, tools=lambda: ChoiceTools(req, None))
