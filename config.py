@@ -70,6 +70,11 @@ class ModelConfig(_Section):
     name: str = "tiny-llama"
     # Hub id or local path. Empty means the project's own tiny model (scripts/build_tiny_model.py).
     path: str = ""
+    # vLLM's tool parser for this model, by its --tool-call-parser name (hermes, llama3_json,
+    # mistral, ...): it reads the calls out of the text when tool_choice is "auto". Empty: "auto"
+    # is refused with a 400, while a named function and "required" work on any model. Setting it
+    # makes the frontend import vLLM (about 300 MB and a few seconds at start).
+    tool_call_parser: str = ""
 
     @property
     def resolved_path(self) -> str:
@@ -105,6 +110,12 @@ class EngineConfig(_Section):
     # place_scheduler; docs/benchmarks.md, "Scheduler placement"). A no-op where the runner is
     # not bound (engine.omp_threads_bind: nobind, or disaggregation).
     scheduler_on_runner_cores: bool = True
+    # JSON from structured outputs and forced tool calls without whitespace between its tokens
+    # (vLLM's structured_outputs_config.disable_any_whitespace). Off, a grammar lets the model put
+    # any whitespace there, and a small or untrained model may spend its max_tokens on it. On, the
+    # engine's grammar backend is xgrammar alone (vLLM takes the option only for one backend), not
+    # "auto", which falls back to llguidance for schema features xgrammar ignores.
+    structured_outputs_disable_any_whitespace: bool = False
 
     @field_validator("block_size")
     @classmethod

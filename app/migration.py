@@ -116,6 +116,9 @@ def unresumable(spec: SamplingSpec, num_received: int) -> str | None:
                 "itself, not those it is given back")
     if spec.stop:
         return "stop strings are matched on the engine's own output text, which a new engine would not have"
+    if spec.structured is not None:
+        return ("its output is constrained (response_format, structured_outputs or tool_choice), and a new "
+                "engine's grammar would start again from the beginning of the output, not its middle")
     return None
 
 

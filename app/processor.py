@@ -6,12 +6,16 @@ It turns a validated OpenAI body into token ids and a SamplingSpec; the engine n
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
-from typing import cast
+from collections.abc import Callable
+from typing import Any, cast
 
 from app import metrics
 from app.errors import BadRequest
-from app.schemas import ChatCompletionRequest, CompletionRequest
+from app.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest
+from app.structured import constraint_for
+from app.tools import ChoiceTools, load_parser
 from config import Settings
 from tasks.messages import SamplingSpec
 
@@ -30,6 +34,12 @@ class Processor:
         if not self.tokenizer.chat_template:
             logger.warning("model %s has no chat template; /v1/chat/completions will refuse requests",
                            settings.model.resolved_path)
+        # vLLM's tool parser for tool_choice "auto"; loading it imports vLLM, so only when configured.
+        # Here, in gunicorn's master (preload_app), so the forked workers share it.
+        self.tool_call_parser = settings.model.tool_call_parser
+        self._parser_cls = load_parser(self.tool_call_parser) if self.tool_call_parser else None
+        if self._parser_cls is not None:
+            self._parser_cls(self.tokenizer)  # fails here, at start, if the tokenizer lacks its tokens
 
     def prepare(self) -> None:
         """Compiles the chat template (transformers caches the compiled form) and runs the
@@ -82,9 +92,14 @@ class Processor:
     def chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
         if not self.tokenizer.chat_template:
             raise BadRequest("this model has no chat template; use /v1/completions", param="messages")
-        messages = [{"role": m.role, "content": m.text} for m in req.messages]
+        messages = [_template_message(m) for m in req.messages]
+        # The tools go to the template whatever tool_choice says, as vLLM's server does: "none"
+        # means no call now, not that the model never heard of them.
+        tools: list[dict | Callable] | None = (
+            [t.model_dump(exclude_none=True, by_alias=True) for t in req.tools] if req.tools else None)
         try:
-            text = cast(str, self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+            text = cast(str, self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                                                add_generation_prompt=True))
         except Exception as e:  # noqa: BLE001  template errors (e.g. role order) are the caller's
             raise BadRequest(f"the chat template rejected these messages: {e}", param="messages") from e
         # Measured after the template, which may trim or drop parts of the messages; rendering
@@ -92,6 +107,19 @@ class Processor:
         self._check_size(text, "messages", req.requested_max_tokens)
         # The template already wrote the special tokens it wants.
         return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def tools_for(self, req: ChatCompletionRequest) -> Callable[[], ChoiceTools] | None:
+        """Makes each choice's reader of tool calls, or None when the request cannot call one."""
+        choice = req.effective_tool_choice
+        if choice == "none":
+            return None
+        if choice == "auto" and self._parser_cls is None:
+            raise BadRequest('tool_choice "auto" (the default with tools) needs a tool parser for this model, and '
+                             "this deployment has none (model.tool_call_parser); use \"required\" or a named "
+                             "function, which work on any model", param="tool_choice")
+        parser_cls, tokenizer = self._parser_cls, self.tokenizer
+        make_parser = (lambda: parser_cls(tokenizer)) if parser_cls is not None else None
+        return lambda: ChoiceTools(req, make_parser)
 
     def completion_prompts(self, req: CompletionRequest) -> list[list[int]]:
         prompt = req.prompt
@@ -164,4 +192,27 @@ class Processor:
             ignore_eos=req.ignore_eos,
             logprobs=req.num_logprobs,
             logit_bias=sorted(logit_bias.items()),
+            structured=constraint_for(req),
         )
+
+
+def _template_message(m: ChatMessage) -> dict[str, Any]:
+    """A message as chat templates read it (transformers' convention): a call's arguments as an
+    object, which Llama 3.1-style templates write out with tojson."""
+    out: dict[str, Any] = {"role": m.role, "content": m.text}
+    if m.name is not None:
+        out["name"] = m.name
+    if m.tool_call_id is not None:
+        out["tool_call_id"] = m.tool_call_id
+    if m.tool_calls:
+        calls = []
+        for call in m.tool_calls:
+            try:
+                arguments = json.loads(call.function.arguments)
+            except ValueError:
+                raise BadRequest(f"the arguments of tool call {call.id!r} are not valid JSON",
+                                 param="messages") from None
+            calls.append({"id": call.id, "type": "function",
+                          "function": {"name": call.function.name, "arguments": arguments}})
+        out["tool_calls"] = calls
+    return out

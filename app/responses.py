@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from app.tools import ChoiceTools
 from tasks.messages import Delta, TokenLogprob
 
 
@@ -60,13 +62,24 @@ def _completion_logprobs(items: list[TokenLogprob], text_offset: int) -> dict:
 class Formatter:
     """Shapes one request's output, as /v1/chat/completions or /v1/completions wants it."""
 
-    def __init__(self, kind: str, request_id: str, model: str, want_logprobs: bool):
+    def __init__(self, kind: str, request_id: str, model: str, want_logprobs: bool,
+                 tools: Callable[[], ChoiceTools] | None = None):
         self.chat = kind == "chat"
         self.id = f"chatcmpl-{request_id}" if self.chat else f"cmpl-{request_id}"
         self.model = model
         self.created = int(time.time())
         self.want_logprobs = want_logprobs
         self._text_offsets: dict[int, int] = {}
+        # Each choice's reader of tool calls, when the request can call tools (app/tools.py).
+        self._make_tools = tools
+        self._tools: dict[int, ChoiceTools] = {}
+
+    def _choice_tools(self, index: int) -> ChoiceTools | None:
+        if self._make_tools is None:
+            return None
+        if index not in self._tools:
+            self._tools[index] = self._make_tools()
+        return self._tools[index]
 
     # -- streaming -------------------------------------------------------------------------
 
@@ -82,13 +95,36 @@ class Formatter:
                              "logprobs": None, "finish_reason": None}], None, include_usage)
 
     def delta_chunk(self, index: int, delta: Delta, include_usage: bool) -> str:
+        """The chunks for one delta: usually one, none while tool calls are held back, and two
+        when held-back calls go out with the finish reason."""
         choice: dict = {"index": index, "finish_reason": delta.finish_reason}
         choice["logprobs"] = self._logprobs(index, delta.logprobs) if self.want_logprobs and delta.logprobs else None
+        tools = self._choice_tools(index) if self.chat else None
+        if tools is not None:
+            return self._tool_chunks(tools, choice, delta, include_usage)
         if self.chat:
             choice["delta"] = {"content": delta.text} if delta.text or not delta.finish_reason else {}
         else:
             choice["text"] = delta.text
         return self._chunk([choice], None, include_usage)
+
+    def _tool_chunks(self, tools: ChoiceTools, choice: dict, delta: Delta, include_usage: bool) -> str:
+        bodies = []
+        if delta.text or delta.token_ids:
+            bodies.append(tools.delta(delta.text, delta.token_ids))
+        if delta.finish_reason:
+            bodies.append(tools.finish())
+            choice["finish_reason"] = tools.finish_reason(delta.finish_reason, tools.called)
+        bodies = [b for b in bodies if b]
+        if not bodies:
+            if not delta.finish_reason and choice["logprobs"] is None:
+                return ""
+            bodies = [{}]
+        last = len(bodies) - 1
+        return "".join(self._chunk([{**choice, "delta": body, "logprobs": choice["logprobs"] if i == 0 else None,
+                                     "finish_reason": choice["finish_reason"] if i == last else None}],
+                                   None, include_usage)
+                       for i, body in enumerate(bodies))
 
     def usage_chunk(self, usage: Usage) -> str:
         return self._chunk([], usage, True)
@@ -106,7 +142,15 @@ class Formatter:
         for index in sorted(choices):
             c = choices[index]
             logprobs = self._logprobs(index, c.logprobs) if self.want_logprobs else None
-            if self.chat:
+            tools = self._choice_tools(index) if self.chat else None
+            if tools is not None:
+                content, calls = tools.message(c.text)
+                message: dict[str, Any] = {"role": "assistant", "content": content}
+                if calls:
+                    message["tool_calls"] = calls
+                out.append({"index": index, "message": message, "logprobs": logprobs,
+                            "finish_reason": tools.finish_reason(c.finish_reason, bool(calls))})
+            elif self.chat:
                 out.append({"index": index, "message": {"role": "assistant", "content": c.text},
                             "logprobs": logprobs, "finish_reason": c.finish_reason})
             else:

@@ -216,8 +216,9 @@ def _generate(kind: str, req: ChatCompletionRequest | CompletionRequest, prompts
     processor, gateway = _processor(), _gateway()
     max_tokens = min(processor.max_tokens_for(p, req.requested_max_tokens) for p in prompts)
     spec = processor.sampling(req, max_tokens)
+    tools = processor.tools_for(req) if isinstance(req, ChatCompletionRequest) else None
     subs = gateway.submit(g.internal_id, prompts, spec, api_key_name=g.get("api_key_name"))
-    fmt = Formatter(kind, g.request_id, req.model, want_logprobs=req.num_logprobs is not None)
+    fmt = Formatter(kind, g.request_id, req.model, want_logprobs=req.num_logprobs is not None, tools=tools)
     usage = Usage(prompt_tokens=sum(len(p) for p in prompts))
     metrics.PROMPT_TOKENS.inc(usage.prompt_tokens)
     environ = request.environ
@@ -298,7 +299,8 @@ def _stream(fmt: Formatter, deltas: Iterator[tuple[int, Delta]], events, subs: l
                 if fmt.chat and index not in started:
                     started.add(index)
                     yield fmt.role_chunk(index, include_usage)
-                yield fmt.delta_chunk(index, delta, include_usage)
+                if chunk := fmt.delta_chunk(index, delta, include_usage):
+                    yield chunk
             if include_usage:
                 usage.cached_tokens = sum(s.finished.num_cached_tokens for s in subs if s.finished)
                 yield fmt.usage_chunk(usage)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -29,7 +30,29 @@ def _utf8(text: str) -> str:
     return text
 
 
+class FieldError(ValueError):
+    """A model validator's error about one field: the 400 names it in ``param``."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+def _json_text(value: dict) -> dict:
+    # A schema travels on as JSON text (the task message, the chat template, the grammar
+    # compilers), so it must have one: no lone surrogate in any key or string, no NaN or Infinity.
+    try:
+        json.dumps(value, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"must be valid Unicode text: it contains a lone UTF-16 surrogate at character "
+                         f"{e.start} of its JSON") from None
+    except ValueError:
+        raise ValueError("must be JSON without NaN or Infinity") from None
+    return value
+
+
 Text = Annotated[str, AfterValidator(_utf8)]
+JsonObject = Annotated[dict, AfterValidator(_json_text)]
 StopText = Annotated[Text, Field(min_length=1)]
 PositiveInt = Annotated[int, Field(ge=1, le=INT32_MAX)]
 TokenId = Annotated[int, Field(ge=0, le=INT32_MAX)]
@@ -55,16 +78,106 @@ class TextPart(_Body):
     text: Text
 
 
+class ToolCallFunction(_Body):
+    name: Annotated[Text, Field(min_length=1)]
+    arguments: Text  # JSON text, as OpenAI sends it
+
+
+class ToolCall(_Body):
+    id: Text
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[TextPart] | None = None
     name: Text | None = None
+    # An assistant's earlier calls, and a tool message's answer to one of them.
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: Text | None = None
 
     @property
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(part.text for part in self.content)
         return self.content or ""
+
+    @model_validator(mode="after")
+    def _tool_fields_fit_the_role(self):
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("only assistant messages have tool_calls")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id it answers")
+        return self
+
+
+# -- structured outputs and tools: one set of types for chat, completions and (translated into a
+# chat request) the Responses API. app/structured.py turns them into the engine's constraint.
+
+
+class JsonSchemaFormat(_Body):
+    name: Annotated[Text, Field(min_length=1, max_length=64)]
+    description: Text | None = None
+    # "schema" is a BaseModel attribute, hence the alias.
+    json_schema: JsonObject = Field(alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_for_json_schema(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type 'json_schema' needs json_schema")
+        return self
+
+
+class StructuredOutputs(_Body):
+    """vLLM's own extra, as its server names it: exactly one constraint. Options of vLLM's we do not
+    pass on (whitespace_pattern, structural_tag, ...) are refused, not ignored."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    json_: JsonObject | Annotated[Text, Field(min_length=1)] | None = Field(None, alias="json")
+    json_object: Literal[True] | None = None
+    regex: Text | None = None
+    choice: Annotated[list[Text], Field(min_length=1, max_length=1024)] | None = None
+    grammar: Annotated[Text, Field(min_length=1)] | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self):
+        given = [name for name in ("json", "json_object", "regex", "choice", "grammar")
+                 if getattr(self, "json_" if name == "json" else name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of json, json_object, regex, choice or grammar, not {given or 'none'}")
+        return self
+
+
+class FunctionDefinition(_Body):
+    name: Annotated[Text, Field(min_length=1, max_length=64)]
+    description: Text | None = None
+    parameters: JsonObject | None = None
+    strict: bool | None = None
+
+
+class Tool(_Body):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Body):
+    name: Annotated[Text, Field(min_length=1)]
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
 
 
 class _Sampling(_Body):
@@ -89,6 +202,13 @@ class _Sampling(_Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+
+    @property
+    def constrains_output(self) -> bool:
+        return self.structured_outputs is not None or (
+            self.response_format is not None and self.response_format.type != "text")
 
     @field_validator("logit_bias")
     @classmethod
@@ -115,14 +235,22 @@ class _Sampling(_Body):
             raise ValueError("stream_options is only allowed when stream is true")
         return self
 
+    @model_validator(mode="after")
+    def _one_constraint(self):
+        if self.structured_outputs is not None and self.response_format is not None \
+                and self.response_format.type != "text":
+            raise FieldError("structured_outputs", "give response_format or structured_outputs, not both")
+        return self
+
 
 class ChatCompletionRequest(_Sampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: PositiveInt | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    tools: list | None = None
-    response_format: dict | None = None
+    tools: Annotated[list[Tool], Field(min_length=1, max_length=128)] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -132,14 +260,60 @@ class ChatCompletionRequest(_Sampling):
     def num_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
 
+    @property
+    def effective_tool_choice(self) -> Literal["none", "auto", "required"] | NamedToolChoice:
+        """What OpenAI does without tool_choice: "auto" with tools, "none" without."""
+        if not self.tools:
+            return "none"
+        return self.tool_choice if self.tool_choice is not None else "auto"
+
+    @property
+    def forced_tool(self) -> FunctionDefinition | None:
+        """The one function a named tool_choice calls."""
+        choice = self.effective_tool_choice
+        if not isinstance(choice, NamedToolChoice):
+            return None
+        return next(t.function for t in self.tools or [] if t.function.name == choice.function.name)
+
+    @field_validator("tools")
+    @classmethod
+    def _distinct_names(cls, tools: list[Tool] | None) -> list[Tool] | None:
+        names = [t.function.name for t in tools or []]
+        if len(set(names)) != len(names):
+            raise ValueError("function names must be distinct")
+        return tools
+
+    @model_validator(mode="after")
+    def _tool_choice_fits_tools(self):
+        choice = self.tool_choice
+        if choice is not None and choice != "none" and not self.tools:
+            raise FieldError("tool_choice", "tool_choice other than 'none' needs tools")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in {
+                t.function.name for t in self.tools or []}:
+            raise FieldError("tool_choice",
+                             f"tool_choice names function {choice.function.name!r}, which is not in tools")
+        if self.constrains_output and (choice == "required" or isinstance(choice, NamedToolChoice)):
+            # Both would constrain the same output, as vLLM's server also refuses.
+            raise FieldError("tool_choice", "a required or named tool_choice cannot be combined with response_format "
+                             "or structured_outputs")
+        return self
+
     @model_validator(mode="after")
     def _refuse_unsupported(self):
-        if self.tools:
-            raise ValueError("tools are not supported by this deployment")
-        if self.response_format and self.response_format.get("type") not in (None, "text"):
-            raise ValueError("only response_format type 'text' is supported")
         if self.top_logprobs and not self.logprobs:
-            raise ValueError("top_logprobs requires logprobs to be true")
+            raise FieldError("top_logprobs", "top_logprobs requires logprobs to be true")
+        return self
+
+    @model_validator(mode="after")
+    def _tool_history_is_paired(self):
+        # A tool message answers a call an earlier assistant message made; a chat template cannot
+        # render one out of nowhere, and OpenAI refuses it.
+        called: set[str] = set()
+        for m in self.messages:
+            called.update(c.id for c in m.tool_calls or [])
+            if m.role == "tool" and m.tool_call_id not in called:
+                raise FieldError("messages", f"the tool message for {m.tool_call_id!r} answers no earlier "
+                                             "assistant tool_calls")
         return self
 
 
@@ -188,6 +362,9 @@ def parse(model: type[_Body], body: object) -> _Body:
         # surrogate: the message quotes at most 64 characters of it, escaped.
         loc = [_quotable(str(p)[:64]) for p in first["loc"] if not _is_type_tag(p)]
         message = _quotable(first["msg"].removeprefix("Value error, "))
+        cause = first.get("ctx", {}).get("error")
+        if not loc and isinstance(cause, FieldError):
+            raise BadRequest(message, param=cause.param) from None
         raise BadRequest(f"{'.'.join(loc)}: {message}" if loc else message,
                          param=loc[0] if loc else None) from None
 

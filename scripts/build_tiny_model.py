@@ -7,9 +7,11 @@ weights. Random weights generate gibberish, but vLLM loads, tokenizes, batches a
 model through the same code paths as a real one.
 
 Usage: python scripts/build_tiny_model.py [--out DIR] [--force]
-The model path is the last line of stdout. Re-running on a complete folder is a fast no-op.
+The model path is the last line of stdout. Re-running on a complete folder built by this same
+script is a fast no-op; a folder built by another version of it is rebuilt.
 """
 import argparse
+import hashlib
 import logging
 import os
 import shutil
@@ -22,10 +24,33 @@ REQUIRED = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_con
 MARKER = ".complete"
 BOS, EOS, SOH, EOH, EOT, PAD = ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
                                 "<|end_header_id|>", "<|eot_id|>", "<|pad|>")
+# Llama 3.1's tool-call token: vLLM's llama3_json tool parser requires it in the vocabulary.
+PYTHON_TAG = "<|python_tag|>"
+# Llama-3.1-style: tools go into a system block as JSON, with the instruction to answer a call as
+# {"name": ..., "parameters": ...} (what the llama3_json tool parser reads); an assistant's earlier
+# calls are written the same way, and a tool's answer comes back as an "ipython" message.
 CHAT_TEMPLATE = (
-    "{{- bos_token }}{%- for message in messages %}"
+    "{{- bos_token }}"
+    "{%- if tools %}"
+    "{{- '<|start_header_id|>system<|end_header_id|>\\n\\n' }}"
+    "{{- 'You have access to the following functions. To call one, respond only with JSON of the form '"
+    " + '{\"name\": function name, \"parameters\": object of argument names and values}.\\n\\n' }}"
+    "{%- for tool in tools %}{{- tool | tojson }}{{- '\\n\\n' }}{%- endfor %}"
+    "{{- '<|eot_id|>' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'assistant' and message.get('tool_calls') %}"
+    "{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
+    "{%- for call in message['tool_calls'] %}{%- if not loop.first %}{{- '; ' }}{%- endif %}"
+    "{{- '{\"name\": ' + (call['function']['name'] | tojson) + ', \"parameters\": '"
+    " + (call['function']['arguments'] | tojson) + '}' }}"
+    "{%- endfor %}{{- '<|eot_id|>' }}"
+    "{%- elif message['role'] == 'tool' %}"
+    "{{- '<|start_header_id|>ipython<|end_header_id|>\\n\\n' + (message['content'] | trim) + '<|eot_id|>' }}"
+    "{%- else %}"
     "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}"
-    "{{- message['content'] | trim + '<|eot_id|>' }}{%- endfor %}"
+    "{{- message['content'] | trim + '<|eot_id|>' }}"
+    "{%- endif %}{%- endfor %}"
     "{%- if add_generation_prompt %}"
     "{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
 )
@@ -67,8 +92,16 @@ def default_out() -> Path:
     return (Path(base) if base else Path.home() / ".cache" / "llmq" / "models") / "tiny-llama"
 
 
+def recipe() -> str:
+    """What the marker holds: this script's own hash, so that any change to how the model is built
+    (its template, tokens, corpus or weights) rebuilds a cached one."""
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+
+
 def is_complete(path: Path) -> bool:
-    return all((path / name).is_file() for name in (*REQUIRED, MARKER))
+    if not all((path / name).is_file() for name in (*REQUIRED, MARKER)):
+        return False
+    return (path / MARKER).read_text().strip() == recipe()
 
 
 def build_tokenizer(out: Path):
@@ -79,7 +112,7 @@ def build_tokenizer(out: Path):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=1600, min_frequency=1, show_progress=False,
-                                  special_tokens=[BOS, EOS, SOH, EOH, EOT, PAD],
+                                  special_tokens=[BOS, EOS, SOH, EOH, EOT, PAD, PYTHON_TAG],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     # The paragraphs as written, in upper case and in title case: more distinct words, same text.
     lines = CORPUS + [p.upper() for p in CORPUS] + [p.title() for p in CORPUS]
@@ -87,7 +120,7 @@ def build_tokenizer(out: Path):
     tok.post_processor = processors.TemplateProcessing(  # prepend BOS, as Llama 3 does
         single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, tok.token_to_id(BOS))])
     hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS,
-                                     pad_token=PAD, additional_special_tokens=[SOH, EOH, EOT],
+                                     pad_token=PAD, additional_special_tokens=[SOH, EOH, EOT, PYTHON_TAG],
                                      model_max_length=4096, clean_up_tokenization_spaces=False)
     hf_tok.chat_template = CHAT_TEMPLATE
     hf_tok.save_pretrained(out)
@@ -124,7 +157,7 @@ def build(out: Path, force: bool = False) -> Path:
         build_model(tmp, build_tokenizer(tmp))
         for f in tmp.iterdir():
             f.chmod(0o644)  # some files are written 0600; the cache is meant to be shared
-        (tmp / MARKER).write_text("ok\n")  # written last: marks the folder as usable
+        (tmp / MARKER).write_text(recipe() + "\n")  # written last: marks the folder as usable
         tmp.chmod(0o755)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

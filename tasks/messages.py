@@ -12,7 +12,22 @@ import msgspec
 
 # Bump when a field changes meaning or a required field is added; peers reject other versions
 # before decoding the rest, so a mixed-version rollout fails loudly instead of mis-parsing.
-WIRE_VERSION = 3  # 2: GenerateRequest.prefix_hit_tokens; 3: GenerateRequest.exclude_workers, SamplingSpec.logit_bias
+WIRE_VERSION = 4  # 2: GenerateRequest.prefix_hit_tokens; 3: GenerateRequest.exclude_workers, SamplingSpec.logit_bias;
+# 4: SamplingSpec.structured
+
+
+class StructuredSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A constraint on the output, as vLLM's StructuredOutputsParams takes it: exactly one field is
+    set. The frontend has already compiled it (app/structured.py), so the engine does not refuse it.
+
+    ``json`` is the schema as JSON text, not a dict: Celery's JSON and msgspec then carry any
+    schema's keys ("$defs", "$ref") unchanged, and vLLM takes either form."""
+
+    json: str | None = None
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
 
 
 class SamplingSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -33,6 +48,9 @@ class SamplingSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # (token id, bias added to its logit) pairs. Pairs, not a dict: Celery's JSON would turn
     # int keys into strings on the way.
     logit_bias: list[tuple[int, float]] = []
+    # Only the decode engine applies it: a remote prefill samples no token the client sees
+    # (workers/disagg.py, PREFILL_SAMPLING), so a PrefillRequest does not carry it.
+    structured: StructuredSpec | None = None
 
 
 class GenerateRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

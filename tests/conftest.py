@@ -45,8 +45,10 @@ def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.2):
 
 @pytest.fixture(scope="session")
 def model_path() -> str:
+    from scripts.build_tiny_model import is_complete
+
     path = default_model_cache() / "tiny-llama"
-    if not (path / ".complete").exists():
+    if not is_complete(path):
         subprocess.run([sys.executable, str(ROOT / "scripts" / "build_tiny_model.py")], check=True)
     return str(path)
 
@@ -142,8 +144,10 @@ def start_deployment(settings: Settings, tmp: Path, roles: str = "", ready_timeo
 
 @pytest.fixture(scope="session")
 def deployment(model_path, tmp_path_factory) -> Iterator[Deployment]:
-    """The aggregated deployment most integration tests share: frontend + one decode worker."""
-    settings = make_settings(fresh_redis_url())
+    """The aggregated deployment most integration tests share: frontend + one decode worker, with
+    the tiny model's tool parser for tool_choice "auto" (tests/test_structured_api.py)."""
+    settings = make_settings(fresh_redis_url(), **{"model.tool_call_parser": "llama3_json",
+                                                   "engine.structured_outputs_disable_any_whitespace": "true"})
     dep = start_deployment(settings, tmp_path_factory.mktemp("agg"))
     yield dep
     dep.stop()

@@ -68,3 +68,15 @@ def test_routing_and_disaggregation_compose(both):
     assert again == worker and overlap >= len(PREFIX) // 32 - 1, \
         f"{routing_log(both, first_id)}\n{routing_log(both, again_id)}"
     assert remote_prefills(both)[worker] == after_first[worker]
+
+
+def test_a_constrained_request_takes_a_remote_prefill(both):
+    """The constraint travels to the decode worker, which applies it to a prompt whose KV another
+    worker computed: the prefill side samples nothing the client sees, so it needs no grammar."""
+    before = remote_prefills(both)
+    cold = [11 + (i * 37) % 1500 for i in range(900)]
+    raw = both.client().completions.with_raw_response.create(
+        model=MODEL, prompt=cold, max_tokens=8, extra_body={"structured_outputs": {"choice": ["sunny", "rainy"]}})
+    assert raw.parse().choices[0].text in ("sunny", "rainy")
+    worker = raw.headers["x-worker-id"]
+    assert remote_prefills(both)[worker] == before[worker] + 1, routing_log(both, raw.headers["x-request-id"])

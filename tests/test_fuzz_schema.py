@@ -81,8 +81,10 @@ VALID = {
         "max_completion_tokens": few_tokens,
         "logprobs": st.booleans(),
         "top_logprobs": st.integers(0, 5),
-        "tools": st.one_of(st.none(), st.just([])),
-        "response_format": st.one_of(st.none(), st.just({"type": "text"})),
+        "tools": st.one_of(st.none(), st.just([{"type": "function", "function": {"name": "f", "parameters": {
+            "type": "object", "properties": {"a": {"type": "boolean"}}}}}])),
+        "tool_choice": st.sampled_from(["none", "required", {"type": "function", "function": {"name": "f"}}]),
+        "response_format": st.one_of(st.none(), st.just({"type": "text"}), st.just({"type": "json_object"})),
     },
     CompletionRequest: {
         **COMMON,

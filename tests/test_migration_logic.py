@@ -12,7 +12,7 @@ import redis
 
 from app.migration import Attempts, CannotMigrate, attempt_id, is_lost, resumed, unresumable
 from tasks import keys
-from tasks.messages import Delta, Finished, GenerateRequest, SamplingSpec, request_from_task_arg
+from tasks.messages import Delta, Finished, GenerateRequest, SamplingSpec, StructuredSpec, request_from_task_arg
 from tasks.registry import WorkerStatus, renew_lease
 from workers.outputs import ACCEPTED, CANCELLED, CLAIMED, OutputWriter
 
@@ -97,6 +97,7 @@ def test_with_no_token_received_a_request_goes_again_whole():
     ({"presence_penalty": 0.5}, "presence_penalty"),
     ({"frequency_penalty": -0.5}, "frequency_penalty"),
     ({"stop": ["\n\n"]}, "stop strings"),
+    ({"structured": StructuredSpec(choice=["yes", "no"])}, "constrained"),
 ])
 def test_what_cannot_resume_exactly_is_refused_once_tokens_came(sampling, why):
     attempts = Attempts(request(**sampling), max_migrations=3)

@@ -83,8 +83,8 @@ def test_stream_options_need_stream():
         parse(ChatCompletionRequest, {**CHAT, "stream_options": {"include_usage": True}})
 
 
-def test_tools_refused():
-    with pytest.raises(BadRequest, match="tools"):
+def test_a_tool_needs_its_function():
+    with pytest.raises(BadRequest, match="tools.0.function"):
         parse(ChatCompletionRequest, {**CHAT, "tools": [{"type": "function"}]})
 
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, cast
 import placement
 from config import Settings
 from kvtransfer.stats import TransferStats
-from tasks.messages import SamplingSpec
+from tasks.messages import SamplingSpec, StructuredSpec
 from workers import orphans
 
 if TYPE_CHECKING:
@@ -52,9 +52,13 @@ class EngineLoad:
 
 
 def engine_args(settings: Settings, **extra: Any):
+    from vllm.config import StructuredOutputsConfig
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     e = settings.engine
+    if e.structured_outputs_disable_any_whitespace:
+        extra = {"structured_outputs_config": StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True),
+                 **extra}
     return AsyncEngineArgs(
         model=settings.model.resolved_path,
         served_model_name=[settings.model.name],
@@ -71,6 +75,17 @@ def engine_args(settings: Settings, **extra: Any):
         disable_log_stats=False,
         **extra,
     )
+
+
+def structured_outputs(spec: StructuredSpec | None):
+    """vLLM's form of the constraint; its engine picks the grammar backend (xgrammar first)."""
+    from vllm.sampling_params import StructuredOutputsParams
+
+    if spec is None:
+        return None
+    return StructuredOutputsParams(json=spec.json, json_object=spec.json_object, regex=spec.regex,
+                                   choice=list(spec.choice) if spec.choice is not None else None,
+                                   grammar=spec.grammar)
 
 
 def sampling_params(spec: SamplingSpec, kv_transfer_params: dict | None = None):
@@ -93,6 +108,7 @@ def sampling_params(spec: SamplingSpec, kv_transfer_params: dict | None = None):
         ignore_eos=spec.ignore_eos,
         logprobs=spec.logprobs,
         logit_bias=dict(spec.logit_bias) or None,
+        structured_outputs=structured_outputs(spec.structured),
         # Only what is new since the last output, which is exactly what we stream.
         output_kind=RequestOutputKind.DELTA,
         extra_args={"kv_transfer_params": kv_transfer_params} if kv_transfer_params else None,

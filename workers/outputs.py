@@ -121,13 +121,18 @@ class BatchedStreamWriter:
                         done.set_result(None)
 
 
+# A token a grammar rules out has a logprob of -inf, which JSON cannot carry (msgspec writes null);
+# vLLM's server reports it as this floor.
+MIN_LOGPROB = -9999.0
+
+
 def _logprobs(completion: Any, num_top: int) -> list[TokenLogprob]:
     result = []
     for token_id, candidates in zip(completion.token_ids, completion.logprobs):
         chosen = candidates[token_id]
         ranked = sorted(candidates.values(), key=lambda lp: lp.rank)
-        top = [TopLogprob(lp.decoded_token or "", lp.logprob) for lp in ranked[:num_top]]
-        result.append(TokenLogprob(token_id, chosen.decoded_token or "", chosen.logprob, top))
+        top = [TopLogprob(lp.decoded_token or "", max(lp.logprob, MIN_LOGPROB)) for lp in ranked[:num_top]]
+        result.append(TokenLogprob(token_id, chosen.decoded_token or "", max(chosen.logprob, MIN_LOGPROB), top))
     return result
 
 
