@@ -243,6 +243,22 @@ class FlowerConfig(_Section):
     port: int = Field(5555, ge=1, le=65535)
 
 
+class RedisConfig(_Section):
+    """How every process reaches Redis (tasks/redis_conn.py), beyond ``redis_url``."""
+
+    # The master's name when redis_url lists Sentinels (sentinel://h1:26379;sentinel://h2:26379).
+    sentinel_master: str = ""
+    # The password of Redis itself, used when redis_url carries none; the launcher's own Redis
+    # then starts with requirepass. Never logged (repr=False; URLs are masked).
+    password: str | None = Field(None, repr=False)
+    # The Sentinels' own password, if they have one (their requirepass).
+    sentinel_password: str | None = Field(None, repr=False)
+    # With Sentinels: how long a command keeps retrying while no master answers (a failover),
+    # before the request it serves gets a 503 with Retry-After. It should cover the Sentinels'
+    # down-after-milliseconds plus their failover.
+    failover_wait_s: float = Field(5.0, gt=0)
+
+
 class Settings(_Section):
     deployment: Literal["agg", "agg_router", "disagg", "disagg_router"] = "agg"
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -254,6 +270,13 @@ class Settings(_Section):
     router: RouterConfig = RouterConfig()
     disagg: DisaggConfig = DisaggConfig()
     flower: FlowerConfig = FlowerConfig()
+    redis: RedisConfig = RedisConfig()
+
+    @model_validator(mode="after")
+    def _sentinels_name_their_master(self) -> Settings:
+        if self.redis_url.startswith("sentinel://") and not self.redis.sentinel_master:
+            raise ValueError("redis_url lists Sentinels: set redis.sentinel_master to the master's name")
+        return self
 
     @model_validator(mode="after")
     def _streams_outlive_requests(self) -> Settings:
@@ -332,5 +355,7 @@ def load_settings(
 
 
 def dump_settings(settings: Settings, path: str | Path) -> None:
-    """Write resolved settings so child processes load exactly what the launcher validated."""
+    """Write resolved settings so child processes load exactly what the launcher validated. Only
+    its owner may read it: it may hold Redis's password."""
+    Path(path).touch(mode=0o600)
     Path(path).write_text(yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False))

@@ -104,7 +104,7 @@ def test_what_cannot_resume_exactly_is_refused_once_tokens_came(sampling, why):
     with pytest.raises(CannotMigrate) as refused:
         attempts.lose("decode0@h", 1)
     assert refused.value.reason == "unresumable"
-    assert "could not be resumed on another worker" in refused.value.message and why in refused.value.message
+    assert "could not be resumed on another attempt" in refused.value.message and why in refused.value.message
     assert "decode0@h" in refused.value.message and "after 1 token" in refused.value.message
 
 
