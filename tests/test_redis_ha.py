@@ -31,6 +31,9 @@ def ha(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ha_deployment(ha, model_path, tmp_path_factory):
     settings = make_settings(ha.redis_url, **{"redis.sentinel_master": MASTER_NAME, "redis.failover_wait_s": "8",
+                                              # This test is about Redis, not the engine: float32
+                                              # keeps vLLM's CPU attention off its AMX path, whose
+                                              # first forward has died with SIGILL on some VMs.
                                               "engine.dtype": "float32",
                                               "flower.enabled": "true", "flower.port": str(free_port())})
     dep = start_deployment(settings, tmp_path_factory.mktemp("ha"))
