@@ -45,6 +45,8 @@ class FailoverSpec:
     retries: int = field(default=3, metadata=help_text("retries of a request that got a 503 (after Retry-After)"))
     timeout_s: float = field(default=60.0, metadata=help_text("client time-out: past it a request is lost"))
     failover_wait_s: float = field(default=5.0, metadata=help_text("redis.failover_wait_s of the deployment"))
+    engine_dtype: str = field(default="float32", metadata=help_text(
+        "engine.dtype: float32 keeps vLLM's CPU attention off AMX, which has died with SIGILL on some VMs"))
 
 
 @dataclass
@@ -161,7 +163,7 @@ def run(spec: FailoverSpec, out: Path) -> Path:
     started = MachineState.now()
     with SentinelSet(out / "redis") as ha:
         sets = {"redis_url": ha.redis_url, "redis.sentinel_master": MASTER_NAME,
-                "redis.failover_wait_s": str(spec.failover_wait_s)}
+                "redis.failover_wait_s": str(spec.failover_wait_s), "engine.dtype": spec.engine_dtype}
         with LauncherDeployment(CONFIG, out / "logs", 5, sets=sets, name="agg") as dep:
             load = SteadyLoad(dep.base_url, "none", spec.concurrency, spec.output_len, spec.retries,
                               spec.timeout_s).start()
