@@ -158,3 +158,21 @@ def test_rediss_with_a_password_works_for_direct_clients_and_the_broker(tls_redi
     celery.send_task("tasks.generate", args=[{}], queue="llmq.test.tls")  # kombu's rediss:// transport
     assert redis_conn.client(s).llen("llmq.test.tls") == 1
     assert "tls-pw" not in redis_conn.mask(tls_redis)
+
+
+def test_no_live_worker_is_a_503_with_retry_after():
+    # During a failover a worker's consumer reconnects, and it holds no lease meanwhile.
+    from flask import Flask
+
+    from app.errors import NoWorkers, register_error_handlers
+
+    app = Flask(__name__)
+    register_error_handlers(app)
+
+    @app.post("/v1/completions")
+    def fails():
+        raise NoWorkers("no live decode worker")
+
+    reply = app.test_client().post("/v1/completions", json={})
+    assert reply.status_code == 503 and reply.headers["Retry-After"].isdigit()
+    assert reply.get_json()["error"]["type"] == "service_unavailable"
