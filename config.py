@@ -333,6 +333,22 @@ def is_loopback(host: str) -> bool:
         return False  # a host name: it may resolve to anything
 
 
+class RedisConfig(_Section):
+    """How every process reaches Redis (tasks/redis_conn.py), beyond ``redis_url``."""
+
+    # The master's name when redis_url lists Sentinels (sentinel://h1:26379;sentinel://h2:26379).
+    sentinel_master: str = ""
+    # The password of Redis itself, used when redis_url carries none; the launcher's own Redis
+    # then starts with requirepass. Never logged (repr=False; URLs are masked).
+    password: str | None = Field(None, repr=False)
+    # The Sentinels' own password, if they have one (their requirepass).
+    sentinel_password: str | None = Field(None, repr=False)
+    # With Sentinels: how long a command keeps retrying while no master answers (a failover),
+    # before the request it serves gets a 503 with Retry-After. It should cover the Sentinels'
+    # down-after-milliseconds plus their failover.
+    failover_wait_s: float = Field(5.0, gt=0)
+
+
 class Settings(_Section):
     deployment: Literal["agg", "agg_router", "disagg", "disagg_router"] = "agg"
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -344,6 +360,13 @@ class Settings(_Section):
     router: RouterConfig = RouterConfig()
     disagg: DisaggConfig = DisaggConfig()
     flower: FlowerConfig = FlowerConfig()
+    redis: RedisConfig = RedisConfig()
+
+    @model_validator(mode="after")
+    def _sentinels_name_their_master(self) -> Settings:
+        if self.redis_url.startswith("sentinel://") and not self.redis.sentinel_master:
+            raise ValueError("redis_url lists Sentinels: set redis.sentinel_master to the master's name")
+        return self
 
     @model_validator(mode="after")
     def _streams_outlive_requests(self) -> Settings:
@@ -443,7 +466,8 @@ def load_settings(
 
 def dump_settings(settings: Settings, path: str | Path) -> None:
     """Write resolved settings so child processes load exactly what the launcher validated. Only
-    the owner may read it: it holds the API keys and Flower's password."""
+    the owner may read it: it holds the API keys, Flower's password and
+    Redis's password."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     os.fchmod(fd, 0o600)  # a file that was there keeps its mode otherwise
     with os.fdopen(fd, "w") as f:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 import time
 
-import redis
 from flask import Flask
 from flask.json.provider import DefaultJSONProvider
 
 from config import Settings, load_settings
+from tasks import redis_conn
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -37,8 +37,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.json = json_provider
     # Bounded: while Redis is down or hung, a request gets its 503 (app/errors.py) within
     # seconds. The stream reader's blocking XREAD (app/streams.py) waits 1 s, well within.
-    client = redis.Redis.from_url(settings.redis_url, health_check_interval=30, socket_connect_timeout=2,
-                                  socket_timeout=10)
+    client = redis_conn.client(settings, health_check_interval=30, socket_connect_timeout=2, socket_timeout=10)
     app.extensions["llmq.gateway"] = gateway = Gateway(settings, make_celery(settings), client)
     app.extensions["llmq.processor"] = processor = Processor(settings)
     app.extensions["llmq.api_keys"] = APIKeys(settings.frontend.named_api_keys)
@@ -51,5 +50,6 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["llmq.admission"] = admission
     app.wsgi_app = AdmissionMiddleware(app.wsgi_app, admission, settings.frontend)  # type: ignore[method-assign]
     logging.getLogger(__name__).info("frontend ready: model=%s redis=%s API keys: %s", settings.model.name,
-                                     settings.redis_url, ", ".join(settings.frontend.named_api_keys) or "none")
+                                     redis_conn.mask(settings.redis_url),
+                                     ", ".join(settings.frontend.named_api_keys) or "none")
     return app

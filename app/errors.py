@@ -51,10 +51,12 @@ class ModelNotFound(APIError):
 
 
 class NoWorkers(APIError):
-    """No live worker can take the request (503)."""
+    """No live worker can take the request (503). Retry-After: a worker that restarts, or whose
+    consumer reconnects after a Redis failover, holds its lease again within seconds."""
 
     status = 503
     type = "service_unavailable"
+    retry_after_s = 2
 
 
 class ClientGone(APIError):
@@ -89,7 +91,8 @@ class RedisUnavailable(APIError):
 
 
 def error_response(err: APIError):
-    headers = {"Retry-After": str(err.retry_after_s)} if isinstance(err, RedisUnavailable) else {}
+    retry_after = getattr(err, "retry_after_s", None)
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else {}
     return jsonify(err.body()), err.status, headers
 
 

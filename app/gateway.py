@@ -24,7 +24,7 @@ from app.errors import APIError, ClientGone, NoWorkers, RedisUnavailable, Upstre
 from app.migration import Attempts, CannotMigrate, is_lost
 from app.streams import StreamReader
 from config import Settings
-from tasks import keys, queues
+from tasks import keys, queues, redis_conn
 from tasks.messages import (
     Accepted,
     Delta,
@@ -117,6 +117,8 @@ class Gateway:
         self.celery = celery
         self.redis = client
         self.streams = StreamReader(client)
+        # Sentinel-managed: a stream read that fails may mean the master changed (_stream_lost).
+        self.failover_capable = redis_conn.parse(settings).is_sentinel
         self._live: dict[str, WorkerStatus] = {}
         self._live_read_at = float("-inf")
         self._lock = threading.Lock()
@@ -255,7 +257,8 @@ class Gateway:
                 except queue.Empty:
                     continue
                 if isinstance(entries, Exception):
-                    raise RedisUnavailable.from_error(entries)
+                    self._stream_lost(subs, watch, entries)
+                    continue
                 sub = watch.sub_for(key)
                 if sub is None:  # an abandoned attempt's stream: read before it was dropped
                     continue
@@ -355,9 +358,23 @@ class Gateway:
             return NoWorkers(f"no live decode worker took the request within {timeout:.0f}s")
         return UpstreamTimeout(f"no worker took the request within {timeout:.0f}s")
 
+    def _stream_lost(self, subs: list[SubRequest], watch: _Watch, error: Exception) -> None:
+        """Reading the output streams failed. With a single Redis that is an outage: 503. With
+        Sentinels it may be a failover, after which the new master may lack the attempts' last
+        entries (or their messages): each unfinished attempt moves, resuming from the tokens the
+        client has, to any worker, its own included (app/migration.py, REDIS_FAILOVER). A failover
+        that outlasts redis.failover_wait_s still ends in the 503, from the reads the move makes."""
+        if not self.failover_capable or any(s.attempts is None for s in subs):
+            raise RedisUnavailable.from_error(error)
+        for sub in subs:
+            if sub.finished is None and not sub.waiting:
+                logger.warning("[%s] output stream read failed (%s); moving it in case Redis failed over",
+                               sub.request_id, error)
+                self._migrate(sub, sub.worker_id or "", sub.worker_pid, migration.REDIS_FAILOVER, watch)
+
     def _migrate(self, sub: SubRequest, worker_id: str, pid: int | None, reason: str, watch: _Watch) -> None:
-        """The current attempt's worker is lost: abandon the attempt, and send the rest of the
-        request elsewhere (or wait for a worker to send it to)."""
+        """The current attempt's worker is lost (or, REDIS_FAILOVER, its stream): abandon the
+        attempt, and send the rest of the request elsewhere (or wait for a worker to send it to)."""
         watch.drop(sub)
         self.cancel([sub])  # a worker that finds the abandoned attempt's message later drops it
         attempts = sub.attempts
@@ -368,7 +385,10 @@ class Gateway:
             self._finish(sub, None)
             return
         try:
-            attempts.lose(worker_id, pid)
+            if reason == migration.REDIS_FAILOVER:
+                attempts.move("Redis failed over")
+            else:
+                attempts.lose(worker_id, pid)
         except CannotMigrate as e:
             self._count_failure(e.reason)
             logger.warning("[%s] not migrated from %s (%s): %s", attempts.base_id, worker_id, reason, e.message)

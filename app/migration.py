@@ -73,6 +73,10 @@ from tasks.registry import WorkerStatus
 WORKER_LOST = "worker_lost"  # the worker that accepted it lost its lease
 ENGINE_DIED = "engine_died"  # that worker reported its engine dead
 ROUTED_TO_LOST = "routed_to_lost_worker"  # routed to a worker that was lost before it accepted
+# Sentinel failed Redis over while the attempt ran: its stream, its queued message or its last
+# entries may not have reached the new master (replication is asynchronous), so the attempt
+# cannot be trusted to end. Its worker is fine and is not excluded.
+REDIS_FAILOVER = "redis_failover"
 
 
 class CannotMigrate(Exception):
@@ -174,15 +178,20 @@ class Attempts:
     def lose(self, worker_id: str, pid: int | None) -> None:
         """The current attempt's worker is lost. Raises CannotMigrate if the request may not move."""
         self.lost.append(LostWorker(worker_id, pid))
+        self.move(f"worker {worker_id} was lost")
+
+    def move(self, what: str) -> None:
+        """The current attempt is abandoned because ``what`` happened; the next one resumes it.
+        Raises CannotMigrate if the request may not move."""
         if self.migrations >= self.max_migrations:
             raise CannotMigrate(
-                f"worker {worker_id} was lost while serving the request, which had already moved "
+                f"{what} while serving the request, which had already moved "
                 f"{self.migrations} time(s), the limit (frontend.max_migrations); retry it", "limit")
         why = unresumable(self.first.sampling, self.num_received)
         if why is not None:
             raise CannotMigrate(
-                f"worker {worker_id} was lost after {self.num_received} token(s), and the request could not "
-                f"be resumed on another worker: {why}; retry it", "unresumable")
+                f"{what} after {self.num_received} token(s), and the request could not "
+                f"be resumed on another attempt: {why}; retry it", "unresumable")
         self.migrations += 1
 
     def exclusions(self, live: Mapping[str, WorkerStatus]) -> list[str]:

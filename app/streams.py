@@ -22,7 +22,7 @@ import uuid
 import redis
 from redis.typing import KeyT, StreamIdT
 
-from tasks import keys
+from tasks import keys, redis_conn
 
 logger = logging.getLogger(__name__)
 
@@ -73,9 +73,7 @@ class StreamReader:
         self._wake_key = keys.frontend_wake(f"{os.getpid()}-{uuid.uuid4().hex[:8]}")
         self._wake_cursor = "0-0"
         # Its own connection: a blocked XREAD holds it.
-        reader = redis.Redis(connection_pool=redis.ConnectionPool(
-            connection_class=self._client.connection_pool.connection_class,
-            **self._client.connection_pool.connection_kwargs))
+        reader = redis_conn.dedicated(self._client)
         threading.Thread(target=self._run, args=(reader,), name="stream-reader", daemon=True).start()
 
     def _run(self, reader: redis.Redis) -> None:

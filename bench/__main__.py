@@ -17,6 +17,7 @@ Scenarios start and stop their own servers (bench/deploy.py) and write a results
     python -m bench first-burst     # the first bursts after a start
     python -m bench migration       # SIGKILL a decode worker: detection and resume times
     python -m bench admission       # a burst of 800: 429s, and /health meanwhile
+    python -m bench failover        # SIGKILL the Redis primary behind Sentinels under load
 
 Without --out, results go to bench/out/COMMAND-YYYYMMDDTHHMMSSZ (ignored by git). The last line
 printed is the path of the report.
@@ -47,6 +48,7 @@ SCENARIOS = {
     "first-burst": ("bench.first_burst", "FirstBurstSpec", "the first bursts of requests after a fresh start"),
     "migration": ("bench.migration", "MigrationSpec", "detection and resume times when a decode worker is SIGKILLed"),
     "admission": ("bench.admission", "AdmissionSpec", "a burst past admission control: 429s, /health meanwhile"),
+    "failover": ("bench.failover", "FailoverSpec", "a Redis Sentinel failover under steady load"),
 }
 
 

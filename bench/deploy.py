@@ -189,7 +189,8 @@ class LauncherDeployment:
     process: ManagedProcess | None = None
 
     def __post_init__(self) -> None:
-        self.redis_url = redis_url_for(self.redis_db)
+        # A redis_url in sets (a Sentinel set, bench/redis_ha.py) replaces the shared Redis's db.
+        self.redis_url = self.sets.get("redis_url") or redis_url_for(self.redis_db)
         self.port = self.port or free_port()
         self.name = self.name or Path(self.config).stem
 
@@ -200,9 +201,12 @@ class LauncherDeployment:
     @cached_property
     def redis(self):
         """A client for the deployment's Redis database (one, reused)."""
-        import redis
+        from config import load_settings
+        from tasks import redis_conn
 
-        return redis.Redis.from_url(self.redis_url)
+        overrides = [f"{k}={v}" for k, v in self.sets.items()]
+        return redis_conn.client(load_settings(ROOT / self.config, [*overrides, f"redis_url={self.redis_url}"],
+                                               environ={}))
 
     def argv(self) -> list[str]:
         sets = {"frontend.port": str(self.port), "flower.enabled": "false", "redis_url": self.redis_url, **self.sets}

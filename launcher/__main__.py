@@ -28,7 +28,7 @@ import redis
 import placement
 from config import ConfigError, Settings, dump_settings, load_settings
 from launcher.supervisor import Child, Supervisor
-from tasks import keys, queues
+from tasks import keys, queues, redis_conn
 
 logger = logging.getLogger("launcher")
 
@@ -37,34 +37,55 @@ ROLES = ("decode", "prefill", "router", "frontend", "flower")
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
 
-def _redis_answers(url: str) -> bool:
+def _redis_answers(settings: Settings) -> bool:
+    """Whether Redis answers a PING; False also when it refuses our password."""
     try:
-        return bool(redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1).ping())
-    except redis.RedisError:
+        return bool(redis_conn.client(settings, socket_connect_timeout=1, socket_timeout=1).ping())
+    except redis.AuthenticationError as e:
+        # It answers, just not to us: starting another would fail on its port anyway.
+        raise SystemExit(f"Redis at {redis_conn.mask(settings.redis_url)} refused the password: {e}") from None
+    except (redis.RedisError, redis_conn.RedisURLError):
         return False
 
 
-def ensure_redis(url: str, supervisor: Supervisor, timeout_s: float = 15.0) -> None:
+def ensure_redis(settings: Settings, supervisor: Supervisor, run_dir: Path, timeout_s: float = 15.0) -> None:
     """Starts a redis-server under the supervisor, which stops it with the rest, when nothing
-    answers at a local URL. If it dies, the supervisor starts it again with the same port and
-    options; the workers and the frontend reconnect by themselves (README, "Failure behaviour")."""
-    if _redis_answers(url):
+    answers at a local redis:// URL, with requirepass when the URL or redis.password has a password
+    (given in a config file only its owner reads, so that no argv or log shows it). If it dies, the
+    supervisor starts it again with the same port and options; the workers and the frontend
+    reconnect by themselves (README, "Failure behaviour")."""
+    shown = redis_conn.mask(settings.redis_url)
+    if _redis_answers(settings):
         return
-    parsed = urlparse(url)
+    target = redis_conn.parse(settings)
+    parsed = urlparse(settings.redis_url)
+    if target.is_sentinel or parsed.scheme != "redis":
+        raise SystemExit(f"Redis at {shown} does not answer; the launcher starts only a plain redis:// one")
     if parsed.hostname not in LOCAL_HOSTS:
-        raise SystemExit(f"Redis at {url} does not answer, and it is not local, so it is not started here")
+        raise SystemExit(f"Redis at {shown} does not answer, and it is not local, so it is not started here")
     server = shutil.which("redis-server")
     if server is None:
         raise SystemExit("no Redis answers and redis-server is not installed (apt-get install redis-server)")
     port = str(parsed.port or 6379)
-    supervisor.start(Child("redis", [server, "--port", port, "--bind", parsed.hostname, "--save", "",
-                                     "--appendonly", "no"], stop_order=9))
+    argv = [server]
+    if target.password:
+        conf = run_dir / f"redis-{port}-{os.getpid()}.conf"
+        conf.touch(mode=0o600)
+        conf.write_text(f"requirepass {json.dumps(target.password)}\n")  # redis.conf takes C-style quotes
+        argv.append(str(conf))
+    argv += ["--port", port, "--bind", parsed.hostname, "--save", "", "--appendonly", "no"]
+    supervisor.start(Child("redis", argv, stop_order=9))
     deadline = time.monotonic() + timeout_s
-    while not _redis_answers(url):
+    while not _redis_answers(settings):
         if time.monotonic() > deadline:
-            raise SystemExit(f"started redis-server, but {url} did not answer within {timeout_s:.0f}s")
+            raise SystemExit(f"started redis-server, but {shown} did not answer within {timeout_s:.0f}s")
         time.sleep(0.2)
-    logger.info("started a local Redis at %s", url)
+    logger.info("started a local Redis at %s%s", shown, " (requirepass)" if target.password else "")
+
+
+def _remove_redis_conf(run_dir: Path) -> None:
+    for conf in run_dir.glob(f"redis-*-{os.getpid()}.conf"):
+        conf.unlink(missing_ok=True)
 
 
 def _celery_worker(name: str, queue: str, settings: Settings, stop_order: int, env: dict | None = None) -> Child:
@@ -98,11 +119,11 @@ def worker_id(child_name: str) -> str:
     return f"{child_name}@{socket.gethostname()}"
 
 
-def lease_dropper(redis_url: str):
+def lease_dropper(settings: Settings):
     """The supervisor's ``on_exit``: deletes the lease of a worker child that exited, at once, so
     the frontend and the router stop counting it within a poll rather than a whole lease (a
     SIGKILLed worker cannot drop its own)."""
-    client = redis.Redis.from_url(redis_url, socket_connect_timeout=1, socket_timeout=1)
+    client = redis_conn.client(settings, socket_connect_timeout=1, socket_timeout=1)
 
     def on_exit(child: Child) -> None:
         if child.name.rstrip("0123456789") not in WORKER_ROLES:
@@ -187,10 +208,10 @@ def serve(args: argparse.Namespace) -> int:
     for key in [k for k in env if k.startswith("LLMQ__")] + ["REDIS_URL", "PORT"]:
         env.pop(key, None)  # already folded into the resolved file
 
-    supervisor = Supervisor(env, grace_s=args.grace_s, on_exit=lease_dropper(settings.redis_url))
+    supervisor = Supervisor(env, grace_s=args.grace_s, on_exit=lease_dropper(settings))
     supervisor.install_signal_handlers()
     try:
-        ensure_redis(settings.redis_url, supervisor)
+        ensure_redis(settings, supervisor, run_dir)
         for child in worker_children(settings, roles):
             supervisor.start(child)
         if "router" in roles:
@@ -211,6 +232,7 @@ def serve(args: argparse.Namespace) -> int:
         return supervisor.wait()
     finally:
         supervisor.stop_all()
+        _remove_redis_conf(run_dir)
         resolved.unlink(missing_ok=True)
         shutil.rmtree(metrics_dir, ignore_errors=True)
 
@@ -234,12 +256,15 @@ def with_redis(args: argparse.Namespace) -> int:
             proc.send_signal(signum)
 
     signal.signal(signal.SIGTERM, forward)
+    run_dir = ROOT / "run"
+    run_dir.mkdir(exist_ok=True)
     try:
-        ensure_redis(args.url, supervisor)
+        ensure_redis(Settings(redis_url=args.url), supervisor, run_dir)
         running.append(subprocess.Popen(command))
         return running[0].wait()
     finally:
         supervisor.stop_all()
+        _remove_redis_conf(run_dir)
 
 
 def main(argv: list[str] | None = None) -> int:

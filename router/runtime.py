@@ -15,6 +15,7 @@ import redis
 
 from config import Settings
 from router.service import NoCandidates, RouterService, router_hit_rate
+from tasks import redis_conn
 from tasks.messages import GenerateRequest, Routed
 from tasks.queues import worker_queue
 from tasks.runtime import Forward
@@ -34,7 +35,7 @@ class RouterRuntime:
     def __init__(self, settings: Settings, worker_id: str, queues: list[str]):
         self.settings = settings
         self.worker_id = worker_id
-        self.redis = redis.Redis.from_url(settings.redis_url, health_check_interval=30)
+        self.redis = redis_conn.client(settings, health_check_interval=30)
         self.service = RouterService(settings, self.redis)
         self.metrics = WorkerMetrics("router", self._router_figures, counters={"num_events_applied"})
         self.decision_seconds = self.metrics.histogram("llmq_router_decision_seconds", "Time to choose a worker")

@@ -94,7 +94,9 @@ class Deployment:
 
     @property
     def redis(self) -> redis.Redis:
-        return redis.Redis.from_url(self.settings.redis_url)
+        from tasks import redis_conn
+
+        return redis_conn.client(self.settings)
 
     def client(self, **kwargs):
         import openai

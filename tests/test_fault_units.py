@@ -20,6 +20,7 @@ from flask import Flask
 from kombu.exceptions import OperationalError
 
 from app.errors import register_error_handlers
+from config import Settings
 from conftest import ROOT, free_port, wait_for
 from launcher.__main__ import lease_dropper, worker_id
 from launcher.supervisor import Child, Supervisor
@@ -56,7 +57,7 @@ def test_the_launcher_drops_a_dead_workers_lease_and_nobody_elses(scratch_redis_
     client = redis.Redis.from_url(scratch_redis_url)
     for name in ("decode0", "router0"):
         renew_lease(client, WorkerStatus(worker_id(name), "decode", [], "h", 1, 0.0, 0.0), lease_s=60)
-    on_exit = lease_dropper(scratch_redis_url)
+    on_exit = lease_dropper(Settings(redis_url=scratch_redis_url))
     on_exit(Child("decode0", ["true"], stop_order=3))
     on_exit(Child("frontend", ["true"], stop_order=1))  # not a worker: nothing to drop
     assert not is_alive(client, worker_id("decode0"))
@@ -65,7 +66,7 @@ def test_the_launcher_drops_a_dead_workers_lease_and_nobody_elses(scratch_redis_
 
 
 def test_dropping_a_lease_with_redis_down_is_not_fatal(caplog):
-    on_exit = lease_dropper(f"redis://127.0.0.1:{free_port()}/0")  # nothing listens there
+    on_exit = lease_dropper(Settings(redis_url=f"redis://127.0.0.1:{free_port()}/0"))  # nothing listens there
     on_exit(Child("decode0", ["true"], stop_order=3))
     assert "lapses on its own" in caplog.text
 

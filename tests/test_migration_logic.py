@@ -11,6 +11,7 @@ import pytest
 import redis
 
 from app.migration import Attempts, CannotMigrate, attempt_id, is_lost, resumed, unresumable
+from conftest import wait_for
 from tasks import keys
 from tasks.messages import Delta, Finished, GenerateRequest, SamplingSpec, StructuredSpec, request_from_task_arg
 from tasks.registry import WorkerStatus, renew_lease
@@ -105,7 +106,7 @@ def test_what_cannot_resume_exactly_is_refused_once_tokens_came(sampling, why):
     with pytest.raises(CannotMigrate) as refused:
         attempts.lose("decode0@h", 1)
     assert refused.value.reason == "unresumable"
-    assert "could not be resumed on another worker" in refused.value.message and why in refused.value.message
+    assert "could not be resumed on another attempt" in refused.value.message and why in refused.value.message
     assert "decode0@h" in refused.value.message and "after 1 token" in refused.value.message
 
 
@@ -319,3 +320,52 @@ def test_a_dead_engine_moves_the_request_but_not_back_to_that_process(client, sc
     out2.write([delta(8, 9, finish="length"), Finished(3)])
     reader.join(timeout=10)
     assert not reader.is_alive() and sub.finished is not None
+
+
+def test_with_sentinels_a_lost_stream_read_moves_the_request_to_any_worker_its_own_included(client, scratch_redis_url):
+    sent = Sent()
+    gateway = _gateway(client, scratch_redis_url, sent)
+    gateway.failover_capable = True  # as a sentinel:// redis_url makes it
+    _lease(client, "mig0@h", 10)
+    [sub] = gateway.submit("mig-failover", [[1, 2]], SamplingSpec(max_tokens=4, temperature=0.0))
+    got: list[Delta] = []
+    reader = threading.Thread(target=lambda: got.extend(d for _, d in gateway.events([sub])))
+    reader.start()
+    out = OutputWriter(client, sent.wait(1).request_id, ttl_s=60)
+    out.accept("mig0@h", 60)
+    out.write([delta(7)])
+    wait_for(lambda: sub.attempts.num_received == 1, 5, "the first token")
+    # What the stream reader delivers when its connection to the (old) master breaks.
+    gateway.streams._fail_all(redis.ConnectionError("Connection closed by server."))
+    second = sent.wait(2)
+    assert second.prompt_token_ids == [1, 2, 7] and second.exclude_workers == []
+    assert client.exists(keys.cancel_flag("mig-failover"))
+    out2 = OutputWriter(client, second.request_id, ttl_s=60)
+    out2.accept("mig0@h", 60)
+    out2.write([delta(8, 9, 10, finish="length"), Finished(3)])
+    reader.join(timeout=10)
+    assert [t for d in got for t in d.token_ids] == [7, 8, 9, 10] and sub.migrations == 1
+
+
+def test_with_one_redis_a_lost_stream_read_is_a_503(client, scratch_redis_url):
+    from app.errors import RedisUnavailable
+
+    sent = Sent()
+    gateway = _gateway(client, scratch_redis_url, sent)
+    _lease(client, "mig0@h", 10)
+    [sub] = gateway.submit("mig-outage", [[1, 2]], SamplingSpec(max_tokens=4, temperature=0.0))
+    failed: list[Exception] = []
+
+    def read() -> None:
+        try:
+            list(gateway.events([sub]))
+        except RedisUnavailable as e:
+            failed.append(e)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    sent.wait(1)
+    wait_for(lambda: gateway.streams._streams, 5, "the stream to open")
+    gateway.streams._fail_all(redis.ConnectionError("Connection closed by server."))
+    reader.join(timeout=10)
+    assert failed and len(sent.messages) == 1

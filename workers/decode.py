@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import time
+from typing import Any
 
 from config import Settings
 from tasks import keys
@@ -36,7 +37,7 @@ class DecodeRuntime(WorkerRuntime):
         self.remote_prefill: RemotePrefill | None = None
         if settings.disagg.enabled:
             self.remote_prefill = RemotePrefill(settings, worker_id, self._send_prefill, self.disagg)
-        self._aredis = None
+        self._aredis: Any = None  # redis.asyncio.Redis, built on the engine loop
         self._writer: BatchedStreamWriter | None = None
 
     def _send_prefill(self, preq: PrefillRequest) -> None:
@@ -118,9 +119,9 @@ class DecodeRuntime(WorkerRuntime):
         # One asyncio client and one stream writer, created on (and bound to) the engine's loop
         # on first use.
         if self._aredis is None:
-            import redis.asyncio
+            from tasks import redis_conn
 
-            self._aredis = redis.asyncio.Redis.from_url(self.settings.redis_url, health_check_interval=30)
+            self._aredis = redis_conn.async_client(self.settings, health_check_interval=30)
             self._writer = BatchedStreamWriter(self._aredis)
         return self._aredis, self._writer
 

@@ -11,13 +11,12 @@ from __future__ import annotations
 import logging
 import os
 
-import redis
-
 from config import Settings
 from kvtransfer import registry as kv_registry
 from kvtransfer.connector import engine_id_for, side_channel, transfer_config
 from kvtransfer.registry import NixlEndpoint
 from kvtransfer.stats import DisaggCounters
+from tasks import redis_conn
 from workers.engine import EngineHost
 from workers.heartbeat import Heartbeat
 from workers.kv_events import KvEventForwarder, kv_events_config, kv_events_endpoint
@@ -49,7 +48,7 @@ class WorkerRuntime:
     def __init__(self, settings: Settings, worker_id: str, queues: list[str]):
         self.settings = settings
         self.worker_id = worker_id
-        self.redis = redis.Redis.from_url(settings.redis_url, health_check_interval=30)
+        self.redis = redis_conn.client(settings, health_check_interval=30)
         extra_engine_args = {}
         self.kv_events: KvEventForwarder | None = None
         if settings.router.mode == "kv":
