@@ -55,6 +55,10 @@ class RemotePrefillSpec:
     connector: str = field(default="push", metadata=help_text("disagg.connector of the disagg deployment"))
     max_model_len: int = field(default=4096, metadata=help_text("engine.max_model_len of both deployments"))
     seed: int = field(default=0, metadata=help_text("prompt seed"))
+    model_path: str = field(default="", metadata=help_text("model.path of both deployments (empty: the tiny "
+                                                            "model; the benchmark model: "
+                                                            "~/.cache/llmq/models/bench-llama)"))
+    model_name: str = field(default="tiny-llama", metadata=help_text("model.name of both deployments"))
 
 
 # -- the time line: pure ------------------------------------------------------------------------
@@ -168,9 +172,9 @@ def decode_step_ms(t: Timeline, output_len: int) -> float | None:
 # -- measuring ----------------------------------------------------------------------------------
 
 
-def _send(client, deployment: str, prompt: list[int], max_tokens: int, rid: str) -> Timeline:
+def _send(client, model: str, deployment: str, prompt: list[int], max_tokens: int, rid: str) -> Timeline:
     t = Timeline(deployment, rid, time.time())
-    stream = client.completions.create(model="tiny-llama", prompt=prompt, max_tokens=max_tokens, stream=True,
+    stream = client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, stream=True,
                                        temperature=0, extra_body={"ignore_eos": True},
                                        extra_headers={"X-Request-Id": rid})
     for chunk in stream:
@@ -216,7 +220,9 @@ def run(spec: RemotePrefillSpec, out: Path) -> Path:
     logging_config.write_text(json.dumps(VLLM_LOGGING))
     os.environ["VLLM_LOGGING_CONFIG_PATH"] = str(logging_config)
     rng = random.Random(f"remote-prefill:{spec.seed}")
-    sets = {"engine.max_model_len": str(spec.max_model_len)}
+    sets = {"engine.max_model_len": str(spec.max_model_len), "model.name": spec.model_name}
+    if spec.model_path:
+        sets["model.path"] = str(Path(spec.model_path).expanduser())
     timelines: list[Timeline] = []
     with contextlib.ExitStack() as stack:
         deps = {}
@@ -234,14 +240,15 @@ def run(spec: RemotePrefillSpec, out: Path) -> Path:
 
         for i in range(spec.warmup):
             for label in deps:
-                _send(clients[label], label, prompt(), spec.output_len, f"{prefix}-warm{i}-{label}")
+                _send(clients[label], spec.model_name, label, prompt(), spec.output_len, f"{prefix}-warm{i}-{label}")
                 time.sleep(spec.gap_s)
         before = _transfer_counters(deps["disagg"].redis)
         mark = time.time()
         for i in range(spec.num_requests):
             order = list(deps) if i % 2 == 0 else list(reversed(deps))
             for label in order:
-                timelines.append(_send(clients[label], label, prompt(), spec.output_len, f"{prefix}-{i:03d}-{label}"))
+                timelines.append(_send(clients[label], spec.model_name, label, prompt(), spec.output_len,
+                                       f"{prefix}-{i:03d}-{label}"))
                 time.sleep(spec.gap_s)
         fresh_leases(deps["disagg"].redis, 1, since_unix=mark + 0.5, timeout_s=30, role="prefill")
         after = _transfer_counters(deps["disagg"].redis)
@@ -292,7 +299,7 @@ def summary(spec: RemotePrefillSpec, timelines: list[Timeline], raw: dict, befor
 
 def markdown(spec: RemotePrefillSpec, body: dict, started: MachineState, finished: MachineState) -> str:
     ttft, model, tr = body["ttft_ms"], body["model"], body["transfer"]
-    lines = [f"# A remote prefill against a local one: {spec.input_len}-token prompts", "",
+    lines = [f"# A remote prefill against a local one: {spec.input_len}-token prompts, {spec.model_name}", "",
              f"- started {started.at}; `uptime` at the start: `{started.uptime}`; at the end: `{finished.uptime}`",
              f"- fresh prompts of {spec.input_len} random token ids, {spec.output_len} output tokens, one at a time, "
              f"alternating agg and disagg ({spec.connector}), {spec.gap_s} s apart; {spec.num_requests} each",
