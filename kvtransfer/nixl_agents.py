@@ -134,26 +134,6 @@ class PushWorker(NixlPushConnectorWorker):
             return
         logger.info("[%s] writing the KV to %s", request_id, registration_data.get("decode_engine_id"))
         super()._do_start_push_kv(request_id, local_block_ids, registration_data)
-        self._drive_to_completion(request_id)
-
-    def _drive_to_completion(self, request_id):
-        """Polls the request's WRITEs until they complete, on this (the writer) thread, right
-        after posting them. UCX moves the bytes and sends the decode engine its notification only
-        while somebody polls; otherwise that waits for the engine's next step or the progress
-        thread's next wake (``disagg.nixl_progress_delay_us``), several times the WRITE itself.
-        Polled under the lock the engine's thread takes to release finished handles, so no handle
-        is polled after its release. Bounded: a slow WRITE is left to those other pollers."""
-        deadline = time.monotonic() + push.DRIVE_WRITE_S
-        while time.monotonic() < deadline:
-            with self._sending_transfers_lock:
-                handles = list(self._sending_transfers.get(request_id, ()))
-                try:
-                    busy = [h for h in handles if self.nixl_wrapper.check_xfer_state(h) == "PROC"]
-                except Exception:  # noqa: BLE001  the engine's thread reports the failure
-                    return
-            if not busy:
-                return
-            time.sleep(push.DRIVE_POLL_S)
 
 
 class NixlPushConnector(_PushConnector):

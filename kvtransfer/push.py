@@ -24,9 +24,6 @@ from collections.abc import Iterable
 WRITE_BY_KEY = "llmq_write_by_unix"
 # On the connector metadata D's scheduler half hands its worker half: receives to fail.
 EXPIRED_ATTR = "llmq_expired_push_recvs"
-# P polls its WRITEs this long after posting them, this often (nixl_agents.PushWorker).
-DRIVE_WRITE_S = 0.05
-DRIVE_POLL_S = 0.00005
 # In a D request's final kv_transfer_params: how its prompt's KV got there.
 OUTCOME_KEY = "llmq_push"
 RECEIVED = "received"
