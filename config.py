@@ -96,7 +96,8 @@ class EngineConfig(_Section):
     seed: int = 0
     # The cores the engine's OpenMP threads are bound to (VLLM_CPU_OMP_THREADS_BIND): "auto" lets
     # vLLM bind, and the launcher gives several engines on one node a core each; "nobind", or a
-    # core list such as "0-1". With disaggregation, "auto" means unbound (placement.py).
+    # core list such as "0-1". With disaggregation, "auto" gives the engines disjoint cores, or
+    # leaves them unbound where they outnumber the cores (placement.py).
     omp_threads_bind: str = "auto"
     # Niceness of vLLM's scheduler process (EngineCore) where it runs free, that is where it is
     # not pinned to its runner's cores (below): between steps it busy-polls with sched_yield, and
@@ -108,7 +109,7 @@ class EngineConfig(_Section):
     # Pin vLLM's scheduler process to the cores its model runner is bound to, so that the two
     # take turns on them instead of the scheduler busy-polling a core of its own (placement.py,
     # place_scheduler; docs/benchmarks.md, "Scheduler placement"). A no-op where the runner is
-    # not bound (engine.omp_threads_bind: nobind, or disaggregation).
+    # not bound (engine.omp_threads_bind: nobind, or more disaggregated engines than cores).
     scheduler_on_runner_cores: bool = True
     # JSON from structured outputs and forced tool calls without whitespace between its tokens
     # (vLLM's structured_outputs_config.disable_any_whitespace). Off, a grammar lets the model put

@@ -53,8 +53,10 @@ def engine_cores(num_engines: int, bind: str, moves_kv: bool = False,
     or an explicit ``engine.omp_threads_bind``, gets nothing from the launcher."""
     cores = os.cpu_count() or 1
     if bind == "auto" and moves_kv:
-        if OMP_THREADS_ENV in environ:
+        if OMP_THREADS_ENV in environ or OMP_BIND_ENV in environ:
             return [{} for _ in range(num_engines)]
+        if num_engines <= cores:
+            return [{OMP_BIND_ENV: core_range(i, num_engines, cores)} for i in range(num_engines)]
         return [{OMP_THREADS_ENV: str(max(1, cores // num_engines))} for _ in range(num_engines)]
     if bind != "auto" or num_engines < 2:
         return [{} for _ in range(num_engines)]
@@ -69,10 +71,20 @@ def engine_bind_env(bind: str, moves_kv: bool, environ: Mapping[str, str] = os.e
     spinning OpenMP threads, and a KV transfer waits until the other engine's hold on the blocks
     expires. An unbound engine also gets ``unbound_engine_env``. An empty result keeps what the
     launcher set, or vLLM's own choice."""
+    if bind == "auto" and moves_kv and environ.get(OMP_BIND_ENV, NOBIND) not in (NOBIND, "auto"):
+        return {}  # the launcher's cores for this engine (engine_cores)
     bound = bind if bind != "auto" else (NOBIND if moves_kv else None)
     if bound is None:
         return {}
     return {OMP_BIND_ENV: bound, **(unbound_engine_env(environ) if bound == NOBIND else {})}
+
+
+def core_range(index: int, num_engines: int, cores: int) -> str:
+    """Engine ``index``'s share of ``cores``, as vLLM's bind list: contiguous, disjoint."""
+    per = cores // num_engines
+    first = index * per
+    last = cores - 1 if index == num_engines - 1 else first + per - 1
+    return str(first) if first == last else f"{first}-{last}"
 
 
 # OpenMP's own variables, read by the engine's processes when they start.
@@ -96,10 +108,11 @@ def unbound_engine_env(environ: Mapping[str, str] = os.environ) -> dict[str, str
 
 
 @contextlib.contextmanager
-def unpinned_when_nobind(log: logging.Logger = logger) -> Iterator[None]:
-    """Gives every thread of this process back the cores it was allowed on entry, if the engine
-    runs unbound (``OMP_BIND_ENV`` is "nobind"). For building vLLM's NIXL worker half inside an
-    engine process; ``log`` is a logger that process has a handler for.
+def unpinned_from_kv_core(log: logging.Logger = logger) -> Iterator[None]:
+    """Gives every thread of this process back the cores it was allowed on entry: all of them
+    for an unbound engine, its own for one the launcher bound (``engine_cores``). For building
+    vLLM's NIXL worker half inside an engine process; ``log`` is a logger that process has a
+    handler for.
 
     On CPU, vLLM's NIXL worker pins the model runner's thread to the last core of each NUMA node
     (nixl/base_worker.py, "reserve different cores for start_load_kv"), in every engine, and the
@@ -109,8 +122,6 @@ def unpinned_when_nobind(log: logging.Logger = logger) -> Iterator[None]:
     hold on the blocks expires."""
     allowed = os.sched_getaffinity(0)
     yield
-    if os.environ.get(OMP_BIND_ENV) != NOBIND:
-        return
     moved = []
     for tid in map(int, os.listdir("/proc/self/task")):
         with contextlib.suppress(OSError):  # a thread that has ended meanwhile
@@ -127,7 +138,7 @@ def unpinned_when_nobind(log: logging.Logger = logger) -> Iterator[None]:
 UNBOUND_SHM_NAP_S = 0.0001
 
 
-def spin_less_when_unbound(shm_broadcast, log: logging.Logger = logger) -> bool:
+def spin_less_when_unbound(shm_broadcast, log: logging.Logger = logger, moves_kv: bool = False) -> bool:
     """Makes the readers of vLLM's shared-memory queues (``shm_broadcast``, vLLM's module) in an
     engine that runs unbound sleep ``UNBOUND_SHM_NAP_S`` between looks at their queue, where vLLM
     has them call ``sched_yield``. Returns whether it did.
@@ -143,8 +154,10 @@ def spin_less_when_unbound(shm_broadcast, log: logging.Logger = logger) -> bool:
     The second of looking and the wait after it stay vLLM's: a reader that switches to waiting
     for the notification after every message can miss one (vLLM's notification sockets hold at
     most one at either end), and then the scheduler and the runner each wait for the other until
-    a poll times out. Bound engines keep vLLM's spin: theirs is on their own core."""
-    if os.environ.get(OMP_BIND_ENV) != NOBIND:
+    a poll times out. Bound engines keep vLLM's spin, theirs being on their own core, unless they
+    move KV (``moves_kv``): such engines have a core each and none is left over, so their spin
+    would take the frontend's, Celery's and Redis's time."""
+    if not moves_kv and os.environ.get(OMP_BIND_ENV) != NOBIND:
         return False
     cls = shm_broadcast.SpinCondition
     if getattr(cls, "_llmq_nap_s", None) is not None:
@@ -159,7 +172,7 @@ def spin_less_when_unbound(shm_broadcast, log: logging.Logger = logger) -> bool:
 
     cls.wait = wait
     cls._llmq_nap_s = UNBOUND_SHM_NAP_S
-    log.info("unbound engine: its shared-memory queue readers sleep %.1f ms between looks instead of "
+    log.info("engine on shared cores: its shared-memory queue readers sleep %.1f ms between looks instead of "
              "spinning", UNBOUND_SHM_NAP_S * 1e3)
     return True
 
@@ -180,6 +193,55 @@ def no_amx_when_unbound(log: logging.Logger = logger) -> bool:
     torch.cpu._is_amx_tile_supported = lambda: False
     log.info("unbound engine: vLLM's CPU attention uses its AVX-512 kernels, not AMX")
     return True
+
+
+# <asm/prctl.h> and <asm/fpu/xstate.h>, x86_64.
+_SYS_ARCH_PRCTL = 158
+_ARCH_GET_XCOMP_PERM = 0x1022
+_ARCH_REQ_XCOMP_PERM = 0x1023
+_XFEATURE_XTILEDATA = 18
+
+
+def request_amx_permission() -> bool:
+    """Asks Linux, without torch, for this process's permission to use AMX tiles; it holds for
+    every thread of the process, those started later included. Returns whether it is granted
+    (False on a CPU or kernel without AMX, where nothing needs it).
+
+    Called first thing in every process a worker spawns (workers/orphans.py), so no engine
+    process can reach vLLM's AMX attention kernel unpermitted, whatever its first step is: oneDNN
+    asks only on its first AMX matmul, and not every model's first matmul takes that path."""
+    import ctypes
+    import platform
+
+    if not (os.uname().sysname == "Linux" and platform.machine() == "x86_64"):
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syscall(_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA) != 0:
+        return False
+    granted = ctypes.c_uint64(0)
+    if libc.syscall(_SYS_ARCH_PRCTL, _ARCH_GET_XCOMP_PERM, ctypes.byref(granted)) != 0:
+        return False
+    return bool(granted.value & (1 << _XFEATURE_XTILEDATA))
+
+
+def amx_allowed(log: logging.Logger = logger) -> bool:
+    """Asks Linux for this process's permission to use AMX tiles (arch_prctl XTILEDATA), where
+    the CPU has them; without it, AMX instructions raise SIGILL. Returns whether AMX is usable.
+
+    oneDNN asks for it on its first AMX matmul, and vLLM's CPU attention never does. An engine
+    whose first step with a long context is a decode engine's first step after a remote prefill
+    (one new token over a received KV) reaches the attention's AMX kernel before any AMX matmul
+    ran in its process, and dies of SIGILL. Where the permission is refused, vLLM is told there
+    is no AMX, so it picks its AVX-512 kernels."""
+    import torch
+
+    if not torch.cpu._is_amx_tile_supported():
+        return False
+    if torch.cpu._init_amx():
+        return True
+    torch.cpu._is_amx_tile_supported = lambda: False
+    log.warning("Linux refused this process AMX; vLLM's CPU attention uses its AVX-512 kernels")
+    return False
 
 
 # -- the scheduler's placement -----------------------------------------------------------------

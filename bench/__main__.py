@@ -14,6 +14,7 @@ Scenarios start and stop their own servers (bench/deploy.py) and write a results
     python -m bench router-speed    # the router's index and policy, no servers
     python -m bench aiperf-check    # aiperf and the harness, same deployment
     python -m bench stages          # TTFT split: dispatch, engine, delivery
+    python -m bench remote-prefill  # a remote prefill against a local one, stage by stage
     python -m bench first-burst     # the first bursts after a start
     python -m bench migration       # SIGKILL a decode worker: detection and resume times
     python -m bench admission       # a burst of 800: 429s, and /health meanwhile
@@ -45,6 +46,7 @@ SCENARIOS = {
     "router-speed": ("bench.router_speed", "RouterSpeedSpec", "the router's decision time and event rate, no servers"),
     "aiperf-check": ("bench.aiperf_check", "AiperfCheckSpec", "aiperf and the harness on the same agg deployment"),
     "stages": ("bench.stages", "StagesSpec", "time to first token split into dispatch, engine and delivery"),
+    "remote-prefill": ("bench.remote_prefill", "RemotePrefillSpec", "remote against local prefill, by stage"),
     "first-burst": ("bench.first_burst", "FirstBurstSpec", "the first bursts of requests after a fresh start"),
     "migration": ("bench.migration", "MigrationSpec", "detection and resume times when a decode worker is SIGKILLed"),
     "admission": ("bench.admission", "AdmissionSpec", "a burst past admission control: 429s, /health meanwhile"),

@@ -4,7 +4,7 @@ a push connector whose decode side recomputes a prompt whose push never came.
 vLLM loads this module inside each engine process (``kv_connector_module_path``), so what it
 patches applies there whatever way vLLM starts that process: NIXL's agents get the progress delay
 the worker put in the environment (placement.py, ``patch_progress_delay``), and an engine that runs
-unbound stays unbound when vLLM's NIXL worker half pins it (placement.py, ``unpinned_when_nobind``).
+unbound stays unbound when vLLM's NIXL worker half pins it (placement.py, ``unpinned_from_kv_core``).
 The classes keep vLLM's names, so every ``has_connector("NixlConnector")`` check in vLLM still
 sees them.
 
@@ -36,8 +36,9 @@ from kvtransfer import push
 # Under vLLM's logger: the engine processes configure its handler, and nothing else.
 logger = logging.getLogger(f"vllm.{__name__}")
 
-placement.no_amx_when_unbound(logger)
-placement.spin_less_when_unbound(shm_broadcast, logger)
+if not placement.no_amx_when_unbound(logger):
+    placement.amx_allowed(logger)
+placement.spin_less_when_unbound(shm_broadcast, logger, moves_kv=True)
 
 if base_worker.NixlWrapper is not None:
     placement.patch_progress_delay(sys.modules[base_worker.NixlWrapper.__module__].nixlBind,
@@ -48,7 +49,7 @@ class NixlConnector(_PullConnector):
     """Decode pulls the KV that prefill computed (vLLM's NixlConnector)."""
 
     def __init__(self, vllm_config, role, kv_cache_config):
-        with placement.unpinned_when_nobind(logger):
+        with placement.unpinned_from_kv_core(logger):
             super().__init__(vllm_config, role, kv_cache_config)
 
 
@@ -97,6 +98,7 @@ class PushScheduler(NixlPushConnectorScheduler):
             self._push_waits.pop(rid, None)
             if rid in self._push_live:
                 self._push_outcomes[rid] = outcome
+                logger.info("[%s] push %s", rid, outcome)
 
     def request_finished(self, request, block_ids):
         rid = request.request_id
@@ -130,6 +132,7 @@ class PushWorker(NixlPushConnectorWorker):
                            "decode engine may already have given those blocks back", request_id,
                            registration_data.get("decode_engine_id"))
             return
+        logger.info("[%s] writing the KV to %s", request_id, registration_data.get("decode_engine_id"))
         super()._do_start_push_kv(request_id, local_block_ids, registration_data)
 
 
@@ -148,7 +151,7 @@ class NixlPushConnector(_PushConnector):
         if role == KVConnectorRole.SCHEDULER:
             self.connector_scheduler = PushScheduler(vllm_config, self.engine_id, kv_cache_config)
         elif role == KVConnectorRole.WORKER:
-            with placement.unpinned_when_nobind(logger):
+            with placement.unpinned_from_kv_core(logger):
                 self.connector_worker = PushWorker(vllm_config, self.engine_id, kv_cache_config)
         else:
             raise ValueError(f"Unsupported KVConnectorRole: {role}")

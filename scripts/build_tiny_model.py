@@ -6,7 +6,12 @@ tokenizer trained on a built-in English corpus, a Llama-3-style chat template an
 weights. Random weights generate gibberish, but vLLM loads, tokenizes, batches and serves the
 model through the same code paths as a real one.
 
-Usage: python scripts/build_tiny_model.py [--out DIR] [--force]
+`--size bench` builds a bigger model with the same tokenizer (hidden 512, 4 layers, 8 heads) into
+`bench-llama`, for the benchmarks of routing and disaggregation: there a 2,048-token prefill must
+cost what a real model's does relative to a decode step (at least 25 steps at batch 1), which the
+tiny model's does not (docs/benchmarks.md, "The benchmark model"). Tests keep the tiny one.
+
+Usage: python scripts/build_tiny_model.py [--size tiny|bench] [--out DIR] [--force]
 The model path is the last line of stdout. Re-running on a complete folder built by this same
 script is a fast no-op; a folder built by another version of it is rebuilt.
 """
@@ -87,9 +92,19 @@ CORPUS = [
 ]
 
 
-def default_out() -> Path:
+# Named sizes: the Llama shape of each, and the folder it is built into. Heads are 64 wide in
+# both, a size vLLM's CPU attention kernels take.
+SIZES = {
+    "tiny": {"folder": "tiny-llama", "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4,
+             "num_attention_heads": 4, "num_key_value_heads": 2},
+    "bench": {"folder": "bench-llama", "hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 4,
+              "num_attention_heads": 8, "num_key_value_heads": 2},
+}
+
+
+def default_out(size: str = "tiny") -> Path:
     base = os.environ.get("LLMQ_MODEL_CACHE")
-    return (Path(base) if base else Path.home() / ".cache" / "llmq" / "models") / "tiny-llama"
+    return (Path(base) if base else Path.home() / ".cache" / "llmq" / "models") / SIZES[size]["folder"]
 
 
 def recipe() -> str:
@@ -127,14 +142,14 @@ def build_tokenizer(out: Path):
     return hf_tok
 
 
-def build_model(out: Path, tok) -> None:
+def build_model(out: Path, tok, size: str = "tiny") -> None:
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     ids = {t: tok.convert_tokens_to_ids(t) for t in (BOS, EOS, EOT, PAD)}
+    shape = {k: v for k, v in SIZES[size].items() if k != "folder"}
     config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+        vocab_size=len(tok), **shape, max_position_embeddings=4096,
         bos_token_id=ids[BOS], eos_token_id=[ids[EOS], ids[EOT]], pad_token_id=ids[PAD],
         tie_word_embeddings=False, dtype="bfloat16")
     torch.manual_seed(0)
@@ -146,7 +161,7 @@ def build_model(out: Path, tok) -> None:
     log.info("model: vocab=%d params=%d", config.vocab_size, num_params)
 
 
-def build(out: Path, force: bool = False) -> Path:
+def build(out: Path, force: bool = False, size: str = "tiny") -> Path:
     if is_complete(out) and not force:
         log.info("already built: %s", out)
         return out
@@ -154,7 +169,7 @@ def build(out: Path, force: bool = False) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         log.info("building tokenizer and model in %s", tmp)
-        build_model(tmp, build_tokenizer(tmp))
+        build_model(tmp, build_tokenizer(tmp), size)
         for f in tmp.iterdir():
             f.chmod(0o644)  # some files are written 0600; the cache is meant to be shared
         (tmp / MARKER).write_text(recipe() + "\n")  # written last: marks the folder as usable
@@ -178,11 +193,13 @@ def build(out: Path, force: bool = False) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=default_out(), help="model folder")
+    parser.add_argument("--size", choices=sorted(SIZES), default="tiny", help="named model size")
+    parser.add_argument("--out", type=Path, help="model folder (default: the size's folder in the model cache)")
     parser.add_argument("--force", action="store_true", help="rebuild even if complete")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    print(build(args.out.expanduser().resolve(), args.force))
+    out = args.out or default_out(args.size)
+    print(build(out.expanduser().resolve(), args.force, args.size))
 
 
 if __name__ == "__main__":

@@ -89,8 +89,9 @@ def test_disaggregated_tokens_equal_aggregated(disagg, deployment):
     local = greedy(deployment, long_prompt(1))
     assert remote.choices[0].text == local.choices[0].text
     # Equal to within bf16's epsilon (2**-7), not bit for bit: on a CPU with AMX the
-    # aggregated engine's attention runs vLLM's AMX kernels, and an unbound disaggregated engine's
-    # its AVX-512 ones (placement.no_amx_when_unbound).
+    # aggregated engine's attention runs vLLM's AMX kernels, and a disaggregated engine left
+    # unbound its AVX-512 ones (placement.no_amx_when_unbound); the two engines also compute the
+    # prompt in different steps.
     assert remote.choices[0].logprobs.token_logprobs == pytest.approx(local.choices[0].logprobs.token_logprobs,
                                                                       rel=2**-7, abs=2**-7)
 

@@ -54,19 +54,29 @@ def test_several_engines_get_a_core_each_round_robin(monkeypatch):
     assert [e[OMP_BIND_ENV] for e in envs] == ["0", "1", "0"]
 
 
-def test_engines_that_move_kv_are_left_unpinned_and_share_out_the_cores(monkeypatch):
+def test_engines_that_move_kv_get_cores_of_their_own_where_there_are_enough(monkeypatch):
     monkeypatch.delenv(OMP_THREADS_ENV, raising=False)
+    monkeypatch.delenv(OMP_BIND_ENV, raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert engine_cores(2, "auto", moves_kv=True) == [{OMP_BIND_ENV: "0"}, {OMP_BIND_ENV: "1"}]
+    assert engine_cores(1, "auto", moves_kv=True) == [{OMP_BIND_ENV: "0-1"}]
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    assert engine_cores(2, "auto", moves_kv=True) == [{OMP_BIND_ENV: "0-3"}, {OMP_BIND_ENV: "4-7"}]
+    assert engine_cores(3, "auto", moves_kv=True) == [{OMP_BIND_ENV: "0-1"}, {OMP_BIND_ENV: "2-3"},
+                                                      {OMP_BIND_ENV: "4-7"}]
+
+
+def test_engines_that_move_kv_and_outnumber_the_cores_run_unbound_and_share_them_out(monkeypatch):
+    monkeypatch.delenv(OMP_THREADS_ENV, raising=False)
+    monkeypatch.delenv(OMP_BIND_ENV, raising=False)
     # They run unbound (engine_bind_env); the launcher must not pin them first, but sizes their
     # OpenMP teams so that together they have no more threads than the node has cores.
     monkeypatch.setattr("os.cpu_count", lambda: 2)
-    assert engine_cores(2, "auto", moves_kv=True) == [{OMP_THREADS_ENV: "1"}] * 2
     assert engine_cores(3, "auto", moves_kv=True) == [{OMP_THREADS_ENV: "1"}] * 3
-    assert engine_cores(1, "auto", moves_kv=True) == [{OMP_THREADS_ENV: "2"}]
-    monkeypatch.setattr("os.cpu_count", lambda: 8)
-    assert engine_cores(2, "auto", moves_kv=True) == [{OMP_THREADS_ENV: "4"}] * 2
     assert engine_cores(2, "nobind", moves_kv=True) == [{}, {}]
-    # The operator's own thread count reaches the workers unchanged.
+    # The operator's own thread count or binding reaches the workers unchanged.
     assert engine_cores(2, "auto", moves_kv=True, environ={OMP_THREADS_ENV: "3"}) == [{}, {}]
+    assert engine_cores(2, "auto", moves_kv=True, environ={OMP_BIND_ENV: NOBIND}) == [{}, {}]
 
 
 def test_one_engine_or_an_explicit_binding_is_left_to_vllm_and_the_config():
@@ -85,6 +95,11 @@ UNBOUND = {OMP_BIND_ENV: NOBIND, OMP_THREADS_ENV: "1", OMP_WAIT_POLICY_ENV: "PAS
 ])
 def test_a_worker_binds_its_engine_as_configured_or_unbound_when_it_moves_kv(bind, moves_kv, env):
     assert engine_bind_env(bind, moves_kv, environ={}) == env
+
+
+def test_a_worker_keeps_the_cores_the_launcher_gave_its_engine():
+    assert engine_bind_env("auto", True, environ={OMP_BIND_ENV: "1"}) == {}
+    assert engine_bind_env("auto", True, environ={OMP_BIND_ENV: NOBIND}) == UNBOUND
 
 
 def test_an_unbound_engine_keeps_the_thread_count_and_wait_policy_it_was_given():
@@ -108,7 +123,7 @@ def test_builders_leave_the_environment_alone(monkeypatch):
 UNPIN_PROBE = """
 import os, threading, placement
 allowed = os.sched_getaffinity(0)
-with placement.unpinned_when_nobind():
+with placement.unpinned_from_kv_core():
     os.sched_setaffinity(0, {min(allowed)})  # as vLLM's NIXL worker pins the runner's thread
     seen = []
     started = threading.Thread(target=lambda: seen.append(os.sched_getaffinity(0)))
@@ -118,9 +133,10 @@ print(os.sched_getaffinity(0) == allowed, seen == [{min(allowed)}])
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores to pin to one of them")
-@pytest.mark.parametrize("bind,unpinned", [(NOBIND, "True"), ("0", "False")])
-def test_building_nixls_worker_half_leaves_an_unbound_engine_unbound(bind, unpinned):
-    assert probe(UNPIN_PROBE, env=dict(os.environ, **{OMP_BIND_ENV: bind})) == [unpinned, "True"]
+@pytest.mark.parametrize("bind", [NOBIND, "0"])
+def test_building_nixls_worker_half_leaves_the_engine_on_its_own_cores(bind):
+    # Unbound, or bound by the launcher: vLLM's pin would move it onto the other engine's core.
+    assert probe(UNPIN_PROBE, env=dict(os.environ, **{OMP_BIND_ENV: bind})) == ["True", "True"]
 
 
 # -- the scheduler's placement -----------------------------------------------------------------
@@ -249,3 +265,43 @@ def test_an_unbound_engines_queue_readers_nap_instead_of_spinning_and_keep_vllms
     existing.wait(7)
     shm.SpinCondition().wait(None)
     assert shm.waits == [5, 7, None]
+
+
+def test_engines_that_move_kv_nap_even_when_bound(monkeypatch):
+    # They have a core each and none is left over for the frontend, Celery and Redis.
+    monkeypatch.setenv(OMP_BIND_ENV, "0")
+    assert spin_less_when_unbound(_FakeShmBroadcast(), moves_kv=True)
+
+
+_AMX_CHILD = """
+import ctypes, multiprocessing, sys
+
+def granted(queue):
+    perm = ctypes.c_uint64(0)
+    ctypes.CDLL(None).syscall(158, 0x1022, ctypes.byref(perm))  # ARCH_GET_XCOMP_PERM
+    queue.put(bool(perm.value & (1 << 18)))  # XTILEDATA
+
+if __name__ == "__main__":
+    from workers import orphans
+    orphans.install()
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    ctx.Process(target=granted, args=(queue,)).start()
+    print(queue.get(timeout=60))
+"""
+
+
+@pytest.mark.skipif("amx_tile" not in open("/proc/cpuinfo").read(), reason="this CPU has no AMX")
+def test_every_process_a_worker_spawns_has_amx_permission_before_it_runs(tmp_path):
+    # vLLM's AMX attention kernel never asks for the permission itself; a process without it dies
+    # of SIGILL there. A freshly spawned Python process does not have it on its own.
+    script = tmp_path / "amx.py"
+    script.write_text(_AMX_CHILD)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    assert out.strip() == "True"
+    bare = subprocess.run([sys.executable, "-c", _AMX_CHILD.split("if __name__")[0] +
+                           "import queue; q = queue.Queue(); granted(q); print(q.get())"],
+                          capture_output=True, text=True, timeout=60, check=True).stdout
+    assert bare.strip() == "False"

@@ -66,10 +66,12 @@ def _after_fork_in_child() -> None:
 
 
 def _child_prologue(parent_pid: int) -> str:
-    """Python run first in a spawned child: ties it to ``parent_pid``, then leaves sys.path as
-    multiprocessing expects to find it."""
+    """Python run first in a spawned child: ties it to ``parent_pid``, gets it AMX permission
+    (placement.request_amx_permission: an engine process without it dies of SIGILL in vLLM's
+    attention), then leaves sys.path as multiprocessing expects to find it."""
     return (f"import sys; sys.path.insert(0, {_ROOT!r}); from workers import orphans; "
-            f"orphans.tie_to_parent({parent_pid}); sys.path.remove({_ROOT!r}); ")
+            f"orphans.tie_to_parent({parent_pid}); import placement; placement.request_amx_permission(); "
+            f"sys.path.remove({_ROOT!r}); ")
 
 
 def _wrap(get_command_line):
