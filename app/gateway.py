@@ -192,6 +192,15 @@ class Gateway:
 
     def require_workers(self) -> None:
         missing = self.missing_roles()
+        if missing and redis_conn.parse(self.settings).is_sentinel:
+            # After a Sentinel failover each worker's consumer reconnects and puts its lease back
+            # (workers drop their lease while they cannot consume: tasks/consuming.py) within
+            # seconds: a request arriving in that gap waits for them, as the Redis commands
+            # themselves do, rather than getting a 503.
+            deadline = time.monotonic() + self.settings.redis.failover_wait_s
+            while missing and time.monotonic() < deadline:
+                time.sleep(LIVENESS_CACHE_S)
+                missing = self.missing_roles(use_cache=False)
         if missing:
             raise NoWorkers(f"no live {' or '.join(missing)} worker; start one with "
                             f"`celery -A tasks worker -Q {missing[0]}`")
