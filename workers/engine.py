@@ -93,6 +93,7 @@ def sampling_params(spec: SamplingSpec, kv_transfer_params: dict | None = None):
         ignore_eos=spec.ignore_eos,
         logprobs=spec.logprobs,
         logit_bias=dict(spec.logit_bias) or None,
+        prompt_logprobs=spec.prompt_logprobs,
         # Only what is new since the last output, which is exactly what we stream.
         output_kind=RequestOutputKind.DELTA,
         extra_args={"kv_transfer_params": kv_transfer_params} if kv_transfer_params else None,
