@@ -190,7 +190,7 @@ class Processor:
         messages = [{"role": m.role, "content": m.text} for m in req.messages or []]
         try:
             text = cast(str, self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=req.add_generation_prompt,
+                messages, tokenize=False, add_generation_prompt=req.generation_prompt,
                 continue_final_message=req.continue_final_message))
         except Exception as e:  # noqa: BLE001  template errors (e.g. role order) are the caller's
             raise BadRequest(f"the chat template rejected these messages: {e}", param="messages") from e

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.json_schema import SkipJsonSchema
 
 from app.errors import BadRequest
 
@@ -198,14 +199,27 @@ class CompletionRequest(_Sampling):
 class TokenizeRequest(_Body):
     """vLLM's /tokenize: a completion ``prompt`` or chat ``messages`` (exactly one of them)."""
 
+    # Exactly one input, and not both of the template's options (vLLM's rule): the document
+    # says so too, so that a fuzz drawing from it sends mostly bodies this model takes.
+    model_config = ConfigDict(json_schema_extra={
+        "oneOf": [{"required": ["prompt"]}, {"required": ["messages"]}],
+        "not": {"required": ["add_generation_prompt", "continue_final_message"],
+                "properties": {"add_generation_prompt": {"const": True}, "continue_final_message": {"const": True}}},
+    })
+
     model: Text | None = None
-    prompt: Text | None = None
-    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
-    # Defaults as vLLM's: special tokens (BOS) for a prompt; for messages the template writes them.
-    add_special_tokens: bool | None = None
-    add_generation_prompt: bool = True
+    prompt: Text | SkipJsonSchema[None] = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] | SkipJsonSchema[None] = None
+    # Defaults as vLLM's: special tokens (BOS) for a prompt; for messages the template writes
+    # them. The generation prompt is added unless the last message is continued.
+    add_special_tokens: bool | SkipJsonSchema[None] = None
+    add_generation_prompt: bool | SkipJsonSchema[None] = None
     continue_final_message: bool = False
     return_token_strs: bool = False
+
+    @property
+    def generation_prompt(self) -> bool:
+        return not self.continue_final_message if self.add_generation_prompt is None else self.add_generation_prompt
 
     @model_validator(mode="after")
     def _one_input(self):

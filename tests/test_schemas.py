@@ -143,6 +143,8 @@ def test_tokenize_takes_exactly_one_input():
         with pytest.raises(BadRequest):
             parse(TokenizeRequest, body)
     bad(DetokenizeRequest, {"tokens": [-1]}, "tokens")
+    # As vLLM's: continuing the last message leaves the generation prompt out, unless both are asked for.
+    assert not parse(TokenizeRequest, {"prompt": "x", "continue_final_message": True}).generation_prompt
 
 
 # -- hostile values: every integer bounded, text UTF-8, floats finite, logit_bias well formed ----
