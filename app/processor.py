@@ -13,7 +13,7 @@ from typing import Any, cast
 
 from app import metrics
 from app.errors import BadRequest
-from app.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest
+from app.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, TokenizeRequest
 from app.structured import constraint_for
 from app.tools import ChoiceTools, load_parser
 from config import Settings
@@ -193,7 +193,45 @@ class Processor:
             logprobs=req.num_logprobs,
             logit_bias=sorted(logit_bias.items()),
             structured=constraint_for(req),
+            prompt_logprobs=req.num_prompt_logprobs if isinstance(req, CompletionRequest) else None,
         )
+
+    # -- echo, /tokenize, /detokenize -------------------------------------------------------
+
+    def echo_texts(self, req: CompletionRequest, prompts: list[list[int]]) -> list[str]:
+        """Each prompt's text, as echo returns it: as given, or decoded from its token ids."""
+        if isinstance(req.prompt, str):
+            return [req.prompt]
+        if all(isinstance(p, str) for p in req.prompt):
+            return cast(list[str], list(req.prompt))
+        return [cast(str, self.tokenizer.decode(ids)) for ids in prompts]
+
+    def token_text(self, token_id: int) -> str:
+        return cast(str, self.tokenizer.decode([token_id]))
+
+    def tokenize(self, req: TokenizeRequest) -> list[int]:
+        if req.prompt is not None:
+            add_special = True if req.add_special_tokens is None else req.add_special_tokens
+            self._check_size(req.prompt, "prompt", None)
+            return self.tokenizer.encode(req.prompt, add_special_tokens=add_special)
+        if not self.tokenizer.chat_template:
+            raise BadRequest("this model has no chat template; tokenize a prompt instead", param="messages")
+        messages = [_template_message(m) for m in req.messages or []]
+        try:
+            text = cast(str, self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=req.generation_prompt,
+                continue_final_message=req.continue_final_message))
+        except Exception as e:  # noqa: BLE001  template errors (e.g. role order) are the caller's
+            raise BadRequest(f"the chat template rejected these messages: {e}", param="messages") from e
+        self._check_size(text, "messages", None)
+        return self.tokenizer.encode(text, add_special_tokens=bool(req.add_special_tokens))
+
+    def token_strings(self, ids: list[int]) -> list[str]:
+        return cast(list[str], self.tokenizer.convert_ids_to_tokens(ids))
+
+    def detokenize(self, ids: list[int]) -> str:
+        self._check_vocab(ids, "tokens")
+        return cast(str, self.tokenizer.decode(ids))
 
 
 def _template_message(m: ChatMessage) -> dict[str, Any]:

@@ -41,7 +41,7 @@ def _chat_logprobs(items: list[TokenLogprob]) -> dict:
         return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
 
     return {"content": [
-        {**entry(lp.token, lp.logprob), "top_logprobs": [entry(t.token, t.logprob) for t in lp.top]}
+        {**entry(lp.token, lp.logprob or 0.0), "top_logprobs": [entry(t.token, t.logprob) for t in lp.top]}
         for lp in items
     ]}
 
@@ -54,7 +54,8 @@ def _completion_logprobs(items: list[TokenLogprob], text_offset: int) -> dict:
     return {
         "tokens": [lp.token for lp in items],
         "token_logprobs": [lp.logprob for lp in items],
-        "top_logprobs": [{t.token: t.logprob for t in lp.top} for lp in items],
+        # None where the token has no logprob: an echoed prompt's first token, as vLLM's server has it.
+        "top_logprobs": [None if lp.logprob is None else {t.token: t.logprob for t in lp.top} for lp in items],
         "text_offset": offsets,
     }
 

@@ -1,28 +1,29 @@
-"""The OpenAI HTTP API: /v1/chat/completions, /v1/completions, /v1/models, and /health."""
+"""The OpenAI HTTP API: /v1/chat/completions, /v1/completions, /v1/models, vLLM's /tokenize and
+/detokenize, /health, and the OpenAPI document of them all. Each route is one ``@endpoint``
+line (app/api.py), which validates its body and puts it in the document."""
 
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import re
 import uuid
 from collections import Counter
 from collections.abc import Iterator
 
+import msgspec
 import redis
 from flask import Blueprint, Response, current_app, g, jsonify, request, stream_with_context
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from app import metrics
-from app.auth import APIKeys
+from app import metrics, openapi
+from app.api import endpoint
 from app.disconnect import client_gone
-from app.errors import APIError, BadRequest, ModelNotFound, RedisUnavailable, Unauthorized
+from app.errors import APIError, BadRequest, ModelNotFound, RedisUnavailable
 from app.gateway import Gateway, SubRequest
 from app.processor import Processor
 from app.responses import Choice, Formatter, Usage
-from app.schemas import ChatCompletionRequest, CompletionRequest, parse
-from tasks.messages import Delta
+from app.schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from tasks.messages import Delta, TokenLogprob
 from tasks.registry import live_workers
 
 logger = logging.getLogger(__name__)
@@ -72,13 +73,15 @@ def _finish(response: Response) -> Response:
     return response
 
 
-@bp.get("/metrics")
+@endpoint(bp, "GET", "/metrics", summary="Prometheus metrics of this frontend process", response=None,
+          content_types=("text/plain",), auth=False)
 def prometheus_metrics():
     body, content_type = metrics.render()
     return Response(body, content_type=content_type)
 
 
-@bp.get("/metrics/targets")
+@endpoint(bp, "GET", "/metrics/targets", summary="Prometheus HTTP service discovery", response=openapi.Targets,
+          auth=False)
 def prometheus_targets():
     """Prometheus HTTP service discovery: every live worker's and router's /metrics, so one
     scrape config (configs/prometheus.yml) reaches the whole deployment."""
@@ -87,43 +90,6 @@ def prometheus_targets():
         if w.metrics_address:
             groups.setdefault(w.role, []).append(w.metrics_address)
     return jsonify([{"targets": sorted(t), "labels": {"role": role}} for role, t in sorted(groups.items())])
-
-
-def _check_api_key() -> None:
-    keys: APIKeys = current_app.extensions["llmq.api_keys"]
-    if not keys.required:
-        return
-    name = keys.name_for(request.headers.get("Authorization", ""))
-    if name is None:
-        raise Unauthorized("missing or invalid API key; send 'Authorization: Bearer <key>'")
-    g.api_key_name = name
-
-
-def _json_body() -> object:
-    if not request.is_json:
-        raise BadRequest("the request body is not valid JSON (or Content-Type is not application/json)")
-    try:
-        raw = request.get_data(cache=False)
-        # Without a Content-Length (a chunked body) werkzeug stops reading at MAX_CONTENT_LENGTH
-        # and returns what it has, as if the body ended there: any byte left means it was over.
-        limit = current_app.config["MAX_CONTENT_LENGTH"]
-        if (limit is not None and request.content_length is None and len(raw) >= limit
-                and request.environ["wsgi.input"].read(1)):
-            raise RequestEntityTooLarge()
-    except HTTPException:
-        raise
-    except Exception as e:  # noqa: BLE001  a broken chunked encoding fails in gunicorn's reader
-        raise BadRequest(f"the request body could not be read: {type(e).__name__}") from None
-    try:
-        return json.loads(raw)
-    except RecursionError:
-        raise BadRequest("the request body is nested too deeply") from None
-    except ValueError as e:  # invalid JSON or invalid UTF-8
-        raise BadRequest(f"the request body is not valid JSON: {_first_line(e)}") from None
-
-
-def _first_line(e: Exception) -> str:
-    return str(e).splitlines()[0][:200] if str(e) else type(e).__name__
 
 
 def _check_model(name: str) -> None:
@@ -136,7 +102,8 @@ def _check_model(name: str) -> None:
 # -- endpoints -------------------------------------------------------------------------------
 
 
-@bp.get("/health")
+@endpoint(bp, "GET", "/health", summary="Whether Redis answers and every needed role has a live worker",
+          response=openapi.Health, other={503: openapi.Health}, auth=False)
 def health():
     gateway = _gateway()
     try:
@@ -151,15 +118,13 @@ def health():
     return jsonify({"status": "ok", "workers": roles.get("decode", 0), "roles": dict(roles)})
 
 
-@bp.get("/v1/models")
+@endpoint(bp, "GET", "/v1/models", summary="The served model", response=openapi.ModelList)
 def list_models():
-    _check_api_key()
     return jsonify({"object": "list", "data": [_model_card()]})
 
 
-@bp.get("/v1/models/<path:model_id>")
+@endpoint(bp, "GET", "/v1/models/<path:model_id>", summary="One model", response=openapi.Model, errors=(404,))
 def get_model(model_id: str):
-    _check_api_key()
     _check_model(model_id)
     return jsonify(_model_card())
 
@@ -171,23 +136,51 @@ def _model_card() -> dict:
             "max_model_len": settings.engine.max_model_len}
 
 
-@bp.post("/v1/chat/completions")
-def chat_completions():
-    _check_api_key()
-    req = parse(ChatCompletionRequest, _json_body())
+GENERATION_ERRORS = (404, 429, 504)
+STREAMABLE = ("application/json", "text/event-stream")
+
+
+@endpoint(bp, "POST", "/v1/chat/completions", summary="Chat completion", request=ChatCompletionRequest,
+          response=openapi.ChatCompletion, content_types=STREAMABLE, errors=GENERATION_ERRORS)
+def chat_completions(req: ChatCompletionRequest):
     _check_model(req.model)
     _check_request_size(req, num_prompts=1)
     prompt = _processor().chat_prompt(req)
     return _generate("chat", req, [prompt])
 
 
-@bp.post("/v1/completions")
-def completions():
-    _check_api_key()
-    req = parse(CompletionRequest, _json_body())
+@endpoint(bp, "POST", "/v1/completions", summary="Completion", request=CompletionRequest,
+          response=openapi.Completion, content_types=STREAMABLE, errors=GENERATION_ERRORS)
+def completions(req: CompletionRequest):
     _check_model(req.model)
     _check_request_size(req, num_prompts=_count_prompts(req.prompt))
-    return _generate("completion", req, _processor().completion_prompts(req))
+    prompts = _processor().completion_prompts(req)
+    return _generate("completion", req, prompts)
+
+
+@endpoint(bp, "POST", "/tokenize", summary="Token ids of a prompt or of chat messages, as vLLM's server",
+          request=TokenizeRequest, response=openapi.TokenizeResponse, errors=(404,))
+def tokenize(req: TokenizeRequest):
+    if req.model is not None:
+        _check_model(req.model)
+    processor = _processor()
+    ids = processor.tokenize(req)
+    return jsonify({"count": len(ids), "max_model_len": processor.max_model_len, "tokens": ids,
+                    "token_strs": processor.token_strings(ids) if req.return_token_strs else None})
+
+
+@endpoint(bp, "POST", "/detokenize", summary="The text of token ids, as vLLM's server", request=DetokenizeRequest,
+          response=openapi.DetokenizeResponse, errors=(404,))
+def detokenize(req: DetokenizeRequest):
+    if req.model is not None:
+        _check_model(req.model)
+    return jsonify({"prompt": _processor().detokenize(req.tokens)})
+
+
+@endpoint(bp, "GET", "/openapi.json", summary="This API's OpenAPI document", response=openapi.OpenAPIDocument,
+          auth=False)
+def openapi_document():
+    return jsonify(openapi.document(current_app.config["LLMQ_SETTINGS"]))
 
 
 def _count_prompts(prompt: str | list) -> int:
@@ -223,7 +216,8 @@ def _generate(kind: str, req: ChatCompletionRequest | CompletionRequest, prompts
     metrics.PROMPT_TOKENS.inc(usage.prompt_tokens)
     environ = request.environ
     events = gateway.events(subs, client_gone=None if req.stream else lambda: client_gone(environ))
-    deltas = _numbered(events, usage)
+    echoed = _echoed(events, subs, req, prompts) if isinstance(req, CompletionRequest) and req.echo else events
+    deltas = _numbered(echoed, usage)
     if req.stream:
         return _stream(fmt, deltas, events, subs, usage, req)
     choices: dict[int, Choice] = {}
@@ -273,6 +267,31 @@ def _migration_header(subs: list[SubRequest], always: bool) -> dict[str, str]:
     A stream's headers go out with its first token, so a stream shows only the moves before it."""
     count = sum(s.migrations for s in subs)
     return {"X-Migrations": str(count)} if count or always else {}
+
+
+def _echoed(events: Iterator[tuple[SubRequest, Delta]], subs: list[SubRequest], req: CompletionRequest,
+            prompts: list[list[int]]) -> Iterator[tuple[SubRequest, Delta]]:
+    """Puts each prompt's text, and with logprobs its tokens' logprobs, before its choices' first
+    delta, as vLLM's server echoes; with max_tokens 0 the one token generated is dropped."""
+    processor = _processor()
+    texts = processor.echo_texts(req, prompts)
+    which = {id(sub): i for i, sub in enumerate(subs)}
+    started: set[tuple[int, int]] = set()
+    for sub, delta in events:
+        if req.echo_only:
+            delta = msgspec.structs.replace(delta, text="", token_ids=[],
+                                            logprobs=[] if delta.logprobs is not None else None)
+        key = (which[id(sub)], delta.index)
+        if key not in started:
+            started.add(key)
+            i = key[0]
+            logprobs = delta.logprobs
+            if req.num_logprobs is not None:
+                # The first prompt token has no logprob: nothing precedes it.
+                first = TokenLogprob(prompts[i][0], processor.token_text(prompts[i][0]), None, [])
+                logprobs = [first, *(delta.prompt_logprobs or []), *(delta.logprobs or [])]
+            delta = msgspec.structs.replace(delta, text=texts[i] + delta.text, logprobs=logprobs)
+        yield sub, delta
 
 
 def _numbered(events: Iterator[tuple[SubRequest, Delta]], usage: Usage) -> Iterator[tuple[int, Delta]]:

@@ -6,6 +6,7 @@ import json
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.json_schema import SkipJsonSchema
 
 from app.errors import BadRequest
 
@@ -60,8 +61,8 @@ TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 
 
 class _Body(BaseModel):
-    # Clients send fields we do not act on (user, metadata...); those are ignored, as OpenAI
-    # and vLLM do. Fields whose meaning we cannot honour are refused in `_refuse_unsupported`.
+    # Unknown fields are ignored, as OpenAI and vLLM do. Fields whose meaning we cannot honour
+    # are refused in `_refuse_unsupported`.
     # Strict: a field takes only its own JSON type, so "max_tokens": "5", "temperature": "0.5",
     # "top_k": 2.0 or "stream": "yes" are 400s, as with OpenAI, not quietly converted. Float
     # fields still take integers ("temperature": 1), which strict mode allows and OpenAI does too.
@@ -180,8 +181,17 @@ class NamedToolChoice(_Body):
 ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
 
 
+# OpenAI's limits on metadata: at most 16 pairs, keys of at most 64 characters, values of 512.
+Metadata = Annotated[dict[Annotated[Text, Field(max_length=64)], Annotated[Text, Field(max_length=512)]],
+                     Field(max_length=16)]
+
+
 class _Sampling(_Body):
     model: Text
+    # Accepted and type-checked, then not acted on: OpenAI uses them for abuse tracking and
+    # stored completions, neither of which this deployment has.
+    user: Text | None = None
+    metadata: Metadata | None = None
     max_tokens: PositiveInt | None = None
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
@@ -197,7 +207,8 @@ class _Sampling(_Body):
     # Token id (a string of digits, as OpenAI sends it) -> bias added to its logit. The ids are
     # checked against the vocabulary in app/processor.py, which knows it.
     logit_bias: Annotated[dict[str, Annotated[float, Field(ge=-100, le=100)]],
-                          Field(max_length=MAX_LOGIT_BIAS_ENTRIES)] | None = None
+                          Field(max_length=MAX_LOGIT_BIAS_ENTRIES,
+                                json_schema_extra={"propertyNames": {"pattern": "^[0-9]{1,10}$"}})] | None = None
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -320,13 +331,23 @@ class ChatCompletionRequest(_Sampling):
 class CompletionRequest(_Sampling):
     prompt: (Text | TokenIds | Annotated[list[Text], Field(min_length=1)]
              | Annotated[list[TokenIds], Field(min_length=1)])
+    # 0 only with echo: the prompt's own logprobs, nothing generated (as vLLM's server allows).
+    max_tokens: Annotated[int, Field(ge=0, le=INT32_MAX)] | None = None
     logprobs: int | None = Field(None, ge=0, le=20)
+    # The prompt's text before each choice's; with logprobs, the prompt tokens' logprobs too.
     echo: bool = False
     suffix: Text | None = None
     best_of: int | None = None
 
     @property
+    def echo_only(self) -> bool:
+        return self.echo and self.max_tokens == 0
+
+    @property
     def requested_max_tokens(self) -> int | None:
+        if self.echo_only:
+            # The engine generates at least one token; the frontend drops it.
+            return 1
         # OpenAI's legacy completions default to 16 tokens.
         return self.max_tokens if self.max_tokens is not None else 16
 
@@ -334,15 +355,58 @@ class CompletionRequest(_Sampling):
     def num_logprobs(self) -> int | None:
         return self.logprobs
 
+    @property
+    def num_prompt_logprobs(self) -> int | None:
+        return self.logprobs if self.echo else None
+
     @model_validator(mode="after")
     def _refuse_unsupported(self):
-        if self.echo:
-            raise ValueError("echo is not supported")
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens may be 0 only with echo")
         if self.suffix:
             raise ValueError("suffix is not supported")
         if self.best_of not in (None, 1, self.n):
             raise ValueError("best_of other than n is not supported")
         return self
+
+
+class TokenizeRequest(_Body):
+    """vLLM's /tokenize: a completion ``prompt`` or chat ``messages`` (exactly one of them)."""
+
+    # Exactly one input, and not both of the template's options (vLLM's rule): the document
+    # says so too, so that a fuzz drawing from it sends mostly bodies this model takes.
+    model_config = ConfigDict(json_schema_extra={
+        "oneOf": [{"required": ["prompt"]}, {"required": ["messages"]}],
+        "not": {"required": ["add_generation_prompt", "continue_final_message"],
+                "properties": {"add_generation_prompt": {"const": True}, "continue_final_message": {"const": True}}},
+    })
+
+    model: Text | None = None
+    prompt: Text | SkipJsonSchema[None] = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] | SkipJsonSchema[None] = None
+    # Defaults as vLLM's: special tokens (BOS) for a prompt; for messages the template writes
+    # them. The generation prompt is added unless the last message is continued.
+    add_special_tokens: bool | SkipJsonSchema[None] = None
+    add_generation_prompt: bool | SkipJsonSchema[None] = None
+    continue_final_message: bool = False
+    return_token_strs: bool = False
+
+    @property
+    def generation_prompt(self) -> bool:
+        return not self.continue_final_message if self.add_generation_prompt is None else self.add_generation_prompt
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt and messages")
+        if self.continue_final_message and self.add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt cannot both be true")
+        return self
+
+
+class DetokenizeRequest(_Body):
+    model: Text | None = None
+    tokens: list[TokenId]
 
 
 def parse(model: type[_Body], body: object) -> _Body:

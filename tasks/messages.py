@@ -12,8 +12,8 @@ import msgspec
 
 # Bump when a field changes meaning or a required field is added; peers reject other versions
 # before decoding the rest, so a mixed-version rollout fails loudly instead of mis-parsing.
-WIRE_VERSION = 4  # 2: GenerateRequest.prefix_hit_tokens; 3: GenerateRequest.exclude_workers, SamplingSpec.logit_bias;
-# 4: SamplingSpec.structured
+WIRE_VERSION = 5  # 2: GenerateRequest.prefix_hit_tokens; 3: GenerateRequest.exclude_workers, SamplingSpec.logit_bias;
+# 4: SamplingSpec.structured; 5: SamplingSpec.prompt_logprobs, Delta.prompt_logprobs
 
 
 class StructuredSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -51,6 +51,9 @@ class SamplingSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # Only the decode engine applies it: a remote prefill samples no token the client sees
     # (workers/disagg.py, PREFILL_SAMPLING), so a PrefillRequest does not carry it.
     structured: StructuredSpec | None = None
+    # Top alternatives for each prompt token (echo with logprobs); None = no prompt logprobs.
+    # The worker then prefills locally: a remote prefill's KV comes without the prompt's logits.
+    prompt_logprobs: int | None = None
 
 
 class GenerateRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -115,7 +118,8 @@ class TopLogprob(msgspec.Struct, frozen=True, array_like=True):
 class TokenLogprob(msgspec.Struct, frozen=True, array_like=True):
     token_id: int
     token: str
-    logprob: float
+    # None only for a prompt's first token, which nothing precedes; the wire never carries it.
+    logprob: float | None
     top: list[TopLogprob]
 
 
@@ -140,6 +144,9 @@ class Delta(msgspec.Struct, frozen=True, tag_field="event", tag="delta"):
     token_ids: list[int]
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None  # "stop", "length" or "abort" on a choice's last delta
+    # On each choice's first delta when the request asks for prompt logprobs: those of prompt
+    # tokens 2..N (the first has none). A resumed attempt sends them again; the first wins.
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 class Finished(msgspec.Struct, frozen=True, tag_field="event", tag="finished"):

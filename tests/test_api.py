@@ -198,3 +198,82 @@ def test_health(deployment):
     with urllib.request.urlopen(f"http://127.0.0.1:{deployment.settings.frontend.port}/health", timeout=10) as r:
         assert r.status == 200
         assert json.load(r)["workers"] == 1
+
+
+def test_completion_echo_with_prompt_logprobs(deployment):
+    """echo puts the prompt before the completion; with logprobs, the prompt tokens' logprobs
+    lead (the first None, as vLLM's server has it), then the completion's."""
+    client = deployment.client()
+    plain = client.completions.create(model=MODEL, prompt="Hello there", max_tokens=3, temperature=0,
+                                      logprobs=1, extra_body={"ignore_eos": True})
+    out = client.completions.create(model=MODEL, prompt="Hello there", max_tokens=3, temperature=0, echo=True,
+                                    logprobs=1, extra_body={"ignore_eos": True})
+    prompt_ids = _tokenize(deployment, {"prompt": "Hello there"})["tokens"]
+    choice = out.choices[0]
+    assert choice.text == "Hello there" + plain.choices[0].text
+    lp = choice.logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(prompt_ids) + 3
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(isinstance(x, float) and x <= 0 for x in lp.token_logprobs[1:])
+    assert lp.token_logprobs[len(prompt_ids):] == pytest.approx(plain.choices[0].logprobs.token_logprobs, abs=1e-3)
+    assert out.usage.prompt_tokens == len(prompt_ids) and out.usage.completion_tokens == 3
+    # Streamed: the first chunk carries the prompt and its logprobs.
+    chunks = list(client.completions.create(model=MODEL, prompt="Hello there", max_tokens=3, temperature=0,
+                                            echo=True, logprobs=1, stream=True, extra_body={"ignore_eos": True}))
+    assert "".join(c.choices[0].text for c in chunks) == choice.text
+    assert [t for c in chunks for t in c.choices[0].logprobs.token_logprobs] == pytest.approx(
+        lp.token_logprobs, abs=1e-3)
+
+
+def test_completion_echo_without_generation_scores_the_prompt(deployment):
+    out = deployment.client().completions.create(model=MODEL, prompt=[[5, 6, 7, 8]], max_tokens=0, echo=True,
+                                                 logprobs=0)
+    choice = out.choices[0]
+    assert choice.text == _detokenize(deployment, [5, 6, 7, 8])
+    assert len(choice.logprobs.token_logprobs) == 4 and choice.logprobs.token_logprobs[0] is None
+    assert out.usage.completion_tokens == 0
+    echoed = deployment.client().completions.create(model=MODEL, prompt="Hi", max_tokens=2, echo=True)
+    assert echoed.choices[0].text.startswith("Hi") and echoed.choices[0].logprobs is None
+
+
+def test_user_and_metadata_are_accepted(deployment):
+    client = deployment.client()
+    out = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=2,
+                                         user="user-1", metadata={"team": "a"})
+    assert out.choices[0].message.content is not None
+    assert client.completions.create(model=MODEL, prompt="Hi", max_tokens=2, user="user-1").choices
+
+
+def _post(dep, path: str, body: dict) -> httpx.Response:
+    return httpx.post(f"http://127.0.0.1:{dep.settings.frontend.port}{path}", json=body, timeout=30)
+
+
+def _tokenize(dep, body: dict) -> dict:
+    resp = _post(dep, "/tokenize", body)
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
+def _detokenize(dep, tokens: list[int]) -> str:
+    resp = _post(dep, "/detokenize", {"model": MODEL, "tokens": tokens})
+    assert resp.status_code == 200, resp.text
+    return resp.json()["prompt"]
+
+
+def test_tokenize_and_detokenize(deployment):
+    """vLLM's /tokenize and /detokenize, in its request and answer shapes."""
+    got = _tokenize(deployment, {"model": MODEL, "prompt": "Hello world", "return_token_strs": True})
+    assert got["count"] == len(got["tokens"]) == len(got["token_strs"]) and got["max_model_len"] == 2048
+    out = deployment.client().completions.create(model=MODEL, prompt="Hello world", max_tokens=1)
+    assert out.usage.prompt_tokens == got["count"]  # the same tokens a completion's prompt has
+    bare = _tokenize(deployment, {"prompt": "Hello world", "add_special_tokens": False})["tokens"]
+    assert _detokenize(deployment, bare) == "Hello world"
+    chat = _tokenize(deployment, {"messages": [{"role": "user", "content": "Hi"}]})
+    reply = deployment.client().chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}],
+                                                        max_tokens=1)
+    assert chat["count"] == reply.usage.prompt_tokens
+    for path, body, param in [("/tokenize", {"model": "other", "prompt": "x"}, "model"),
+                              ("/tokenize", {"prompt": "x", "messages": [{"role": "user", "content": "x"}]}, None),
+                              ("/detokenize", {"tokens": [10**6]}, "tokens")]:
+        resp = _post(deployment, path, body)
+        assert resp.status_code in (400, 404) and resp.json()["error"]["param"] == param, resp.text

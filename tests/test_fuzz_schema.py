@@ -69,6 +69,8 @@ COMMON = {
     "stream_options": st.one_of(st.none(), st.fixed_dictionaries({"include_usage": st.booleans()})),
     "ignore_eos": st.booleans(),
     "logit_bias": st.dictionaries(token_id.map(str), st.floats(-100, 100), max_size=4),
+    "user": text,
+    "metadata": st.dictionaries(st.text(max_size=10), text, max_size=3),
 }
 message = st.fixed_dictionaries({
     "role": st.sampled_from(["system", "developer", "user", "assistant", "tool"]),
@@ -92,7 +94,7 @@ VALID = {
                             st.lists(st.text(min_size=1, max_size=20), min_size=1, max_size=3),
                             st.lists(st.lists(token_id, min_size=1, max_size=4), min_size=1, max_size=2)),
         "logprobs": st.integers(0, 5),
-        "echo": st.just(False),
+        "echo": st.booleans(),
         "suffix": st.none(),
         "best_of": st.one_of(st.none(), st.just(1)),
     },

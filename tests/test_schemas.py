@@ -3,7 +3,7 @@
 import pytest
 
 from app.errors import BadRequest
-from app.schemas import ChatCompletionRequest, CompletionRequest, parse
+from app.schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, parse
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -108,14 +108,43 @@ def test_bad_completion_prompts(prompt):
     bad(CompletionRequest, {"model": "m", "prompt": prompt}, "prompt")
 
 
-def test_echo_refused():
-    with pytest.raises(BadRequest, match="echo"):
-        parse(CompletionRequest, {"model": "m", "prompt": "x", "echo": True})
+def test_echo_asks_for_prompt_logprobs_only_with_logprobs():
+    assert parse(CompletionRequest, {"model": "m", "prompt": "x", "echo": True}).num_prompt_logprobs is None
+    req = parse(CompletionRequest, {"model": "m", "prompt": "x", "echo": True, "logprobs": 2})
+    assert (req.num_prompt_logprobs, req.num_logprobs, req.echo_only) == (2, 2, False)
+
+
+def test_max_tokens_zero_only_with_echo():
+    req = parse(CompletionRequest, {"model": "m", "prompt": "x", "echo": True, "max_tokens": 0})
+    assert req.echo_only and req.requested_max_tokens == 1  # one token generated, then dropped
+    with pytest.raises(BadRequest, match="max_tokens may be 0 only with echo"):
+        parse(CompletionRequest, {"model": "m", "prompt": "x", "max_tokens": 0})
 
 
 def test_unknown_fields_are_ignored():
-    req = parse(ChatCompletionRequest, {**CHAT, "user": "u1", "metadata": {"a": 1}})
+    req = parse(ChatCompletionRequest, {**CHAT, "unknown": {"a": 1}})
     assert req.model == "m"
+
+
+def test_user_and_metadata_are_accepted_and_typed():
+    req = parse(ChatCompletionRequest, {**CHAT, "user": "u1", "metadata": {"team": "a"}})
+    assert (req.user, req.metadata) == ("u1", {"team": "a"})
+    for field, value in [("user", 7), ("metadata", {"a": 1}), ("metadata", "x"),
+                         ("metadata", {f"k{i}": "v" for i in range(17)}), ("metadata", {"k" * 65: "v"}),
+                         ("metadata", {"k": "v" * 513})]:
+        bad(CompletionRequest, {"model": "m", "prompt": "x", field: value}, field)
+
+
+def test_tokenize_takes_exactly_one_input():
+    assert parse(TokenizeRequest, {"prompt": "hi"}).prompt == "hi"
+    assert parse(TokenizeRequest, {"messages": [{"role": "user", "content": "hi"}]}).messages
+    for body in ({}, {"prompt": "hi", "messages": [{"role": "user", "content": "hi"}]},
+                 {"prompt": "hi", "add_generation_prompt": True, "continue_final_message": True}):
+        with pytest.raises(BadRequest):
+            parse(TokenizeRequest, body)
+    bad(DetokenizeRequest, {"tokens": [-1]}, "tokens")
+    # As vLLM's: continuing the last message leaves the generation prompt out, unless both are asked for.
+    assert not parse(TokenizeRequest, {"prompt": "x", "continue_final_message": True}).generation_prompt
 
 
 # -- hostile values: every integer bounded, text UTF-8, floats finite, logit_bias well formed ----

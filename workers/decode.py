@@ -16,7 +16,7 @@ from tasks import keys
 from tasks.messages import Finished, GenerateRequest, PrefillRequest, prefill_to_task_arg, task_argsrepr
 from tasks.queues import PREFILL_TASK
 from workers.disagg import RemotePrefill
-from workers.outputs import ACCEPTED, CANCELLED, BatchedStreamWriter, OutputWriter, deltas_from
+from workers.outputs import ACCEPTED, CANCELLED, BatchedStreamWriter, DeltaMaker, OutputWriter
 from workers.runtime import WorkerRuntime
 
 logger = logging.getLogger(__name__)
@@ -99,9 +99,10 @@ class DecodeRuntime(WorkerRuntime):
             if remote is not None:
                 kv_params = await remote.kv_transfer_params(aredis, req)
             generation = self.engine.generate(rid, req.prompt_token_ids, req.sampling, kv_transfer_params=kv_params)
+            deltas_from = DeltaMaker(req.sampling)
             async with contextlib.aclosing(generation) as outputs:
                 async for output in outputs:
-                    events = deltas_from(output, req.sampling.logprobs)
+                    events = deltas_from(output)
                     num_tokens += sum(len(d.token_ids) for d in events)
                     # While this write is awaited the engine keeps stepping; DELTA outputs that
                     # arrive meanwhile are merged, so a slow Redis means bigger writes, not lag.

@@ -49,6 +49,8 @@ class RemotePrefill:
     async def kv_transfer_params(self, aredis, req: GenerateRequest) -> dict | None:
         """Params that make the decode engine take a remote prefill, or None to prefill locally."""
         rid = req.request_id
+        if req.sampling.prompt_logprobs is not None:
+            return None  # the prompt's logprobs come from its logits, which only a local prefill has
         thresholds = await self._thresholds.current(aredis)
         queue_len = await aredis.llen(queues.PREFILL)
         if not should_prefill_remotely(len(req.prompt_token_ids), req.prefix_hit_tokens, queue_len, thresholds):

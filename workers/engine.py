@@ -109,6 +109,7 @@ def sampling_params(spec: SamplingSpec, kv_transfer_params: dict | None = None):
         logprobs=spec.logprobs,
         logit_bias=dict(spec.logit_bias) or None,
         structured_outputs=structured_outputs(spec.structured),
+        prompt_logprobs=spec.prompt_logprobs,
         # Only what is new since the last output, which is exactly what we stream.
         output_kind=RequestOutputKind.DELTA,
         extra_args={"kv_transfer_params": kv_transfer_params} if kv_transfer_params else None,

@@ -7,7 +7,7 @@ import logging
 from typing import Any
 
 from tasks import keys
-from tasks.messages import Accepted, Delta, Failed, OutputEvent, TokenLogprob, TopLogprob, encode_event
+from tasks.messages import Accepted, Delta, Failed, OutputEvent, SamplingSpec, TokenLogprob, TopLogprob, encode_event
 
 logger = logging.getLogger(__name__)
 
@@ -126,28 +126,52 @@ class BatchedStreamWriter:
 MIN_LOGPROB = -9999.0
 
 
+def _token_logprob(token_id: int, candidates: Any, num_top: int) -> TokenLogprob:
+    """One position's logprob from vLLM's {token id: Logprob} (the chosen token and the top ones)."""
+    chosen = candidates[token_id]
+    ranked = sorted(candidates.values(), key=lambda lp: lp.rank)
+    top = [TopLogprob(lp.decoded_token or "", max(lp.logprob, MIN_LOGPROB)) for lp in ranked[:num_top]]
+    return TokenLogprob(token_id, chosen.decoded_token or "", max(chosen.logprob, MIN_LOGPROB), top)
+
+
 def _logprobs(completion: Any, num_top: int) -> list[TokenLogprob]:
-    result = []
-    for token_id, candidates in zip(completion.token_ids, completion.logprobs):
-        chosen = candidates[token_id]
-        ranked = sorted(candidates.values(), key=lambda lp: lp.rank)
-        top = [TopLogprob(lp.decoded_token or "", max(lp.logprob, MIN_LOGPROB)) for lp in ranked[:num_top]]
-        result.append(TokenLogprob(token_id, chosen.decoded_token or "", max(chosen.logprob, MIN_LOGPROB), top))
-    return result
+    return [_token_logprob(token_id, candidates, num_top)
+            for token_id, candidates in zip(completion.token_ids, completion.logprobs)]
 
 
-def deltas_from(output: Any, num_logprobs: int | None) -> list[Delta]:
-    """One Delta per choice that moved in this RequestOutput (DELTA output kind)."""
-    return [
-        Delta(
-            index=c.index,
-            text=c.text,
-            token_ids=list(c.token_ids),
-            logprobs=_logprobs(c, num_logprobs) if num_logprobs is not None and c.logprobs else None,
-            finish_reason=c.finish_reason,
-        )
-        for c in output.outputs
-    ]
+def _prompt_logprobs(output: Any, num_top: int) -> list[TokenLogprob]:
+    # vLLM gives None for the first prompt token, which nothing precedes: left out on the wire.
+    return [_token_logprob(token_id, candidates, num_top)
+            for token_id, candidates in zip(output.prompt_token_ids, output.prompt_logprobs) if candidates]
+
+
+class DeltaMaker:
+    """Turns one request's vLLM RequestOutputs (DELTA output kind) into Deltas: one per choice
+    that moved. vLLM hands the prompt logprobs over once, on the first output, while each choice's
+    first Delta carries them, so a choice that starts later still gets them."""
+
+    def __init__(self, spec: SamplingSpec):
+        self._num_logprobs = spec.logprobs
+        self._num_prompt_logprobs = spec.prompt_logprobs
+        self._prompt: list[TokenLogprob] | None = None
+        self._started: set[int] = set()
+
+    def __call__(self, output: Any) -> list[Delta]:
+        if self._num_prompt_logprobs is not None and self._prompt is None and output.prompt_logprobs is not None:
+            self._prompt = _prompt_logprobs(output, self._num_prompt_logprobs)
+        deltas = []
+        for c in output.outputs:
+            first = c.index not in self._started
+            self._started.add(c.index)
+            deltas.append(Delta(
+                index=c.index,
+                text=c.text,
+                token_ids=list(c.token_ids),
+                logprobs=_logprobs(c, self._num_logprobs) if self._num_logprobs is not None and c.logprobs else None,
+                finish_reason=c.finish_reason,
+                prompt_logprobs=self._prompt if first else None,
+            ))
+        return deltas
 
 
 def reject_malformed(client, payload: object, reason: str, ttl_s: int) -> None:
