@@ -70,18 +70,25 @@ class Formatter:
 
     # -- streaming -------------------------------------------------------------------------
 
-    def _chunk(self, choices: list[dict], usage: Usage | None, include_usage: bool) -> str:
+    # Chunks are bodies (dicts); ``sse`` frames one for the wire. /v1/responses reads the same
+    # bodies and re-shapes them into its own events (app/responses_api.py).
+
+    def _chunk(self, choices: list[dict], usage: Usage | None, include_usage: bool) -> dict:
         body: dict[str, Any] = {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
                 "created": self.created, "model": self.model, "choices": choices}
         if include_usage:
             body["usage"] = usage.body() if usage else None
+        return body
+
+    @staticmethod
+    def sse(body: dict) -> str:
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
-    def role_chunk(self, index: int, include_usage: bool) -> str:
+    def role_chunk(self, index: int, include_usage: bool) -> dict:
         return self._chunk([{"index": index, "delta": {"role": "assistant", "content": ""},
                              "logprobs": None, "finish_reason": None}], None, include_usage)
 
-    def delta_chunk(self, index: int, delta: Delta, include_usage: bool) -> str:
+    def delta_chunk(self, index: int, delta: Delta, include_usage: bool) -> dict:
         choice: dict = {"index": index, "finish_reason": delta.finish_reason}
         choice["logprobs"] = self._logprobs(index, delta.logprobs) if self.want_logprobs and delta.logprobs else None
         if self.chat:
@@ -90,7 +97,7 @@ class Formatter:
             choice["text"] = delta.text
         return self._chunk([choice], None, include_usage)
 
-    def usage_chunk(self, usage: Usage) -> str:
+    def usage_chunk(self, usage: Usage) -> dict:
         return self._chunk([], usage, True)
 
     @staticmethod
