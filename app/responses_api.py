@@ -47,7 +47,7 @@ from openai.types.responses import (
     ResponseTextDoneEvent,
     ResponseUsage,
 )
-from pydantic import BaseModel, Discriminator, Field, Tag, model_validator
+from pydantic import BaseModel, Discriminator, Field, Tag
 
 from app.admission import TICKET_ENVIRON_KEY, Ticket
 from app.errors import APIError, BadRequest
@@ -175,33 +175,29 @@ class ResponsesRequest(_Body):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     service_tier: Text | None = None
 
-    @model_validator(mode="before")
-    @classmethod
-    def _refuse_options(cls, body: Any) -> Any:
-        if isinstance(body, dict):
-            for name, why in REFUSED_FIELDS.items():
-                if body.get(name) is not None:
-                    raise ValueError(f"{name}: {why}")
-        return body
-
-    @model_validator(mode="after")
-    def _refuse_values(self):
-        if self.include:
-            raise ValueError(f"include: {self.include[0]!r} is not supported; no include values are")
-        if self.truncation == "auto":
-            raise ValueError("truncation: only 'disabled' is supported; a prompt past the context is a 400")
-        if self.top_logprobs:
-            raise ValueError("top_logprobs: logprobs are not supported on /v1/responses")
-        if self.service_tier not in (None, "auto", "default"):
-            raise ValueError(f"service_tier: {self.service_tier!r} is not supported; only 'auto' and 'default' are")
-        if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options: only allowed when stream is true")
-        if self.background and not self.store:
-            raise ValueError("background: a background response must be stored (store: true)")
-        if self.background and self.stream:
-            raise ValueError("background: streaming a background response is not supported; "
-                             "poll it with GET /v1/responses/{id}")
-        return self
+    def refuse_unsupported(self, raw: dict) -> None:
+        """A 400 naming the first option this deployment cannot honour."""
+        for name, why in REFUSED_FIELDS.items():
+            if raw.get(name) is not None:
+                raise BadRequest(f"{name}: {why}", param=name)
+        problems = [
+            ("include", bool(self.include), f"{self.include[0]!r} is not supported; no include values are"
+             if self.include else ""),
+            ("truncation", self.truncation == "auto",
+             "only 'disabled' is supported; a prompt past the context is a 400"),
+            ("top_logprobs", bool(self.top_logprobs), "logprobs are not supported on /v1/responses"),
+            ("service_tier", self.service_tier not in (None, "auto", "default"),
+             f"{self.service_tier!r} is not supported; only 'auto' and 'default' are"),
+            ("stream_options", self.stream_options is not None and not self.stream,
+             "only allowed when stream is true"),
+            ("background", self.background and not self.store,
+             "a background response must be stored (store: true)"),
+            ("background", self.background and self.stream,
+             "streaming a background response is not supported; poll it with GET /v1/responses/{id}"),
+        ]
+        for name, bad, why in problems:
+            if bad:
+                raise BadRequest(f"{name}: {why}", param=name)
 
     @property
     def input_items(self) -> list[dict]:
@@ -297,6 +293,13 @@ def to_chat_body(req: ResponsesRequest, raw: dict, history: list[dict]) -> dict:
     return body
 
 
+def parse_responses(raw: object) -> ResponsesRequest:
+    req: ResponsesRequest = parse(ResponsesRequest, raw)  # type: ignore[assignment]
+    assert isinstance(raw, dict)  # parse refused anything else
+    req.refuse_unsupported(raw)
+    return req
+
+
 def parse_chat(body: dict) -> ChatCompletionRequest:
     """The chat request, with its errors named as the Responses request's fields."""
     if any("tool_calls" in m or "tool_call_id" in m for m in body["messages"]) and not {
@@ -332,7 +335,8 @@ def usage_from_chat(usage: dict | None) -> ResponseUsage | None:
     return ResponseUsage(
         input_tokens=usage["prompt_tokens"], output_tokens=usage["completion_tokens"],
         total_tokens=usage["total_tokens"],
-        input_tokens_details={"cached_tokens": (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)},
+        input_tokens_details={"cached_tokens": (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0),
+                              "cache_write_tokens": 0},
         output_tokens_details={"reasoning_tokens": 0})
 
 
@@ -552,7 +556,7 @@ def _not_found(response_id: str, param: str = "response_id") -> APIError:
 def create_response():
     _check_api_key()
     raw = _json_body()
-    req: ResponsesRequest = parse(ResponsesRequest, raw)
+    req = parse_responses(raw)
     _check_model(req.model)
     store = _store()
     history: list[dict] = []
