@@ -613,6 +613,8 @@ def _stream(gen, shaper: Shaper, store: ResponseStore | None, conversation: list
         except APIError as e:
             logger.warning("[%s] failed mid-stream: %s", request_id, e.message)
             yield from map(sse, translator.fail(e))
+            if store is not None:
+                store.put(dump(translator.final), conversation)
         finally:
             gen.events.close()
 
@@ -641,6 +643,9 @@ def _run_in_background(gen, shaper: Shaper, store: ResponseStore, conversation: 
             if store.status(response_id) in RUNNING:
                 logger.warning("[%s] background response %s failed: %s", request_id, response_id, e.message)
                 store.update(response_id, "failed", dump(shaper.response("failed", error=e)))
+            else:
+                logger.info("[%s] background response %s was cancelled or deleted; its engine work is "
+                            "cancelled", request_id, response_id)
         except Exception:  # noqa: BLE001  a bug: the response must not stay in progress for ever
             logger.exception("[%s] background response %s failed", request_id, response_id)
             store.update(response_id, "failed",
