@@ -53,6 +53,7 @@ from app.admission import TICKET_ENVIRON_KEY, Ticket
 from app.errors import APIError, BadRequest
 from app.response_store import RUNNING, ResponseStore
 from app.routes import (
+    Generation,
     _check_api_key,
     _check_model,
     _gateway,
@@ -180,6 +181,7 @@ class ResponsesRequest(_Body):
         for name, why in REFUSED_FIELDS.items():
             if raw.get(name) is not None:
                 raise BadRequest(f"{name}: {why}", param=name)
+        fmt = self.text.format if self.text is not None else None
         problems = [
             ("include", bool(self.include), f"{self.include[0]!r} is not supported; no include values are"
              if self.include else ""),
@@ -188,6 +190,8 @@ class ResponsesRequest(_Body):
             ("top_logprobs", bool(self.top_logprobs), "logprobs are not supported on /v1/responses"),
             ("service_tier", self.service_tier not in (None, "auto", "default"),
              f"{self.service_tier!r} is not supported; only 'auto' and 'default' are"),
+            ("text", fmt is not None and fmt.type == "json_schema" and (not fmt.name or fmt.schema_ is None),
+             "format: a json_schema format needs a name and a schema"),
             ("stream_options", self.stream_options is not None and not self.stream,
              "only allowed when stream is true"),
             ("background", self.background and not self.store,
@@ -376,7 +380,7 @@ class Shaper:
     def __init__(self, req: ResponsesRequest, response_id: str | None = None, created_at: float | None = None):
         self.req = req
         self.id = response_id or _new_id("resp")
-        self.created_at = created_at if created_at is not None else time.time()
+        self.created_at = created_at if created_at is not None else int(time.time())
 
     def response(self, status: str, output: list | None = None, usage: ResponseUsage | None = None,
                  finish_reason: str | None = None, error: APIError | None = None) -> Response:
@@ -396,7 +400,7 @@ class Shaper:
             safety_identifier=req.safety_identifier, prompt_cache_key=req.prompt_cache_key,
             incomplete_details={"reason": "max_output_tokens"} if status == "incomplete" else None,
             error={"code": "server_error", "message": error.message} if error is not None else None,
-            completed_at=time.time() if status == "completed" else None,
+            completed_at=int(time.time()) if status == "completed" else None,
         )
 
     def from_chat(self, chat: dict) -> Response:
@@ -445,6 +449,15 @@ class StreamTranslator:
                 self._finish_reason = choice["finish_reason"]
 
     def _text_delta(self, text: str) -> Iterator[BaseModel]:
+        yield from self._open_text()
+        assert self._text is not None
+        part = self._text.content[0]
+        assert isinstance(part, ResponseOutputText)
+        part.text += text
+        yield self._event(ResponseTextDeltaEvent, type="response.output_text.delta", item_id=self._text.id,
+                          output_index=self._index(self._text), content_index=0, delta=text, logprobs=[])
+
+    def _open_text(self) -> Iterator[BaseModel]:
         if self._text is None:
             yield from self._close_calls()
             self._text = ResponseOutputMessage(id=_new_id("msg"), type="message", role="assistant",
@@ -456,11 +469,6 @@ class StreamTranslator:
             yield self._event(ResponseContentPartAddedEvent, type="response.content_part.added",
                               item_id=self._text.id, output_index=self._index(self._text), content_index=0,
                               part=ResponseOutputText(type="output_text", text="", annotations=[], logprobs=[]))
-        part = self._text.content[0]
-        assert isinstance(part, ResponseOutputText)
-        part.text += text
-        yield self._event(ResponseTextDeltaEvent, type="response.output_text.delta", item_id=self._text.id,
-                          output_index=self._index(self._text), content_index=0, delta=text, logprobs=[])
 
     def _call_delta(self, call: dict) -> Iterator[BaseModel]:
         index = call.get("index", 0)
@@ -512,7 +520,7 @@ class StreamTranslator:
     def finish(self) -> Iterator[BaseModel]:
         """The closing events; ``self.final`` is then the whole Response."""
         if not self.output:  # no text at all: still one (empty) message, as a whole response has
-            yield from self._text_delta("")
+            yield from self._open_text()
         yield from self._close_text()
         yield from self._close_calls()
         self.final = self.shaper.response("completed", self.output, self._usage, finish_reason=self._finish_reason)
@@ -528,11 +536,11 @@ class StreamTranslator:
 
 def sse(event: BaseModel) -> str:
     # Named events, as OpenAI and vLLM send them; no [DONE] after the last.
-    return f"event: {event.type}\ndata: {event.model_dump_json(exclude_unset=True)}\n\n"  # type: ignore[attr-defined]
+    return f"event: {event.type}\ndata: {event.model_dump_json(exclude_unset=True, by_alias=True)}\n\n"  # type: ignore[attr-defined]
 
 
 def dump(response: Response) -> dict:
-    return response.model_dump(mode="json", exclude_unset=True)
+    return response.model_dump(mode="json", exclude_unset=True, by_alias=True)
 
 
 # -- endpoints ----------------------------------------------------------------------------------
@@ -596,7 +604,7 @@ def create_response():
     return jsonify(dump(response)), 200, gen.headers(final=True)
 
 
-def _stream(gen, shaper: Shaper, store: ResponseStore | None, conversation: list[dict]) -> FlaskResponse:
+def _stream(gen: Generation, shaper: Shaper, store: ResponseStore | None, conversation: list[dict]) -> FlaskResponse:
     # As chat streams do: the first delta before the 200, so an early failure has its own status.
     first = next(gen.deltas, None)
     request_id = g.internal_id
@@ -616,14 +624,14 @@ def _stream(gen, shaper: Shaper, store: ResponseStore | None, conversation: list
             if store is not None:
                 store.put(dump(translator.final), conversation)
         finally:
-            gen.events.close()
+            gen.events.close()  # type: ignore[attr-defined]
 
     return FlaskResponse(stream_with_context(body()), mimetype="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
                                   **gen.headers(final=False)})
 
 
-def _run_in_background(gen, shaper: Shaper, store: ResponseStore, conversation: list[dict]):
+def _run_in_background(gen: Generation, shaper: Shaper, store: ResponseStore, conversation: list[dict]):
     """Answers at once with the queued response, and lets a thread of this process see the
     generation through. The admission places stay taken until the thread ends."""
     response_id = shaper.id

@@ -16,6 +16,7 @@ from app.responses_api import (
     Shaper,
     StreamTranslator,
     as_input_items,
+    dump,
     parse_chat,
     parse_responses,
     rename_param,
@@ -115,6 +116,7 @@ def test_text_format_and_function_tools_map_to_the_chat_fields():
     ({"prompt": {"id": "pmpt_1"}}, "prompt"),
     ({"max_tool_calls": 2}, "max_tool_calls"),
     ({"text": {"verbosity": "low"}}, "text"),
+    ({"text": {"format": {"type": "json_schema", "schema": {"type": "object"}}}}, "text"),
     ({"stream": True, "stream_options": {"include_obfuscation": True}}, "stream_options"),
     ({"background": True, "store": False}, "background"),
     ({"background": True, "stream": True}, "background"),
@@ -165,7 +167,7 @@ def run_stream(chunks: list[dict], **body) -> tuple[list, StreamTranslator]:
         events.extend(translator.feed(chunk))
     events.extend(translator.finish())
     # Each event is one of OpenAI's own, as its client parses it from the wire.
-    parsed = [STREAM_EVENT.validate_json(e.model_dump_json(exclude_unset=True)) for e in events]
+    parsed = [STREAM_EVENT.validate_json(e.model_dump_json(exclude_unset=True, by_alias=True)) for e in events]
     assert [e.sequence_number for e in parsed] == list(range(len(parsed)))
     return parsed, translator
 
@@ -184,6 +186,12 @@ def test_a_text_stream_has_openais_events_in_order():
     assert (final.usage.input_tokens, final.usage.output_tokens, final.usage.total_tokens) == (5, 3, 8)
     assert final.usage.input_tokens_details.cached_tokens == 2
     assert as_input_items(translator.final.output) == [{"type": "message", "role": "assistant", "content": "Hello"}]
+
+
+def test_a_stream_without_text_still_has_its_message():
+    events, _ = run_stream([chat_chunk(""), chat_chunk(finish="stop"), chat_chunk(usage=USAGE)])
+    assert "response.output_text.delta" not in [e.type for e in events]
+    assert events[-1].type == "response.completed" and events[-1].response.output[0].type == "message"
 
 
 def test_a_stream_cut_by_max_output_tokens_is_incomplete():
@@ -214,17 +222,23 @@ def test_streamed_tool_calls_become_function_call_items():
 
 
 def test_a_whole_chat_body_becomes_a_response():
-    req, _ = request(instructions="sys", metadata={"k": "v"}, user="u1")
+    schema = {"type": "object"}
+    req, _ = request(instructions="sys", metadata={"k": "v"}, user="u1",
+                     text={"format": {"type": "json_schema", "name": "A", "schema": schema}},
+                     tools=[{"type": "function", "name": "f", "parameters": schema}])
     chat = {"choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
         "role": "assistant", "content": "thinking",
         "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}}],
         "usage": USAGE}
     response = Shaper(req).from_chat(chat)
-    parsed = Response.model_validate_json(response.model_dump_json(exclude_unset=True))
+    parsed = Response.model_validate_json(response.model_dump_json(exclude_unset=True, by_alias=True))
     assert parsed.status == "completed" and parsed.id.startswith("resp_")
     assert [o.type for o in parsed.output] == ["message", "function_call"]
     assert parsed.output_text == "thinking"
     assert (parsed.instructions, parsed.metadata, parsed.user) == ("sys", {"k": "v"}, "u1")
+    # The request's options are echoed in OpenAI's field names.
+    assert dump(response)["text"]["format"] == {"type": "json_schema", "name": "A", "schema": schema}
+    assert [t.name for t in parsed.tools] == ["f"]
 
 
 # -- the store ------------------------------------------------------------------------------------
