@@ -37,7 +37,6 @@ from openai.types.responses import (
     ResponseFunctionCallArgumentsDeltaEvent,
     ResponseFunctionCallArgumentsDoneEvent,
     ResponseFunctionToolCall,
-    ResponseIncompleteEvent,
     ResponseInProgressEvent,
     ResponseOutputItemAddedEvent,
     ResponseOutputItemDoneEvent,
@@ -415,7 +414,7 @@ class StreamTranslator:
 
     A text delta goes to the open message item (added, with its output_text part, at the first
     text); a tool call delta to its function_call item. ``finish`` closes what is open and ends
-    with response.completed, or response.incomplete when the output ran into max_output_tokens."""
+    with response.completed."""
 
     def __init__(self, shaper: Shaper):
         self.shaper = shaper
@@ -524,10 +523,11 @@ class StreamTranslator:
         yield from self._close_text()
         yield from self._close_calls()
         self.final = self.shaper.response("completed", self.output, self._usage, finish_reason=self._finish_reason)
-        if self.final.status == "incomplete":
-            yield self._event(ResponseIncompleteEvent, type="response.incomplete", response=self.final)
-        else:
-            yield self._event(ResponseCompletedEvent, type="response.completed", response=self.final)
+        # response.completed even for a response cut by max_output_tokens (its status says
+        # "incomplete"), as vLLM's server sends it: OpenAI sends response.incomplete there, which
+        # the openai client's stream helper (get_final_response) and agent frameworks that wait
+        # for response.completed do not take as an end.
+        yield self._event(ResponseCompletedEvent, type="response.completed", response=self.final)
 
     def fail(self, error: APIError) -> Iterator[BaseModel]:
         self.final = self.shaper.response("failed", self.output, self._usage, error=error)

@@ -49,13 +49,19 @@ def test_create_and_stream(deployment):
     assert types[:4] == ["response.created", "response.in_progress", "response.output_item.added",
                          "response.content_part.added"]
     assert types[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
-                          "response.incomplete"]
+                          "response.completed"]
     assert [e.sequence_number for e in events] == list(range(len(events)))
     deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
     final = events[-1].response
     assert deltas and final.output_text == deltas and final.usage.output_tokens == 6
+    assert final.status == "incomplete" and final.incomplete_details.reason == "max_output_tokens"
     # Stored by default: any frontend can return it whole.
     assert client.responses.retrieve(final.id).output_text == deltas
+    # The client's stream helper rebuilds the response from the events, checking their order.
+    with client.responses.stream(model=MODEL, input="Hi", max_output_tokens=4) as stream:
+        text = "".join(e.delta for e in stream if e.type == "response.output_text.delta")
+        rebuilt = stream.get_final_response()
+    assert rebuilt.output_text == text and rebuilt.usage.output_tokens <= 4
 
 
 def test_conversation_continues_on_another_frontend_process(deployment, frontend_b):

@@ -196,7 +196,7 @@ def test_a_stream_without_text_still_has_its_message():
 
 def test_a_stream_cut_by_max_output_tokens_is_incomplete():
     events, _ = run_stream([chat_chunk("ab", finish="length"), chat_chunk(usage=USAGE)])
-    assert events[-1].type == "response.incomplete"
+    assert events[-1].type == "response.completed" and events[-1].response.status == "incomplete"
     assert events[-1].response.incomplete_details.reason == "max_output_tokens"
     assert events[-2].item.status == "incomplete"
 
