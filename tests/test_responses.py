@@ -9,6 +9,7 @@ import re
 import openai
 import pytest
 
+from app.schemas import ChatCompletionRequest
 from conftest import make_settings, start_deployment, wait_for
 from tasks import keys
 from test_bad_input import assert_openai_error, post
@@ -142,3 +143,44 @@ def test_unknown_ids_are_404s(deployment):
         with pytest.raises(openai.NotFoundError) as e:
             call("resp_nope")
         assert e.value.body["param"] == "response_id"
+
+
+# Bounded, so the tiny model's random answers fit in max_output_tokens.
+WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"],
+           "additionalProperties": False}
+
+
+@pytest.mark.skipif("tool_choice" not in ChatCompletionRequest.model_fields,
+                    reason="the chat path has no tools or response_format yet")
+def test_function_tools_and_text_format_reach_the_chat_path(deployment):
+    import json
+
+    import jsonschema
+
+    client = deployment.client()
+    out = client.responses.create(model=MODEL, input="Weather in Rome?", max_output_tokens=120, tool_choice="required",
+                                  extra_body={"seed": 4},
+                                  tools=[{"type": "function", "name": "get_weather", "parameters": WEATHER,
+                                          "strict": True}])
+    calls = [o for o in out.output if o.type == "function_call"]
+    assert calls and all(c.name == "get_weather" for c in calls), out.output
+    for call in calls:
+        jsonschema.validate(json.loads(call.arguments), WEATHER)
+    # The call and its output go back as the next turn's input.
+    follow = client.responses.create(model=MODEL, previous_response_id=out.id, max_output_tokens=4, input=[
+        {"type": "function_call_output", "call_id": calls[0].call_id, "output": "sunny"}])
+    assert follow.status in ("completed", "incomplete")
+
+    events = list(client.responses.create(
+        model=MODEL, input="Weather in Rome?", max_output_tokens=120, stream=True, extra_body={"seed": 5},
+        tool_choice={"type": "function", "name": "get_weather"},
+        tools=[{"type": "function", "name": "get_weather", "parameters": WEATHER, "strict": True}]))
+    done = [e for e in events if e.type == "response.function_call_arguments.done"]
+    deltas = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
+    assert len(done) == 1 and done[0].arguments == deltas
+    jsonschema.validate(json.loads(deltas), WEATHER)
+    assert events[-1].type == "response.completed" and events[-1].response.output[-1].type == "function_call"
+
+    shaped = client.responses.create(model=MODEL, input="A city", max_output_tokens=120, text={"format": {
+        "type": "json_schema", "name": "city", "schema": WEATHER, "strict": True}})
+    jsonschema.validate(json.loads(shaped.output_text), WEATHER)
