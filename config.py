@@ -175,6 +175,9 @@ class FrontendConfig(_Section):
     # tokenizing. (8,000 prompts in one request once took 60 s and slowed every other client.)
     max_prompts_per_request: int = Field(64, ge=1)
     max_choices_per_request: int = Field(128, ge=1)
+    # How long a stored /v1/responses response (store: true, the default) stays in Redis for
+    # GET and previous_response_id, from its last write. Each keeps its whole conversation.
+    responses_ttl_s: int = Field(86_400, ge=1)
 
     @model_validator(mode="after")
     def _threads_left_for_generation(self) -> FrontendConfig:

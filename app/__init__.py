@@ -13,6 +13,7 @@ from tasks import redis_conn
 
 
 def create_app(settings: Settings | None = None) -> Flask:
+    from app import responses_api  # noqa: F401  registers /v1/responses on the blueprint
     from app.admission import Admission, AdmissionMiddleware
     from app.auth import APIKeys
     from app.errors import register_error_handlers

@@ -29,7 +29,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import redis
 
@@ -39,7 +39,10 @@ from tasks import keys
 
 logger = logging.getLogger(__name__)
 
-GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses"})
+# Where an admitted request's Ticket sits in the WSGI environ, for a response that keeps working
+# after its HTTP answer (a background /v1/responses request) to hold its places (Ticket.keep).
+TICKET_ENVIRON_KEY = "llmq.admission.ticket"
 
 # An admitted request's place in the deployment-wide set lasts this long unless its process
 # renews it, which it does every RENEW_EVERY_S while the request runs. A crashed frontend's places
@@ -177,11 +180,23 @@ class Ticket:
     admission: Admission
     member: str | None  # None: the deployment-wide check was skipped (no decode worker, or no Redis)
     released: bool = False
+    # The HTTP response holds the places; a background response holds them too (keep), until
+    # its work ends. Each holder releases once; the last release gives them back.
+    holders: int = 1
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def keep(self) -> None:
+        with self._lock:
+            self.holders += 1
 
     def release(self) -> None:
-        if self.released:
-            return
-        self.released = True
+        with self._lock:
+            if self.released:
+                return
+            self.holders -= 1
+            if self.holders > 0:
+                return
+            self.released = True
         self.admission.process.give_back()
         if self.member is not None:
             self.admission.deployment.give_back(self.member)
@@ -285,6 +300,7 @@ class AdmissionMiddleware:
             ticket = self.admission.admit()
         except Refused as refused:
             return self._refuse(environ, start_response, path, refused)
+        environ[TICKET_ENVIRON_KEY] = ticket
         try:
             body = self.wsgi_app(environ, start_response)
         except BaseException:

@@ -55,10 +55,11 @@ ENDPOINTS: list[Endpoint] = []
 def endpoint(bp: Blueprint, method: str, rule: str, *, summary: str, request: type[BaseModel] | None = None,
              response: type[BaseModel] | None = None, content_types: tuple[str, ...] = ("application/json",),
              errors: tuple[int, ...] = (), other: dict[int, type[BaseModel]] | None = None,
-             auth: bool = True) -> Callable:
+             auth: bool = True, parser: Callable[[object], BaseModel] | None = None) -> Callable:
     """Registers a view on ``bp`` and in the document. With ``request``, the view's first
     argument is the validated body (a 400 naming the field otherwise); the API key is checked
-    first, so a caller without it learns nothing about the body."""
+    first, so a caller without it learns nothing about the body. ``parser`` replaces the plain
+    validation for a body with checks across fields (it must validate with ``request`` first)."""
     def register(view: Callable) -> Callable:
         spec = Endpoint(method.upper(), rule, view.__name__, summary, request, response, content_types,
                         errors, other or {}, auth)
@@ -68,7 +69,8 @@ def endpoint(bp: Blueprint, method: str, rule: str, *, summary: str, request: ty
             if spec.auth:
                 check_api_key()
             if spec.request is not None:
-                return view(parse(spec.request, json_body()), **kwargs)
+                body = json_body()
+                return view(parser(body) if parser is not None else parse(spec.request, body), **kwargs)
             return view(**kwargs)
 
         bp.add_url_rule(rule, view.__name__, handler, methods=[spec.method])

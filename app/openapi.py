@@ -148,6 +148,12 @@ class DetokenizeResponse(BaseModel):
     prompt: str
 
 
+class DeletedResponse(BaseModel):
+    id: str
+    object: Literal["response"]
+    deleted: bool
+
+
 class OpenAPIDocument(RootModel[dict[str, Any]]):
     """This document."""
 

@@ -84,18 +84,25 @@ class Formatter:
 
     # -- streaming -------------------------------------------------------------------------
 
-    def _chunk(self, choices: list[dict], usage: Usage | None, include_usage: bool) -> str:
+    # Chunks are bodies (dicts); ``sse`` frames one for the wire. /v1/responses reads the same
+    # bodies and re-shapes them into its own events (app/responses_api.py).
+
+    def _chunk(self, choices: list[dict], usage: Usage | None, include_usage: bool) -> dict:
         body: dict[str, Any] = {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
                 "created": self.created, "model": self.model, "choices": choices}
         if include_usage:
             body["usage"] = usage.body() if usage else None
+        return body
+
+    @staticmethod
+    def sse(body: dict) -> str:
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
-    def role_chunk(self, index: int, include_usage: bool) -> str:
+    def role_chunk(self, index: int, include_usage: bool) -> dict:
         return self._chunk([{"index": index, "delta": {"role": "assistant", "content": ""},
                              "logprobs": None, "finish_reason": None}], None, include_usage)
 
-    def delta_chunk(self, index: int, delta: Delta, include_usage: bool) -> str:
+    def delta_chunk(self, index: int, delta: Delta, include_usage: bool) -> list[dict]:
         """The chunks for one delta: usually one, none while tool calls are held back, and two
         when held-back calls go out with the finish reason."""
         choice: dict = {"index": index, "finish_reason": delta.finish_reason}
@@ -107,9 +114,9 @@ class Formatter:
             choice["delta"] = {"content": delta.text} if delta.text or not delta.finish_reason else {}
         else:
             choice["text"] = delta.text
-        return self._chunk([choice], None, include_usage)
+        return [self._chunk([choice], None, include_usage)]
 
-    def _tool_chunks(self, tools: ChoiceTools, choice: dict, delta: Delta, include_usage: bool) -> str:
+    def _tool_chunks(self, tools: ChoiceTools, choice: dict, delta: Delta, include_usage: bool) -> list[dict]:
         bodies = []
         if delta.text or delta.token_ids:
             bodies.append(tools.delta(delta.text, delta.token_ids))
@@ -119,15 +126,15 @@ class Formatter:
         bodies = [b for b in bodies if b]
         if not bodies:
             if not delta.finish_reason and choice["logprobs"] is None:
-                return ""
+                return []
             bodies = [{}]
         last = len(bodies) - 1
-        return "".join(self._chunk([{**choice, "delta": body, "logprobs": choice["logprobs"] if i == 0 else None,
-                                     "finish_reason": choice["finish_reason"] if i == last else None}],
-                                   None, include_usage)
-                       for i, body in enumerate(bodies))
+        return [self._chunk([{**choice, "delta": body, "logprobs": choice["logprobs"] if i == 0 else None,
+                              "finish_reason": choice["finish_reason"] if i == last else None}],
+                            None, include_usage)
+                for i, body in enumerate(bodies)]
 
-    def usage_chunk(self, usage: Usage) -> str:
+    def usage_chunk(self, usage: Usage) -> dict:
         return self._chunk([], usage, True)
 
     @staticmethod

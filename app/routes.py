@@ -9,7 +9,8 @@ import logging
 import re
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import msgspec
 import redis
@@ -205,7 +206,50 @@ def _check_request_size(req: ChatCompletionRequest | CompletionRequest, num_prom
 # -- generation ------------------------------------------------------------------------------
 
 
-def _generate(kind: str, req: ChatCompletionRequest | CompletionRequest, prompts: list[list[int]]):
+@dataclass
+class Generation:
+    """One request's engine work, submitted: what /v1/chat/completions, /v1/completions and
+    /v1/responses (app/responses_api.py) each shape into their own answer."""
+
+    fmt: Formatter
+    req: ChatCompletionRequest | CompletionRequest
+    subs: list[SubRequest]
+    events: Iterator[tuple[SubRequest, Delta]]  # closing it cancels whatever still runs
+    deltas: Iterator[tuple[int, Delta]]
+    usage: Usage
+
+    def headers(self, final: bool) -> dict[str, str]:
+        return {**_routing_headers(self.subs), **_migration_header(self.subs, final)}
+
+    def whole(self) -> dict:
+        """The whole chat or completion body, once every choice has finished."""
+        choices: dict[int, Choice] = {}
+        for index, delta in self.deltas:
+            choice = choices.setdefault(index, Choice())
+            choice.text += delta.text
+            choice.logprobs.extend(delta.logprobs or [])
+            choice.finish_reason = delta.finish_reason or choice.finish_reason
+        self.usage.cached_tokens = sum(s.finished.num_cached_tokens for s in self.subs if s.finished)
+        return self.fmt.response(choices, self.usage)
+
+    def chunks(self, pending: list[tuple[int, Delta]]) -> Iterator[dict]:
+        """The stream's chunk bodies, after ``pending`` (deltas already read). Raises APIError
+        if the request fails mid-stream."""
+        include_usage = bool(self.req.stream_options and self.req.stream_options.include_usage)
+        started: set[int] = set()
+        for index, delta in itertools.chain(pending, self.deltas):
+            if self.fmt.chat and index not in started:
+                started.add(index)
+                yield self.fmt.role_chunk(index, include_usage)
+            yield from self.fmt.delta_chunk(index, delta, include_usage)
+        if include_usage:
+            self.usage.cached_tokens = sum(s.finished.num_cached_tokens for s in self.subs if s.finished)
+            yield self.fmt.usage_chunk(self.usage)
+
+
+def start_generation(kind: str, req: ChatCompletionRequest | CompletionRequest, prompts: list[list[int]],
+                     client_gone: Callable[[], bool] | None) -> Generation:
+    """Submits the request's prompts; ``client_gone`` as in Gateway.events."""
     processor, gateway = _processor(), _gateway()
     max_tokens = min(processor.max_tokens_for(p, req.requested_max_tokens) for p in prompts)
     spec = processor.sampling(req, max_tokens)
@@ -214,20 +258,22 @@ def _generate(kind: str, req: ChatCompletionRequest | CompletionRequest, prompts
     fmt = Formatter(kind, g.request_id, req.model, want_logprobs=req.num_logprobs is not None, tools=tools)
     usage = Usage(prompt_tokens=sum(len(p) for p in prompts))
     metrics.PROMPT_TOKENS.inc(usage.prompt_tokens)
-    environ = request.environ
-    events = gateway.events(subs, client_gone=None if req.stream else lambda: client_gone(environ))
+    events = gateway.events(subs, client_gone=client_gone)
     echoed = _echoed(events, subs, req, prompts) if isinstance(req, CompletionRequest) and req.echo else events
-    deltas = _numbered(echoed, usage)
+    return Generation(fmt, req, subs, events, _numbered(echoed, usage), usage)
+
+
+def client_gone_check() -> Callable[[], bool]:
+    """For an answer that writes nothing until the end: whether its client hung up."""
+    environ = request.environ
+    return lambda: client_gone(environ)
+
+
+def _generate(kind: str, req: ChatCompletionRequest | CompletionRequest, prompts: list[list[int]]):
+    gen = start_generation(kind, req, prompts, client_gone=None if req.stream else client_gone_check())
     if req.stream:
-        return _stream(fmt, deltas, events, subs, usage, req)
-    choices: dict[int, Choice] = {}
-    for index, delta in deltas:
-        choice = choices.setdefault(index, Choice())
-        choice.text += delta.text
-        choice.logprobs.extend(delta.logprobs or [])
-        choice.finish_reason = delta.finish_reason or choice.finish_reason
-    usage.cached_tokens = sum(s.finished.num_cached_tokens for s in subs if s.finished)
-    return jsonify(fmt.response(choices, usage)), 200, {**_routing_headers(subs), **_migration_header(subs, True)}
+        return _stream(gen)
+    return jsonify(gen.whole()), 200, gen.headers(final=True)
 
 
 # A routing header lists one value per prompt up to this many prompts; past it, each distinct
@@ -302,37 +348,23 @@ def _numbered(events: Iterator[tuple[SubRequest, Delta]], usage: Usage) -> Itera
         yield sub.choice_offset + delta.index, delta
 
 
-def _stream(fmt: Formatter, deltas: Iterator[tuple[int, Delta]], events, subs: list[SubRequest], usage: Usage,
-            req: ChatCompletionRequest | CompletionRequest) -> Response:
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+def _stream(gen: Generation) -> Response:
     # Wait for the first delta before answering, so that failures before any output (no worker
     # took it, the engine refused it) still get their own status code rather than a 200 stream.
-    first = next(deltas, None)
+    first = next(gen.deltas, None)
     request_id = g.internal_id
 
     def body() -> Iterator[str]:
-        started: set[int] = set()
         try:
-            pending = [first] if first is not None else []
-            for index, delta in itertools.chain(pending, deltas):
-                if fmt.chat and index not in started:
-                    started.add(index)
-                    yield fmt.role_chunk(index, include_usage)
-                if chunk := fmt.delta_chunk(index, delta, include_usage):
-                    yield chunk
-            if include_usage:
-                usage.cached_tokens = sum(s.finished.num_cached_tokens for s in subs if s.finished)
-                yield fmt.usage_chunk(usage)
+            for chunk in gen.chunks([first] if first is not None else []):
+                yield gen.fmt.sse(chunk)
         except APIError as e:
             logger.warning("[%s] failed mid-stream: %s", request_id, e.message)
-            yield fmt.error_chunk(e.body())
+            yield gen.fmt.error_chunk(e.body())
         finally:
             # Runs when the client disconnects too: closing the event reader cancels the work.
-            events.close()
-        yield fmt.DONE
+            gen.events.close()  # type: ignore[attr-defined]
+        yield gen.fmt.DONE
 
     return Response(stream_with_context(body()), mimetype="text/event-stream",
-                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **_routing_headers(subs),
-                             **_migration_header(subs, False)})
-
-
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **gen.headers(final=False)})

@@ -26,6 +26,12 @@ def worker_lease(worker_id: str) -> str:
 
 WORKER_LEASE_PATTERN = f"{PREFIX}:worker:*"
 
+def stored_response(response_id: str) -> str:
+    """A hash for one stored /v1/responses response: its status, its body, and the conversation
+    a next turn continues (app/response_store.py). Any frontend reads it."""
+    return f"{PREFIX}:response:{response_id}"
+
+
 # Sorted set of the generation requests every frontend admitted and has not finished, scored by
 # each one's lease (app/admission.py).
 ADMITTED = f"{PREFIX}:admitted"

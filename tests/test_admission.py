@@ -365,3 +365,15 @@ def test_too_many_prompts_or_choices_is_a_400_naming_the_field(small_limits):
     out = client.completions.create(model=MODEL, prompt=["a prompt"] * 4, n=2, max_tokens=2)
     assert len(out.choices) == 8
     assert small_limits.redis.zcard(keys.ADMITTED) == 0
+
+
+def test_a_kept_ticket_holds_its_places_until_its_last_holder_releases(scratch):
+    """A background /v1/responses request keeps its ticket past its HTTP answer (Ticket.keep)."""
+    admission = _admission(scratch, threads=4, reserved_threads=2)
+    ticket = admission.admit()
+    ticket.keep()
+    ticket.release()  # the HTTP answer is done
+    assert admission.process.taken == 1 and scratch.zcard(keys.ADMITTED) == 1
+    ticket.release()  # the background work is done
+    ticket.release()  # once only
+    assert admission.process.taken == 0 and scratch.zcard(keys.ADMITTED) == 0

@@ -21,6 +21,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
+import app.responses_api  # noqa: F401  registers /v1/responses in ENDPOINTS
 import app.routes  # noqa: F401  registers every route in ENDPOINTS
 from app.api import ENDPOINTS, openapi_path
 from test_bad_input import UNHANDLED, metric
@@ -31,8 +32,9 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
           negative_data_rejection]
 # Output budgets the document allows run up to the whole context; the fuzz's are a few tokens, so
 # that its hundreds of requests stay within seconds. Budgets outside the allowed range go as drawn.
-BUDGETS = ("max_tokens", "max_completion_tokens")
+BUDGETS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 FEW_TOKENS = 2
+GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
 EXAMPLES = {GenerationMode.POSITIVE: 30, GenerationMode.NEGATIVE: 20}
 
 
@@ -56,10 +58,10 @@ def test_document_lists_every_route(deployment):
 
 
 def _bound_budgets(case) -> None:
-    if case.path not in ("/v1/chat/completions", "/v1/completions") or not isinstance(case.body, dict):
+    if case.path not in GENERATION_PATHS or not isinstance(case.body, dict):
         return
     if not any(k in case.body for k in BUDGETS):
-        case.body["max_tokens"] = FEW_TOKENS
+        case.body["max_output_tokens" if case.path == "/v1/responses" else "max_tokens"] = FEW_TOKENS
     for key in BUDGETS:
         value = case.body.get(key)
         if type(value) is int and FEW_TOKENS < value < 2**31:
