@@ -218,16 +218,15 @@ def test_required_streams_each_call_once_its_object_closes():
 def test_formatter_streams_tool_call_chunks_and_finish_reason():
     req = chat(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "get_weather"}})
     fmt = Formatter("chat", "r", "m", want_logprobs=False, tools=lambda: ChoiceTools(req, None))
-    raw = fmt.delta_chunk(0, Delta(0, '{"city": ', [1]), False) + fmt.delta_chunk(0, Delta(0, '"Rome"}', [2], None,
-                                                                                            "stop"), False)
-    chunks = [json.loads(line[len("data: "):]) for line in raw.split("\n\n") if line]
+    chunks = fmt.delta_chunk(0, Delta(0, '{"city": ', [1]), False) + fmt.delta_chunk(
+        0, Delta(0, '"Rome"}', [2], None, "stop"), False)
     _, calls = reassemble([c["choices"][0]["delta"] for c in chunks])
     assert json.loads(calls[0]["arguments"]) == {"city": "Rome"} and calls[0]["name"] == "get_weather"
     assert [c["choices"][0]["finish_reason"] for c in chunks] == [None, "stop"]
     required = chat(tools=TOOLS, tool_choice="required")
     fmt = Formatter("chat", "r", "m", want_logprobs=False, tools=lambda: ChoiceTools(required, None))
-    assert fmt.delta_chunk(0, Delta(0, '[{"name": "noop", ', [1]), False) == ""  # held back until whole
-    last = json.loads(fmt.delta_chunk(0, Delta(0, '"parameters": {}}]', [2], None, "stop"), False)[len("data: "):])
+    assert fmt.delta_chunk(0, Delta(0, '[{"name": "noop", ', [1]), False) == []  # held back until whole
+    [last] = fmt.delta_chunk(0, Delta(0, '"parameters": {}}]', [2], None, "stop"), False)
     assert last["choices"][0]["finish_reason"] == "tool_calls"
     assert last["choices"][0]["delta"]["tool_calls"][0]["function"] == {"name": "noop", "arguments": "{}"}
     body = Formatter("chat", "r", "m", False, tools=lambda: ChoiceTools(required, None)).response(
@@ -266,12 +265,12 @@ def test_inconsistent_tool_and_format_fields_are_400s(fields, param):
 def test_logprobs_of_tokens_a_grammar_rules_out_are_floored_as_vllm_does():
     from types import SimpleNamespace
 
-    from tasks.messages import decode_event, encode_event
-    from workers.outputs import deltas_from
+    from tasks.messages import SamplingSpec, decode_event, encode_event
+    from workers.outputs import DeltaMaker
 
     lp = lambda value, rank: SimpleNamespace(logprob=value, rank=rank, decoded_token="t")  # noqa: E731
     choice = SimpleNamespace(index=0, text="t", token_ids=[5], finish_reason=None,
                              logprobs=[{5: lp(-0.1, 1), 6: lp(float("-inf"), 2)}])
-    [delta] = deltas_from(SimpleNamespace(outputs=[choice]), 2)
+    [delta] = DeltaMaker(SamplingSpec(max_tokens=4, logprobs=2))(SimpleNamespace(outputs=[choice]))
     decoded = decode_event(encode_event(delta))
     assert [t.logprob for t in decoded.logprobs[0].top] == [-0.1, -9999.0]  # type: ignore[union-attr,index]
