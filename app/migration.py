@@ -53,10 +53,15 @@ counts only the tokens the engine itself generated), stop strings (matched on th
 output text, which holds back a string's possible start), and ``n`` > 1 (several choices cannot
 continue as one request). With no token received yet, a request is always resubmitted whole.
 
-The text is the engine's own detokenization of each attempt. vLLM primes a new request's
-detokenizer from the end of its prompt, so a character split across the move comes out whole;
-only a run of bytes that is not valid UTF-8 at all may get its replacement characters (U+FFFD) in
-other places than without the move.
+"The very tokens" holds to the precision of the engine's arithmetic: the new attempt computes
+the tokens so far in one prefill, where the old one computed them one decode step at a time. The
+sums run in another order, so in bfloat16 a greedy choice between two nearly equal logits can go
+the other way after the move (the random-weight test model has many); tests/test_migration.py
+runs its engines in float32.
+
+The text is the engine's own detokenization of each attempt. The decode worker's detokenizer
+starts a resumed attempt where the last one stopped, even inside a character or a run of bytes
+that is not valid UTF-8 (workers/detok.py), so the text is the same as without the move.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from conftest import wait_for
 from tasks import keys
 from tasks.messages import Delta, Finished, GenerateRequest, SamplingSpec, StructuredSpec, request_from_task_arg
 from tasks.registry import WorkerStatus, renew_lease
+from workers.detok import ResumableDecodeStream
 from workers.outputs import ACCEPTED, CANCELLED, CLAIMED, OutputWriter
 
 
@@ -369,3 +370,38 @@ def test_with_one_redis_a_lost_stream_read_is_a_503(client, scratch_redis_url):
     gateway.streams._fail_all(redis.ConnectionError("Connection closed by server."))
     reader.join(timeout=10)
     assert failed and len(sent.messages) == 1
+
+
+# -- the resumed request's text -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_path):
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(f"{model_path}/tokenizer.json")
+
+
+def _text(tokenizer, prompt: list[int], outputs: list[int]) -> str:
+    """What vLLM's detokenizer streams for outputs after prompt, with the stream it builds."""
+    stream = ResumableDecodeStream(ids=prompt, skip_special_tokens=True)
+    return "".join(stream.step(tokenizer, t) or "" for t in outputs)
+
+
+def test_a_resumed_streams_text_goes_on_where_it_stopped_even_inside_a_character(tokenizer):
+    import random
+
+    prompt = tokenizer.encode("Tell me", add_special_tokens=False).ids
+    # Characters of 3 and 4 bytes, one byte token each, and bytes that form no character at all
+    # (a lone continuation byte, a lead byte with nothing after it).
+    chars = tokenizer.encode(" 中🙂 ok", add_special_tokens=False).ids
+    junk = tokenizer.encode(b"\x80 \xe4 x".decode("latin-1"), add_special_tokens=False).ids
+    rng = random.Random(7)
+    cases = [chars + junk + chars]
+    cases += [[rng.randrange(3, tokenizer.get_vocab_size()) for _ in range(60)] for _ in range(20)]
+    for outputs in cases:
+        whole = _text(tokenizer, prompt, outputs)
+        for k in range(1, len(outputs)):  # the move after k tokens: the new prompt holds them
+            moved = _text(tokenizer, prompt, outputs[:k]) + _text(tokenizer, prompt + outputs[:k], outputs[k:])
+            assert moved == whole, (outputs, k)
+    assert "中🙂" in _text(tokenizer, prompt, chars)

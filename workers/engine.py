@@ -26,7 +26,7 @@ import placement
 from config import Settings
 from kvtransfer.stats import TransferStats
 from tasks.messages import SamplingSpec, StructuredSpec
-from workers import orphans
+from workers import detok, orphans
 
 if TYPE_CHECKING:
     from vllm.config.model import ModelDType
@@ -161,6 +161,9 @@ class EngineHost:
                                                     moves_kv=self.settings.disagg.enabled))
         # Before the engine's processes fork: they die with this worker, however it dies.
         orphans.install()
+        # This process detokenizes (the engine's output processor runs here): a resumed request's
+        # text picks up where its last attempt's stopped, even inside a character.
+        detok.install()
         started = time.monotonic()
         self._thread.start()
         timeout_s = self.settings.workers.engine_start_timeout_s
