@@ -56,7 +56,11 @@ def engine_cores(num_engines: int, bind: str, moves_kv: bool = False,
         if OMP_THREADS_ENV in environ or OMP_BIND_ENV in environ:
             return [{} for _ in range(num_engines)]
         if num_engines <= cores:
-            return [{OMP_BIND_ENV: core_range(i, num_engines, cores)} for i in range(num_engines)]
+            # Passive waits as well: a node's cores may be shared with engines this launcher
+            # does not know of (another node's launcher on the same host, as in
+            # tests/test_multinode.py), and spinning teams there starve NIXL's threads.
+            passive = {} if OMP_WAIT_POLICY_ENV in environ else {OMP_WAIT_POLICY_ENV: "PASSIVE"}
+            return [{OMP_BIND_ENV: core_range(i, num_engines, cores), **passive} for i in range(num_engines)]
         return [{OMP_THREADS_ENV: str(max(1, cores // num_engines))} for _ in range(num_engines)]
     if bind != "auto" or num_engines < 2:
         return [{} for _ in range(num_engines)]

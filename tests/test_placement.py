@@ -54,16 +54,18 @@ def test_several_engines_get_a_core_each_round_robin(monkeypatch):
     assert [e[OMP_BIND_ENV] for e in envs] == ["0", "1", "0"]
 
 
-def test_engines_that_move_kv_get_cores_of_their_own_where_there_are_enough(monkeypatch):
+def test_engines_that_move_kv_get_cores_of_their_own_where_there_are_enough_and_wait_passively(monkeypatch):
     monkeypatch.delenv(OMP_THREADS_ENV, raising=False)
     monkeypatch.delenv(OMP_BIND_ENV, raising=False)
+    monkeypatch.delenv(OMP_WAIT_POLICY_ENV, raising=False)
     monkeypatch.setattr("os.cpu_count", lambda: 2)
-    assert engine_cores(2, "auto", moves_kv=True) == [{OMP_BIND_ENV: "0"}, {OMP_BIND_ENV: "1"}]
-    assert engine_cores(1, "auto", moves_kv=True) == [{OMP_BIND_ENV: "0-1"}]
+    cores = lambda n: [env[OMP_BIND_ENV] for env in engine_cores(n, "auto", moves_kv=True)]  # noqa: E731
+    assert cores(2) == ["0", "1"] and cores(1) == ["0-1"]
+    assert all(env[OMP_WAIT_POLICY_ENV] == "PASSIVE" for env in engine_cores(2, "auto", moves_kv=True))
     monkeypatch.setattr("os.cpu_count", lambda: 8)
+    assert cores(2) == ["0-3", "4-7"] and cores(3) == ["0-1", "2-3", "4-7"]
+    monkeypatch.setenv(OMP_WAIT_POLICY_ENV, "ACTIVE")  # the operator's choice is kept
     assert engine_cores(2, "auto", moves_kv=True) == [{OMP_BIND_ENV: "0-3"}, {OMP_BIND_ENV: "4-7"}]
-    assert engine_cores(3, "auto", moves_kv=True) == [{OMP_BIND_ENV: "0-1"}, {OMP_BIND_ENV: "2-3"},
-                                                      {OMP_BIND_ENV: "4-7"}]
 
 
 def test_engines_that_move_kv_and_outnumber_the_cores_run_unbound_and_share_them_out(monkeypatch):
