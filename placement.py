@@ -47,20 +47,24 @@ def engine_cores(num_engines: int, bind: str, moves_kv: bool = False,
     """The launcher's per-engine environment, for the engines it starts on one node.
 
     With "auto", vLLM binds every engine to the same first core, so several engines get a core
-    each, round robin. Engines that move KV run unbound (``engine_bind_env``): each gets an
-    OpenMP team of its share of the cores instead, at least one thread, unless the operator set
+    each, round robin. Engines that move KV get disjoint ranges of the cores where there are at
+    least two of them and enough cores; otherwise they run unbound (``engine_bind_env``), each
+    with an OpenMP team of its share of the cores, at least one thread, unless the operator set
     ``OMP_NUM_THREADS`` (in ``environ``, which the workers inherit). One engine that moves no KV,
     or an explicit ``engine.omp_threads_bind``, gets nothing from the launcher."""
     cores = os.cpu_count() or 1
     if bind == "auto" and moves_kv:
         if OMP_THREADS_ENV in environ or OMP_BIND_ENV in environ:
             return [{} for _ in range(num_engines)]
-        if num_engines <= cores:
-            # Passive waits as well: a node's cores may be shared with engines this launcher
-            # does not know of (another node's launcher on the same host, as in
-            # tests/test_multinode.py), and spinning teams there starve NIXL's threads.
+        if 2 <= num_engines <= cores:
+            # Passive waits as well, as unbound engines have them (unbound_engine_env).
             passive = {} if OMP_WAIT_POLICY_ENV in environ else {OMP_WAIT_POLICY_ENV: "PASSIVE"}
             return [{OMP_BIND_ENV: core_range(i, num_engines, cores), **passive} for i in range(num_engines)]
+        # One engine on this node has nothing to be kept apart from here, but may share the host
+        # with engines another launcher started (tests/test_multinode.py runs two "nodes" on one
+        # host): bound to every core, two such engines starve each other's NIXL threads and a
+        # remote prefill misses its deadline. So it runs unbound, as engines that outnumber the
+        # cores do.
         return [{OMP_THREADS_ENV: str(max(1, cores // num_engines))} for _ in range(num_engines)]
     if bind != "auto" or num_engines < 2:
         return [{} for _ in range(num_engines)]

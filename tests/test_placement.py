@@ -60,7 +60,8 @@ def test_engines_that_move_kv_get_cores_of_their_own_where_there_are_enough_and_
     monkeypatch.delenv(OMP_WAIT_POLICY_ENV, raising=False)
     monkeypatch.setattr("os.cpu_count", lambda: 2)
     cores = lambda n: [env[OMP_BIND_ENV] for env in engine_cores(n, "auto", moves_kv=True)]  # noqa: E731
-    assert cores(2) == ["0", "1"] and cores(1) == ["0-1"]
+    assert cores(2) == ["0", "1"]
+    assert engine_cores(1, "auto", moves_kv=True) == [{OMP_THREADS_ENV: "2"}]  # alone on its node: unbound
     assert all(env[OMP_WAIT_POLICY_ENV] == "PASSIVE" for env in engine_cores(2, "auto", moves_kv=True))
     monkeypatch.setattr("os.cpu_count", lambda: 8)
     assert cores(2) == ["0-3", "4-7"] and cores(3) == ["0-1", "2-3", "4-7"]
