@@ -90,23 +90,26 @@ class Processor:
     # -- prompts ---------------------------------------------------------------------------
 
     def chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
-        if not self.tokenizer.chat_template:
-            raise BadRequest("this model has no chat template; use /v1/completions", param="messages")
-        messages = [_template_message(m) for m in req.messages]
         # The tools go to the template whatever tool_choice says, as vLLM's server does: "none"
         # means no call now, not that the model never heard of them.
         tools: list[dict | Callable] | None = (
             [t.model_dump(exclude_none=True, by_alias=True) for t in req.tools] if req.tools else None)
-        try:
-            text = cast(str, self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
-                                                                add_generation_prompt=True))
-        except Exception as e:  # noqa: BLE001  template errors (e.g. role order) are the caller's
-            raise BadRequest(f"the chat template rejected these messages: {e}", param="messages") from e
+        text = self._render(req.messages, "use /v1/completions", tools=tools, add_generation_prompt=True)
         # Measured after the template, which may trim or drop parts of the messages; rendering
         # is cheap next to tokenizing.
         self._check_size(text, "messages", req.requested_max_tokens)
         # The template already wrote the special tokens it wants.
         return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def _render(self, messages: list[ChatMessage], instead: str, **template_options: Any) -> str:
+        """The messages through the model's chat template, as text; a template error is the caller's."""
+        if not self.tokenizer.chat_template:
+            raise BadRequest(f"this model has no chat template; {instead}", param="messages")
+        try:
+            return cast(str, self.tokenizer.apply_chat_template(
+                [_template_message(m) for m in messages], tokenize=False, **template_options))
+        except Exception as e:  # noqa: BLE001  template errors (e.g. role order) are the caller's
+            raise BadRequest(f"the chat template rejected these messages: {e}", param="messages") from e
 
     def tools_for(self, req: ChatCompletionRequest) -> Callable[[], ChoiceTools] | None:
         """Makes each choice's reader of tool calls, or None when the request cannot call one."""
@@ -214,15 +217,9 @@ class Processor:
             add_special = True if req.add_special_tokens is None else req.add_special_tokens
             self._check_size(req.prompt, "prompt", None)
             return self.tokenizer.encode(req.prompt, add_special_tokens=add_special)
-        if not self.tokenizer.chat_template:
-            raise BadRequest("this model has no chat template; tokenize a prompt instead", param="messages")
-        messages = [_template_message(m) for m in req.messages or []]
-        try:
-            text = cast(str, self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=req.generation_prompt,
-                continue_final_message=req.continue_final_message))
-        except Exception as e:  # noqa: BLE001  template errors (e.g. role order) are the caller's
-            raise BadRequest(f"the chat template rejected these messages: {e}", param="messages") from e
+        text = self._render(req.messages or [], "tokenize a prompt instead",
+                            add_generation_prompt=req.generation_prompt,
+                            continue_final_message=req.continue_final_message)
         self._check_size(text, "messages", None)
         return self.tokenizer.encode(text, add_special_tokens=bool(req.add_special_tokens))
 
