@@ -143,9 +143,10 @@ class Gateway:
         self.celery.AsyncResult  # noqa: B018
 
     def connect(self) -> None:
-        """Per-process first uses, after the fork: Redis, the liveness cache, and a full pool of
-        broker connections. Opened inside a burst, those connections queued every sending thread
-        for 1.3-1.7 s; once open, the same burst sent in 30 ms.
+        """Per-process first uses, after the fork: Redis, the stream reader (and its wake stream,
+        app/streams.py), the liveness cache, and a full pool of broker connections. Opened
+        inside a burst, those connections queued every sending thread for 1.3-1.7 s; once open,
+        the same burst sent in 30 ms.
 
         Each pooled producer declares the task's queue, which is what its first ``send_task``
         would do: kombu's Redis channel opens its socket only on a first command, and declares a
@@ -156,6 +157,7 @@ class Gateway:
         producers = []
         try:
             self.redis.ping()
+            self.streams.start()
             self.live_roles(use_cache=False)
             for _ in range(pool.limit or 1):
                 producers.append(pool.acquire(block=False))

@@ -43,6 +43,13 @@ def post_worker_init(worker):
     worker.wsgi.extensions["llmq.gateway"].connect()
 
 
+def worker_exit(server, worker):
+    # In the worker process, on a clean exit: its wake stream goes now, not at its TTL.
+    app = getattr(worker, "wsgi", None)
+    if app is not None:
+        app.extensions["llmq.gateway"].streams.stop()
+
+
 def child_exit(server, worker):
     from prometheus_client import multiprocess
 

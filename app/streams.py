@@ -8,6 +8,12 @@ and hands each stream's new entries to the request thread waiting on it.
 A request opened while that XREAD is blocked must not wait for its timeout, so the reader also
 reads a wake stream of its own, and ``open`` appends to it. Because the reader tracks that
 stream by entry id, a wake written just before the XREAD starts is still seen at once.
+
+The wake stream is the process's one standing key: it is made when the process starts
+(``start``, from the gateway's ``connect``), so the key count is steady from then on; the reader
+renews its short TTL while the process lives, and a clean exit deletes it (``stop``, gunicorn's
+``worker_exit``). A process that is killed leaves it for at most ``WAKE_TTL_S``, not for as long
+as a deployment runs.
 """
 
 from __future__ import annotations
@@ -28,8 +34,10 @@ logger = logging.getLogger(__name__)
 
 # Upper bound on one XREAD; only matters when nothing at all moves.
 BLOCK_MS = 1000
-# A wake stream outlives its process by this long at most.
-WAKE_TTL_S = 3600
+# A wake stream outlives its process by this long at most; the reader renews it every
+# WAKE_RENEW_S, well inside the TTL, so a busy Redis or a failover does not let it lapse.
+WAKE_TTL_S = 60
+WAKE_RENEW_S = 15.0
 
 
 class StreamReader:
@@ -52,11 +60,30 @@ class StreamReader:
             self._start_if_needed()
             for key in stream_keys:
                 self._streams[key] = ["0-0", q]
-        pipe = self._client.pipeline(transaction=False)
+        self._wake(self._client)
+        return q
+
+    def start(self) -> None:
+        """Starts this process's reader and makes its wake stream, ahead of the first request."""
+        with self._lock:
+            self._start_if_needed()
+        self._wake(self._client)
+
+    def stop(self) -> None:
+        """Deletes this process's wake stream: the process is exiting."""
+        if self._pid != os.getpid():
+            return  # never started in this process
+        try:
+            self._client.delete(self._wake_key)
+        except redis.RedisError as e:
+            logger.warning("could not delete %s (%s); it expires within %ds", self._wake_key, e, WAKE_TTL_S)
+
+    def _wake(self, client: redis.Redis) -> None:
+        """Appends to the wake stream, which also (re)makes it and renews its TTL."""
+        pipe = client.pipeline(transaction=False)
         pipe.xadd(self._wake_key, {"w": 1}, maxlen=1)
         pipe.expire(self._wake_key, WAKE_TTL_S)
         pipe.execute()
-        return q
 
     def close(self, stream_keys) -> None:
         with self._lock:
@@ -77,7 +104,14 @@ class StreamReader:
         threading.Thread(target=self._run, args=(reader,), name="stream-reader", daemon=True).start()
 
     def _run(self, reader: redis.Redis) -> None:
+        renewed = time.monotonic()
         while True:
+            if time.monotonic() - renewed >= WAKE_RENEW_S:
+                try:
+                    self._wake(reader)
+                    renewed = time.monotonic()
+                except redis.RedisError as e:
+                    logger.warning("renewing %s failed: %s", self._wake_key, e)
             with self._lock:
                 cursors: dict[KeyT, StreamIdT] = {key: cursor for key, (cursor, _) in self._streams.items()}
             cursors[self._wake_key] = self._wake_cursor

@@ -19,6 +19,7 @@ Scenarios start and stop their own servers (bench/deploy.py) and write a results
     python -m bench migration       # SIGKILL a decode worker: detection and resume times
     python -m bench admission       # a burst of 800: 429s, and /health meanwhile
     python -m bench failover        # SIGKILL the Redis primary behind Sentinels under load
+    python -m bench soak            # 10 minutes of load, a decode worker SIGKILLed every 2
 
 Without --out, results go to bench/out/COMMAND-YYYYMMDDTHHMMSSZ (ignored by git). The last line
 printed is the path of the report.
@@ -51,6 +52,7 @@ SCENARIOS = {
     "migration": ("bench.migration", "MigrationSpec", "detection and resume times when a decode worker is SIGKILLed"),
     "admission": ("bench.admission", "AdmissionSpec", "a burst past admission control: 429s, /health meanwhile"),
     "failover": ("bench.failover", "FailoverSpec", "a Redis Sentinel failover under steady load"),
+    "soak": ("bench.soak", "SoakSpec", "a bounded soak: load, worker kills, a Redis failover; leaks and errors"),
 }
 
 

@@ -78,7 +78,14 @@ class StreamTiming:
 
 
 class StreamFailed(Exception):
-    """An HTTP error status, or an error event inside the stream."""
+    """An HTTP error status (``status``, and the answer's Retry-After in seconds when it had one),
+    or an error event inside the stream (``status`` 0, ``error_type`` the event's type)."""
+
+    def __init__(self, message: str, status: int = 0, retry_after_s: float | None = None, error_type: str = ""):
+        super().__init__(message)
+        self.status = status
+        self.retry_after_s = retry_after_s
+        self.error_type = error_type
 
 
 def _body(target: Target, options: ClientOptions, max_tokens: int) -> dict:
@@ -144,7 +151,9 @@ class HttpClient:
         async with self._session.post(self.target.base_url.rstrip("/") + path, json=body,
                                       headers=self._headers) as response:
             if response.status != 200:
-                raise StreamFailed(f"HTTP {response.status}: {(await response.text())[:300]}")
+                retry_after = response.headers.get("Retry-After")
+                raise StreamFailed(f"HTTP {response.status}: {(await response.text())[:300]}", response.status,
+                                   float(retry_after) if retry_after and retry_after.isdigit() else None)
             async for line in response.content:
                 now = time.perf_counter()
                 if not line.startswith(b"data:"):
@@ -154,7 +163,9 @@ class HttpClient:
                     break
                 chunk = json.loads(data)
                 if "error" in chunk:
-                    raise StreamFailed(f"error event in the stream: {chunk['error']}")
+                    error = chunk["error"]
+                    raise StreamFailed(f"error event in the stream: {error}",
+                                       error_type=str(error.get("type", "")) if isinstance(error, dict) else "")
                 timing.take(now, chunk, chat)
         return timing
 

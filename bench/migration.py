@@ -113,13 +113,34 @@ class Round:
     errors: list[str]
 
 
-def _live(dep: LauncherDeployment) -> dict:
+def live_decode(client) -> dict:
+    """The live decode workers' leases, by worker id."""
     from tasks.registry import live_workers
 
-    return {w.worker_id: w for w in live_workers(dep.redis, role="decode")}
+    return {w.worker_id: w for w in live_workers(client, role="decode")}
 
 
-def _wait(predicate, timeout_s: float, what: str):
+def sigkill_worker(client, status, drop_lease: bool, kill_engines: bool = True) -> list[psutil.Process]:
+    """SIGKILLs a decode worker's Celery main process (``status``: its lease). ``drop_lease``
+    deletes its lease at once, as the launcher does when it sees its child exit; ``kill_engines``
+    kills its engine processes too, rather than leave that to workers/orphans.py. Returns the
+    engine processes it had, collected before the kill."""
+    from tasks import keys
+
+    engines = psutil.Process(status.pid).children(recursive=True)
+    os.kill(status.pid, signal.SIGKILL)
+    if drop_lease:
+        client.delete(keys.worker_lease(status.worker_id))
+    if kill_engines:
+        for proc in engines:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+    return engines
+
+
+def wait_for(predicate, timeout_s: float, what: str):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         value = predicate()
@@ -130,30 +151,20 @@ def _wait(predicate, timeout_s: float, what: str):
 
 
 def one_round(dep: LauncherDeployment, spec: MigrationSpec, k: int) -> Round:
-    from tasks import keys
-
-    _wait(lambda: len(_live(dep)) == 2, 300, "two live decode workers")
+    wait_for(lambda: len(live_decode(dep.redis)) == 2, 300, "two live decode workers")
     prompts = [[10 + (i * 37 + (k * spec.streams + s) * 101 + spec.seed) % 1500 for i in range(24)]
                for s in range(spec.streams)]
     traces = [StreamTrace() for _ in prompts]
     for ids, trace in zip(prompts, traces):
         threading.Thread(target=_stream, args=(dep.base_url, ids, spec.output_len, trace), daemon=True).start()
-    _wait(lambda: all(len(t.arrivals) >= spec.min_tokens_before_kill or t.done.is_set() for t in traces), 120,
+    wait_for(lambda: all(len(t.arrivals) >= spec.min_tokens_before_kill or t.done.is_set() for t in traces), 120,
           "tokens on every stream")
     victim = traces[0].worker
-    status = _live(dep)[victim]
-    engines = psutil.Process(status.pid).children(recursive=True)
+    status = live_decode(dep.redis)[victim]
     on_victim = [t for t in traces if t.worker == victim]
     before = _migrations(dep.base_url)
     killed = time.monotonic()
-    os.kill(status.pid, signal.SIGKILL)
-    if spec.drop_lease:
-        dep.redis.delete(keys.worker_lease(victim))
-    for proc in engines:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
+    sigkill_worker(dep.redis, status, spec.drop_lease)
     moving = [t for t in on_victim if not t.done.is_set()]
     first = last = None
     while time.monotonic() - killed < 60 and (last is None):
