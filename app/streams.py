@@ -51,6 +51,12 @@ class StreamReader:
         self._wake_key = ""
         self._wake_cursor = "0-0"
         self._pid = 0
+        self._stopped = False
+
+    @property
+    def wake_key(self) -> str:
+        """This process's wake stream ("" before ``start`` or the first ``open``)."""
+        return self._wake_key if self._pid == os.getpid() else ""
 
     def open(self, stream_keys: list[str], into: queue.SimpleQueue | None = None) -> queue.SimpleQueue:
         """``into``: a queue an earlier ``open`` returned, so one waiting thread reads more streams
@@ -70,9 +76,10 @@ class StreamReader:
         self._wake(self._client)
 
     def stop(self) -> None:
-        """Deletes this process's wake stream: the process is exiting."""
+        """Deletes this process's wake stream, and renews it no more: the process is exiting."""
         if self._pid != os.getpid():
             return  # never started in this process
+        self._stopped = True
         try:
             self._client.delete(self._wake_key)
         except redis.RedisError as e:
@@ -106,7 +113,7 @@ class StreamReader:
     def _run(self, reader: redis.Redis) -> None:
         renewed = time.monotonic()
         while True:
-            if time.monotonic() - renewed >= WAKE_RENEW_S:
+            if time.monotonic() - renewed >= WAKE_RENEW_S and not self._stopped:
                 try:
                     self._wake(reader)
                     renewed = time.monotonic()

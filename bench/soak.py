@@ -16,10 +16,13 @@ A 503 with Retry-After (the answer while Redis fails over) is retried after it, 
 - errors by kind; engine processes of the killed workers still alive at the end (orphans);
 - the RSS of the frontend, of each worker (its Celery process and its engines) and of Redis, at
   the start and at the end;
-- the Redis key count (DBSIZE) at the start and the end, and how many keys have no TTL. The
-  deployment runs with `--request-timeout-s` as its request timeout and stream TTL, so every
-  per-request key expires within about that plus a minute (the claim's margin); the end's count
-  is taken once DBSIZE is back to the start's, or after `--settle-s`, whichever comes first.
+- the Redis key count (DBSIZE) at the start and the end, how many keys have no TTL, and the
+  members of kombu's binding sets. The deployment runs with `--request-timeout-s` as its request
+  timeout and stream TTL, so every request's keys expire within about that plus a minute (the
+  claim's margin); the end's count is taken once DBSIZE is back to the start's less the warm-up's
+  request keys, or after `--settle-s`, whichever comes first. The standing keys (leases, wake
+  streams, the KV event log, kombu's bindings) must be as many as at the start, with no more
+  binding members, and no request key may lack a TTL.
 
 The start is measured after a warm-up, once both workers are live and every frontend process
 has served a request.
@@ -301,8 +304,8 @@ class SoakResult:
     load_s: float
     start: Snapshot
     end: Snapshot
-    # From the load's end until DBSIZE was back at the start's standing keys: every request's
-    # keys expired and the broker's drained. None: not within settle_s.
+    # From the load's end until DBSIZE was back at the start's less its requests' keys (the
+    # warm-up's): every request's keys expired. None: not within settle_s.
     keys_settled_s: float | None
 
     @property
@@ -370,7 +373,8 @@ def soak(spec: SoakSpec, base_url: str, client, launcher_pid: int, ha: SentinelS
     # The replacement's standing keys (its lease) come within a beat; then the requests' keys
     # expire and the broker's drain, which takes up to their TTLs.
     _wait_keys(client, lambda c: c.standing <= start.keys.standing, STANDING_WAIT_S)
-    settled_s = _wait_keys(client, lambda c: c.total <= start.keys.standing, spec.settle_s)
+    baseline = start.keys.total - start.keys.groups.get("request", 0)
+    settled_s = _wait_keys(client, lambda c: c.total <= baseline, spec.settle_s)
     end = snapshot(client, launcher_pid, origin)
     logger.info("end: %s", end)
     for pid in orphans:  # ours (our deployment's), and they would hold the CPU the next run needs
@@ -432,7 +436,8 @@ def summary(r: SoakResult) -> str:
                                               for k, v in r.start.rss_mib.items())
         + f", Redis {r.start.redis_rss_mib} -> {r.end.redis_rss_mib}",
         f"Redis keys start -> end: {k0.by_ttl} -> {k1.by_ttl}; kombu binding members {k0.binding_members} -> "
-        f"{k1.binding_members}; DBSIZE back to the start's {k0.standing} standing keys {settled}"])
+        f"{k1.binding_members}; DBSIZE back to the start's less its requests' keys "
+        f"({k0.total - k0.groups.get('request', 0)}) {settled}"])
 
 
 def markdown(spec: SoakSpec, r: SoakResult, started: MachineState, finished: MachineState) -> str:

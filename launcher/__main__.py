@@ -89,8 +89,12 @@ def _remove_redis_conf(run_dir: Path) -> None:
 
 
 def _celery_worker(name: str, queue: str, settings: Settings, stop_order: int, env: dict | None = None) -> Child:
+    # Without gossip: nothing here uses it (leases say who is alive), and each worker's gossip
+    # binds a queue named by a fresh uuid into kombu's "celeryev" binding set, which only a clean
+    # stop removes. Every SIGKILLed worker left one member behind, and its replacement added
+    # another (bench soak). Flower's events do not depend on it.
     return Child(name, [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-Q", queue, "-n", f"{name}@%h",
-                        "--loglevel", settings.log_level], stop_order=stop_order, env=env or {})
+                        "--without-gossip", "--loglevel", settings.log_level], stop_order=stop_order, env=env or {})
 
 
 def worker_children(settings: Settings, roles: set[str]) -> list[Child]:

@@ -12,7 +12,7 @@ import redis.asyncio
 
 from app import streams
 from app.streams import StreamReader
-from conftest import free_port
+from conftest import free_port, wait_for
 from tasks import keys
 from tasks.messages import Delta, Finished, decode_event, encode_event
 from workers.outputs import BatchedStreamWriter, OutputWriter
@@ -114,6 +114,23 @@ def test_a_stream_opened_while_the_reader_blocks_is_read_without_waiting_out_the
     second = reader_.open([keys.output_stream("second")])
     _append(client, "second", "y")
     assert _get(second, timeout_s=10) == (keys.output_stream("second"), ["y"])
+
+
+def test_a_wake_stream_is_made_at_start_renewed_while_its_process_lives_and_deleted_at_exit(reader, monkeypatch):
+    # A frontend process's one standing key: made before its first request, so the key count is
+    # steady from the start; on a short TTL that the reader renews, so a killed process leaves
+    # it for WAKE_TTL_S at most; deleted on a clean exit.
+    monkeypatch.setattr(streams, "WAKE_TTL_S", 5)
+    monkeypatch.setattr(streams, "WAKE_RENEW_S", 0.5)
+    client, reader_ = reader
+    reader_.start()
+    wake = reader_.wake_key
+    assert wake.startswith(keys.frontend_wake("")) and 0 < client.ttl(wake) <= 5
+    first = client.xrange(wake)[-1][0]
+    wait_for(lambda: client.xrange(wake)[-1][0] != first, 10, "the reader to renew its wake stream")
+    assert 0 < client.ttl(wake) <= 5
+    reader_.stop()
+    assert not client.exists(wake)
 
 
 def test_a_closed_stream_is_no_longer_delivered(reader):
