@@ -20,9 +20,10 @@ A 503 with Retry-After (the answer while Redis fails over) is retried after it, 
   members of kombu's binding sets. The deployment runs with `--request-timeout-s` as its request
   timeout and stream TTL, so every request's keys expire within about that plus a minute (the
   claim's margin); the end's count is taken once DBSIZE is back to the start's less the warm-up's
-  request keys, or after `--settle-s`, whichever comes first. The standing keys (leases, wake
-  streams, the KV event log, kombu's bindings) must be as many as at the start, with no more
-  binding members, and no request key may lack a TTL.
+  request keys, or after `--settle-s`, whichever comes first. No standing key (leases, wake
+  streams, kombu's bindings) may be new at the end, but for the deployment-wide singletons
+  tasks/keys.py names (the router's index snapshot is first written mid-run), nor any binding
+  member; and no request key may lack a TTL.
 
 The start is measured after a warm-up, once both workers are live and every frontend process
 has served a request.
@@ -202,6 +203,7 @@ class KeyCount:
     groups: dict[str, int]  # key_group -> keys
     request_without_ttl: int  # a request's keys that would never expire: must be 0
     binding_members: int  # members of kombu's binding sets: a queue that went without unbinding stays
+    standing_names: list[str]
     shapes: dict[str, int]  # key names with their ids replaced by "*", and how many of each
 
     @property
@@ -236,7 +238,17 @@ def count_keys(client) -> KeyCount:
                     with_ttl=sum(1 for _, t in live if t >= 0), max_ttl_s=max((t for _, t in live), default=0),
                     groups=dict(Counter(key_group(n) for n, _ in live)),
                     request_without_ttl=sum(1 for n, t in live if t == -1 and key_group(n) == "request"),
-                    binding_members=sum(pipe.execute()) if bindings else 0, shapes=dict(sorted(shapes.items())))
+                    binding_members=sum(pipe.execute()) if bindings else 0,
+                    standing_names=sorted(n for n, _ in live if key_group(n) == "standing"),
+                    shapes=dict(sorted(shapes.items())))
+
+
+def deployment_singletons() -> set[str]:
+    """The deployment-wide keys tasks/keys.py names outright (the KV event log, the router's
+    index snapshot and counters, ...): at most one of each, made when first needed."""
+    from tasks import keys
+
+    return {v for v in vars(keys).values() if isinstance(v, str) and v.startswith(keys.PREFIX + ":") and "*" not in v}
 
 
 def _tree_rss_mib(proc: psutil.Process) -> float:
@@ -309,11 +321,18 @@ class SoakResult:
     keys_settled_s: float | None
 
     @property
+    def new_standing(self) -> list[str]:
+        """Standing keys the start did not have, but for the deployment-wide singletons: a
+        process's or a worker's key that a replacement made anew (one per kill would be a leak)."""
+        return sorted(set(self.end.keys.standing_names) - set(self.start.keys.standing_names)
+                      - deployment_singletons())
+
+    @property
     def keys_held(self) -> bool:
-        """No standing key and no binding more than at the start, and no request key without a TTL."""
+        """No new standing key, no more binding members than at the start, and no request key
+        without a TTL."""
         start, end = self.start.keys, self.end.keys
-        return (end.standing <= start.standing and end.binding_members <= start.binding_members
-                and end.request_without_ttl == 0)
+        return not self.new_standing and end.binding_members <= start.binding_members and end.request_without_ttl == 0
 
     @property
     def holds(self) -> bool:
@@ -436,8 +455,9 @@ def summary(r: SoakResult) -> str:
                                               for k, v in r.start.rss_mib.items())
         + f", Redis {r.start.redis_rss_mib} -> {r.end.redis_rss_mib}",
         f"Redis keys start -> end: {k0.by_ttl} -> {k1.by_ttl}; kombu binding members {k0.binding_members} -> "
-        f"{k1.binding_members}; DBSIZE back to the start's less its requests' keys "
-        f"({k0.total - k0.groups.get('request', 0)}) {settled}"])
+        f"{k1.binding_members}; new standing keys (but deployment-wide singletons): "
+        f"{', '.join(r.new_standing) or 'none'}",
+        f"DBSIZE back to the start's less its requests' keys ({k0.total - k0.groups.get('request', 0)}) {settled}"])
 
 
 def markdown(spec: SoakSpec, r: SoakResult, started: MachineState, finished: MachineState) -> str:
