@@ -346,8 +346,8 @@ class SoakResult:
 
 
 def _warm_up(base_url: str, client, spec: SoakSpec) -> None:
-    """Both workers live, and enough requests that every frontend process served one (each
-    makes its own Redis keys on first use)."""
+    """Both workers live, and a first batch of requests served: the start is measured in the
+    steady state, not against first uses."""
     wait_for(lambda: len(live_decode(client)) == 2, 300, "two live decode workers")
     load = ClosedLoad(base_url, SoakSpec(**{**asdict(spec), "max_requests": 32, "concurrency": 8})).start()
     if not load.join(120):
@@ -389,9 +389,10 @@ def soak(spec: SoakSpec, base_url: str, client, launcher_pid: int, ha: SentinelS
     load_s = time.monotonic() - origin
     wait_for(lambda: len(live_decode(client)) == 2, 300, "two live decode workers at the end")
     orphans = [pid for k in kills for pid in k.engine_pids if psutil.pid_exists(pid)]
-    # The replacement's standing keys (its lease) come within a beat; then the requests' keys
-    # expire and the broker's drain, which takes up to their TTLs.
-    _wait_keys(client, lambda c: c.standing <= start.keys.standing, STANDING_WAIT_S)
+    # A replacement's standing keys come within a beat; then the requests' keys expire and the
+    # broker's drain, which takes up to their TTLs.
+    before = set(start.keys.standing_names) | deployment_singletons()
+    _wait_keys(client, lambda c: set(c.standing_names) <= before, STANDING_WAIT_S)
     baseline = start.keys.total - start.keys.groups.get("request", 0)
     settled_s = _wait_keys(client, lambda c: c.total <= baseline, spec.settle_s)
     end = snapshot(client, launcher_pid, origin)
