@@ -11,10 +11,12 @@ deployment-wide admission set in Redis after the burst (it must be empty: no lea
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
+import os
 import queue
+import selectors
+import socket
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -61,36 +63,86 @@ class Probe:
     status: int
 
 
-async def _post(host: str, port: int, path: str, body: bytes, timeout_s: float) -> Reply:
-    """One POST on a new connection, by hand: HTTP/1.1 with Connection: close, read to EOF.
-    An HTTP library costs several times the CPU per request, and with hundreds of requests
-    started at once that cost, not the server, would set the latencies measured."""
-    started = time.monotonic()
-    writer = None
-    try:
-        async with asyncio.timeout(timeout_s):
-            reader, writer = await asyncio.open_connection(host, port)
-            writer.write(f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
-                         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
-            raw = await reader.read()
-        latency = time.monotonic() - started
-        head, _, payload_bytes = raw.partition(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        status = int(lines[0].split()[1])
-        headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
-        reply = Reply(status, latency, headers.get("retry-after"))
-        payload = json.loads(payload_bytes)
-        if status == 200:
-            reply.completion_tokens = payload["usage"]["completion_tokens"]
-        else:
-            reply.error_type = (payload.get("error") or {}).get("type")
-            reply.error = (payload.get("error") or {}).get("message", "")[:200]
-        return reply
-    except Exception as e:  # noqa: BLE001  recorded per request
-        return Reply(0, time.monotonic() - started, error=f"{type(e).__name__}: {e}"[:200])
-    finally:
-        if writer is not None:
-            writer.close()
+def _parse(raw: bytes, latency_s: float) -> Reply:
+    head, _, payload_bytes = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    reply = Reply(status, latency_s, headers.get("retry-after"))
+    payload = json.loads(payload_bytes)
+    if status == 200:
+        reply.completion_tokens = payload["usage"]["completion_tokens"]
+    else:
+        reply.error_type = (payload.get("error") or {}).get("type")
+        reply.error = (payload.get("error") or {}).get("message", "")[:200]
+    return reply
+
+
+def send_all(host: str, port: int, path: str, body: bytes, num_requests: int, timeout_s: float) -> list[Reply]:
+    """`num_requests` POSTs, each on a new connection (HTTP/1.1, Connection: close, read to EOF), from
+    one epoll loop with no HTTP library: its few microseconds a request, not the client, must not set
+    the latencies of hundreds of requests started at once. Each latency runs from the request's
+    connect to the last byte of its answer. Answers that arrive while requests are still being sent
+    are read every few connects, so an early answer is not timed late."""
+    request = (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+               f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
+    sel = selectors.DefaultSelector()
+    started = [0.0] * num_requests
+    chunks: list[list[bytes]] = [[] for _ in range(num_requests)]
+    replies: list[Reply | None] = [None] * num_requests
+    pending = 0
+
+    def finish(i: int, sock: socket.socket, error: str = "") -> None:
+        nonlocal pending
+        latency = time.monotonic() - started[i]
+        sel.unregister(sock)
+        sock.close()
+        pending -= 1
+        try:
+            replies[i] = Reply(0, latency, error=error) if error else _parse(b"".join(chunks[i]), latency)
+        except Exception as e:  # noqa: BLE001  recorded per request
+            replies[i] = Reply(0, latency, error=f"{type(e).__name__}: {e}"[:200])
+
+    def pump(wait_s: float) -> None:
+        for key, events in sel.select(wait_s):
+            sock, i = key.fileobj, key.data
+            assert isinstance(sock, socket.socket)
+            try:
+                if events & selectors.EVENT_WRITE:
+                    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                    if err:
+                        finish(i, sock, f"connect: {os.strerror(err)}")
+                        continue
+                    sock.send(request)  # a few hundred bytes: the socket's buffer takes them whole
+                    sel.modify(sock, selectors.EVENT_READ, i)
+                    continue
+                data = sock.recv(1 << 16)
+            except OSError as e:
+                finish(i, sock, f"{type(e).__name__}: {e}")
+                continue
+            if data:
+                chunks[i].append(data)
+            else:
+                finish(i, sock)
+
+    for i in range(num_requests):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        started[i] = time.monotonic()
+        sock.connect_ex((host, port))
+        sel.register(sock, selectors.EVENT_WRITE, i)
+        pending += 1
+        if i % 16 == 15:
+            pump(0)
+    deadline = time.monotonic() + timeout_s
+    while pending and time.monotonic() < deadline:
+        pump(min(1.0, max(0.0, deadline - time.monotonic())))
+    for key in list(sel.get_map().values()):
+        sock = key.fileobj
+        assert isinstance(sock, socket.socket)
+        finish(key.data, sock, f"no answer within {timeout_s:.0f} s")
+    sel.close()
+    return [r for r in replies if r is not None]
 
 
 def _probe_forever(root_url: str, paths: tuple[str, ...], interval_s: float, stop, results) -> None:
@@ -116,14 +168,6 @@ def _probe_forever(root_url: str, paths: tuple[str, ...], interval_s: float, sto
         stop.wait(interval_s)
 
 
-async def _burst(root_url: str, num_requests: int, body: bytes, timeout_s: float) -> list[Reply]:
-    from urllib.parse import urlsplit
-
-    url = urlsplit(root_url)
-    return list(await asyncio.gather(*(_post(url.hostname or "127.0.0.1", url.port or 80, "/v1/completions", body,
-                                               timeout_s) for _ in range(num_requests))))
-
-
 def burst(root_url: str, num_requests: int, prompt: list[int], max_tokens: int, timeout_s: float,
           poll_interval_s: float = 0.05, probe_paths: tuple[str, ...] = ("/health", "/metrics"),
           ) -> tuple[list[Reply], list[Probe]]:
@@ -131,6 +175,7 @@ def burst(root_url: str, num_requests: int, prompt: list[int], max_tokens: int, 
     clients would: all in the listen backlog at once), with `probe_paths` timed meanwhile from
     another process. `root_url` has no /v1."""
     import multiprocessing
+    from urllib.parse import urlsplit
 
     body = json.dumps({"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True,
                        "temperature": 0}).encode()
@@ -144,7 +189,9 @@ def burst(root_url: str, num_requests: int, prompt: list[int], max_tokens: int, 
         raw.append(results.get(timeout=60))  # the prober is running before the burst starts
     started = time.monotonic()
     try:
-        replies = asyncio.run(_burst(root_url, num_requests, body, timeout_s))
+        url = urlsplit(root_url)
+        replies = send_all(url.hostname or "127.0.0.1", url.port or 80, "/v1/completions", body, num_requests,
+                           timeout_s)
     finally:
         stop.set()
         if probe_paths:
