@@ -243,6 +243,9 @@ class Admission:
         """A ticket, or Refused. Never blocks on anything but one Redis round trip."""
         if not self.process.try_take():
             raise Refused("process", self._process_message())
+        if self._full is not None and time.monotonic() < self._full_until:
+            self.process.give_back()
+            raise self._full  # the deployment refused just now: no Redis round trip for the same answer
         try:
             return Ticket(self, self._take_deployment_place())
         except BaseException:
