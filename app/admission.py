@@ -14,6 +14,11 @@ Two bounds, checked in this order as a generation request arrives, before its bo
    that crashes stops renewing, and its members are pruned within ``LEASE_S``, so it cannot leak
    the deployment's capacity.
 
+Once the deployment-wide check has refused, the same answer stands for FULL_MEMORY_S in this
+process (``Admission.refusing``), unless it gives a place back meanwhile: the gunicorn worker
+then answers new generation requests with their 429 as it accepts them (app/gunicorn_worker.py),
+and the middleware without asking Redis.
+
 Both run in a WSGI middleware in front of Flask, so a refusal costs no JSON parsing, no
 tokenizing, and no Flask request: it is answered from the request line alone, which keeps it
 cheap enough that a burst of them drains the listen backlog quickly (/health waits in that

@@ -26,6 +26,16 @@ otherwise win most accepts, refuse with 429 past its own limit while its sibling
 leave them idle. After the pause it takes whatever its siblings left, until the backlog is empty:
 when every process is full, refusals and probes still leave the backlog within ACCEPT_DEFER_S.
 
+A generation request that arrives while this process already knows it is over a limit (all its
+generation slots taken, or the deployment refused a request in the last moments:
+``Admission.refusing``) is answered with its 429 on the main loop as it is accepted, from the
+bytes already in the socket, without a thread or a WSGI call: in a burst, the refusals then do
+not queue behind the threads of the admitted requests. Anything else, or a request not yet
+whole, takes the ordinary lane, where the WSGI middleware decides.
+
+A connection is closed at once when the client left no unread bytes (``Conn.close``), instead of
+gunicorn's lingering close on the main loop.
+
 It relies on gthread's internals (``enqueue_req``, ``method_queue``, ``finish_request``), so the
 gunicorn version is pinned in requirements.txt; tests/test_admission.py exercises this lane.
 """
@@ -107,8 +117,7 @@ class Conn(TConn):
         # reset that truncates the answer. It runs on the main loop, which then waits on each
         # client in turn: in a burst, one client's round trip per connection, with the GIL to win
         # back after each read. Without unread bytes a plain close sends the answer, then FIN.
-        import os
-        if graceful and not os.environ.get("LLMQ_EXP_LINGER") and not _unread(self.sock):
+        if graceful and not _unread(self.sock):
             graceful = False
         super().close(graceful)
 
@@ -235,9 +244,6 @@ class FrontendWorker(ThreadWorker):
         without a thread, when this process already knows it is over a limit (Admission.refusing)
         and the whole request has arrived. In a burst, the refusals then never queue behind the
         admitted requests' threads. Returns whether it answered."""
-        import os
-        if os.environ.get("LLMQ_EXP_NO_ACCEPT_REFUSAL"):
-            return False
         admission = getattr(self.wsgi, "extensions", {}).get("llmq.admission")
         if admission is None:
             return False
