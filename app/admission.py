@@ -62,15 +62,6 @@ RENEW_EVERY_S = 5.0
 # client retries after Retry-After anyway.
 FULL_MEMORY_S = 0.2
 
-# Set while this process's listen backlog is empty; the gunicorn worker clears it as it accepts
-# with more connections still waiting there (app/gunicorn_worker.py). An admitted request waits
-# for it, up to BURST_WAIT_S, before its own work (JSON, tokenizing, publishing: milliseconds of
-# CPU each): in a burst, the refusals behind it then get this process's GIL and the cores first,
-# instead of waiting for hundreds of admitted requests' work.
-backlog_empty = threading.Event()
-backlog_empty.set()
-BURST_WAIT_S = 0.25
-
 # When the thread that serves a request was handed its connection (time.monotonic()), set by the
 # gunicorn worker, to time a refusal from its accept.
 accepted_at = threading.local()
@@ -364,7 +355,6 @@ class AdmissionMiddleware:
         except Refused as refused:
             return self._refuse(environ, start_response, path, refused)
         environ[TICKET_ENVIRON_KEY] = ticket
-        backlog_empty.wait(BURST_WAIT_S)
         try:
             body = self.wsgi_app(environ, start_response)
         except BaseException:

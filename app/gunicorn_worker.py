@@ -56,7 +56,7 @@ from gunicorn import util
 from gunicorn.http import errors
 from gunicorn.workers.gthread import TConn, ThreadWorker
 
-from app.admission import GENERATION_PATHS, accepted_at, backlog_empty, count_refusal, refusal_bytes
+from app.admission import GENERATION_PATHS, accepted_at, count_refusal, refusal_bytes
 
 # Request lines that take the probe lane. Bytes, compared with the connection's first bytes.
 PROBE_PREFIXES = (b"GET /health ", b"GET /health?", b"GET /metrics")
@@ -215,10 +215,7 @@ class FrontendWorker(ThreadWorker):
             threading.Timer(ACCEPT_DEFER_S, self.method_queue.defer, args=(self._pause_over,)).start()
             return
         self._accept_one(listener)
-        if _readable(listener):
-            backlog_empty.clear()
-        else:
-            backlog_empty.set()
+        if self._draining and not _readable(listener):
             self._draining = False
 
     def _accept_one(self, listener) -> None:
