@@ -14,6 +14,11 @@ Two bounds, checked in this order as a generation request arrives, before its bo
    that crashes stops renewing, and its members are pruned within ``LEASE_S``, so it cannot leak
    the deployment's capacity.
 
+Once the deployment-wide check has refused, the same answer stands for FULL_MEMORY_S in this
+process (``Admission.refusing``), unless it gives a place back meanwhile: the gunicorn worker
+then answers new generation requests with their 429 as it accepts them (app/gunicorn_worker.py),
+and the middleware without asking Redis.
+
 Both run in a WSGI middleware in front of Flask, so a refusal costs no JSON parsing, no
 tokenizing, and no Flask request: it is answered from the request line alone, which keeps it
 cheap enough that a burst of them drains the listen backlog quickly (/health waits in that
@@ -51,6 +56,15 @@ TICKET_ENVIRON_KEY = "llmq.admission.ticket"
 # lets more in, never refuses or fails an admitted request.
 LEASE_S = 30.0
 RENEW_EVERY_S = 5.0
+# After the deployment-wide check refuses a request, this process refuses the next ones without
+# asking Redis for this long (app/gunicorn_worker.py, at accept), unless it gives a place back
+# meanwhile. A place freed by another process within it goes to a later request: the refused
+# client retries after Retry-After anyway.
+FULL_MEMORY_S = 0.2
+
+# When the thread that serves a request was handed its connection (time.monotonic()), set by the
+# gunicorn worker, to time a refusal from its accept.
+accepted_at = threading.local()
 
 # Reads the whole set's members with their leases, prunes the lapsed ones, and adds one more if
 # there is room. KEYS[1]: the set. ARGV: member, lease seconds, limit. Returns {admitted (0/1),
@@ -197,6 +211,7 @@ class Ticket:
             if self.holders > 0:
                 return
             self.released = True
+        self.admission.place_given_back()
         self.admission.process.give_back()
         if self.member is not None:
             self.admission.deployment.give_back(self.member)
@@ -208,12 +223,34 @@ class Admission:
         self.process = ProcessSlots(process_limit(frontend))
         self.deployment = DeploymentSlots(client)
         self.live_decode_workers = live_decode_workers
+        # The deployment's last refusal, and until when it stands for the next requests.
+        self._full: Refused | None = None
+        self._full_until = 0.0
+
+    def refusing(self) -> Refused | None:
+        """The refusal a new generation request would get, if this process knows it without Redis:
+        its own slots are all taken, or the deployment refused within FULL_MEMORY_S and no place
+        was given back here since. None: ask admit()."""
+        if self.process.taken >= self.process.limit:
+            return Refused("process", self._process_message())
+        if self._full is not None and time.monotonic() < self._full_until:
+            return self._full
+        return None
+
+    def place_given_back(self) -> None:
+        self._full_until = 0.0
+
+    def _process_message(self) -> str:
+        return (f"this frontend process is serving {self.process.limit} generation requests, "
+                f"its limit (frontend.threads - frontend.reserved_threads); retry shortly")
 
     def admit(self) -> Ticket:
         """A ticket, or Refused. Never blocks on anything but one Redis round trip."""
         if not self.process.try_take():
-            raise Refused("process", f"this frontend process is serving {self.process.limit} generation requests, "
-                                     f"its limit (frontend.threads - frontend.reserved_threads); retry shortly")
+            raise Refused("process", self._process_message())
+        if self._full is not None and time.monotonic() < self._full_until:
+            self.process.give_back()
+            raise self._full  # the deployment refused just now: no Redis round trip for the same answer
         try:
             return Ticket(self, self._take_deployment_place())
         except BaseException:
@@ -234,15 +271,32 @@ class Admission:
             logger.debug("admission skipped the deployment-wide check: %s", e)
             return None
         if not admitted:
-            raise Refused("deployment", f"the deployment has {count} requests queued or running, its limit of "
-                                        f"{per_worker} per live decode worker x {workers} "
-                                        f"(frontend.max_requests_per_decode_worker); retry shortly")
+            self._full = Refused("deployment", f"the deployment has {count} requests queued or running, its limit "
+                                               f"of {per_worker} per live decode worker x {workers} "
+                                               f"(frontend.max_requests_per_decode_worker); retry shortly")
+            self._full_until = time.monotonic() + FULL_MEMORY_S
+            raise self._full
         return member
 
 
 def refusal_body(message: str) -> bytes:
     return json.dumps({"error": {"message": message, "type": "rate_limit_exceeded", "param": None,
                                  "code": "rate_limit_exceeded"}}).encode()
+
+
+def refusal_bytes(refused: Refused, retry_after_s: int) -> bytes:
+    """The whole HTTP answer of a refusal, for a connection answered before any WSGI."""
+    body = refusal_body(refused.message)
+    head = (f"HTTP/1.1 429 Too Many Requests\r\nConnection: close\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nRetry-After: {retry_after_s}\r\n\r\n")
+    return head.encode("latin-1") + body
+
+
+def count_refusal(refused: Refused, path: str, where: str, since: float | None) -> None:
+    metrics.REFUSED.labels(refused.reason).inc()
+    metrics.REQUESTS.labels(path, "429").inc()
+    if since is not None:
+        metrics.REFUSAL_SECONDS.labels(where).observe(time.monotonic() - since)
 
 
 def _drain(environ: dict, limit: int) -> None:
@@ -309,8 +363,7 @@ class AdmissionMiddleware:
         return _ReleasingIterable(body, ticket)
 
     def _refuse(self, environ: dict, start_response, path: str, refused: Refused) -> list[bytes]:
-        metrics.REFUSED.labels(refused.reason).inc()
-        metrics.REQUESTS.labels(path, "429").inc()
+        count_refusal(refused, path, "wsgi", getattr(accepted_at, "t", None))
         try:
             _drain(environ, self.drain_limit)
         except (OSError, ValueError):

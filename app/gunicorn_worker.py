@@ -26,12 +26,23 @@ otherwise win most accepts, refuse with 429 past its own limit while its sibling
 leave them idle. After the pause it takes whatever its siblings left, until the backlog is empty:
 when every process is full, refusals and probes still leave the backlog within ACCEPT_DEFER_S.
 
+A generation request that arrives while this process already knows it is over a limit (all its
+generation slots taken, or the deployment refused a request in the last moments:
+``Admission.refusing``) is answered with its 429 on the main loop as it is accepted, from the
+bytes already in the socket, without a thread or a WSGI call: in a burst, the refusals then do
+not queue behind the threads of the admitted requests. Anything else, or a request not yet
+whole, takes the ordinary lane, where the WSGI middleware decides.
+
+A connection is closed at once when the client left no unread bytes (``Conn.close``), instead of
+gunicorn's lingering close on the main loop.
+
 It relies on gthread's internals (``enqueue_req``, ``method_queue``, ``finish_request``), so the
 gunicorn version is pinned in requirements.txt; tests/test_admission.py exercises this lane.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import select
 import selectors
@@ -43,7 +54,9 @@ from functools import partial
 
 from gunicorn import util
 from gunicorn.http import errors
-from gunicorn.workers.gthread import ThreadWorker
+from gunicorn.workers.gthread import TConn, ThreadWorker
+
+from app.admission import GENERATION_PATHS, accepted_at, count_refusal, refusal_bytes
 
 # Request lines that take the probe lane. Bytes, compared with the connection's first bytes.
 PROBE_PREFIXES = (b"GET /health ", b"GET /health?", b"GET /metrics")
@@ -56,6 +69,10 @@ PROBE_THREADS = 4
 FIRST_BYTES_WAIT_S = 1.0
 # How long a process with no generation slot free leaves a new connection to its siblings.
 ACCEPT_DEFER_S = 0.05
+# A generation request refused at accept must have arrived whole within this many bytes (a
+# request line, headers and a small JSON body); a bigger or slower one is refused by the WSGI
+# middleware instead.
+REFUSE_AT_ACCEPT_BYTES = 16384
 
 
 def lane_of(first_bytes: bytes | None) -> str | None:
@@ -77,6 +94,59 @@ def _peek(sock: socket.socket) -> bytes | None:
         return None
     except OSError:
         return b""  # the ordinary lane reports or ignores the error as gunicorn does
+
+
+def _unread(sock: socket.socket) -> bool:
+    """Whether the client sent bytes that nobody read (so a plain close would reset the connection)."""
+    try:
+        return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except BlockingIOError:
+        return False
+    except OSError:
+        return False
+
+
+class Conn(TConn):
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self.accepted_at = time.monotonic()
+
+    def close(self, graceful: bool = False) -> None:
+        # gunicorn's graceful close (util.close_graceful) half-closes, then reads until the client
+        # closes too, for up to 2 s, so that unread request bytes cannot turn the close into a
+        # reset that truncates the answer. It runs on the main loop, which then waits on each
+        # client in turn: in a burst, one client's round trip per connection, with the GIL to win
+        # back after each read. Without unread bytes a plain close sends the answer, then FIN.
+        if graceful and not _unread(self.sock):
+            graceful = False
+        super().close(graceful)
+
+
+def generation_request(data: bytes) -> tuple[str, int] | None:
+    """(path, bytes of the whole request) for a POST to a generation path whose request line,
+    headers and Content-Length body are all in ``data``; None for anything else, or not yet whole."""
+    line_end = data.find(b"\r\n")
+    head_end = data.find(b"\r\n\r\n")
+    if line_end < 0 or head_end < 0:
+        return None
+    parts = data[:line_end].split(b" ")
+    if len(parts) != 3 or parts[0] != b"POST":
+        return None
+    path = parts[1].partition(b"?")[0].decode("latin-1")
+    if path not in GENERATION_PATHS:
+        return None
+    length = 0
+    for line in data[line_end + 2:head_end].split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        name = name.strip().lower()
+        if name == b"transfer-encoding":
+            return None
+        if name == b"content-length":
+            if not value.strip().isdigit():
+                return None
+            length = int(value)
+    total = head_end + 4 + length
+    return (path, total) if len(data) >= total else None
 
 
 def _readable(listener) -> bool:
@@ -144,18 +214,64 @@ class FrontendWorker(ThreadWorker):
             self._draining = True
             threading.Timer(ACCEPT_DEFER_S, self.method_queue.defer, args=(self._pause_over,)).start()
             return
-        super().accept(listener)
+        self._accept_one(listener)
         if self._draining and not _readable(listener):
             self._draining = False
+
+    def _accept_one(self, listener) -> None:
+        # gthread's accept, with our Conn.
+        try:
+            client_sock, client_addr = listener.accept()
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
+                raise
+            return
+        self.nr_conns += 1
+        client_sock.setblocking(True)
+        self.enqueue_req(Conn(self.cfg, client_sock, client_addr, listener.getsockname()))
 
     def _pause_over(self) -> None:
         # On the main loop. Nothing left in the backlog: the next connection pauses afresh.
         if not any(_readable(listener) for listener in self.sockets):
             self._draining = False
 
+    def handle(self, conn):
+        accepted_at.t = getattr(conn, "accepted_at", None)
+        return super().handle(conn)
+
+    def _refuse_at_accept(self, conn) -> bool:
+        """On the main loop, for a new connection: answer a generation request with its 429 at once,
+        without a thread, when this process already knows it is over a limit (Admission.refusing)
+        and the whole request has arrived. In a burst, the refusals then never queue behind the
+        admitted requests' threads. Returns whether it answered."""
+        admission = getattr(self.wsgi, "extensions", {}).get("llmq.admission")
+        if admission is None:
+            return False
+        refused = admission.refusing()
+        if refused is None:
+            return False
+        try:
+            request = generation_request(conn.sock.recv(REFUSE_AT_ACCEPT_BYTES, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        except OSError:
+            return False  # the ordinary lane reports or ignores the error as gunicorn does
+        if request is None:
+            return False
+        path, size = request
+        try:
+            conn.sock.recv(size, socket.MSG_DONTWAIT)  # consumed, so the close does not reset
+            conn.sock.send(refusal_bytes(refused, admission.frontend.retry_after_s), socket.MSG_DONTWAIT)
+            count_refusal(refused, path, "accept", conn.accepted_at)
+        except OSError:
+            pass  # the client is gone
+        self.nr_conns -= 1
+        conn.close()
+        return True
+
     def enqueue_req(self, conn) -> None:
         if conn.initialized:  # a connection coming back for another request (keep-alive)
             return super().enqueue_req(conn)
+        if self._refuse_at_accept(conn):
+            return
         lane = lane_of(_peek(conn.sock))
         if lane is None:
             self.awaiting_first_bytes[conn] = time.monotonic() + FIRST_BYTES_WAIT_S

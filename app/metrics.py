@@ -36,6 +36,10 @@ QUEUE_WAIT = Histogram("llmq_frontend_queue_wait_seconds", "From enqueue until a
                        buckets=LATENCY_BUCKETS)
 REFUSED = Counter("llmq_frontend_refused_total",
                   "Generation requests refused with 429, by the limit they met (process, deployment)", ["reason"])
+REFUSAL_SECONDS = Histogram("llmq_frontend_refusal_seconds",
+                            "From a refused request's accept to its 429 being written (its wait in the listen "
+                            "backlog is not in it)", ["where"],
+                            buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5))
 PROMPT_TOKENS = Counter("llmq_frontend_prompt_tokens_total", "Prompt tokens of served requests")
 MIGRATIONS = Counter("llmq_frontend_migrations_total",
                      "Sub-requests moved to another worker after theirs was lost (app/migration.py), by reason",

@@ -3,18 +3,24 @@
 One deployment (configs/agg.yaml by default: one decode worker, 4 gunicorn processes of 80
 threads). `--burst-size` non-streaming completions are sent at once, each on its own connection,
 while one client polls /health and another /metrics, each sequentially, every `--poll-interval-s`.
-It reports how many were answered 200 and 429, the 429s' latency, whether every 429 carried
-Retry-After and OpenAI's error shape, whether every 200 had all its tokens, the latencies of
-/health and /metrics during the burst, the refusals the frontend counted in /metrics, and the
-deployment-wide admission set in Redis after the burst (it must be empty: no leak).
+It reports how many were answered 200 and 429, the 429s' latency at the client (from each
+request's connect to the last byte of its answer), whether every 429 carried Retry-After and
+OpenAI's error shape, whether every 200 had all its tokens, the latencies of /health and /metrics
+during the burst, the refusals the frontend counted in /metrics, where the frontend refused
+(at accept, on gunicorn's main loop, or in the WSGI middleware on a thread) with its own
+accept-to-429 time (llmq_frontend_refusal_seconds: the wait in the listen backlog is the
+difference from the client's), and the deployment-wide admission set in Redis after the burst
+(it must be empty: no leak).
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
+import os
 import queue
+import selectors
+import socket
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,6 +47,8 @@ class AdmissionSpec:
     request_timeout_s: float = field(default=300.0, metadata=help_text("each request's client timeout"))
     sets: str = field(default="", metadata=help_text("KEY=VALUE[,KEY=VALUE...]: config overrides"))
     redis_db: int = field(default=4, metadata=help_text("Redis database (1-5), flushed before the start"))
+    floor: bool = field(default=True, metadata=help_text(
+        "also burst the smallest Python server (a canned 429), with the engine idle and generating"))
 
 
 @dataclass
@@ -61,36 +69,180 @@ class Probe:
     status: int
 
 
-async def _post(host: str, port: int, path: str, body: bytes, timeout_s: float) -> Reply:
-    """One POST on a new connection, by hand: HTTP/1.1 with Connection: close, read to EOF.
-    An HTTP library costs several times the CPU per request, and with hundreds of requests
-    started at once that cost, not the server, would set the latencies measured."""
-    started = time.monotonic()
-    writer = None
+def _parse(raw: bytes, latency_s: float) -> Reply:
+    head, _, payload_bytes = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    reply = Reply(status, latency_s, headers.get("retry-after"))
+    payload = json.loads(payload_bytes)
+    if status == 200:
+        reply.completion_tokens = payload["usage"]["completion_tokens"]
+    else:
+        reply.error_type = (payload.get("error") or {}).get("type")
+        reply.error = (payload.get("error") or {}).get("message", "")[:200]
+    return reply
+
+
+def send_all(host: str, port: int, path: str, body: bytes, num_requests: int, timeout_s: float) -> list[Reply]:
+    """`num_requests` POSTs, each on a new connection (HTTP/1.1, Connection: close, read to EOF), from
+    one epoll loop with no HTTP library: its few microseconds a request, not the client, must not set
+    the latencies of hundreds of requests started at once. Each latency runs from the request's
+    connect to the last byte of its answer. Answers that arrive while requests are still being sent
+    are read every few connects, so an early answer is not timed late."""
+    request = (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+               f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
+    sel = selectors.DefaultSelector()
+    started = [0.0] * num_requests
+    chunks: list[list[bytes]] = [[] for _ in range(num_requests)]
+    replies: list[Reply | None] = [None] * num_requests
+    pending = 0
+
+    def finish(i: int, sock: socket.socket, error: str = "") -> None:
+        nonlocal pending
+        latency = time.monotonic() - started[i]
+        sel.unregister(sock)
+        sock.close()
+        pending -= 1
+        try:
+            replies[i] = Reply(0, latency, error=error) if error else _parse(b"".join(chunks[i]), latency)
+        except Exception as e:  # noqa: BLE001  recorded per request
+            replies[i] = Reply(0, latency, error=f"{type(e).__name__}: {e}"[:200])
+
+    def pump(wait_s: float) -> None:
+        for key, events in sel.select(wait_s):
+            sock, i = key.fileobj, key.data
+            assert isinstance(sock, socket.socket)
+            try:
+                if events & selectors.EVENT_WRITE:
+                    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                    if err:
+                        finish(i, sock, f"connect: {os.strerror(err)}")
+                        continue
+                    sock.send(request)  # a few hundred bytes: the socket's buffer takes them whole
+                    sel.modify(sock, selectors.EVENT_READ, i)
+                    continue
+                data = sock.recv(1 << 16)
+            except OSError as e:
+                finish(i, sock, f"{type(e).__name__}: {e}")
+                continue
+            if data:
+                chunks[i].append(data)
+            else:
+                finish(i, sock)
+
+    for i in range(num_requests):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        started[i] = time.monotonic()
+        sock.connect_ex((host, port))
+        sel.register(sock, selectors.EVENT_WRITE, i)
+        pending += 1
+        if i % 16 == 15:
+            pump(0)
+    deadline = time.monotonic() + timeout_s
+    while pending and time.monotonic() < deadline:
+        pump(min(1.0, max(0.0, deadline - time.monotonic())))
+    for key in list(sel.get_map().values()):
+        sock = key.fileobj
+        assert isinstance(sock, socket.socket)
+        finish(key.data, sock, f"no answer within {timeout_s:.0f} s")
+    sel.close()
+    return [r for r in replies if r is not None]
+
+
+REFUSAL = (b'{"error": {"message": "over the limit; retry shortly", "type": "rate_limit_exceeded", '
+           b'"param": null, "code": "rate_limit_exceeded"}}')
+CANNED_429 = (b"HTTP/1.1 429 Too Many Requests\r\nConnection: close\r\nContent-Type: application/json\r\n"
+              b"Retry-After: 1\r\nContent-Length: %d\r\n\r\n%s" % (len(REFUSAL), REFUSAL))
+
+
+def floor_server(listener: socket.socket) -> None:
+    """The smallest Python server that answers a burst: one epoll loop, a canned 429 for each whole
+    request (headers plus Content-Length body), no HTTP library. What it takes is a floor for any
+    Python frontend on this machine. Runs until killed."""
+    sel = selectors.DefaultSelector()
+    listener.setblocking(False)
+    sel.register(listener, selectors.EVENT_READ)
+    received: dict[socket.socket, bytes] = {}
+    while True:
+        for key, _ in sel.select():
+            if key.fileobj is listener:
+                while True:
+                    try:
+                        conn, _ = listener.accept()
+                    except BlockingIOError:
+                        break
+                    conn.setblocking(False)
+                    received[conn] = b""
+                    sel.register(conn, selectors.EVENT_READ)
+                continue
+            conn = key.fileobj
+            assert isinstance(conn, socket.socket)
+            try:
+                data = conn.recv(1 << 16)
+            except OSError:
+                data = b""
+            buf = received[conn] = received[conn] + data
+            head_end = buf.find(b"\r\n\r\n")
+            if data and (head_end < 0 or len(buf) - head_end - 4 < _content_length(buf[:head_end])):
+                continue  # not whole yet
+            if data:
+                try:
+                    conn.send(CANNED_429)
+                except OSError:
+                    pass
+            sel.unregister(conn)
+            conn.close()
+            del received[conn]
+
+
+def _content_length(head: bytes) -> int:
+    for line in head.lower().split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        if name == b"content-length":
+            return int(value)
+    return 0
+
+
+def _generate(root_url: str, num_requests: int, body: bytes, timeout_s: float) -> None:
+    """In a process of its own: `num_requests` completions at once, for the engine to work on."""
+    from urllib.parse import urlsplit
+
+    url = urlsplit(root_url)
+    send_all(url.hostname or "127.0.0.1", url.port or 80, "/v1/completions", body, num_requests, timeout_s)
+
+
+def measure_floor(num_requests: int, body: bytes, root_url: str, generating: int, timeout_s: float) -> dict:
+    """The floor server's 429 latencies for a burst of `num_requests`: with the engine idle, then
+    while `generating` requests (within the limits) keep it busy. Same client as the real burst."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    listener = socket.create_server(("127.0.0.1", 0), backlog=2048)
+    server = ctx.Process(target=floor_server, args=(listener,), daemon=True)
+    server.start()
+    port = listener.getsockname()[1]
+    out = {}
     try:
-        async with asyncio.timeout(timeout_s):
-            reader, writer = await asyncio.open_connection(host, port)
-            writer.write(f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
-                         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
-            raw = await reader.read()
-        latency = time.monotonic() - started
-        head, _, payload_bytes = raw.partition(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        status = int(lines[0].split()[1])
-        headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
-        reply = Reply(status, latency, headers.get("retry-after"))
-        payload = json.loads(payload_bytes)
-        if status == 200:
-            reply.completion_tokens = payload["usage"]["completion_tokens"]
-        else:
-            reply.error_type = (payload.get("error") or {}).get("type")
-            reply.error = (payload.get("error") or {}).get("message", "")[:200]
-        return reply
-    except Exception as e:  # noqa: BLE001  recorded per request
-        return Reply(0, time.monotonic() - started, error=f"{type(e).__name__}: {e}"[:200])
+        send_all("127.0.0.1", port, "/v1/completions", body, 1, 60)  # the server is up and serving
+        out["idle"] = _latencies_ms(send_all("127.0.0.1", port, "/v1/completions", body, num_requests, 60))
+        load = ctx.Process(target=_generate, args=(root_url, generating, body, timeout_s), daemon=True)
+        load.start()
+        time.sleep(1.0)  # admitted and prefilled: the engine is decoding
+        out["generating"] = _latencies_ms(send_all("127.0.0.1", port, "/v1/completions", body, num_requests, 60))
+        load.join(timeout=timeout_s)
     finally:
-        if writer is not None:
-            writer.close()
+        server.kill()
+        server.join(timeout=10)
+        listener.close()
+    return out
+
+
+def _latencies_ms(replies: list[Reply]) -> dict:
+    lat = sorted(r.latency_s * 1000 for r in replies if r.status == 429)
+    return {"refused": len(lat), "of": len(replies), "p50_ms": percentile(lat, 50), "p99_ms": percentile(lat, 99),
+            "max_ms": lat[-1] if lat else None}
 
 
 def _probe_forever(root_url: str, paths: tuple[str, ...], interval_s: float, stop, results) -> None:
@@ -116,14 +268,6 @@ def _probe_forever(root_url: str, paths: tuple[str, ...], interval_s: float, sto
         stop.wait(interval_s)
 
 
-async def _burst(root_url: str, num_requests: int, body: bytes, timeout_s: float) -> list[Reply]:
-    from urllib.parse import urlsplit
-
-    url = urlsplit(root_url)
-    return list(await asyncio.gather(*(_post(url.hostname or "127.0.0.1", url.port or 80, "/v1/completions", body,
-                                               timeout_s) for _ in range(num_requests))))
-
-
 def burst(root_url: str, num_requests: int, prompt: list[int], max_tokens: int, timeout_s: float,
           poll_interval_s: float = 0.05, probe_paths: tuple[str, ...] = ("/health", "/metrics"),
           ) -> tuple[list[Reply], list[Probe]]:
@@ -131,6 +275,7 @@ def burst(root_url: str, num_requests: int, prompt: list[int], max_tokens: int, 
     clients would: all in the listen backlog at once), with `probe_paths` timed meanwhile from
     another process. `root_url` has no /v1."""
     import multiprocessing
+    from urllib.parse import urlsplit
 
     body = json.dumps({"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True,
                        "temperature": 0}).encode()
@@ -144,7 +289,9 @@ def burst(root_url: str, num_requests: int, prompt: list[int], max_tokens: int, 
         raw.append(results.get(timeout=60))  # the prober is running before the burst starts
     started = time.monotonic()
     try:
-        replies = asyncio.run(_burst(root_url, num_requests, body, timeout_s))
+        url = urlsplit(root_url)
+        replies = send_all(url.hostname or "127.0.0.1", url.port or 80, "/v1/completions", body, num_requests,
+                           timeout_s)
     finally:
         stop.set()
         if probe_paths:
@@ -187,15 +334,38 @@ def summarize(replies: list[Reply], probes: list[Probe], max_tokens: int) -> dic
     }
 
 
-def _refused_counters(text: str) -> dict[str, float]:
+def _refusal_metrics(text: str) -> tuple[dict[str, float], dict[str, list[tuple[float, float]]]]:
+    """The refusals /metrics counted by reason, and the accept-to-429 histogram's cumulative
+    buckets (upper bound s, count) by where the refusal was made (accept, wsgi)."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    out: dict[str, float] = {}
+    counters: dict[str, float] = {}
+    buckets: dict[str, list[tuple[float, float]]] = {}
     for family in text_string_to_metric_families(text):
-        if family.name == "llmq_frontend_refused":
-            for sample in family.samples:
-                if sample.name.endswith("_total"):
-                    out[sample.labels["reason"]] = sample.value
+        for sample in family.samples:
+            if family.name == "llmq_frontend_refused" and sample.name.endswith("_total"):
+                counters[sample.labels["reason"]] = sample.value
+            elif family.name == "llmq_frontend_refusal_seconds" and sample.name.endswith("_bucket"):
+                buckets.setdefault(sample.labels["where"], []).append((float(sample.labels["le"]), sample.value))
+    return counters, {where: sorted(b) for where, b in buckets.items()}
+
+
+def bucket_quantile(buckets: list[tuple[float, float]], q: float) -> float | None:
+    """The upper bound of the histogram bucket that holds quantile q (0-1): 'at most this'."""
+    total = buckets[-1][1] if buckets else 0
+    return next((le for le, count in buckets if count >= q * total), None) if total else None
+
+
+def server_side(before: dict[str, list[tuple[float, float]]], after: dict[str, list[tuple[float, float]]]) -> dict:
+    """Per place of refusal, the burst's count and its accept-to-429 p50 and p99 (bucket bounds, ms)."""
+    out = {}
+    for where, buckets in after.items():
+        prev = dict(before.get(where, []))
+        delta = [(le, count - prev.get(le, 0.0)) for le, count in buckets]
+        if delta and delta[-1][1]:
+            p50, p99 = bucket_quantile(delta, .5), bucket_quantile(delta, .99)
+            out[where] = {"count": int(delta[-1][1]), "p50_le_ms": p50 * 1000 if p50 is not None else None,
+                          "p99_le_ms": p99 * 1000 if p99 is not None else None}
     return out
 
 
@@ -212,16 +382,23 @@ def run(spec: AdmissionSpec, out: Path) -> Path:
         prompt = [10 + (i * 37) % 1500 for i in range(spec.input_len)]
         # One request first, so the burst measures admission, not a cold engine.
         burst(root, 1, prompt, 4, spec.request_timeout_s, probe_paths=())
+        with urllib.request.urlopen(f"{root}/metrics", timeout=30) as resp:
+            _, hist_before = _refusal_metrics(resp.read().decode())
         at_burst = MachineState.now()
         started = time.monotonic()
         replies, probes = burst(root, spec.burst_size, prompt, spec.output_len, spec.request_timeout_s,
                                 spec.poll_interval_s)
         wall_s = time.monotonic() - started
         with urllib.request.urlopen(f"{root}/metrics", timeout=30) as resp:
-            counters = _refused_counters(resp.read().decode())
+            counters, hist_after = _refusal_metrics(resp.read().decode())
         left_in_set = int(dep.redis.zcard(keys.ADMITTED))
+        if spec.floor:
+            body = json.dumps({"model": MODEL, "prompt": prompt, "max_tokens": spec.output_len, "ignore_eos": True,
+                               "temperature": 0}).encode()
+            floor = measure_floor(spec.burst_size, body, root, 150, spec.request_timeout_s)
     summary = summarize(replies, probes, spec.output_len)
-    summary.update(wall_s=wall_s, refused_counters=counters, admitted_set_after=left_in_set)
+    summary.update(wall_s=wall_s, refused_counters=counters, admitted_set_after=left_in_set,
+                   server_side=server_side(hist_before, hist_after), floor=floor if spec.floor else {})
     write_json(out / "results.json", {"spec": asdict(spec), "machine": asdict(machine),
                                       "at_burst": asdict(at_burst), "summary": summary,
                                       "replies": [asdict(r) for r in replies],
@@ -251,6 +428,14 @@ def _report_lines(spec: AdmissionSpec, s: dict, at_burst: MachineState) -> list[
         [f"/metrics (ms, {m['count']} calls, {m['not_200']} not 200)", fmt(m["p50_ms"]), fmt(m["p99_ms"]),
          fmt(m["max_ms"])],
         ["200 (s)", fmt(s["ok_p50_s"], 2), "–", fmt(s["ok_max_s"], 2)]])
+    lines += table(["refused at", "count", "accept to 429, p50 at most (ms)", "p99 at most (ms)"], [
+        [where, str(v["count"]), fmt(v["p50_le_ms"]), fmt(v["p99_le_ms"])] for where, v in s["server_side"].items()])
+    if s["floor"]:
+        lines += ["The floor: the smallest Python server answering a canned 429 (bench/admission.py, floor_server), "
+                  "the same burst from the same client, after ours:", ""]
+        lines += table(["floor server, engine", "429s", "p50 (ms)", "p99 (ms)", "max (ms)"], [
+            [state, f"{v['refused']} of {v['of']}", fmt(v["p50_ms"]), fmt(v["p99_ms"]), fmt(v["max_ms"])]
+            for state, v in s["floor"].items()])
     if s["other_examples"]:
         lines += ["Other answers: " + "; ".join(s["other_examples"]), ""]
     lines.append(f"The burst took {s['wall_s']:.1f} s from the first request sent to the last answer.")

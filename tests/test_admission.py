@@ -22,7 +22,7 @@ from app.admission import (
     deployment_limit,
     process_limit,
 )
-from app.gunicorn_worker import lane_of
+from app.gunicorn_worker import generation_request, lane_of
 from app.routes import ROUTING_HEADER_MAX_VALUES, _count_prompts, _header_values
 from config import ConfigError, FrontendConfig, load_settings
 from conftest import ROOT, fresh_redis_url, make_settings, start_deployment, wait_for
@@ -173,6 +173,21 @@ def test_admission_checks_the_process_first_then_the_deployment(scratch):
     assert scratch.zcard(keys.ADMITTED) == 0
 
 
+def test_a_deployment_refusal_stands_for_the_next_requests_until_a_place_is_given_back(scratch):
+    admission = _admission(scratch, threads=8, reserved_threads=2, max_requests_per_decode_worker=1)
+    assert admission.refusing() is None
+    ticket = admission.admit()
+    with pytest.raises(Refused) as refused:
+        admission.admit()
+    assert admission.refusing() is refused.value  # answered at accept, without Redis
+    ticket.release()
+    assert admission.refusing() is None
+    full = _admission(scratch, threads=2, reserved_threads=1)
+    held = full.admit()
+    assert full.refusing() is not None and full.refusing().reason == "process"
+    held.release()
+
+
 def test_admission_skips_the_deployment_check_without_workers_or_redis(scratch):
     no_workers = _admission(scratch, workers=0).admit()
     assert no_workers.member is None
@@ -266,6 +281,19 @@ def test_routing_headers_stay_bounded():
     distinct = [str(i) for i in range(1000)]
     value = _header_values(distinct)
     assert value.endswith(f",+{1000 - ROUTING_HEADER_MAX_VALUES}") and len(value) < 200
+
+
+def test_a_request_refused_at_accept_is_a_whole_generation_post():
+    body = b'{"model": "m", "prompt": "hi"}'
+    whole = b"POST /v1/completions HTTP/1.1\r\nHost: h\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    assert generation_request(whole) == ("/v1/completions", len(whole))
+    assert generation_request(whole + b"more") == ("/v1/completions", len(whole))
+    assert generation_request(whole[:-1]) is None  # the body is not all there yet
+    chat = whole.replace(b"/v1/completions", b"/v1/chat/completions?x=1")
+    assert generation_request(chat) == ("/v1/chat/completions", len(chat))
+    assert generation_request(whole.replace(b"POST", b"GET")) is None
+    assert generation_request(whole.replace(b"/v1/completions", b"/tokenize")) is None
+    assert generation_request(whole.replace(b"Content-Length: %d" % len(body), b"Transfer-Encoding: chunked")) is None
 
 
 def test_probe_lane_is_chosen_from_the_request_line():
