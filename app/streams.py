@@ -28,8 +28,9 @@ logger = logging.getLogger(__name__)
 
 # Upper bound on one XREAD; only matters when nothing at all moves.
 BLOCK_MS = 1000
-# A wake stream outlives its process by this long at most.
+# A wake stream outlives its process by this long at most; its TTL is renewed this often.
 WAKE_TTL_S = 3600
+WAKE_RENEW_S = 60
 
 
 class StreamReader:
@@ -43,19 +44,30 @@ class StreamReader:
         self._wake_key = ""
         self._wake_cursor = "0-0"
         self._pid = 0
+        self._renew_at = float("-inf")
 
-    def open(self, stream_keys: list[str], into: queue.SimpleQueue | None = None) -> queue.SimpleQueue:
+    def open(self, stream_keys: list[str], into: queue.SimpleQueue | None = None, pipe=None) -> queue.SimpleQueue:
         """``into``: a queue an earlier ``open`` returned, so one waiting thread reads more streams
-        (a migrated request's new attempt) from one queue."""
+        (a migrated request's new attempt) from one queue. ``pipe``: a Redis pipeline to queue the
+        reader's wake-up on, which the caller executes (with the request's task, app/publish.py):
+        the streams are read from then on. Without one, ``open`` sends the wake-up itself."""
         q: queue.SimpleQueue = into if into is not None else queue.SimpleQueue()
         with self._lock:
             self._start_if_needed()
             for key in stream_keys:
                 self._streams[key] = ["0-0", q]
-        pipe = self._client.pipeline(transaction=False)
+            # The wake stream's TTL is renewed now and then, not on every request.
+            renew = time.monotonic() >= self._renew_at
+            if renew:
+                self._renew_at = time.monotonic() + WAKE_RENEW_S
+        own = pipe is None
+        if own:
+            pipe = self._client.pipeline(transaction=False)
         pipe.xadd(self._wake_key, {"w": 1}, maxlen=1)
-        pipe.expire(self._wake_key, WAKE_TTL_S)
-        pipe.execute()
+        if renew:
+            pipe.expire(self._wake_key, WAKE_TTL_S)
+        if own:
+            pipe.execute()
         return q
 
     def close(self, stream_keys) -> None:
@@ -72,6 +84,7 @@ class StreamReader:
         self._streams.clear()
         self._wake_key = keys.frontend_wake(f"{os.getpid()}-{uuid.uuid4().hex[:8]}")
         self._wake_cursor = "0-0"
+        self._renew_at = float("-inf")
         # Its own connection: a blocked XREAD holds it.
         reader = redis_conn.dedicated(self._client)
         threading.Thread(target=self._run, args=(reader,), name="stream-reader", daemon=True).start()
