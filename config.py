@@ -178,6 +178,12 @@ class FrontendConfig(_Section):
     # How long a stored /v1/responses response (store: true, the default) stays in Redis for
     # GET and previous_response_id, from its last write. Each keeps its whole conversation.
     responses_ttl_s: int = Field(86_400, ge=1)
+    # How a generation task is enqueued. direct: the frontend writes Celery's message itself, in
+    # the one round trip to Redis that also opens the request's output stream (app/publish.py).
+    # celery: through Celery's send_task, two round trips more (its LPUSH and a task-sent event
+    # only Flower reads). Workers cannot tell the two apart (docs/benchmarks.md, "Against vllm
+    # serve", has the A/B).
+    publish: Literal["direct", "celery"] = "direct"
 
     @model_validator(mode="after")
     def _threads_left_for_generation(self) -> FrontendConfig:

@@ -22,6 +22,7 @@ from celery import Celery
 from app import metrics, migration
 from app.errors import APIError, ClientGone, NoWorkers, RedisUnavailable, UpstreamTimeout
 from app.migration import Attempts, CannotMigrate, is_lost
+from app.publish import TaskPublisher
 from app.streams import StreamReader
 from config import Settings
 from tasks import keys, queues, redis_conn
@@ -76,6 +77,9 @@ class SubRequest:
     # Monotonic: how long it may look for a worker to move to, from the moment it had to move
     # until an attempt is accepted again (so a router that keeps finding none cannot extend it).
     move_deadline: float | None = None
+    # The streams reader its request thread reads it on, opened by Gateway.submit in the round
+    # trip that sent it; Gateway.events takes it over.
+    watch: _Watch | None = field(default=None, repr=False)
 
     @property
     def migrations(self) -> int:
@@ -91,12 +95,14 @@ class _Watch:
         self._streams = streams
         self._subs: dict[str, SubRequest] = {}
         self.replies: queue.SimpleQueue = queue.SimpleQueue()
-        self.add(subs)
+        if subs:
+            self.add(subs)
 
-    def add(self, subs: list[SubRequest]) -> None:
+    def add(self, subs: list[SubRequest], pipe=None) -> None:
+        """``pipe``: a Redis pipeline the caller executes, as StreamReader.open takes it."""
         added = {keys.output_stream(s.request_id): s for s in subs}
         self._subs.update(added)
-        self._streams.open(list(added), into=self.replies)
+        self._streams.open(list(added), into=self.replies, pipe=pipe)
 
     def drop(self, sub: SubRequest) -> None:
         key = keys.output_stream(sub.request_id)
@@ -117,6 +123,7 @@ class Gateway:
         self.celery = celery
         self.redis = client
         self.streams = StreamReader(client)
+        self.publisher = TaskPublisher()
         # Sentinel-managed: a stream read that fails may mean the master changed (_stream_lost).
         self.failover_capable = redis_conn.parse(settings).is_sentinel
         self._live: dict[str, WorkerStatus] = {}
@@ -159,7 +166,8 @@ class Gateway:
             self.redis.ping()
             self.streams.start()
             self.live_roles(use_cache=False)
-            for _ in range(pool.limit or 1):
+            # Publishing direct, the frontend never uses Celery's producers.
+            for _ in range((pool.limit or 1) if self.settings.frontend.publish == "celery" else 0):
                 producers.append(pool.acquire(block=False))
                 producers[-1].maybe_declare(queue)
         except Exception as e:  # noqa: BLE001  the first requests then pay for it, and this says why
@@ -219,31 +227,53 @@ class Gateway:
         self.require_workers()
         deadline = time.time() + self.settings.frontend.request_timeout_s
         live = self.live(WORKER_CACHE_S)
-        subs = []
+        sends = []
         for i, ids in enumerate(prompts):
             msg = GenerateRequest(request_id=f"{request_id}-{i}" if len(prompts) > 1 else request_id,
                                   prompt_token_ids=ids, sampling=spec, deadline_unix=deadline)
-            sub = SubRequest(msg.request_id, ids, i * spec.n,
-                             attempts=Attempts(msg, self.settings.frontend.max_migrations))
-            self._send(sub, msg, live)
-            subs.append(sub)
+            sends.append((SubRequest(msg.request_id, ids, i * spec.n,
+                                     attempts=Attempts(msg, self.settings.frontend.max_migrations)), msg))
+        subs = [sub for sub, _ in sends]
+        watch = _Watch(self.streams, [])
+        try:
+            self._send(sends, live, watch)
+        except BaseException:
+            watch.close()
+            raise
+        for sub in subs:
+            sub.watch = watch
         logger.info("[%s] enqueued %d task(s), %s prompt tokens%s", request_id, len(subs),
                     "+".join(str(len(s.prompt_token_ids)) for s in subs),
                     f", API key {api_key_name}" if api_key_name else "")
         return subs
 
-    def _send(self, sub: SubRequest, msg: GenerateRequest, live: dict[str, WorkerStatus]) -> None:
-        self.celery.send_task(
-            self._task,
-            args=[request_to_task_arg(msg)],
-            argsrepr=task_argsrepr(msg),
-            # The request id as the task id: Flower and the worker's log then name the request.
-            task_id=msg.request_id,
-            # A task nobody waits for any more is dropped by the broker-side expiry.
-            expires=self.settings.frontend.first_token_timeout_s,
-        )
-        sub.sent_at = time.monotonic()
-        sub.holders = {w: s.pid for w, s in live.items() if s.role == self._entry_role}
+    def _send(self, sends: list[tuple[SubRequest, GenerateRequest]], live: dict[str, WorkerStatus],
+              watch: _Watch | None = None) -> None:
+        """Sends each sub-request's message, having opened its stream on ``watch`` first (so no
+        entry written before the read starts is missed). Published direct, that is one pipeline,
+        one round trip to Redis, for the streams and every task (app/publish.py)."""
+        # The request id as the task id: Flower and the worker's log then name the request.
+        # A task nobody waits for any more is dropped by the broker-side expiry.
+        expires_s = self.settings.frontend.first_token_timeout_s
+        direct = self.settings.frontend.publish == "direct"
+        pipe = self.redis.pipeline(transaction=False)
+        if watch is not None:
+            watch.add([sub for sub, _ in sends], pipe)
+        if direct:
+            queue = queues.TASK_ROUTES[self._task]["queue"]
+            for _, msg in sends:
+                self.publisher.add(pipe, queue, self._task, msg.request_id, request_to_task_arg(msg),
+                                   task_argsrepr(msg), expires_s)
+        if len(pipe):
+            pipe.execute()
+        if not direct:
+            for _, msg in sends:
+                self.celery.send_task(self._task, args=[request_to_task_arg(msg)], argsrepr=task_argsrepr(msg),
+                                      task_id=msg.request_id, expires=expires_s)
+        sent_at = time.monotonic()
+        holders = {w: s.pid for w, s in live.items() if s.role == self._entry_role}
+        for sub, _ in sends:
+            sub.sent_at, sub.holders = sent_at, dict(holders)
 
     def events(self, subs: list[SubRequest],
                client_gone: Callable[[], bool] | None = None) -> Iterator[tuple[SubRequest, Delta]]:
@@ -252,7 +282,11 @@ class Gateway:
         after cancelling whatever is still running. ``client_gone`` is asked once a poll interval,
         for responses that write nothing until the end: a stream learns that its client left when
         a write fails (GeneratorExit), a whole answer would not."""
-        watch = _Watch(self.streams, subs)
+        watch = subs[0].watch if subs and all(s.watch is subs[0].watch for s in subs) else None
+        if watch is None:
+            watch = _Watch(self.streams, subs)
+        for each in subs:
+            each.watch = None
         started = next_check = last_delta = time.monotonic()
         first_delta = True
         try:
@@ -429,8 +463,7 @@ class Gateway:
         msg = sub.attempts.next_attempt(live)
         sub.request_id, sub.waiting = msg.request_id, False
         sub.worker_id = sub.worker_pid = sub.routed = sub.routed_pid = None
-        watch.add([sub])
-        self._send(sub, msg, live)
+        self._send([(sub, msg)], live, watch)
         logger.info("[%s] attempt %s sent: %d prompt tokens, max_tokens=%d, excluding %s", sub.attempts.base_id,
                     msg.request_id, len(msg.prompt_token_ids), msg.sampling.max_tokens, msg.exclude_workers or "none")
 
@@ -441,7 +474,7 @@ class Gateway:
         metrics.RESENDS.inc()
         logger.warning("[%s] resending: not accepted yet, and %s, which may hold it, was lost",
                        sub.request_id, ", ".join(gone))
-        self._send(sub, sub.attempts.request, live)
+        self._send([(sub, sub.attempts.request)], live)
 
     @staticmethod
     def _count_failure(reason: str) -> None:

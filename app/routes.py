@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import logging
 import re
+import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -44,6 +45,7 @@ def _processor() -> Processor:
 
 @bp.before_app_request
 def _assign_request_id() -> None:
+    g.stage_times = {"recv": time.time()}
     # A caller's own id is kept when it is safe to put in Redis keys and logs. Callers may
     # reuse ids, so the id the engine and Redis see gets a unique suffix; it still starts with
     # the caller's id, so one grep finds every log line about the request.
@@ -144,6 +146,7 @@ STREAMABLE = ("application/json", "text/event-stream")
 @endpoint(bp, "POST", "/v1/chat/completions", summary="Chat completion", request=ChatCompletionRequest,
           response=openapi.ChatCompletion, content_types=STREAMABLE, errors=GENERATION_ERRORS)
 def chat_completions(req: ChatCompletionRequest):
+    _stage("parsed")
     _check_model(req.model)
     _check_request_size(req, num_prompts=1)
     prompt = _processor().chat_prompt(req)
@@ -153,6 +156,7 @@ def chat_completions(req: ChatCompletionRequest):
 @endpoint(bp, "POST", "/v1/completions", summary="Completion", request=CompletionRequest,
           response=openapi.Completion, content_types=STREAMABLE, errors=GENERATION_ERRORS)
 def completions(req: CompletionRequest):
+    _stage("parsed")
     _check_model(req.model)
     _check_request_size(req, num_prompts=_count_prompts(req.prompt))
     prompts = _processor().completion_prompts(req)
@@ -250,11 +254,13 @@ class Generation:
 def start_generation(kind: str, req: ChatCompletionRequest | CompletionRequest, prompts: list[list[int]],
                      client_gone: Callable[[], bool] | None) -> Generation:
     """Submits the request's prompts; ``client_gone`` as in Gateway.events."""
+    _stage("tokenized")
     processor, gateway = _processor(), _gateway()
     max_tokens = min(processor.max_tokens_for(p, req.requested_max_tokens) for p in prompts)
     spec = processor.sampling(req, max_tokens)
     tools = processor.tools_for(req) if isinstance(req, ChatCompletionRequest) else None
     subs = gateway.submit(g.internal_id, prompts, spec, api_key_name=g.get("api_key_name"))
+    _stage("published")
     fmt = Formatter(kind, g.request_id, req.model, want_logprobs=req.num_logprobs is not None, tools=tools)
     usage = Usage(prompt_tokens=sum(len(p) for p in prompts))
     metrics.PROMPT_TOKENS.inc(usage.prompt_tokens)
@@ -352,19 +358,42 @@ def _stream(gen: Generation) -> Response:
     # Wait for the first delta before answering, so that failures before any output (no worker
     # took it, the engine refused it) still get their own status code rather than a 200 stream.
     first = next(gen.deltas, None)
+    _stage("first")
     request_id = g.internal_id
 
-    def body() -> Iterator[str]:
+    def body() -> Iterator[bytes]:
         try:
             for chunk in gen.chunks([first] if first is not None else []):
                 yield gen.fmt.sse(chunk)
         except APIError as e:
             logger.warning("[%s] failed mid-stream: %s", request_id, e.message)
-            yield gen.fmt.error_chunk(e.body())
+            yield gen.fmt.error_chunk(e.body()).encode()
         finally:
             # Runs when the client disconnects too: closing the event reader cancels the work.
             gen.events.close()  # type: ignore[attr-defined]
-        yield gen.fmt.DONE
+        yield gen.fmt.DONE.encode()
 
     return Response(stream_with_context(body()), mimetype="text/event-stream",
-                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **gen.headers(final=False)})
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **gen.headers(final=False),
+                             **_stage_header()})
+
+
+# -- stage times -----------------------------------------------------------------------------
+# Where a request's time to first token goes inside the frontend, for `python -m bench stages`:
+# a request that sends the header X-Stage-Times gets back, on a stream, the Unix times at which
+# the frontend received it, had parsed and validated it, had tokenized it, had published it and
+# its output stream, and held its first token. Recording costs a few clock reads a request.
+
+STAGE_HEADER = "X-Stage-Times"
+
+
+def _stage(name: str) -> None:
+    times = g.get("stage_times")
+    if times is not None:
+        times[name] = time.time()
+
+
+def _stage_header() -> dict[str, str]:
+    if STAGE_HEADER not in request.headers:
+        return {}
+    return {STAGE_HEADER: ",".join(f"{k}={v:.6f}" for k, v in g.get("stage_times", {}).items())}

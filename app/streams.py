@@ -58,15 +58,21 @@ class StreamReader:
         """This process's wake stream ("" before ``start`` or the first ``open``)."""
         return self._wake_key if self._pid == os.getpid() else ""
 
-    def open(self, stream_keys: list[str], into: queue.SimpleQueue | None = None) -> queue.SimpleQueue:
+    def open(self, stream_keys: list[str], into: queue.SimpleQueue | None = None, pipe=None) -> queue.SimpleQueue:
         """``into``: a queue an earlier ``open`` returned, so one waiting thread reads more streams
-        (a migrated request's new attempt) from one queue."""
+        (a migrated request's new attempt) from one queue. ``pipe``: a Redis pipeline to queue the
+        reader's wake-up on, which the caller executes (with the request's task, app/publish.py):
+        the streams are read from then on. Without one, ``open`` sends the wake-up itself."""
         q: queue.SimpleQueue = into if into is not None else queue.SimpleQueue()
         with self._lock:
             self._start_if_needed()
             for key in stream_keys:
                 self._streams[key] = ["0-0", q]
-        self._wake(self._client)
+        if pipe is None:
+            self._wake(self._client)
+        else:
+            # The wake-up only: the reader thread renews the stream's TTL (_run).
+            pipe.xadd(self._wake_key, {"w": 1}, maxlen=1)
         return q
 
     def start(self) -> None:
