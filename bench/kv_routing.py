@@ -68,6 +68,8 @@ class KvRoutingSpec:
     dtype: str = field(default="float32", metadata=help_text(
         "engine.dtype: float32, because a CPU without AVX-512 runs bfloat16 matmuls many times slower"))
     modes: str = field(default=",".join(MODES), metadata=help_text("router modes to run, in order"))
+    overlap_weight: float = field(default=0.0, metadata=help_text(
+        "router.overlap_weight of the kv mode (0: the config's)"))
     model_name: str = field(default="bench-llama", metadata=help_text("model.name of the deployment"))
     model_path: str = field(default="", metadata=help_text(
         "model.path (empty: MODEL_NAME in the model cache; build it with scripts/build_tiny_model.py --size bench)"))
@@ -301,6 +303,8 @@ def setup(spec: KvRoutingSpec) -> Setup:
     block_bytes = kv_block_bytes(model_dir, block_size, DTYPE_BYTES[spec.dtype])
     sets = {"model.name": spec.model_name, "model.path": str(model_dir), "engine.dtype": spec.dtype,
             "engine.kv_cache_gib": repr(kv_cache_gib(spec.kv_cache_blocks, block_bytes))}
+    if spec.overlap_weight > 0:
+        sets["router.overlap_weight"] = repr(spec.overlap_weight)
     return Setup(sets, block_size, block_bytes, spec.kv_cache_blocks)
 
 
@@ -504,6 +508,7 @@ def markdown(spec: KvRoutingSpec, common: Setup, blocks_total: dict[str, int], p
              f"{common.requested_blocks} blocks of {common.block_size} tokens ({common.block_bytes:,} bytes each, "
              f"engine.kv_cache_gib={common.sets['engine.kv_cache_gib']}); the engines reported "
              + ", ".join(f"{n} ({m})" for m, n in blocks_total.items()),
+             f"- router.overlap_weight {common.sets.get('router.overlap_weight', 'as in ' + CONFIG)}",
              f"- started {started.at}; load average (1/5/15 min) {started.label} at the start, "
              f"{finished.label} at the end; {started.num_cpus} CPUs ({cpu_label()}); engine.dtype {spec.dtype}",
              f"- workload: multiturn, {spec.num_requests} turns per load point in conversations of "
