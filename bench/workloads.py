@@ -43,6 +43,8 @@ class WorkloadParams:
     num_system_prompts: int = field(default=2, metadata=help_text("multiturn: distinct shared system prompts"))
     system_prompt_words: int = field(default=128, metadata=help_text("multiturn: system prompt length, words"))
     user_turn_words: int = field(default=16, metadata=help_text("multiturn: user message length, words"))
+    hot_prefix_share: float = field(default=0.0, metadata=help_text(
+        "multiturn: share of the conversations over system prompt 0 (0: every prompt in turn)"))
     long_input_len: int = field(default=1024, metadata=help_text("mixed: long-prompt length, tokens"))
     long_output_len: int = field(default=16, metadata=help_text("mixed: long-prompt max_tokens"))
     short_input_len: int = field(default=32, metadata=help_text("mixed: short-prompt length, tokens"))
@@ -141,13 +143,26 @@ def multiturn(rng: random.Random, params: WorkloadParams, num_requests: int) -> 
     systems = [words(rng, p.system_prompt_words) for _ in range(p.num_system_prompts)]
     outputs = sample_lengths(rng, p.output_len_mean, p.output_len_std, p.length_dist, num_requests)
     sizes = _session_sizes(num_requests, p.turns_per_session)
+    prefixes = _prefix_of_sessions(rng, len(sizes), p)
     sessions, used = [], 0
     for i, size in enumerate(sizes):
         turns = tuple(Turn(max_tokens=outputs[used + t], user_text=words(rng, p.user_turn_words))
                       for t in range(size))
-        sessions.append(Session(i, turns, system_text=systems[i % len(systems)]))
+        sessions.append(Session(i, turns, system_text=systems[prefixes[i]]))
         used += size
     return sessions
+
+
+def _prefix_of_sessions(rng: random.Random, num_sessions: int, p: WorkloadParams) -> list[int]:
+    """Which system prompt each conversation uses: each in turn; or, with a hot share, prompt 0 for
+    that share of the conversations, at random places, and the others in turn for the rest."""
+    k = p.num_system_prompts
+    if p.hot_prefix_share <= 0 or k < 2:
+        return [i % k for i in range(num_sessions)]
+    num_hot = round(p.hot_prefix_share * num_sessions)
+    order = [0] * num_hot + [1 + j % (k - 1) for j in range(num_sessions - num_hot)]
+    rng.shuffle(order)
+    return order
 
 
 def _session_sizes(num_requests: int, turns_per_session: int) -> list[int]:
