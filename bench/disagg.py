@@ -264,7 +264,10 @@ def wait_for_other_benchmarks(poll_s: float = 20.0, max_wait_s: float = 1200.0) 
     """Waits while another engineer's benchmark runs; returns the seconds waited."""
     began = time.monotonic()
     while time.monotonic() - began < max_wait_s:
-        found = subprocess.run(["pgrep", "-af", "--", OTHER_BENCH], capture_output=True, text=True).stdout.strip()
+        listed = subprocess.run(["pgrep", "-af", "--", OTHER_BENCH], capture_output=True, text=True).stdout
+        # Only a Python process is running one: a wrapper (flock, timeout) may be queued for the
+        # lock this run holds, and waiting for it would wait for ourselves.
+        found = "\n".join(line for line in listed.splitlines() if "python" in (line.split() + ["", ""])[1])
         if not found:
             return time.monotonic() - began
         logger.info("another benchmark is running; waiting %.0f s:\n%s", poll_s, found)
