@@ -62,7 +62,7 @@ class DisaggSpec:
     num_streams: int = field(default=8, metadata=help_text("decode streams, each a closed loop of short requests"))
     stream_input_len: int = field(default=32, metadata=help_text("the streams' prompts, tokens"))
     stream_output_len: int = field(default=256, metadata=help_text("the streams' max_tokens (ignore_eos)"))
-    long_rate: str = field(default="1.5,3", metadata=help_text("long prompts per second, open loop; a load "
+    long_rate: str = field(default="0.2,0.4", metadata=help_text("long prompts per second, open loop; a load "
                                                                  "point each"))
     long_input_len: int = field(default=2048, metadata=help_text("shortest long prompt, tokens"))
     long_input_max: int = field(default=3072, metadata=help_text("longest long prompt, tokens (uniform between)"))
@@ -80,6 +80,9 @@ class DisaggSpec:
                                                             "~/.cache/llmq/models/bench-llama)"))
     model_name: str = field(default="tiny-llama", metadata=help_text("model.name of every deployment"))
     max_model_len: int = field(default=4096, metadata=help_text("engine.max_model_len of every deployment"))
+    dtype: str = field(default="", metadata=help_text("engine.dtype of every deployment (empty: the config's, "
+                                                       "bfloat16); float32 on a CPU without AVX-512 BF16 or AMX, "
+                                                       "where bfloat16 is emulated and 3-4.5x slower"))
 
     @property
     def rates(self) -> tuple[float, ...]:
@@ -91,6 +94,8 @@ class DisaggSpec:
         sets = {"engine.max_model_len": str(self.max_model_len), "model.name": self.model_name}
         if self.model_path:
             sets["model.path"] = str(Path(self.model_path).expanduser())
+        if self.dtype:
+            sets["engine.dtype"] = self.dtype
         chunks = [int(c) for c in self.agg_chunk.split(",") if c.strip()]
         return ([Deployment(AGG, AGG, sets)]
                 + [Deployment(f"agg-chunk{c}", AGG, {**sets, "engine.max_num_batched_tokens": str(c)})
@@ -141,6 +146,9 @@ def chunk_times_s(record: RequestRecord) -> list[float]:
     return times
 
 
+STALL_MS = 100.0  # a gap this long is several decode steps (10-20 ms at batch 8), not one
+
+
 @dataclass(frozen=True)
 class WindowStats:
     """One deployment at one load point, over the window [start_s, end_s)."""
@@ -156,6 +164,8 @@ class WindowStats:
     num_long_sent: int  # in the window
     num_long_ok: int
     num_failed: int  # requests of the whole point, either class
+    num_stalls: int = 0  # streams' gaps of STALL_MS or more: a prefill (chunk) beside them, or a hold-up
+    stall_s: float = 0.0  # those gaps summed
 
     @property
     def window_s(self) -> float:
@@ -192,9 +202,10 @@ def window_stats(records: Sequence[RequestRecord], start_s: float, end_s: float,
         if sent_inside and r.ttft_ms is not None:
             (stream_ttft if is_stream else long_ttft).append(r.ttft_ms)
     seconds = end_s - start_s
+    stalls = [g for g in gaps if g >= STALL_MS]
     return WindowStats(start_s, end_s, Distribution.of(gaps), percentile(gaps, 99.9), Distribution.of(stream_ttft),
                        Distribution.of(long_ttft), tokens / seconds, stream_tokens / seconds, num_long_sent,
-                       num_long_ok, sum(not r.ok for r in records))
+                       num_long_ok, sum(not r.ok for r in records), len(stalls), sum(stalls) / 1000)
 
 
 @dataclass(frozen=True)
@@ -422,8 +433,8 @@ def run_deployment(dep: Deployment, spec: DisaggSpec, out: Path, points: list[Po
             fresh_leases(redis, 1, since_unix=0, timeout_s=180, role="prefill")
         target = Target(dep.label, launched.base_url, spec.model_name)
         labels = process_labels(launched.process.pid) if launched.process else {}
-        warm = replace(spec, duration_s=6.0, warm_s=0.0)  # unrecorded: the first transfers' handshake
-        asyncio.run(run_steady(target, warm, 1.0, spec.seed + 1000, labels))
+        warm = replace(spec, duration_s=8.0, warm_s=0.0)  # unrecorded: the first transfers' handshake
+        asyncio.run(run_steady(target, warm, max(0.5, min(spec.rates)), spec.seed + 1000, labels))
         time.sleep(2.0)
         for i, rate in enumerate(spec.rates):
             before = fresh_leases(redis, dep.num_decode, since_unix=time.time())
@@ -460,7 +471,8 @@ def run(spec: DisaggSpec, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     wait_for_other_benchmarks()
     started = MachineState.now()
-    raw = nixl_bandwidth.run(out, list(nixl_bandwidth.SETUPS), prompt_tokens=spec.long_input_len)
+    raw = nixl_bandwidth.run(out, list(nixl_bandwidth.SETUPS), prompt_tokens=spec.long_input_len,
+                             dtype_bytes=4 if spec.dtype in ("float32", "float") else 2)
     raw.pop("markdown")
     points: list[PointResult] = []
     records: list[dict] = []
@@ -601,6 +613,8 @@ def window_rows(here: Sequence[PointResult]) -> list[list[str]]:
         row("**streams: ITL p99 ms**", lambda w: w.stream_itl_ms.p99, 2),
         row("streams: ITL p99.9 ms", lambda w: w.stream_itl_p999_ms, 2),
         row("streams: gaps measured", lambda w: w.stream_itl_ms.count, 0),
+        row(f"streams: gaps ≥ {STALL_MS:g} ms", lambda w: w.num_stalls, 0),
+        row(f"streams: time in gaps ≥ {STALL_MS:g} ms, s", lambda w: w.stall_s, 1),
         row("streams: TTFT p50 ms", lambda w: w.stream_ttft_ms.p50),
         row("streams: TTFT p99 ms", lambda w: w.stream_ttft_ms.p99),
         row("long: TTFT p50 ms", lambda w: w.long_ttft_ms.p50),

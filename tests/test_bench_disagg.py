@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from bench.disagg import (DisaggSpec, Goal, TransferCounters, chunk_times_s, long_sessions, ratio, transfer_delta,
-                          window_stats)
+from bench.disagg import (
+    DisaggSpec,
+    Goal,
+    TransferCounters,
+    chunk_times_s,
+    long_sessions,
+    ratio,
+    transfer_delta,
+    window_stats,
+)
 from bench.nixl_bandwidth import KIB, MIB, Case, default_cases, kv_block_bytes, summarize
 from bench.records import RequestRecord
 from tasks.registry import WorkerStatus
@@ -68,6 +76,7 @@ def test_window_counts_only_what_happened_inside_it():
     assert w.long_ttft_ms.count == 1 and w.long_ttft_ms.p50 == 300.0
     assert w.stream_ttft_ms.count == 0  # the stream was sent before the window
     assert (w.num_long_sent, w.num_long_ok, w.num_failed) == (2, 1, 1)
+    assert (w.num_stalls, w.stall_s) == (2, pytest.approx(1.0))
 
 
 def test_long_prompts_arrive_only_within_the_duration_with_lengths_in_bounds():
