@@ -30,6 +30,7 @@ import asyncio
 import itertools
 import logging
 import random
+import re
 import subprocess
 import sys
 import time
@@ -287,6 +288,9 @@ def wait_for_other_benchmarks(poll_s: float = 20.0, max_wait_s: float = 1200.0) 
     return time.monotonic() - began
 
 
+WORKER_NAME = re.compile(r"celery.* -n (\w+)@")
+
+
 def process_labels(root_pid: int) -> dict[int, str]:
     """Every process of a deployment by what it is: "frontend" (gunicorn), a Celery worker by its
     name (decode0, prefill0), a vLLM engine's process under the worker that owns it ("decode0
@@ -298,9 +302,11 @@ def process_labels(root_pid: int) -> dict[int, str]:
     workers: dict[int, str] = {}
     for p in procs:
         with _gone_ok():
-            cmd = p.cmdline()
-            if "celery" in cmd and "-n" in cmd:
-                workers[p.pid] = cmd[cmd.index("-n") + 1].split("@")[0]
+            # Celery rewrites its process title ("[celeryd: decode0@host:MainProcess] ... -n decode0@%h"),
+            # so the name is read from the text, not from argv's items.
+            named = WORKER_NAME.search(" ".join(p.cmdline()))
+            if named:
+                workers[p.pid] = named.group(1)
     labels: dict[int, str] = {}
     for p in procs:
         with _gone_ok():
