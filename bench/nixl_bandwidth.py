@@ -226,14 +226,14 @@ def summarize(case: Case, seconds: list[float]) -> CaseResult:
     return CaseResult(case, p50 * 1e3, min(seconds) * 1e3, max(seconds) * 1e3, case.total_bytes / p50 / 1e9)
 
 
-def tiny_model_cases(prompt_tokens: int = 1024, block_size: int = 32) -> tuple[int, list[Case]]:
+def tiny_model_cases(prompt_tokens: int = 1024, block_size: int = 32, dtype_bytes: int = 2) -> tuple[int, list[Case]]:
     from config import load_settings
 
     model_dir = Path(load_settings(ROOT / "configs/disagg.yaml", environ={}).model.resolved_path)
     cfg = json.loads((model_dir / "config.json").read_text())
     layers = cfg["num_hidden_layers"]
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    block = kv_block_bytes(layers, cfg["num_key_value_heads"], head_dim, block_size)
+    block = kv_block_bytes(layers, cfg["num_key_value_heads"], head_dim, block_size, dtype_bytes)
     return block, default_cases(block, layers, -(-prompt_tokens // block_size))
 
 
@@ -253,9 +253,10 @@ def markdown(results: list[CaseResult], setup: Setup, idle: float) -> list[str]:
     return lines + [""]
 
 
-def run(out: Path | None, setups: list[str], prompt_tokens: int = 1024) -> dict:
-    """Every setup in turn; writes nixl_bandwidth.json and .md to `out` if given."""
-    block, cases = tiny_model_cases(prompt_tokens)
+def run(out: Path | None, setups: list[str], prompt_tokens: int = 1024, dtype_bytes: int = 2) -> dict:
+    """Every setup in turn; writes nixl_bandwidth.json and .md to `out` if given. `dtype_bytes`:
+    the KV cache's element size (2 for bf16, 4 for float32 engines)."""
+    block, cases = tiny_model_cases(prompt_tokens, dtype_bytes=dtype_bytes)
     body = {"kv_block_bytes": block, "uptime_before": _uptime(), "setups": {}}
     lines = ["# Raw NIXL READ, process to process", "",
              f"KV block of the tiny model: {block:,} bytes (32 tokens, all layers, K and V). "

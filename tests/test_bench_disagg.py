@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from bench.disagg import TransferCounters, class_latencies, ratio, transfer_delta
+from bench.disagg import (
+    DisaggSpec,
+    Goal,
+    TransferCounters,
+    chunk_times_s,
+    long_sessions,
+    ratio,
+    transfer_delta,
+    window_stats,
+)
 from bench.nixl_bandwidth import KIB, MIB, Case, default_cases, kv_block_bytes, summarize
 from bench.records import RequestRecord
 from tasks.registry import WorkerStatus
@@ -45,21 +54,43 @@ def test_no_transfer_has_no_rate():
     assert ratio(None, 2.0) is None and ratio(1.0, 0.0) is None and ratio(1.0, 4.0) == 0.25
 
 
-def record(max_tokens, ttft, gaps, ok=True) -> RequestRecord:
-    end = (ttft + sum(gaps)) / 1000
-    return RequestRecord("t", "c=2", 0, 0, max_tokens, ok, start_s=0.0, end_s=end, ttft_ms=ttft, itl_ms=gaps,
-                         output_tokens=len(gaps) + 1)
+def record(max_tokens, start, ttft, gaps, ok=True) -> RequestRecord:
+    end = start + (ttft + sum(gaps)) / 1000
+    return RequestRecord("t", "rate=1/s", 0, 0, max_tokens, ok, start_s=start, end_s=end, ttft_ms=ttft,
+                         itl_ms=gaps, output_tokens=len(gaps) + 1, num_chunks=len(gaps) + 1)
 
 
-def test_class_latencies_split_long_and_short_requests_by_max_tokens():
-    records = [record(16, 300.0, [5.0] * 15), record(192, 20.0, [10.0, 30.0]), record(192, 40.0, [20.0]),
-               record(16, 900.0, [], ok=False)]
-    c = class_latencies(records, long_output_len=16)
-    assert (c.long_ok, c.short_ok) == (1, 2)
-    assert c.long_ttft_ms.p50 == 300.0
-    assert c.short_ttft_ms.p50 == 30.0
-    assert c.short_itl_ms.count == 3 and c.short_itl_ms.p50 == 20.0
-    assert c.short_tpot_ms.count == 2
+def test_chunk_times_follow_the_first_token_and_the_gaps():
+    assert chunk_times_s(record(256, 1.0, 100.0, [50.0, 250.0])) == pytest.approx([1.1, 1.15, 1.4])
+
+
+def test_window_counts_only_what_happened_inside_it():
+    stream = record(256, 0.5, 100.0, [400.0, 600.0, 1000.0])  # chunks at 0.6, 1.0, 1.6, 2.6
+    long_inside = record(16, 1.2, 300.0, [100.0])  # chunks at 1.5, 1.6
+    long_before = record(16, 0.1, 200.0, [])  # sent before the window
+    failed = record(16, 1.5, 0.0, [], ok=False)
+    w = window_stats([stream, long_inside, long_before, failed], start_s=1.0, end_s=2.0, stream_output_len=256)
+    assert w.stream_itl_ms.count == 2 and w.stream_itl_ms.p50 == pytest.approx(500.0)  # gaps ending at 1.0, 1.6
+    assert w.output_tok_per_s == pytest.approx(4.0)  # 1.0 and 1.6 of the stream, 1.5 and 1.6 of the long one
+    assert w.stream_tok_per_s == pytest.approx(2.0)
+    assert w.long_ttft_ms.count == 1 and w.long_ttft_ms.p50 == 300.0
+    assert w.stream_ttft_ms.count == 0  # the stream was sent before the window
+    assert (w.num_long_sent, w.num_long_ok, w.num_failed) == (2, 1, 1)
+    assert (w.num_stalls, w.stall_s) == (2, pytest.approx(1.0))
+
+
+def test_long_prompts_arrive_only_within_the_duration_with_lengths_in_bounds():
+    spec = DisaggSpec(duration_s=20.0, long_input_len=2048, long_input_max=3072)
+    sessions = long_sessions(spec, 2.0, seed=1)
+    assert 20 <= len(sessions) <= 60
+    assert all(2048 <= len(s.turns[0].prompt_ids) <= 3072 for s in sessions)
+    assert sessions == long_sessions(spec, 2.0, seed=1)  # the same on every deployment
+
+
+def test_goal_needs_both_the_itl_gain_and_the_throughput():
+    assert Goal(1.0, "agg", 2.5, 1.01).met
+    assert not Goal(1.0, "agg", 2.5, 0.97).met and not Goal(1.0, "agg", 1.9, 1.2).met
+    assert not Goal(1.0, "agg", None, 1.2).met
 
 
 def test_kv_block_bytes_of_the_tiny_model():
