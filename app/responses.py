@@ -8,12 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgspec
-
 from app.tools import ChoiceTools
 from tasks.messages import Delta, TokenLogprob
-
-_JSON = msgspec.json.Encoder()
 
 
 @dataclass
@@ -99,10 +95,8 @@ class Formatter:
         return body
 
     @staticmethod
-    def sse(body: dict) -> bytes:
-        # msgspec rather than json.dumps: this runs once a token for every stream, and it is a
-        # few times faster. UTF-8 as it is, as ensure_ascii=False wrote it.
-        return b"data: " + _JSON.encode(body) + b"\n\n"
+    def sse(body: dict) -> str:
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
     def role_chunk(self, index: int, include_usage: bool) -> dict:
         return self._chunk([{"index": index, "delta": {"role": "assistant", "content": ""},

@@ -361,17 +361,17 @@ def _stream(gen: Generation) -> Response:
     _stage("first")
     request_id = g.internal_id
 
-    def body() -> Iterator[bytes]:
+    def body() -> Iterator[str]:
         try:
             for chunk in gen.chunks([first] if first is not None else []):
                 yield gen.fmt.sse(chunk)
         except APIError as e:
             logger.warning("[%s] failed mid-stream: %s", request_id, e.message)
-            yield gen.fmt.error_chunk(e.body()).encode()
+            yield gen.fmt.error_chunk(e.body())
         finally:
             # Runs when the client disconnects too: closing the event reader cancels the work.
             gen.events.close()  # type: ignore[attr-defined]
-        yield gen.fmt.DONE.encode()
+        yield gen.fmt.DONE
 
     return Response(stream_with_context(body()), mimetype="text/event-stream",
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **gen.headers(final=False),
