@@ -26,8 +26,9 @@ def test_every_thread_shares_the_result_backend_built_before_the_fork(model_path
     assert seen == [built]
 
 
-def test_a_process_connects_before_its_first_request(model_path, scratch_redis_url):
-    gateway = create_app(make_settings(scratch_redis_url)).extensions["llmq.gateway"]
+@pytest.mark.parametrize("publish", ["direct", "celery"])
+def test_a_process_connects_before_its_first_request(model_path, scratch_redis_url, publish):
+    gateway = create_app(make_settings(scratch_redis_url, **{"frontend.publish": publish})).extensions["llmq.gateway"]
     db = gateway.redis.connection_pool.connection_kwargs["db"]
 
     def clients() -> int:
@@ -35,9 +36,12 @@ def test_a_process_connects_before_its_first_request(model_path, scratch_redis_u
 
     before = clients()
     gateway.connect()
-    # Its Redis connection and a full pool of broker connections are open (a burst opening them
-    # queued its threads for over a second), and the liveness cache is filled.
-    assert clients() >= before + 1 + gateway.celery.producer_pool.limit
+    # Its Redis connection, its stream reader's, and, publishing through Celery, a full pool of
+    # broker connections are open (a burst opening them queued its threads for over a second),
+    # and the liveness cache is filled. Publishing direct uses the Redis connection alone.
+    producers = gateway.celery.producer_pool.limit if publish == "celery" else 0
+    assert clients() >= before + 2 + producers
+    assert gateway.streams.wake_key and gateway.redis.exists(gateway.streams.wake_key)
     assert gateway._live_read_at > 0
 
 

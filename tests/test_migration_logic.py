@@ -197,6 +197,9 @@ def _gateway(client, url: str, sent: Sent, **frontend):
     from app.gateway import Gateway
     from conftest import make_settings
 
+    # Published through Celery's send_task, which Sent stands in for; the direct path's message is
+    # Celery's own (tests/test_publish.py) and the deployments' tests run it.
+    frontend = {"publish": "celery", **frontend}
     return Gateway(make_settings(url, **{f"frontend.{k}": v for k, v in frontend.items()}), celery=sent,
                    client=client)
 
