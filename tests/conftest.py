@@ -4,6 +4,7 @@ Redis database so tests never see each other's keys or queues."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import socket
@@ -22,9 +23,13 @@ from config import Settings, default_model_cache, load_settings
 ROOT = Path(__file__).resolve().parent.parent
 
 REDIS_BASE = os.environ.get("LLMQ_TEST_REDIS", "redis://127.0.0.1:6379")
-# Databases 6-15 belong to the tests (the benchmarks take 1-5, bench/deploy.py; `make serve` 0);
-# each deployment fixture takes the next one.
-_next_db = iter(range(6, 16))
+# Databases 6-15 belong to the tests (the benchmarks take 1-5, bench/deploy.py; `make serve` 0).
+# The two that live for the whole session have their own: 6 the bare one (scratch_redis_url), 7
+# the shared deployment's. Every other deployment takes the next of 8-15, round and round: a
+# database comes round again only after seven other deployments, long after its own stopped (none
+# outlives its module), and it is flushed before its reuse.
+SCRATCH_DB, SHARED_DB = 6, 7
+_next_db = itertools.cycle(range(SHARED_DB + 1, 16))
 
 
 def free_port() -> int:
@@ -53,8 +58,8 @@ def model_path() -> str:
     return str(path)
 
 
-def fresh_redis_url() -> str:
-    url = f"{REDIS_BASE}/{next(_next_db)}"
+def fresh_redis_url(db: int | None = None) -> str:
+    url = f"{REDIS_BASE}/{next(_next_db) if db is None else db}"
     redis.Redis.from_url(url).flushdb()
     return url
 
@@ -63,7 +68,7 @@ def fresh_redis_url() -> str:
 def scratch_redis_url() -> str:
     """One database for the tests that need a bare Redis and no deployment, whose keys do not
     overlap: the suite has only 10 databases, and every deployment fixture takes one."""
-    return fresh_redis_url()
+    return fresh_redis_url(SCRATCH_DB)
 
 
 def make_settings(redis_url: str, base: str = "agg.yaml", **sections) -> Settings:
@@ -148,7 +153,7 @@ def start_deployment(settings: Settings, tmp: Path, roles: str = "", ready_timeo
 def deployment(model_path, tmp_path_factory) -> Iterator[Deployment]:
     """The aggregated deployment most integration tests share: frontend + one decode worker, with
     the tiny model's tool parser for tool_choice "auto" (tests/test_structured_api.py)."""
-    settings = make_settings(fresh_redis_url(), **{"model.tool_call_parser": "llama3_json",
+    settings = make_settings(fresh_redis_url(SHARED_DB), **{"model.tool_call_parser": "llama3_json",
                                                    "engine.structured_outputs_disable_any_whitespace": "true"})
     dep = start_deployment(settings, tmp_path_factory.mktemp("agg"))
     yield dep
