@@ -47,7 +47,7 @@ class RouterSpeedSpec:
     replicas_max: int = field(default=2, metadata=help_text("each conversation is cached on 1..this many workers"))
     prompt_tokens: str = field(default="1024,2048", metadata=help_text("prompt lengths to time decisions for"))
     num_decisions: int = field(default=3000, metadata=help_text("decisions timed per prompt length"))
-    overlap_weight: float = field(default=2.0, metadata=help_text("policy weight (configs/agg_router.yaml)"))
+    overlap_weight: float = field(default=4.0, metadata=help_text("policy weight (configs/agg_router.yaml)"))
     vocab: int = field(default=32000, metadata=help_text("token ids are below this"))
     seed: int = field(default=0, metadata=help_text("seed for the cache state and the prompts"))
     redis_db: int = field(default=0,
@@ -229,7 +229,7 @@ def apply_wire(events: list[KvEvent], block_size: int) -> Rate:
     return clock.rate(len(raw), sum(len(e.block_hashes) for e in events))
 
 
-def _service(block_size: int, client, overlap_weight: float = 2.0):
+def _service(block_size: int, client, overlap_weight: float = 4.0):
     from config import load_settings
     from router.service import RouterService
 

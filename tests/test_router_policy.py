@@ -81,6 +81,32 @@ def test_bookings_spread_a_burst_that_shares_a_prefix():
     assert "other" in chosen
 
 
+def test_the_configured_weight_keeps_a_prefix_home_until_its_holder_is_much_busier():
+    """configs/agg_router.yaml's weight (4) on kv-routing's shapes: a 40-block prompt whose
+    34-block prefix one worker holds. A burst of it stays on the holder while that worker's extra
+    load is under 4 x 34 blocks, then spills over: a hot prefix does not herd onto one worker."""
+    from config import load_settings
+
+    weight = load_settings("configs/agg_router.yaml", [], environ={}).router.overlap_weight
+    assert weight == 4.0
+    rng, b = random.Random(0), Bookings(lag_s=1.0)
+    chosen = []
+    for i in range(60):
+        cands = []
+        for worker, overlap in (("holder", 34), ("other", 0)):
+            booked, reqs = b.pending(worker)
+            cands.append(cand(worker, prefill=40 - overlap, decode=booked, requests=reqs, weight=weight,
+                              overlap=overlap))
+        pick = choose(cands, 0, rng)
+        b.book(pick.worker_id, pick.prefill_blocks + 1, now_unix=100.0 + i * 0.01)
+        chosen.append(pick.worker_id)
+    first_spill = chosen.index("other")
+    # The holder takes requests while booked 7 blocks each stay within 4 x 34 = 136 blocks.
+    assert first_spill == 136 // 7 + 1
+    # After that, each request the other worker takes (41 blocks booked) buys the holder 6 more.
+    assert chosen[first_spill:].count("other") == pytest.approx((60 - first_spill) / 7, abs=1)
+
+
 def test_forget():
     b = Bookings(lag_s=1.0)
     b.book("w", 5, 1.0)
