@@ -20,7 +20,7 @@ tok/s), the time-to-first-token of the requests sent in it, and the CPU each pro
 Around each point the workers' leases are read (KV bytes and seconds, remote prefills, local
 fallbacks); after minus before is that point's KV traffic.
 
-Deployments use Redis databases 4 (agg) and 5 (disagg), flushed before each start.
+Deployments use Redis databases 4 (agg) and 5 (disagg), or all `--redis-db`, flushed before each start.
 """
 
 from __future__ import annotations
@@ -76,11 +76,16 @@ class DisaggSpec:
                                                               "(prefill writes the KV) or pull (decode reads it)"))
     agg_chunk: str = field(default="", metadata=help_text("also measure agg with engine.max_num_batched_tokens "
                                                           "= each of these (comma-separated)"))
+    disagg_sets: str = field(default="", metadata=help_text(
+        "disagg deployments to measure, '|'-separated, each comma-separated KEY=VALUE overrides (empty: one, "
+        "as configured); e.g. 'disagg.prefill_engine_nice=0|disagg.prefill_engine_nice=10'"))
     model_path: str = field(default="", metadata=help_text("model.path of every deployment (empty: the tiny "
                                                             "model; the benchmark model: "
                                                             "~/.cache/llmq/models/bench-llama)"))
     model_name: str = field(default="tiny-llama", metadata=help_text("model.name of every deployment"))
     max_model_len: int = field(default=4096, metadata=help_text("engine.max_model_len of every deployment"))
+    redis_db: int = field(default=0, metadata=help_text("Redis database (1-5) of every deployment, flushed before "
+                                                         "each start (0: 4 for agg, 5 for disagg)"))
     dtype: str = field(default="", metadata=help_text("engine.dtype of every deployment (empty: the config's, "
                                                        "bfloat16); float32 on a CPU without AVX-512 BF16 or AMX, "
                                                        "where bfloat16 is emulated and 3-4.5x slower"))
@@ -101,7 +106,15 @@ class DisaggSpec:
         return ([Deployment(AGG, AGG, sets)]
                 + [Deployment(f"agg-chunk{c}", AGG, {**sets, "engine.max_num_batched_tokens": str(c)})
                    for c in chunks]
-                + [Deployment(DISAGG, DISAGG, {**sets, "disagg.connector": self.connector})])
+                + [Deployment(DISAGG + (f"[{variant}]" if variant else ""), DISAGG,
+                              {**sets, "disagg.connector": self.connector, **overrides})
+                   for variant, overrides in self.disagg_variants])
+
+    @property
+    def disagg_variants(self) -> list[tuple[str, dict[str, str]]]:
+        """(label, overrides) of each disagg deployment: one unlabelled without --disagg-sets."""
+        groups = [g.strip() for g in self.disagg_sets.split("|") if g.strip()]
+        return [(g, dict(kv.strip().split("=", 1) for kv in g.split(",") if kv.strip())) for g in groups] or [("", {})]
 
 
 @dataclass(frozen=True)
@@ -433,7 +446,8 @@ def run_deployment(dep: Deployment, spec: DisaggSpec, out: Path, points: list[Po
 
     config, sets, db = CONFIGS[dep.kind]
     wait_for_other_benchmarks()
-    with LauncherDeployment(config, out / "logs", db, sets={**sets, **dep.sets}, name=dep.label) as launched:
+    with LauncherDeployment(config, out / "logs", spec.redis_db or db, sets={**sets, **dep.sets},
+                            name=dep.label) as launched:
         redis = launched.redis
         if dep.kind == DISAGG:
             fresh_leases(redis, 1, since_unix=0, timeout_s=180, role="prefill")
@@ -466,7 +480,7 @@ def run_deployment(dep: Deployment, spec: DisaggSpec, out: Path, points: list[Po
                                       served))
             logger.info("[%s rate=%g/s] stream ITL p99 %s ms, %s output tok/s", dep.label, rate,
                         fmt(window.stream_itl_ms.p99, 1), fmt(window.output_tok_per_s, 0))
-            records += [{**r.to_json(), "deployment": dep.label} for r in point_records]
+            records += [{**r.to_json(), "deployment": dep.label, "rate_per_s": rate} for r in point_records]
 
 
 def run(spec: DisaggSpec, out: Path) -> Path:
@@ -495,10 +509,71 @@ def run(spec: DisaggSpec, out: Path) -> Path:
             "goals": [asdict(g) for g in goals(points)], "transfer_vs_raw": transfer_vs_raw(points, raw),
             "errors": errors, "records": records}
     write_json(out / "results.json", body)
+    plots = write_plots(spec, points, records, out) if points else []
     path = out / "report.md"
     path.write_text(markdown(spec, points, raw, started, finished)
+                    + "".join(f"\n![{name}]({name})\n" for name in plots)
                     + "".join(f"\n**Failed:** {e}\n" for e in errors))
     return path
+
+
+def window_gaps(records: Sequence[dict], deployment: str, rate: float, spec: DisaggSpec) -> list[float]:
+    """The streams' inter-token gaps that end in the window, of one deployment at one rate, from
+    results.json's records (as window_stats counts them)."""
+    ours = [RequestRecord.from_json({k: v for k, v in r.items() if k not in ("deployment", "rate_per_s")})
+            for r in records if r["deployment"] == deployment and r.get("rate_per_s") == rate]
+    gaps = []
+    for r in ours:
+        if r.ok and r.max_tokens == spec.stream_output_len:
+            gaps += [g for g, t in zip(r.itl_ms, chunk_times_s(r)[1:]) if spec.warm_s <= t < spec.duration_s]
+    return gaps
+
+
+def write_plots(spec: DisaggSpec, points: Sequence[PointResult], records: Sequence[dict], out: Path) -> list[str]:
+    """itl_cdf.png: the streams' ITL CDF (log x), a colour per deployment and a line style per
+    rate; throughput.png: output tok/s and streams' ITL p99 per rate and deployment."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    deployments = list(dict.fromkeys(p.deployment for p in points))
+    rates = list(dict.fromkeys(p.rate_per_s for p in points))
+    styles = ["-", "--", ":", "-."]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for d, dep in enumerate(deployments):
+        for i, rate in enumerate(rates):
+            gaps = sorted(window_gaps(records, dep, rate, spec))
+            if gaps:
+                ax.step(gaps, [(k + 1) / len(gaps) for k in range(len(gaps))], where="post", color=f"C{d % 10}",
+                        linestyle=styles[i % len(styles)], label=f"{dep} {rate:g}/s")
+    ax.set(xlabel="streams' inter-token gap (ms)", ylabel="fraction of gaps", title="Streams' ITL CDF")
+    ax.set_xscale("log")
+    ax.set_ylim(0.9, 1.001)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "itl_cdf.png", dpi=90)
+    plt.close(fig)
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    width = 0.8 / max(1, len(deployments))
+    for d, dep in enumerate(deployments):
+        xs = [i + d * width for i in range(len(rates))]
+        here = [next((p for p in points if p.deployment == dep and p.rate_per_s == r), None) for r in rates]
+        left.bar(xs, [p.window.output_tok_per_s if p else 0 for p in here], width, label=dep, color=f"C{d % 10}")
+        right.bar(xs, [(p.window.stream_itl_ms.p99 or 0) if p else 0 for p in here], width, label=dep,
+                  color=f"C{d % 10}")
+    for ax, label in ((left, "output tok/s"), (right, "streams' ITL p99 (ms)")):
+        ax.set_xticks([i + width * (len(deployments) - 1) / 2 for i in range(len(rates))],
+                      [f"{r:g} long prompts/s" for r in rates])
+        ax.set(ylabel=label, title=label)
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "throughput.png", dpi=90)
+    plt.close(fig)
+    return ["itl_cdf.png", "throughput.png"]
 
 
 def _raw_rate(raw: dict, setup: str, index: int) -> float:

@@ -54,6 +54,16 @@ class ProfileSpec:
     input_len: int = field(default=100, metadata=help_text("prompt length, tokens"))
     output_len: int = field(default=64, metadata=help_text("max_tokens of every request"))
     redis_db: int = field(default=3, metadata=help_text("Redis database (1-5), flushed before the start"))
+    sets: str = field(default="", metadata=help_text(
+        "config overrides, comma-separated KEY=VALUE (model.path=...,model.name=...,engine.dtype=float32)"))
+
+    @property
+    def overrides(self) -> dict[str, str]:
+        return dict(kv.split("=", 1) for kv in self.sets.split(",") if kv.strip())
+
+    @property
+    def model_name(self) -> str:
+        return self.overrides.get("model.name", "tiny-llama")
 
 
 # -- collapsed stacks: pure --------------------------------------------------------------------------
@@ -221,9 +231,9 @@ def record_window(roles: list[Role], spec: ProfileSpec, raw_dir: Path, load: str
     return {r.name: (cpu[r.name], procs[r.name][1].read_text() if procs[r.name][1].exists() else "") for r in roles}
 
 
-def _load_in_background(workload: Workload, base_url: str) -> tuple[threading.Thread, list]:
+def _load_in_background(workload: Workload, base_url: str, model: str) -> tuple[threading.Thread, list]:
     box: list = []
-    thread = threading.Thread(target=lambda: box.append(measure(workload, "load", base_url, "tiny-llama")),
+    thread = threading.Thread(target=lambda: box.append(measure(workload, "load", base_url, model)),
                               name="load", daemon=True)
     thread.start()
     return thread, box
@@ -232,7 +242,8 @@ def _load_in_background(workload: Workload, base_url: str) -> tuple[threading.Th
 def run(spec: ProfileSpec, out: Path) -> Path:
     started = MachineState.now()
     windows = []
-    with LauncherDeployment(spec.config, out / "logs", spec.redis_db, name=Path(spec.config).stem) as dep:
+    with LauncherDeployment(spec.config, out / "logs", spec.redis_db, sets=spec.overrides,
+                            name=Path(spec.config).stem) as dep:
         roles = roles_of(dep.process_tree())
         logger.info("profiling %s", ", ".join(r.name for r in roles))
         for c in (int(x) for x in spec.concurrency.split(",")):
@@ -258,7 +269,7 @@ def _profile_at(concurrency: int, spec: ProfileSpec, base_url: str, roles: list[
     workload = Workload(WorkloadKind.SYNTHETIC, params, (concurrency,), options)
     load = f"c={concurrency}"
     machine = MachineState.now()
-    thread, box = _load_in_background(workload, base_url)
+    thread, box = _load_in_background(workload, base_url, spec.model_name)
     time.sleep(lead_s)
     recorded = record_window(roles, spec, out / "raw", load)
     thread.join(timeout=options.deadline_s + 60)
@@ -304,7 +315,7 @@ def _gzip_raw(raw_dir: Path) -> None:
 
 def markdown(spec: ProfileSpec, body: dict) -> str:
     m0 = body["machine_start"]
-    lines = [f"# Profile of {spec.config} under load (py-spy)", "",
+    lines = [f"# Profile of {spec.config}{' with ' + spec.sets if spec.sets else ''} under load (py-spy)", "",
              f"- started {m0['at']}; load average (1/5/15 min) {m0['load_1m']:.2f} / {m0['load_5m']:.2f} / "
              f"{m0['load_15m']:.2f} at the start; {m0['num_cpus']} CPUs",
              f"- workload: synthetic prompts of {spec.input_len} tokens, {spec.output_len} output tokens, closed loop; "
