@@ -306,13 +306,6 @@ class DisaggConfig(_Section):
     # the decode engine's heartbeats renew it while it waits. (vLLM's kv_lease_duration; at least
     # 6, since vLLM heartbeats every kv_lease_s // 6 whole seconds.)
     kv_lease_s: int = Field(30, ge=6)
-    # Niceness of a prefill worker's engine processes (scheduler and model runner, every thread).
-    # Its core is the one the frontend, Celery, Redis and the clients' processes can move to: at
-    # the default niceness they share the decode engine's core half the time while a prefill
-    # runs, and every decode step waits for them; niced, the prefill engine weighs less on its
-    # core, Linux's load balancer moves them to it, and they take their turns from the prefill.
-    # 0 leaves it alone. docs/benchmarks.md, "Disaggregation".
-    prefill_engine_nice: int = Field(0, ge=0, le=19)
 
 
 class FlowerConfig(_Section):

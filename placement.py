@@ -296,27 +296,6 @@ def place_scheduler(niceness: int, share_runner_cores: bool, parent_pid: int | N
     return placed
 
 
-def renice_engine(niceness: int, parent_pid: int | None = None) -> list[int]:
-    """Sets ``niceness`` on every thread of each vLLM engine process (scheduler and model runner)
-    under this process (or ``parent_pid``); threads started later inherit it. Needs no privilege
-    (niceness only goes up). Returns the pids reniced."""
-    import psutil
-
-    reniced = []
-    for child in psutil.Process(parent_pid).children(recursive=True):
-        try:
-            if not (_titled(child, SCHEDULER_PROCESS_TITLE) or _titled(child, RUNNER_PROCESS_TITLE)):
-                continue
-            for thread in child.threads():
-                os.setpriority(os.PRIO_PROCESS, thread.id, max(niceness, os.getpriority(os.PRIO_PROCESS, thread.id)))
-        except (psutil.Error, OSError) as e:
-            logger.warning("could not renice engine process %d: %s", child.pid, e)
-            continue
-        reniced.append(child.pid)
-    logger.info("engine processes %s run at niceness %d", reniced, niceness)
-    return reniced
-
-
 def _runner_cores(scheduler) -> set[int]:
     """The cores the scheduler's model runner(s) are bound to, or an empty set if none runs."""
     cores: set[int] = set()

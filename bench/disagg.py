@@ -78,7 +78,7 @@ class DisaggSpec:
                                                           "= each of these (comma-separated)"))
     disagg_sets: str = field(default="", metadata=help_text(
         "disagg deployments to measure, '|'-separated, each comma-separated KEY=VALUE overrides (empty: one, "
-        "as configured); e.g. 'disagg.prefill_engine_nice=0|disagg.prefill_engine_nice=10'"))
+        "as configured); e.g. 'disagg.connector=push|disagg.connector=pull'"))
     model_path: str = field(default="", metadata=help_text("model.path of every deployment (empty: the tiny "
                                                             "model; the benchmark model: "
                                                             "~/.cache/llmq/models/bench-llama)"))
@@ -549,6 +549,7 @@ def write_plots(spec: DisaggSpec, points: Sequence[PointResult], records: Sequen
                         linestyle=styles[i % len(styles)], label=f"{dep} {rate:g}/s")
     ax.set(xlabel="streams' inter-token gap (ms)", ylabel="fraction of gaps", title="Streams' ITL CDF")
     ax.set_xscale("log")
+    ax.set_xlim(left=1.0)  # coalesced chunks arrive ~0 ms apart; the steps and the stalls are above 1 ms
     ax.set_ylim(0.9, 1.001)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
@@ -588,7 +589,7 @@ def transfer_vs_raw(points: list[PointResult], raw: dict) -> list[dict]:
         if p.transfers is None:
             continue
         rate = p.transfers.gbytes_per_s
-        rows.append({"load": f"rate={p.rate_per_s:g}/s", "kv_gbytes_per_s": rate,
+        rows.append({"load": f"{p.deployment} rate={p.rate_per_s:g}/s", "kv_gbytes_per_s": rate,
                      **{f"ratio_to_{s}_{c}": ratio(rate, _raw_rate(raw, s, i))
                         for s in raw["setups"] for i, c in ((0, "vllm_like"), (3, "256MiB"))}})
     return rows

@@ -2,7 +2,6 @@
 freezes. Each probe that changes process-wide state (affinity, the collector) runs in a fresh
 interpreter, since the test runner's own state is not the test's to change."""
 
-import contextlib
 import os
 import subprocess
 import sys
@@ -27,7 +26,6 @@ from placement import (
     patch_progress_delay,
     place_scheduler,
     progress_delay_us,
-    renice_engine,
     spin_less_when_unbound,
     unbound_engine_env,
 )
@@ -146,11 +144,9 @@ def test_building_nixls_worker_half_leaves_the_engine_on_its_own_cores(bind):
 
 # -- the scheduler's placement -----------------------------------------------------------------
 
-@contextlib.contextmanager
-def stand_in_engine():
-    """A stand-in for an engine: the scheduler, and under it the runner it spawned, bound to one
-    core as vLLM binds it. argv[0] is what vLLM's setproctitle shows. Yields (parent pid,
-    scheduler, runner, core)."""
+def test_pins_the_scheduler_to_its_runners_core_and_renices_it_only_when_unpinned():
+    # A stand-in for an engine: the scheduler, and under it the runner it spawned, bound to one
+    # core as vLLM binds it. argv[0] is what vLLM's setproctitle shows.
     core = min(os.sched_getaffinity(0))
     runner_cmd = f"taskset -c {core} bash -c 'exec -a {RUNNER_PROCESS_TITLE} sleep 60'"
     scheduler_cmd = f'(exec -a {SCHEDULER_PROCESS_TITLE} bash -c "{runner_cmd} & wait") & wait'
@@ -161,34 +157,19 @@ def stand_in_engine():
             by_title = {p.cmdline()[0]: p for p in tree if p.cmdline()}
             return {SCHEDULER_PROCESS_TITLE, RUNNER_PROCESS_TITLE} <= set(by_title) and by_title
         procs = wait_for(engine, 10, "the stand-in engine to exec")
-        yield parent.pid, procs[SCHEDULER_PROCESS_TITLE], procs[RUNNER_PROCESS_TITLE], core
+        scheduler, runner = procs[SCHEDULER_PROCESS_TITLE], procs[RUNNER_PROCESS_TITLE]
+        assert runner.cpu_affinity() == [core]
+        ours = os.getpriority(os.PRIO_PROCESS, 0)
+        assert place_scheduler(7, True, parent_pid=parent.pid) == [scheduler.pid]
+        assert scheduler.cpu_affinity() == [core]
+        assert os.getpriority(os.PRIO_PROCESS, scheduler.pid) == ours  # pinned: it takes turns, unniced
+        assert place_scheduler(7, False, parent_pid=parent.pid) == [scheduler.pid]
+        assert os.getpriority(os.PRIO_PROCESS, scheduler.pid) == 7  # free: niced behind our processes
+        assert runner.nice() == ours
     finally:
         for child in psutil.Process(parent.pid).children(recursive=True):
             child.kill()
         parent.wait(timeout=10)
-
-
-def test_pins_the_scheduler_to_its_runners_core_and_renices_it_only_when_unpinned():
-    with stand_in_engine() as (parent, scheduler, runner, core):
-        assert runner.cpu_affinity() == [core]
-        ours = os.getpriority(os.PRIO_PROCESS, 0)
-        assert place_scheduler(7, True, parent_pid=parent) == [scheduler.pid]
-        assert scheduler.cpu_affinity() == [core]
-        assert os.getpriority(os.PRIO_PROCESS, scheduler.pid) == ours  # pinned: it takes turns, unniced
-        assert place_scheduler(7, False, parent_pid=parent) == [scheduler.pid]
-        assert os.getpriority(os.PRIO_PROCESS, scheduler.pid) == 7  # free: niced behind our processes
-        assert runner.nice() == ours
-
-
-def test_a_prefill_engine_is_reniced_whole_and_never_made_less_nice():
-    with stand_in_engine() as (parent, scheduler, runner, _):
-        ours = os.getpriority(os.PRIO_PROCESS, 0)
-        bash = psutil.Process(parent)
-        assert sorted(renice_engine(ours + 5, parent_pid=parent)) == sorted([scheduler.pid, runner.pid])
-        assert scheduler.nice() == runner.nice() == ours + 5
-        assert bash.nice() == ours  # only the engine's processes
-        renice_engine(ours + 2, parent_pid=parent)
-        assert runner.nice() == ours + 5
 
 
 # -- NIXL's agents -----------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import placement
 from config import Settings
 from tasks.messages import PrefillRequest
 from workers.disagg import PrefillServer
@@ -15,12 +14,6 @@ class PrefillRuntime(WorkerRuntime):
     def __init__(self, settings: Settings, worker_id: str, queues: list[str]):
         super().__init__(settings, worker_id, queues)
         self.prefill_server = PrefillServer(settings, worker_id, self.engine, self.redis, self.nixl, self.disagg)
-
-    def start(self) -> None:
-        super().start()
-        if self.settings.disagg.prefill_engine_nice:
-            # Before this worker consumes (its lease goes up then): no prefill runs un-niced.
-            placement.renice_engine(self.settings.disagg.prefill_engine_nice)
 
     def serve_prefill(self, preq: PrefillRequest) -> None:
         """A prefill worker's task: compute the KV for the waiting decode worker."""
