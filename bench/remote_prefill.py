@@ -70,23 +70,30 @@ MARKS = {
     "requested": r"\[(?P<rid>[^\]]+)\] remote prefill of \d+ tokens requested",
     "claimed": r"\[(?P<rid>[^\]]+)\] prefill claimed for",
     "claim_seen": r"\[(?P<rid>[^\]]+)\] prefill claimed by",
+    "p_finished": r"\[(?P<rid>[^\]]+)\] finished in the scheduler",
     "write_started": r"\[(?P<rid>[^\]]+)\] writing the KV to",
+    "notif_drained": r"\[(?P<rid>[^\]]+)\] notification drained",
+    "worker_received": r"\[(?P<rid>[^\]]+)\] receive reported by the worker",
     "received": r"\[(?P<rid>[^\]]+)\] push received",
+    "scheduled": r"\[(?P<rid>[^\]]+)\] scheduled after its push",
+    "write_done": r"\[(?P<rid>[^\]]+)\] WRITE reported done",
     "prefill_done": r"\[(?P<rid>[^\]]+)\] prefill of \d+ tokens for",
     "done_seen": r"\[(?P<rid>[^\]]+)\] PrefillDone from",
 }
 # The three clocks' formats: the frontend's, Celery's, and ours for vLLM's engine processes.
 STAMPS = (re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) INFO"),
           re.compile(r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}): INFO"),
-          re.compile(r"VLLM INFO (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)\.(\d{3})"))
+          re.compile(r"VLLM [A-Z]+ (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)\.(\d{3})"))
 # For vLLM's engine processes: wall-clock times to the ms (its own format has whole seconds).
 VLLM_LOGGING = {
     "version": 1, "disable_existing_loggers": False,
     "formatters": {"ms": {"format": "VLLM %(levelname)s %(asctime)s.%(msecs)03d [%(filename)s:%(lineno)d] "
                                     "%(message)s", "datefmt": "%Y-%m-%d %H:%M:%S"}},
-    "handlers": {"out": {"class": "logging.StreamHandler", "formatter": "ms", "level": "INFO",
+    "handlers": {"out": {"class": "logging.StreamHandler", "formatter": "ms", "level": "DEBUG",
                          "stream": "ext://sys.stdout"}},
-    "loggers": {"vllm": {"handlers": ["out"], "level": "INFO", "propagate": False}},
+    # Our connector module traces each remote prefill's steps at DEBUG (kvtransfer/nixl_agents.py).
+    "loggers": {"vllm": {"handlers": ["out"], "level": "INFO", "propagate": False},
+                "vllm.kvtransfer.nixl_agents": {"level": "DEBUG"}},
 }
 
 
@@ -115,6 +122,28 @@ def marks_from_log(lines, request_ids: list[str]) -> dict[str, dict[str, float]]
     return found
 
 
+# Values our connector module logs at DEBUG for a request (kvtransfer/nixl_agents.py).
+STEP_AFTER_PUSH = re.compile(r"\[(?P<rid>[^\]]+)\] step after the push: (?P<before>[0-9.]+) ms before it, "
+                             r"forward (?P<forward>[0-9.]+) ms")
+WRITE_DONE = re.compile(r"\[(?P<rid>[^\]]+)\] WRITE reported done: NIXL (?P<ms>[0-9.]+) ms \(post (?P<post>[0-9.]+) "
+                        r"ms\), (?P<descs>\d+) descriptors")
+
+
+def traces_from_log(lines, request_ids: list[str]) -> dict[str, dict[str, list[float]]]:
+    """{request id: {value: [in log order]}}: the decode engine's steps after the push (engine
+    work before each, its forward) and NIXL's telemetry of the WRITE."""
+    found: dict[str, dict[str, list[float]]] = {rid: {} for rid in request_ids}
+    for line in lines:
+        for pattern in (STEP_AFTER_PUSH, WRITE_DONE):
+            m = pattern.search(line)
+            owner = m and next((rid for rid in request_ids if m.group("rid").startswith(rid)), None)
+            if owner is not None:
+                for key, value in m.groupdict().items():
+                    if key != "rid":
+                        found[owner].setdefault(key, []).append(float(value))
+    return found
+
+
 @dataclass
 class Timeline:
     """One request's marks, in Unix seconds."""
@@ -126,6 +155,7 @@ class Timeline:
     last_chunk: float | None = None
     num_chunks: int = 0
     marks: dict[str, float] = field(default_factory=dict)
+    trace: dict[str, list[float]] = field(default_factory=dict)
 
 
 # (stage, from mark, to mark), in the order a remote prefill passes them.
@@ -135,8 +165,16 @@ DISAGG_STAGES = (
     ("prefill queue, pickup, checks, claim", "requested", "claimed"),
     ("claim reaches the decode worker", "claimed", "claim_seen"),
     ("prefill engine: queue, compute, to its WRITE", "claimed", "write_started"),
+    ("  P: claim -> prefill computed (P's scheduler ends it)", "claimed", "p_finished"),
+    ("  P: computed -> its WRITE starts", "p_finished", "write_started"),
     ("WRITE, notify, decode engine receives", "write_started", "received"),
+    ("  WRITE starts -> D's writer thread drains its notification", "write_started", "notif_drained"),
+    ("  drained -> D's worker reports the receive", "notif_drained", "worker_received"),
+    ("  reported -> D's scheduler takes it", "worker_received", "received"),
+    ("  (WRITE starts -> P's worker reports it done)", "write_started", "write_done"),
     ("decode engine: first token written", "received", "first_delta"),
+    ("  D's scheduler takes it -> schedules the request", "received", "scheduled"),
+    ("  scheduled -> first token written to Redis", "scheduled", "first_delta"),
     ("delivery: first Delta -> client", "first_delta", "first_chunk"),
     ("(prefill worker's PrefillDone, after the claim)", "claimed", "prefill_done"),
     ("TTFT", "sent", "first_chunk"),
@@ -259,6 +297,8 @@ def run(spec: RemotePrefillSpec, out: Path) -> Path:
             mine = [t for t in timelines if t.deployment == label]
             for t, found in zip(mine, marks_from_log(lines, [t.request_id for t in mine]).values()):
                 t.marks.update(found)
+            for t, values in zip(mine, traces_from_log(lines, [t.request_id for t in mine]).values()):
+                t.trace.update(values)
     finished = MachineState.now()
     body = summary(spec, timelines, raw, before, after)
     body.update({"scenario": "remote-prefill", "spec": asdict(spec), "machine_start": asdict(started),
@@ -280,6 +320,12 @@ def summary(spec: RemotePrefillSpec, timelines: list[Timeline], raw: dict, befor
     prefill = median([(t.marks["first_delta"] - t.marks["accepted"]) * 1000 for t in agg
                       if "first_delta" in t.marks and "accepted" in t.marks])
     step = median([decode_step_ms(t, spec.output_len) for t in agg])
+
+    def traced(key: str, first: bool = True) -> float | None:
+        """Median over the remote prefills of a traced value: its first one, or all the later ones."""
+        if first:
+            return median([t.trace[key][0] for t in remote if t.trace.get(key)])
+        return median([v for t in remote for v in t.trace.get(key, [])[1:]])
     moved, seconds = after[0] - before[0], after[1] - before[1]
     cases = raw["setups"]["deployment"]["cases"]
     kv_rate = moved / seconds / 1e9 if seconds > 0 else None
@@ -288,6 +334,17 @@ def summary(spec: RemotePrefillSpec, timelines: list[Timeline], raw: dict, befor
         "agg_stages_ms": stage_ms(agg, AGG_STAGES), "disagg_stages_ms": stage_ms(remote, DISAGG_STAGES),
         "ttft_ms": {"agg": agg_ttft, "disagg": dis_ttft,
                     "difference": None if agg_ttft is None or dis_ttft is None else dis_ttft - agg_ttft},
+        "decode_engine_ms": {
+            "decode step, agg (from its stream)": step,
+            "decode step, disagg (from its stream)": median([decode_step_ms(t, spec.output_len) for t in remote]),
+            "first step after the push: engine work before it": traced("before"),
+            "first step after the push: forward": traced("forward"),
+            "next steps: engine work before each": traced("before", first=False),
+            "next steps: forward": traced("forward", first=False),
+            "WRITE, NIXL's telemetry (transfer)": traced("ms"),
+            "WRITE, NIXL's telemetry (post)": traced("post"),
+            "WRITE, descriptors after NIXL merged them": traced("descs"),
+        },
         "model": {"prefill_ms": prefill, "decode_step_ms": step,
                   "ratio": prefill / step if prefill and step else None},
         "transfer": {"bytes": moved, "seconds": seconds, "gbytes_per_s": kv_rate,
@@ -311,6 +368,8 @@ def markdown(spec: RemotePrefillSpec, body: dict, started: MachineState, finishe
                                 ["disagg - agg", fmt(ttft["difference"])]])
     lines += ["## Stages of a remote prefill (disagg), medians", ""]
     lines += table(["stage", "ms"], [[k, fmt(v)] for k, v in body["disagg_stages_ms"].items()])
+    lines += ["## The decode engine's steps after the push, and the WRITE (medians, ms)", ""]
+    lines += table(["", "value"], [[k, fmt(v, 2)] for k, v in body["decode_engine_ms"].items()])
     lines += ["## Stages of a local prefill (agg), medians", ""]
     lines += table(["stage", "ms"], [[k, fmt(v)] for k, v in body["agg_stages_ms"].items()])
     lines += ["## The KV transfer against raw NIXL (same run)", ""]

@@ -18,15 +18,18 @@ worker half each step, and the transfer results going back (kvtransfer/push.py s
 from __future__ import annotations
 
 import logging
+import queue
 import sys
 import time
 
 from vllm.distributed.device_communicators import shm_broadcast
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl import base_worker
+from vllm.distributed.kv_transfer.kv_connector.v1.nixl import push_worker as vllm_push_worker
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl.connector import NixlBaseConnector
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl.connector import NixlConnector as _PullConnector
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl.connector import NixlPushConnector as _PushConnector
+from vllm.distributed.kv_transfer.kv_connector.v1.nixl.metadata import PUSH_REG_NOTIF_PREFIX
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl.push_scheduler import NixlPushConnectorScheduler
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl.push_worker import NixlPushConnectorWorker
 
@@ -66,6 +69,7 @@ class PushScheduler(NixlPushConnectorScheduler):
         self._push_waits: dict[str, float] = {}     # D requests registered with P -> deadline
         self._push_live: set[str] = set()           # ... of which not yet finished
         self._push_outcomes: dict[str, str] = {}    # receive results, until the request ends
+        self._received_unscheduled: set[str] = set()  # for the trace: received, not yet scheduled
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens):
         super().update_state_after_alloc(request, blocks, num_external_tokens)
@@ -77,6 +81,12 @@ class PushScheduler(NixlPushConnectorScheduler):
             registration[push.WRITE_BY_KEY] = push.write_by(time.time(), self._push_registration_timeout)
 
     def build_connector_meta(self, scheduler_output):
+        if self._received_unscheduled:
+            for new in scheduler_output.scheduled_new_reqs:
+                if new.req_id in self._received_unscheduled:
+                    self._received_unscheduled.discard(new.req_id)
+                    logger.debug("[%s] scheduled after its push (%s tokens)", new.req_id,
+                                 scheduler_output.num_scheduled_tokens.get(new.req_id))
         expired = push.expired(self._push_waits, time.perf_counter())
         for rid in expired:
             # Out of vLLM's own tables first, so it neither sends the registration late nor
@@ -98,12 +108,15 @@ class PushScheduler(NixlPushConnectorScheduler):
             self._push_waits.pop(rid, None)
             if rid in self._push_live:
                 self._push_outcomes[rid] = outcome
+                if outcome == push.RECEIVED:
+                    self._received_unscheduled.add(rid)
                 logger.info("[%s] push %s", rid, outcome)
 
     def request_finished(self, request, block_ids):
         rid = request.request_id
         delay_free, params = super().request_finished(request, block_ids)
         if rid not in self._push_live:
+            logger.debug("[%s] finished in the scheduler", rid)  # on P: the prefill is computed
             return delay_free, params
         self._push_live.discard(rid)
         outcome = self._push_outcomes.pop(rid, None)
@@ -118,13 +131,109 @@ class PushWorker(NixlPushConnectorWorker):
     """vLLM's push worker half: fails the receives the scheduler half gave up on, and (on P)
     starts no WRITE after the registration's write-by time."""
 
+    # For the trace (bench remote-prefill, at DEBUG): the engine's steps after a receive.
+    TRACED_STEPS = 4
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._traced: tuple[str, int] | None = None  # request received, steps left to log
+        self._step_bound = self._step_forwarded = self._step_ended = 0.0
+
+    def get_transfer_results(self):
+        results = super().get_transfer_results()
+        now = time.perf_counter()
+        if self._traced is not None and logger.isEnabledFor(logging.DEBUG):
+            rid, left = self._traced
+            # Between the previous step's end and this one's metadata lies the engine's own work
+            # (its scheduling, the sampling, the queues between its two processes).
+            logger.debug("[%s] step after the push: %.2f ms before it, forward %.2f ms, connector %.2f ms", rid,
+                         (self._step_bound - self._step_ended) * 1000,
+                         (self._step_forwarded - self._step_bound) * 1000, (now - self._step_forwarded) * 1000)
+            self._traced = (rid, left - 1) if left > 1 else None
+        self._step_ended = now
+        for rid in results.finished_recving or ():
+            logger.debug("[%s] receive reported by the worker", rid)
+            self._traced = (rid, self.TRACED_STEPS)
+        if results.finished_sending and logger.isEnabledFor(logging.DEBUG):
+            data = self.xfer_stats.data
+            for rid in results.finished_sending:
+                # NIXL's telemetry of the last WRITE (the time vLLM's stats report, and the
+                # descriptors after NIXL merged contiguous ones).
+                logger.debug("[%s] WRITE reported done: NIXL %s ms (post %s ms), %s descriptors", rid,
+                             data["transfer_duration"][-1] * 1000 if data["transfer_duration"] else None,
+                             data["post_duration"][-1] * 1000 if data["post_duration"] else None,
+                             data["num_descriptors"][-1] if data["num_descriptors"] else None)
+        return results
+
     def start_load_kv(self, metadata):
+        self._step_forwarded = time.perf_counter()  # vLLM starts async loads after the forward
         super().start_load_kv(metadata)
         for rid in getattr(metadata, push.EXPIRED_ATTR, ()):
             if rid in self._recving_metadata:
                 # The same path vLLM takes when it cannot send a registration: reported as a
                 # failed receive in the next transfer results.
                 self._failed_recv_reqs.put(rid)
+
+    def _push_writer_loop(self) -> None:
+        """vLLM's writer loop (vllm 0.32, nixl/push_worker.py), which also polls while this
+        engine waits for a push, not only when woken.
+
+        The writer thread is the only one that reads NIXL's notifications, and vLLM wakes it only
+        from the engine's steps, so a WRITE's notification waited for the decode engine's next step
+        before its thread could take it at the step after (drained 1.3-2.7 ms after the copy ended,
+        bench remote-prefill). Polling every ``push.RECV_POLL_S`` while a receive is pending drains
+        it within that (0.4-1.8 ms). The rest is vLLM's loop, unchanged.
+        """
+        sleep_s = vllm_push_worker._PUSH_WRITER_POLL_INTERVAL_MS / 1000.0
+        while not self._push_writer_stop.is_set():
+            try:
+                while True:
+                    try:
+                        rid, rd = self._reg_send_inbox.get_nowait()
+                    except queue.Empty:
+                        break
+                    self._send_registration_to_p(rid, rd)
+                while True:
+                    try:
+                        rid, blocks, rd = self._deferred_push_inbox.get_nowait()
+                    except queue.Empty:
+                        break
+                    self._do_start_push_kv(rid, blocks, rd)
+                while True:
+                    try:
+                        rid, blocks = self._finished_blocks_inbox.get_nowait()
+                    except queue.Empty:
+                        break
+                    matched = self._pop_matching_registration(rid)
+                    if matched is not None:
+                        self._do_start_push_kv(rid, blocks, matched)
+                    else:
+                        self._push_finished_blocks[rid] = blocks
+                while True:
+                    try:
+                        rid = self._evict_finished_inbox.get_nowait()
+                    except queue.Empty:
+                        break
+                    self._push_finished_blocks.pop(rid, None)
+                    self._pending_d_registrations.pop(rid, None)
+                for notifs in self.nixl_wrapper.get_new_notifs().values():
+                    for notif in notifs:
+                        if notif.startswith(PUSH_REG_NOTIF_PREFIX):
+                            self._handle_push_reg_notif(notif)
+                        else:
+                            self._pending_completion_notifs.put(notif)
+                            if not notif.startswith(b"HB:"):
+                                logger.debug("[%s] notification drained", notif[:80].decode(errors="replace"))
+            except Exception:
+                logger.exception("nixl-push-writer error; continuing")
+            if self._push_finished_blocks:
+                self._push_writer_stop.wait(timeout=sleep_s)
+            elif self._recving_metadata:  # ours: a receive is pending (read across threads: a dict's truth)
+                self._push_writer_wake.wait(timeout=push.RECV_POLL_S)
+                self._push_writer_wake.clear()
+            else:
+                self._push_writer_wake.wait()
+                self._push_writer_wake.clear()
 
     def _do_start_push_kv(self, request_id, local_block_ids, registration_data):
         if not push.may_write(registration_data, time.time()):
@@ -138,6 +247,11 @@ class PushWorker(NixlPushConnectorWorker):
 
 class NixlPushConnector(_PushConnector):
     """Decode allocates, prefill writes (vLLM's NixlPushConnector), with our halves."""
+
+    def bind_connector_metadata(self, connector_metadata):
+        if self.connector_worker is not None:  # before the forward: for the trace
+            self.connector_worker._step_bound = time.perf_counter()
+        super().bind_connector_metadata(connector_metadata)
 
     def __init__(self, vllm_config, role, kv_cache_config):
         # vLLM's own __init__ would build its halves, and a worker half opens a NIXL agent and

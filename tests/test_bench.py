@@ -559,6 +559,7 @@ def test_a_remote_prefill_split_into_stages_from_every_process_log():
         marks_from_log,
         stage_ms,
         stamp,
+        traces_from_log,
     )
 
     base = datetime(2026, 12, 4, 15, 0, 0).timestamp()  # local time, as every process logs
@@ -567,19 +568,28 @@ def test_a_remote_prefill_split_into_stages_from_every_process_log():
         "[decode0] [2026-12-04 15:00:00,023: INFO/MainProcess] [rp-1] remote prefill of 2048 tokens requested",
         "[prefill0] [2026-12-04 15:00:00,025: INFO/MainProcess] [rp-1] prefill claimed for decode0@vm (1 listener)",
         "[prefill0] VLLM INFO 2026-12-04 15:00:00.100 [nixl_agents.py:1] [rp-1-ab12cd34] writing the KV to d-1",
+        "[decode0] VLLM DEBUG 2026-12-04 15:00:00.104 [nixl_agents.py:1] [rp-1-ef56ab78:1] notification drained",
         "[decode0] VLLM INFO 2026-12-04 15:00:00.108 [nixl_agents.py:1] [rp-1-ef56ab78] push received",
+        "[prefill0] VLLM DEBUG 2026-12-04 15:00:00.109 [nixl_agents.py:1] [rp-1-ab12cd34] WRITE reported done: "
+        "NIXL 0.686 ms (post 0.686 ms), 4 descriptors",
+        "[decode0] VLLM DEBUG 2026-12-04 15:00:00.115 [nixl_agents.py:1] [rp-1-ef56ab78] step after the push: "
+        "3.66 ms before it, forward 3.68 ms, connector 0.06 ms",
         "[decode0] VLLM INFO 2026-12-04 15:00:00.109 [nixl_agents.py:1] [rp-2-ef56ab78] push received",
         "[decode0] [2026-12-04 15:00:00,500: INFO/MainProcess] [rp-1] remote prefill of 2048 tokens requested",
     ]
     assert stamp(log[0]) == pytest.approx(base + 0.010) and stamp("no time here") is None
     marks = marks_from_log(log, ["rp-1"])["rp-1"]  # the first time each mark is seen; rp-2 is not asked for
     assert {k: round((v - base) * 1000) for k, v in marks.items()} == {
-        "enqueued": 10, "requested": 23, "claimed": 25, "write_started": 100, "received": 108}
+        "enqueued": 10, "requested": 23, "claimed": 25, "write_started": 100, "notif_drained": 104, "received": 108,
+        "write_done": 109}
+    assert traces_from_log(log, ["rp-1"])["rp-1"] == {"ms": [0.686], "post": [0.686], "descs": [4.0],
+                                                       "before": [3.66], "forward": [3.68]}
     t = Timeline("disagg", "rp-1", sent=base, first_chunk=base + 0.130,
                  marks={**marks, "accepted": base + 0.020, "first_delta": base + 0.125, "last_delta": base + 0.249})
     ms = {k: round(v, 3) for k, v in stage_ms([t], DISAGG_STAGES).items() if v is not None}
     assert ms["prefill engine: queue, compute, to its WRITE"] == 75.0
     assert ms["WRITE, notify, decode engine receives"] == 8.0 and ms["TTFT"] == 130.0
+    assert ms["  WRITE starts -> D's writer thread drains its notification"] == 4.0
     assert "claim reaches the decode worker" not in ms  # no claim_seen mark: no figure, not a zero
     assert decode_step_ms(t, 32) == pytest.approx(4.0)
 
