@@ -184,6 +184,13 @@ class FrontendConfig(_Section):
     # only Flower reads). Workers cannot tell the two apart (docs/benchmarks.md, "Against vllm
     # serve", has the A/B).
     publish: Literal["direct", "celery"] = "direct"
+    # Seconds a connection may sit idle between requests before gunicorn closes it (HTTP
+    # keep-alive; vLLM's server keeps 5). A client that reuses its connection skips a TCP connect,
+    # gunicorn's accept and its peek at the first bytes on every request after the first. Idle
+    # connections wait in each process's selector, not in a thread, and give way to new ones
+    # when a process is at frontend.threads x 4 connections (app/gunicorn_worker.py). 0: close
+    # every connection after its answer.
+    keepalive_s: int = Field(5, ge=0)
 
     @model_validator(mode="after")
     def _threads_left_for_generation(self) -> FrontendConfig:

@@ -79,9 +79,9 @@ preload_app = True
 # The worker's own liveness timeout; a long stream is not a hung worker under gthread.
 timeout = 60
 graceful_timeout = 30
-# Off: a kept-alive connection's next request would skip the probe lane (the worker peeks only at
-# a connection's first request), and a new local TCP connection costs well under 1 ms.
-keepalive = 0
+# A kept-alive connection's next request takes the probe lane as a new one's first does (the
+# worker peeks at each request's first bytes), and idle ones give way to new connections.
+keepalive = _settings.frontend.keepalive_s
 loglevel = _settings.log_level.lower()
 accesslog = "-"
 errorlog = "-"

@@ -36,6 +36,11 @@ whole, takes the ordinary lane, where the WSGI middleware decides.
 A connection is closed at once when the client left no unread bytes (``Conn.close``), instead of
 gunicorn's lingering close on the main loop.
 
+Kept-alive connections (``frontend.keepalive_s``) wait for their next request in the main loop's
+selector; that request takes its lane by its first bytes too, so a monitor that reuses its
+connection (Prometheus does) still gets the probe lane. Idle ones are closed, oldest first, when
+the process reaches its connection limit, where gthread would stop accepting.
+
 It relies on gthread's internals (``enqueue_req``, ``method_queue``, ``finish_request``), so the
 gunicorn version is pinned in requirements.txt; tests/test_admission.py exercises this lane.
 """
@@ -229,6 +234,24 @@ class FrontendWorker(ThreadWorker):
         self.nr_conns += 1
         client_sock.setblocking(True)
         self.enqueue_req(Conn(self.cfg, client_sock, client_addr, listener.getsockname()))
+        self._make_room()
+
+    def finish_request(self, conn, fs) -> None:
+        super().finish_request(conn, fs)
+        self._make_room()
+
+    def _make_room(self) -> None:
+        """Closes idle kept-alive connections, oldest first, while this process is at its
+        connection limit: gthread stops accepting there, and a new connection (a probe, or a
+        client that would be served now) must not wait in the backlog behind idle ones."""
+        while self.keepalived_conns and self.nr_conns >= self._worker_connections:
+            conn = self.keepalived_conns.popleft()
+            try:
+                self.poller.unregister(conn.sock)
+            except (OSError, KeyError, ValueError):
+                pass  # already unregistered
+            self.nr_conns -= 1
+            conn.close()
 
     def _pause_over(self) -> None:
         # On the main loop. Nothing left in the backlog: the next connection pauses afresh.
@@ -268,9 +291,11 @@ class FrontendWorker(ThreadWorker):
         return True
 
     def enqueue_req(self, conn) -> None:
-        if conn.initialized:  # a connection coming back for another request (keep-alive)
-            return super().enqueue_req(conn)
-        if self._refuse_at_accept(conn):
+        if conn.initialized:  # a kept-alive connection coming back with its next request
+            if conn.parser is not None and conn.parser.unreader.buf.getvalue():
+                # Its next request was read ahead into the parser: not in the socket to peek at.
+                return super().enqueue_req(conn)
+        elif self._refuse_at_accept(conn):
             return
         lane = lane_of(_peek(conn.sock))
         if lane is None:

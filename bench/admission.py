@@ -67,6 +67,7 @@ class Probe:
     sent_at_s: float  # since the burst started (negative: before it)
     latency_s: float
     status: int
+    kept_alive: bool = False  # sent on a connection an earlier probe of the path kept alive
 
 
 def _parse(raw: bytes, latency_s: float) -> Reply:
@@ -247,24 +248,33 @@ def _latencies_ms(replies: list[Reply]) -> dict:
 
 def _probe_forever(root_url: str, paths: tuple[str, ...], interval_s: float, stop, results) -> None:
     """In a process of its own, so the burst's client does not delay the probes it times: GET
-    each path in turn, on a new connection each, until `stop` is set."""
+    each path in turn, until `stop` is set, twice: on a new connection (as a load balancer's
+    health check does), and on one connection per path kept alive from probe to probe (as
+    Prometheus scrapes), opened anew only when the server closed it."""
     import http.client
     from urllib.parse import urlsplit
 
     url = urlsplit(root_url)
+    kept: dict[str, http.client.HTTPConnection] = {}
     while not stop.is_set():
         for path in paths:
-            sent = time.monotonic()
-            try:
-                conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
-                conn.request("GET", path)
-                resp = conn.getresponse()
-                resp.read()
-                status = resp.status
-                conn.close()
-            except Exception:  # noqa: BLE001  a probe that got no answer
-                status = 0
-            results.put((path, sent, time.monotonic() - sent, status))
+            for reuse in (False, True):
+                conn = kept.pop(path, None) if reuse else None
+                was_open = conn is not None
+                sent = time.monotonic()
+                try:
+                    conn = conn or http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+                    conn.request("GET", path)
+                    resp = conn.getresponse()
+                    resp.read()
+                    status = resp.status
+                    if reuse and not resp.will_close:
+                        kept[path] = conn
+                    else:
+                        conn.close()
+                except Exception:  # noqa: BLE001  a probe that got no answer
+                    status = 0
+                results.put((path, sent, time.monotonic() - sent, status, was_open))
         stop.wait(interval_s)
 
 
@@ -302,7 +312,8 @@ def burst(root_url: str, num_requests: int, prompt: list[int], max_tokens: int, 
                     pass
             prober.join(timeout=30)
     # CLOCK_MONOTONIC is one clock for every process of the machine.
-    return replies, [Probe(path, sent - started, latency, status) for path, sent, latency, status in raw]
+    return replies, [Probe(path, sent - started, latency, status, kept_alive)
+                     for path, sent, latency, status, kept_alive in raw]
 
 
 def summarize(replies: list[Reply], probes: list[Probe], max_tokens: int) -> dict:

@@ -28,7 +28,7 @@ first chunk, and the client's parse). Entry ids are whole milliseconds, so read 
 Around each load point it also reads, from /proc, the CPU time of the frontend's processes, of
 the decode worker's Celery process (not its engine) and of the Redis server, per output token.
 `--publish direct,celery` runs one deployment per way of publishing (frontend.publish), as an A/B
-in one run.
+in one run; `--keepalive 5,0` likewise for HTTP keep-alive (frontend.keepalive_s).
 """
 
 from __future__ import annotations
@@ -70,6 +70,9 @@ class StagesSpec:
     redis_db: int = field(default=3, metadata=help_text("Redis database (1-5), flushed before the start"))
     publish: str = field(default="direct", metadata=help_text(
         "frontend.publish values, one deployment each, in this order (direct,celery: the A/B)"))
+    keepalive: str = field(default="", metadata=help_text(
+        "frontend.keepalive_s values, one deployment each for each publish value (5,0: the A/B of "
+        "HTTP keep-alive); empty: the config's"))
     seed: int = field(default=0, metadata=help_text("workload seed"))
 
 
@@ -219,11 +222,17 @@ def cpu_seconds(groups: dict[str, list[int]]) -> dict[str, float]:
 def run(spec: StagesSpec, out: Path) -> Path:
     started = MachineState.now()
     points = []
+    keepalives = [k.strip() for k in spec.keepalive.split(",") if k.strip()] or [None]
     for publish in [p.strip() for p in spec.publish.split(",") if p.strip()]:
-        name = f"{Path(spec.config).stem}-{publish}"
-        with LauncherDeployment(spec.config, out / "logs", spec.redis_db, sets={"frontend.publish": publish},
-                                name=name) as dep:
-            points += _measure(spec, dep, publish)
+        for keepalive in keepalives:
+            sets = {"frontend.publish": publish}
+            variant = publish
+            if keepalive is not None:
+                sets["frontend.keepalive_s"] = keepalive
+                variant = f"{publish}, keepalive_s {keepalive}"
+            name = f"{Path(spec.config).stem}-{publish}" + (f"-ka{keepalive}" if keepalive is not None else "")
+            with LauncherDeployment(spec.config, out / "logs", spec.redis_db, sets=sets, name=name) as dep:
+                points += _measure(spec, dep, variant)
     finished = MachineState.now()
     body = {"scenario": "stages", "spec": asdict(spec), "machine_start": asdict(started),
             "machine_end": asdict(finished), "points": points}

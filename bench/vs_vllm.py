@@ -13,7 +13,11 @@ vLLM gets them as flags through bench.deploy.vllm_server_args):
   engines, each bound to its own core, so it is not a like-for-like comparison; it is shown
   beside the others for what the second engine buys on 2 cores;
 - `agg_celery`: `agg` publishing its tasks through Celery's send_task (frontend.publish: celery,
-  app/publish.py), for the A/B of that step in the same run.
+  app/publish.py), for the A/B of that step in the same run;
+- `agg_close`: `agg` closing every connection after its answer (frontend.keepalive_s: 0), for the
+  A/B of HTTP keep-alive;
+- `agg_free`: `agg` with its engine's scheduler free to run on any core, as stock vLLM's is
+  (engine.scheduler_on_runner_cores: false).
 
 Each server runs alone (the others stopped), one after another, with the same seed and load
 points, and the harness's comparison with the baseline is computed over the merged records.
@@ -46,9 +50,12 @@ TARGETS = {  # label -> launcher config; the baseline has none
     PLACED_BASELINE: None,
     "agg_router": "configs/agg_router.yaml",
     "agg_celery": "configs/agg.yaml",
+    "agg_close": "configs/agg.yaml",
+    "agg_free": "configs/agg.yaml",
 }
 # A target's settings on top of its config (the launcher's --set).
-TARGET_SETS = {"agg_celery": {"frontend.publish": "celery"}}
+TARGET_SETS = {"agg_celery": {"frontend.publish": "celery"}, "agg_close": {"frontend.keepalive_s": "0"},
+               "agg_free": {"engine.scheduler_on_runner_cores": "false"}}
 
 
 

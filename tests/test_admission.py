@@ -359,6 +359,8 @@ def test_a_burst_gets_429s_admitted_requests_complete_and_health_answers(small_l
 
     during = [p for p in probes if p.sent_at_s >= 0]
     assert {p.path for p in during} == {"/health", "/metrics"}
+    # Monitors that keep their connection alive (frontend.keepalive_s) get the probe lane too.
+    assert {p.path for p in during if p.kept_alive} == {"/health", "/metrics"}
     # A generous bound, to show the probes do not queue behind the burst; speed is for the bench.
     slow = [(p.path, round(p.latency_s, 3), p.status) for p in during if p.status != 200 or p.latency_s > 1.0]
     assert not slow

@@ -142,6 +142,38 @@ def _make_stat_logger(load: EngineLoad):
     return LoadRecorder
 
 
+def _unserved_prometheus_logger():
+    """A stand-in for vLLM's PrometheusStatLogger, which records nothing.
+
+    AsyncLLM adds vLLM's own Prometheus logger unless one of the given loggers is one (vllm/v1/
+    metrics/loggers.py, StatLoggerManager). It would fill prometheus_client's default registry on
+    every engine step, for nobody: a worker serves its own registry (workers/metrics.py), and its
+    engine's figures through LoadRecorder. At one stream those updates were about a tenth of the
+    decode worker's CPU (py-spy --gil; docs/benchmarks.md, "Against vllm serve")."""
+    from vllm.v1.metrics.loggers import PrometheusStatLogger
+
+    class Unserved(PrometheusStatLogger):
+        def __init__(self, vllm_config, engine_indexes=None):  # registers no metric
+            self.engine_indexes = engine_indexes or [0]
+
+        def record(self, *args, **kwargs):
+            pass
+
+        def record_sleep_state(self, *args, **kwargs):
+            pass
+
+        def record_admission_rejection(self, *args, **kwargs):
+            pass
+
+        def log_engine_initialized(self):
+            pass
+
+        def log(self):
+            pass
+
+    return Unserved
+
+
 class EngineHost:
     """Owns the AsyncLLM and the event-loop thread it runs on."""
 
@@ -185,7 +217,8 @@ class EngineHost:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         args = engine_args(self.settings, **self._extra)
-        return AsyncLLM.from_engine_args(args, stat_loggers=[_make_stat_logger(self.load)])
+        loggers = [_make_stat_logger(self.load), _unserved_prometheus_logger()]
+        return AsyncLLM.from_engine_args(args, stat_loggers=loggers)
 
     def shutdown(self) -> None:
         if self._engine is not None:
