@@ -184,6 +184,12 @@ class FrontendConfig(_Section):
     # only Flower reads). Workers cannot tell the two apart (docs/benchmarks.md, "Against vllm
     # serve", has the A/B).
     publish: Literal["direct", "celery"] = "direct"
+    # A process of its own owns the public socket (app/gate.py): it answers the generation
+    # requests past the limits with their 429 itself, a single-threaded loop that shares no GIL
+    # with the admitted requests, and passes every other connection to a gunicorn process.
+    # Off: the gunicorn processes accept, and refuse at accept (docs/benchmarks.md, "Admission
+    # control").
+    gate: bool = True
 
     @model_validator(mode="after")
     def _threads_left_for_generation(self) -> FrontendConfig:
@@ -242,6 +248,11 @@ class WorkerConfig(_Section):
     # A worker whose engine is not up by then exits (and the launcher starts it again) rather
     # than sit half-started: vLLM's start can hang, e.g. when a port it needs is taken.
     engine_start_timeout_s: float = Field(600.0, gt=0)
+    # Niceness the launcher starts decode and prefill workers at; their engine processes inherit
+    # it. On a node they share with the frontend, its latency-critical paths (the gate's 429s,
+    # /health, a new request's way in) then win the cores from the engine's compute. 0: as the
+    # launcher itself (docs/benchmarks.md, "Admission control", has the A/B).
+    nice: int = Field(10, ge=0, le=19)
 
     @model_validator(mode="after")
     def _lease_outlives_heartbeat(self) -> WorkerConfig:
