@@ -255,6 +255,8 @@ class Gate:
             self._hand(fd, counted=False)  # chunked, malformed or big: the worker refuses or rejects it
         elif len(data) >= size:
             self._refuse(fd, refused, data)
+        elif b"100-continue" in data[:data.find(b"\r\n\r\n")].lower():
+            self._hand(fd, counted=False)  # its body waits for an answer: the worker gives it one
         # else: wait for the rest of the body
 
     def _expire(self) -> None:

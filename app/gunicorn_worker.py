@@ -52,6 +52,7 @@ gunicorn version is pinned in requirements.txt; tests/test_admission.py exercise
 
 from __future__ import annotations
 
+import array
 import errno
 import json
 import os
@@ -121,6 +122,17 @@ def _unread(sock: socket.socket) -> bool:
         return False
     except OSError:
         return False
+
+
+def _recv_fd(sock: socket.socket, flags: int) -> tuple[bytes, list[int]]:
+    """One message and the descriptor it carries, if any (socket.recv_fds ignores its flags
+    before Python 3.13)."""
+    fds = array.array("i")
+    msg, ancdata, _flags, _addr = sock.recvmsg(16, socket.CMSG_LEN(fds.itemsize), flags)
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
+    return msg, list(fds)
 
 
 class Conn(TConn):
@@ -232,8 +244,8 @@ class FrontendWorker(ThreadWorker):
                 self.poller.register(self.gate, selectors.EVENT_READ, self._from_gate)
             else:
                 self.poller.unregister(self.gate)
-                if not self.alive:
-                    self._leave_gate()
+        if not enabled and not self.alive and self.gate is not None:
+            self._leave_gate()
         super().set_accept_enabled(enabled)
 
     def _from_gate(self, _sock=None, wait_s: float = 0.0) -> bool:
@@ -245,9 +257,7 @@ class FrontendWorker(ThreadWorker):
             try:
                 if wait_s:
                     gate.settimeout(max(0.01, deadline - time.monotonic()))
-                    msg, fds, _flags, _addr = socket.recv_fds(gate, 16, 1)
-                else:
-                    msg, fds, _flags, _addr = socket.recv_fds(gate, 16, 1, socket.MSG_DONTWAIT)
+                msg, fds = _recv_fd(gate, 0 if wait_s else socket.MSG_DONTWAIT)
             except (BlockingIOError, TimeoutError):
                 return False
             except OSError as e:
