@@ -226,6 +226,7 @@ class Gate:
             self.pending[sock.fileno()] = Pending(sock, now, now + FIRST_BYTES_WAIT_S)
             # Edge-triggered: peeked bytes stay in the socket, so only new bytes wake it again.
             self.epoll.register(sock.fileno(), select.EPOLLIN | select.EPOLLET)
+            self._on_bytes(sock.fileno())  # a client that sent at connect is answered now
 
     def _on_bytes(self, fd: int) -> None:
         p = self.pending[fd]
