@@ -40,6 +40,10 @@ def pre_fork(server, worker):
 
 def post_fork(server, worker):
     _gc.after_fork()
+    if _settings.frontend.worker_nice:
+        # Before the worker starts a thread: Linux keeps a niceness per thread, and threads
+        # inherit their creator's.
+        os.nice(_settings.frontend.worker_nice)
 
 
 # -- the gate (frontend.gate, app/gate.py) ------------------------------------------------------
