@@ -190,11 +190,12 @@ class FrontendConfig(_Section):
     # Off: the gunicorn processes accept, and refuse at accept (docs/benchmarks.md, "Admission
     # control").
     gate: bool = True
-    # Niceness of the gunicorn worker processes (set as each starts, before its threads). The
-    # gate and gunicorn's master keep the launcher's, so in a burst the gate's 429s win the cores
-    # from the admitted requests' intake (JSON, tokenizing, publishing); the engines'
-    # workers.nice is higher still. 0: as the launcher.
-    worker_nice: int = Field(5, ge=0, le=19)
+    # Niceness of the gunicorn worker processes (set as each starts, before its threads); the
+    # gate and gunicorn's master keep the launcher's. Above 0, the gate's 429s win the cores from
+    # the admitted requests' intake in a burst, but /health and /metrics, which the workers
+    # serve, lose them too; 0 until an A/B shows a gain beyond the noise (docs/benchmarks.md,
+    # "Admission control").
+    worker_nice: int = Field(0, ge=0, le=19)
 
     @model_validator(mode="after")
     def _threads_left_for_generation(self) -> FrontendConfig:
