@@ -17,7 +17,10 @@ Two bounds, checked in this order as a generation request arrives, before its bo
 Once the deployment-wide check has refused, the same answer stands for FULL_MEMORY_S in this
 process (``Admission.refusing``), unless it gives a place back meanwhile: the gunicorn worker
 then answers new generation requests with their 429 as it accepts them (app/gunicorn_worker.py),
-and the middleware without asking Redis.
+and the middleware without asking Redis. With the gate (``frontend.gate``, app/gate.py), these
+checks are the second line: the gate refuses past the same limits before a worker sees the
+connection, from what the workers tell it (``on_full``, ``on_place_given_back``,
+``on_decode_workers``).
 
 Both run in a WSGI middleware in front of Flask, so a refusal costs no JSON parsing, no
 tokenizing, and no Flask request: it is answered from the request line alone, which keeps it
