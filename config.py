@@ -191,6 +191,18 @@ class FrontendConfig(_Section):
     # when a process is at frontend.threads x 4 connections (app/gunicorn_worker.py). 0: close
     # every connection after its answer.
     keepalive_s: int = Field(5, ge=0)
+    # A process of its own owns the public socket (app/gate.py): it answers the generation
+    # requests past the limits with their 429 itself, a single-threaded loop that shares no GIL
+    # with the admitted requests, and passes every other connection to a gunicorn process.
+    # Off: the gunicorn processes accept, and refuse at accept (docs/benchmarks.md, "Admission
+    # control").
+    gate: bool = True
+    # Niceness of the gunicorn worker processes (set as each starts, before its threads); the
+    # gate and gunicorn's master keep the launcher's. Above 0, the gate's 429s win the cores from
+    # the admitted requests' intake in a burst, but /health and /metrics, which the workers
+    # serve, lose them too; 0 until an A/B shows a gain beyond the noise (docs/benchmarks.md,
+    # "Admission control").
+    worker_nice: int = Field(0, ge=0, le=19)
 
     @model_validator(mode="after")
     def _threads_left_for_generation(self) -> FrontendConfig:
@@ -249,6 +261,11 @@ class WorkerConfig(_Section):
     # A worker whose engine is not up by then exits (and the launcher starts it again) rather
     # than sit half-started: vLLM's start can hang, e.g. when a port it needs is taken.
     engine_start_timeout_s: float = Field(600.0, gt=0)
+    # Niceness the launcher starts decode and prefill workers at; their engine processes inherit
+    # it. On a node they share with the frontend, its latency-critical paths (the gate's 429s,
+    # /health, a new request's way in) then win the cores from the engine's compute. 0: as the
+    # launcher itself (docs/benchmarks.md, "Admission control", has the A/B).
+    nice: int = Field(10, ge=0, le=19)
 
     @model_validator(mode="after")
     def _lease_outlives_heartbeat(self) -> WorkerConfig:

@@ -281,7 +281,9 @@ def place_scheduler(niceness: int, share_runner_cores: bool, parent_pid: int | N
             cores = _runner_cores(child) if share_runner_cores else None
             nice = 0 if cores else niceness
             for thread in child.threads():
-                if nice:
+                # Only ever up: the worker may run niced already (workers.nice), and lowering a
+                # niceness needs a privilege.
+                if nice and nice > os.getpriority(os.PRIO_PROCESS, thread.id):
                     os.setpriority(os.PRIO_PROCESS, thread.id, nice)
                 if cores:
                     os.sched_setaffinity(thread.id, cores)

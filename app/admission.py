@@ -17,7 +17,10 @@ Two bounds, checked in this order as a generation request arrives, before its bo
 Once the deployment-wide check has refused, the same answer stands for FULL_MEMORY_S in this
 process (``Admission.refusing``), unless it gives a place back meanwhile: the gunicorn worker
 then answers new generation requests with their 429 as it accepts them (app/gunicorn_worker.py),
-and the middleware without asking Redis.
+and the middleware without asking Redis. With the gate (``frontend.gate``, app/gate.py), these
+checks are the second line: the gate refuses past the same limits before a worker sees the
+connection, from what the workers tell it (``on_full``, ``on_place_given_back``,
+``on_decode_workers``).
 
 Both run in a WSGI middleware in front of Flask, so a refusal costs no JSON parsing, no
 tokenizing, and no Flask request: it is answered from the request line alone, which keeps it
@@ -226,6 +229,12 @@ class Admission:
         # The deployment's last refusal, and until when it stands for the next requests.
         self._full: Refused | None = None
         self._full_until = 0.0
+        # Told of the deployment-wide check's refusals, of places given back, and of the live
+        # decode workers when their number changes: the gate's worker sets them (app/gate.py).
+        self.on_full: Callable[[Refused], None] | None = None
+        self.on_place_given_back: Callable[[], None] | None = None
+        self.on_decode_workers: Callable[[int], None] | None = None
+        self._decode_workers_told = -1
 
     def refusing(self) -> Refused | None:
         """The refusal a new generation request would get, if this process knows it without Redis:
@@ -239,6 +248,8 @@ class Admission:
 
     def place_given_back(self) -> None:
         self._full_until = 0.0
+        if self.on_place_given_back is not None:
+            self.on_place_given_back()
 
     def _process_message(self) -> str:
         return (f"this frontend process is serving {self.process.limit} generation requests, "
@@ -261,6 +272,9 @@ class Admission:
         per_worker = self.frontend.max_requests_per_decode_worker
         try:
             workers = self.live_decode_workers()
+            if workers != self._decode_workers_told and self.on_decode_workers is not None:
+                self._decode_workers_told = workers
+                self.on_decode_workers(workers)
             if workers <= 0:
                 return None  # the gateway answers 503: no live decode worker
             member = f"{os.getpid()}-{uuid.uuid4().hex}"
@@ -275,6 +289,8 @@ class Admission:
                                                f"of {per_worker} per live decode worker x {workers} "
                                                f"(frontend.max_requests_per_decode_worker); retry shortly")
             self._full_until = time.monotonic() + FULL_MEMORY_S
+            if self.on_full is not None:
+                self.on_full(self._full)
             raise self._full
         return member
 
@@ -282,6 +298,41 @@ class Admission:
 def refusal_body(message: str) -> bytes:
     return json.dumps({"error": {"message": message, "type": "rate_limit_exceeded", "param": None,
                                  "code": "rate_limit_exceeded"}}).encode()
+
+
+def request_size(data: bytes) -> int | None:
+    """Bytes of the whole request (its head and its Content-Length body) once its head is in
+    ``data``; None while it is not, or for a chunked body or a malformed Content-Length."""
+    head_end = data.find(b"\r\n\r\n")
+    if head_end < 0:
+        return None
+    length = 0
+    for line in data[data.find(b"\r\n") + 2:head_end].split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        name = name.strip().lower()
+        if name == b"transfer-encoding":
+            return None
+        if name == b"content-length":
+            if not value.strip().isdigit():
+                return None
+            length = int(value)
+    return head_end + 4 + length
+
+
+def generation_request(data: bytes) -> tuple[str, int] | None:
+    """(path, bytes of the whole request) for a POST to a generation path whose request line,
+    headers and Content-Length body are all in ``data``; None for anything else, or not yet whole."""
+    line_end = data.find(b"\r\n")
+    if line_end < 0:
+        return None
+    parts = data[:line_end].split(b" ")
+    if len(parts) != 3 or parts[0] != b"POST":
+        return None
+    path = parts[1].partition(b"?")[0].decode("latin-1")
+    if path not in GENERATION_PATHS:
+        return None
+    total = request_size(data)
+    return (path, total) if total is not None and len(data) >= total else None
 
 
 def refusal_bytes(refused: Refused, retry_after_s: int) -> bytes:

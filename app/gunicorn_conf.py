@@ -8,6 +8,10 @@ keeps ``frontend.reserved_threads`` of each process's threads for everything but
 
 import glob
 import os
+import shutil
+import socket
+import subprocess
+import sys
 import tempfile
 
 import placement
@@ -36,6 +40,54 @@ def pre_fork(server, worker):
 
 def post_fork(server, worker):
     _gc.after_fork()
+    if _settings.frontend.worker_nice:
+        # Before the worker starts a thread: Linux keeps a niceness per thread, and threads
+        # inherit their creator's.
+        os.nice(_settings.frontend.worker_nice)
+
+
+# -- the gate (frontend.gate, app/gate.py) ------------------------------------------------------
+# It owns the public socket; gunicorn binds a private Unix socket nobody connects to, and each
+# worker opens the gate's channel (LLMQ_GATE_SOCKET, inherited through the fork).
+_gate_dir = tempfile.mkdtemp(prefix="llmq-gate-") if _settings.frontend.gate else ""
+_gate_proc: subprocess.Popen | None = None
+# app.gunicorn_worker.GATE_SOCKET_ENV, not imported: nothing may import prometheus_client before
+# PROMETHEUS_MULTIPROC_DIR is set.
+GATE_SOCKET_ENV = "LLMQ_GATE_SOCKET"
+if _settings.frontend.gate:
+    os.environ[GATE_SOCKET_ENV] = os.path.join(_gate_dir, "gate.sock")
+
+
+def on_starting(server):
+    # In the master, before it binds or forks: the public socket is bound here, so that a port
+    # in use fails the start as gunicorn's own bind would.
+    global _gate_proc
+    if not _settings.frontend.gate:
+        return
+    public = socket.create_server((_settings.frontend.host, _settings.frontend.port), backlog=backlog,
+                                  family=socket.AF_INET6 if ":" in _settings.frontend.host else socket.AF_INET)
+    channel = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    channel.bind(os.environ[GATE_SOCKET_ENV])
+    channel.listen(64)
+    with public, channel:
+        _gate_proc = subprocess.Popen(
+            [sys.executable, "-m", "app.gate", "--listen-fd", str(public.fileno()),
+             "--channel-fd", str(channel.fileno())],
+            pass_fds=(public.fileno(), channel.fileno()), cwd=os.path.dirname(os.path.dirname(__file__)))
+    server.log.info("gate started (pid %d) on %s:%d", _gate_proc.pid, _settings.frontend.host,
+                    _settings.frontend.port)
+
+
+def on_exit(server):
+    if _gate_proc is not None:
+        _gate_proc.terminate()
+        try:
+            _gate_proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            _gate_proc.kill()
+            _gate_proc.wait()
+    if _gate_dir:
+        shutil.rmtree(_gate_dir, ignore_errors=True)
 
 
 def post_worker_init(worker):
@@ -56,7 +108,8 @@ def child_exit(server, worker):
     multiprocess.mark_process_dead(worker.pid)
 
 wsgi_app = "app:create_app()"
-bind = f"{_settings.frontend.host}:{_settings.frontend.port}"
+bind = (f"unix:{_gate_dir}/gunicorn.sock" if _settings.frontend.gate
+        else f"{_settings.frontend.host}:{_settings.frontend.port}")
 workers = _settings.frontend.workers
 # gthread, with a lane of its own for /health and /metrics, and the requests gunicorn refuses
 # itself (a header over its default limits of 8190 bytes a field and 100 fields, a request line

@@ -41,19 +41,32 @@ selector; that request takes its lane by its first bytes too, so a monitor that 
 connection (Prometheus does) still gets the probe lane. Idle ones are closed, oldest first, when
 the process reaches its connection limit, where gthread would stop accepting.
 
+With the gate on (``frontend.gate``, app/gate.py), no process accepts: the gate owns the public
+socket, refuses past the limits itself, and passes every other connection's descriptor to one
+process over a Unix socket this worker opens to it at start. The worker registers that socket in
+gthread's selector next to its (private, idle) listener, turns each descriptor it receives into a
+connection, and serves it as if it had accepted it, the checks above included (the second line).
+It tells the gate when a counted connection's first request is finished, and what admission
+control learns that the gate cannot see (a deployment-wide refusal, a place given back, the
+number of live decode workers); it says goodbye as it stops, and serves what the gate sent
+before the acknowledgement.
+
 It relies on gthread's internals (``enqueue_req``, ``method_queue``, ``finish_request``), so the
 gunicorn version is pinned in requirements.txt; tests/test_admission.py exercises this lane.
 """
 
 from __future__ import annotations
 
+import array
 import errno
 import json
+import os
 import select
 import selectors
 import socket
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
@@ -61,7 +74,7 @@ from gunicorn import util
 from gunicorn.http import errors
 from gunicorn.workers.gthread import TConn, ThreadWorker
 
-from app.admission import GENERATION_PATHS, accepted_at, count_refusal, refusal_bytes
+from app.admission import accepted_at, count_refusal, generation_request, refusal_bytes
 
 # Request lines that take the probe lane. Bytes, compared with the connection's first bytes.
 PROBE_PREFIXES = (b"GET /health ", b"GET /health?", b"GET /metrics")
@@ -74,6 +87,11 @@ PROBE_THREADS = 4
 FIRST_BYTES_WAIT_S = 1.0
 # How long a process with no generation slot free leaves a new connection to its siblings.
 ACCEPT_DEFER_S = 0.05
+# The gate's Unix socket (app/gate.py), set in the environment by app/gunicorn_conf.py when the
+# gate is on.
+GATE_SOCKET_ENV = "LLMQ_GATE_SOCKET"
+# How long a stopping process waits for the gate to acknowledge its goodbye.
+GATE_BYE_WAIT_S = 2.0
 # A generation request refused at accept must have arrived whole within this many bytes (a
 # request line, headers and a small JSON body); a bigger or slower one is refused by the WSGI
 # middleware instead.
@@ -111,12 +129,31 @@ def _unread(sock: socket.socket) -> bool:
         return False
 
 
+def _recv_fd(sock: socket.socket, flags: int) -> tuple[bytes, list[int]]:
+    """One message and the descriptor it carries, if any (socket.recv_fds ignores its flags
+    before Python 3.13)."""
+    fds = array.array("i")
+    msg, ancdata, _flags, _addr = sock.recvmsg(16, socket.CMSG_LEN(fds.itemsize), flags)
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
+    return msg, list(fds)
+
+
 class Conn(TConn):
     def __init__(self, *args) -> None:
         super().__init__(*args)
         self.accepted_at = time.monotonic()
+        # Called once when the first request is finished, for a connection the gate counted.
+        self.on_first_done: Callable[[], None] | None = None
+
+    def first_done(self) -> None:
+        done, self.on_first_done = self.on_first_done, None
+        if done is not None:
+            done()
 
     def close(self, graceful: bool = False) -> None:
+        self.first_done()
         # gunicorn's graceful close (util.close_graceful) half-closes, then reads until the client
         # closes too, for up to 2 s, so that unread request bytes cannot turn the close into a
         # reset that truncates the answer. It runs on the main loop, which then waits on each
@@ -125,33 +162,6 @@ class Conn(TConn):
         if graceful and not _unread(self.sock):
             graceful = False
         super().close(graceful)
-
-
-def generation_request(data: bytes) -> tuple[str, int] | None:
-    """(path, bytes of the whole request) for a POST to a generation path whose request line,
-    headers and Content-Length body are all in ``data``; None for anything else, or not yet whole."""
-    line_end = data.find(b"\r\n")
-    head_end = data.find(b"\r\n\r\n")
-    if line_end < 0 or head_end < 0:
-        return None
-    parts = data[:line_end].split(b" ")
-    if len(parts) != 3 or parts[0] != b"POST":
-        return None
-    path = parts[1].partition(b"?")[0].decode("latin-1")
-    if path not in GENERATION_PATHS:
-        return None
-    length = 0
-    for line in data[line_end + 2:head_end].split(b"\r\n"):
-        name, _, value = line.partition(b":")
-        name = name.strip().lower()
-        if name == b"transfer-encoding":
-            return None
-        if name == b"content-length":
-            if not value.strip().isdigit():
-                return None
-            length = int(value)
-    total = head_end + 4 + length
-    return (path, total) if len(data) >= total else None
 
 
 def _readable(listener) -> bool:
@@ -205,7 +215,102 @@ class FrontendWorker(ThreadWorker):
         # The base class's init_process runs the worker's main loop and never returns.
         self.probe_pool = ThreadPoolExecutor(max_workers=PROBE_THREADS, thread_name_prefix="probe")
         self.awaiting_first_bytes: dict = {}  # connection -> monotonic deadline
+        self.gate: socket.socket | None = None
+        if os.environ.get(GATE_SOCKET_ENV):
+            self.gate = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            self.gate.connect(os.environ[GATE_SOCKET_ENV])
+            self.log.info("taking connections from the gate at %s", os.environ[GATE_SOCKET_ENV])
         super().init_process()
+
+    def load_wsgi(self) -> None:
+        super().load_wsgi()
+        admission = getattr(self.wsgi, "extensions", {}).get("llmq.admission")
+        if self.gate is not None and admission is not None:
+            admission.on_full = lambda refused: self._tell_gate(b"f" + refused.message.encode())
+            admission.on_place_given_back = lambda: self._tell_gate(b"p")
+            admission.on_decode_workers = lambda n: self._tell_gate(b"w%d" % n)
+
+    # -- the gate --------------------------------------------------------------------------------
+
+    def _tell_gate(self, msg: bytes) -> None:
+        # From the main loop and from request threads: each send is one whole message.
+        gate = self.gate
+        if gate is None:
+            return
+        try:
+            gate.send(msg)
+        except OSError as e:
+            self.log.warning("could not tell the gate %r: %s", msg[:1], e)
+
+    def set_accept_enabled(self, enabled: bool) -> None:
+        # The gate's socket is taken from exactly when the listeners would be accepted from.
+        if enabled != self._accepting and self.gate is not None:
+            if enabled:
+                self.poller.register(self.gate, selectors.EVENT_READ, self._from_gate)
+            else:
+                self.poller.unregister(self.gate)
+        if not enabled and not self.alive and self.gate is not None:
+            self._leave_gate()
+        super().set_accept_enabled(enabled)
+
+    def _from_gate(self, _sock=None, wait_s: float = 0.0) -> bool:
+        """Takes the connections the gate sent; True once the gate acknowledged a goodbye (or is gone)."""
+        gate = self.gate
+        assert gate is not None
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                if wait_s:
+                    gate.settimeout(max(0.01, deadline - time.monotonic()))
+                msg, fds = _recv_fd(gate, 0 if wait_s else socket.MSG_DONTWAIT)
+            except (BlockingIOError, TimeoutError):
+                return False
+            except OSError as e:
+                self.log.error("lost the gate: %s", e)
+                msg, fds = b"", []
+            if not msg:
+                if wait_s == 0:
+                    # Nothing comes to this process any more: it stops, and gunicorn's master,
+                    # whose gate is gone, does not start another for long.
+                    self.log.error("the gate closed its socket; stopping")
+                    self.poller.unregister(gate)
+                    gate.close()
+                    self.gate = None
+                    self.alive = False
+                return True
+            if msg == b"a":
+                return True
+            for fd in fds:
+                self._adopt(fd, counted=msg == b"g")
+            if wait_s and time.monotonic() > deadline:
+                return False
+
+    def _adopt(self, fd: int, counted: bool) -> None:
+        sock = socket.socket(fileno=fd)
+        try:
+            addr = sock.getpeername()
+            server = sock.getsockname()
+        except OSError:  # the client is gone already
+            sock.close()
+            if counted:
+                self._tell_gate(b"d")
+            return
+        self.nr_conns += 1
+        sock.setblocking(True)
+        conn = Conn(self.cfg, sock, addr, server)
+        if counted:
+            conn.on_first_done = partial(self._tell_gate, b"d")
+        self.enqueue_req(conn)
+        self._make_room()
+
+    def _leave_gate(self) -> None:
+        # The gate hands nothing more after it reads the goodbye; what it sent before is served here.
+        self._tell_gate(b"b")
+        if not self._from_gate(wait_s=GATE_BYE_WAIT_S):
+            self.log.warning("the gate did not acknowledge the goodbye within %.0fs", GATE_BYE_WAIT_S)
+        assert self.gate is not None
+        self.gate.close()
+        self.gate = None
 
     def _generation_full(self) -> bool:
         admission = getattr(self.wsgi, "extensions", {}).get("llmq.admission")
@@ -237,6 +342,9 @@ class FrontendWorker(ThreadWorker):
         self._make_room()
 
     def finish_request(self, conn, fs) -> None:
+        first_done = getattr(conn, "first_done", None)
+        if first_done is not None:
+            first_done()
         super().finish_request(conn, fs)
         self._make_room()
 

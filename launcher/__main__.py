@@ -98,14 +98,20 @@ def _celery_worker(name: str, queue: str, settings: Settings, stop_order: int, e
 
 
 def worker_children(settings: Settings, roles: set[str]) -> list[Child]:
-    """Decode workers, then prefill workers; each engine gets its own core where there are several."""
+    """Decode workers, then prefill workers; each engine gets its own core where there are several,
+    all at ``workers.nice``."""
     specs = []
     if "decode" in roles:
         specs += [(f"decode{i}", queues.DECODE) for i in range(settings.workers.num_decode)]
     if "prefill" in roles and settings.disagg.enabled:
         specs += [(f"prefill{i}", queues.PREFILL) for i in range(settings.disagg.num_prefill)]
     envs = placement.engine_cores(len(specs), settings.engine.omp_threads_bind, moves_kv=settings.disagg.enabled)
-    return [_celery_worker(name, queue, settings, 3, env) for (name, queue), env in zip(specs, envs)]
+    children = [_celery_worker(name, queue, settings, 3, env) for (name, queue), env in zip(specs, envs)]
+    if settings.workers.nice:
+        # Through nice(1), which execs the worker: the same pid, reniced before its first thread.
+        for child in children:
+            child.argv = ["nice", "-n", str(settings.workers.nice), *child.argv]
+    return children
 
 
 def router_children(settings: Settings) -> list[Child]:

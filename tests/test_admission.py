@@ -329,13 +329,17 @@ def small_limits(model_path, tmp_path_factory):
     dep.stop()
 
 
-def _refused_total(dep) -> float:
+def _refusals(dep) -> tuple[float, dict[str, float]]:
+    """Refusals counted in /metrics: in all, and by where they were answered."""
     import urllib.request
 
     with urllib.request.urlopen(f"http://127.0.0.1:{dep.settings.frontend.port}/metrics", timeout=10) as resp:
-        families = text_string_to_metric_families(resp.read().decode())
-    return sum(s.value for f in families if f.name == "llmq_frontend_refused" for s in f.samples
-               if s.name.endswith("_total"))
+        families = list(text_string_to_metric_families(resp.read().decode()))
+    total = sum(s.value for f in families if f.name == "llmq_frontend_refused" for s in f.samples
+                if s.name.endswith("_total"))
+    where = {s.labels["where"]: s.value for f in families if f.name == "llmq_frontend_refusal_seconds"
+             for s in f.samples if s.name.endswith("_count")}
+    return total, where
 
 
 @pytest.mark.integration
@@ -344,7 +348,7 @@ def test_a_burst_gets_429s_admitted_requests_complete_and_health_answers(small_l
 
     dep = small_limits
     root = f"http://127.0.0.1:{dep.settings.frontend.port}"
-    before = _refused_total(dep)
+    before, where_before = _refusals(dep)
     prompt = [10 + (i * 37) % 1500 for i in range(24)]
     replies, probes = burst(root, BURST, prompt, MAX_TOKENS, timeout_s=180, poll_interval_s=0.05)
 
@@ -355,7 +359,12 @@ def test_a_burst_gets_429s_admitted_requests_complete_and_health_answers(small_l
     assert all(r.completion_tokens == MAX_TOKENS for r in ok)
     assert all(r.retry_after == "2" and r.error_type == "rate_limit_exceeded" for r in refused)
     assert all("frontend." in r.error for r in refused)  # the message names the limit
-    assert _refused_total(dep) - before == len(refused)
+    after, where_after = _refusals(dep)
+    assert after - before == len(refused)
+    # The gate (frontend.gate, on by default) answered most of them itself, in its own process.
+    assert dep.settings.frontend.gate
+    by_gate = where_after.get("gate", 0) - where_before.get("gate", 0)
+    assert by_gate >= len(refused) / 2, (where_before, where_after)
 
     during = [p for p in probes if p.sent_at_s >= 0]
     assert {p.path for p in during} == {"/health", "/metrics"}
