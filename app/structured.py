@@ -10,6 +10,11 @@ The checks follow vLLM's own (vllm/v1/structured_output/backend_xgrammar.py,
 validate_xgrammar_grammar) without importing vLLM, which the frontend does not load. vLLM's
 engine, on backend "auto", may still serve with llguidance a schema whose features xgrammar
 ignores (multipleOf, uniqueItems); it never gets one xgrammar cannot parse.
+
+A JSON schema travels rewritten in one way (``json_safe``): xgrammar compiles a string bounded by
+``minLength``/``maxLength`` to a character class that admits raw control characters, which JSON
+forbids, so a sampled answer could fail ``json.loads`` (mlc-ai/xgrammar#800). The same bounds as a
+``pattern`` go through xgrammar's JSON-string-aware regex, which never emits them.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ def constraint_for(req: ChatCompletionRequest | CompletionRequest) -> Structured
     if isinstance(req, ChatCompletionRequest):
         forced = forced_tools_schema(req)
         if forced is not None:
-            spec = StructuredSpec(json=json.dumps(forced))
+            spec = StructuredSpec(json=json.dumps(json_safe(forced)))
             _compile(spec, "tools")
             return spec
     fmt = req.response_format
@@ -43,7 +48,7 @@ def constraint_for(req: ChatCompletionRequest | CompletionRequest) -> Structured
         return StructuredSpec(json_object=True)
     if fmt is not None and fmt.type == "json_schema":
         assert fmt.json_schema is not None  # the schema requires it for this type
-        spec = StructuredSpec(json=json.dumps(fmt.json_schema.json_schema))
+        spec = StructuredSpec(json=json.dumps(json_safe(fmt.json_schema.json_schema)))
         _compile(spec, "response_format")
         return spec
     so = req.structured_outputs
@@ -51,11 +56,40 @@ def constraint_for(req: ChatCompletionRequest | CompletionRequest) -> Structured
         return None
     schema = so.json_
     spec = StructuredSpec(
-        json=json.dumps(schema) if isinstance(schema, dict) else schema,
+        json=json.dumps(json_safe(schema)) if isinstance(schema, dict) else _json_safe_text(schema),
         json_object=so.json_object, regex=so.regex,
         choice=list(so.choice) if so.choice is not None else None, grammar=so.grammar)
     _compile(spec, "structured_outputs")
     return spec
+
+
+def json_safe(schema: Any) -> Any:
+    """The schema with every length-bounded string that has no pattern or format of its own
+    bounded by a pattern instead: the same strings, never a raw control character."""
+    if isinstance(schema, list):
+        return [json_safe(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {key: json_safe(value) for key, value in schema.items()}
+    if (out.get("type") == "string" and "pattern" not in out and "format" not in out
+            and ("minLength" in out or "maxLength" in out)):
+        low, high = out.pop("minLength", 0), out.pop("maxLength", "")
+        if not isinstance(low, int) or not isinstance(high, (int, str)):
+            return schema  # not a bound xgrammar accepts; _compile reports it as it is
+        out["pattern"] = f"^[\\s\\S]{{{low},{high}}}$"
+    return out
+
+
+def _json_safe_text(schema: str | None) -> str | None:
+    """A schema given as JSON text, rewritten as json_safe does; text that is not a JSON object
+    is left for _compile to refuse."""
+    if schema is None:
+        return None
+    try:
+        parsed = json.loads(schema)
+    except ValueError:
+        return schema
+    return json.dumps(json_safe(parsed)) if isinstance(parsed, dict) else schema
 
 
 def forced_tools_schema(req: ChatCompletionRequest) -> dict | None:

@@ -181,8 +181,6 @@ def test_function_tools_and_text_format_reach_the_chat_path(deployment):
     jsonschema.validate(json.loads(deltas), WEATHER)
     assert events[-1].type == "response.completed" and events[-1].response.output[-1].type == "function_call"
 
-    # Seeded like the calls above: xgrammar's rule for a string with maxLength admits raw control
-    # characters (U+0000-U+001F), which JSON forbids, so an unseeded draw can fail json.loads.
     shaped = client.responses.create(model=MODEL, input="A city", max_output_tokens=120, extra_body={"seed": 6},
                                      text={"format": {
         "type": "json_schema", "name": "city", "schema": WEATHER, "strict": True}})

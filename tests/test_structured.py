@@ -12,7 +12,7 @@ import xgrammar as xgr
 from app.errors import BadRequest
 from app.responses import Choice, Formatter, Usage
 from app.schemas import ChatCompletionRequest, CompletionRequest, parse
-from app.structured import choice_grammar, constraint_for, forced_tools_schema
+from app.structured import choice_grammar, constraint_for, forced_tools_schema, json_safe
 from app.tools import ChoiceTools
 from tasks.messages import (
     Delta,
@@ -102,6 +102,39 @@ def test_tools_defs_are_lifted_and_conflicts_refused():
     other = {"type": "function", "function": {"name": "b", "parameters": {"$defs": {"P": {"type": "string"}}}}}
     with pytest.raises(BadRequest, match="twice"):
         forced_tools_schema(chat(tools=[tool, other], tool_choice="required"))
+
+
+def _accepts(schema: dict, text: str) -> bool:
+    """Whether xgrammar, given this schema, lets a model write exactly ``text``."""
+    vocab = [chr(i) for i in range(128)]  # one token a character, so any ASCII text can be written
+    compiled = xgr.GrammarCompiler(xgr.TokenizerInfo(vocab)).compile_json_schema(json.dumps(schema))
+    matcher = xgr.GrammarMatcher(compiled, terminate_without_stop_token=True)
+    return matcher.accept_string(text) and matcher.is_terminated()
+
+
+def test_length_bounded_strings_never_admit_control_characters():
+    bounded = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 5},
+                                                "tags": {"type": "array", "items": {"type": "string", "minLength": 2}}},
+               "required": ["city"]}
+    # The bug the rewrite is for: as the client wrote it, xgrammar lets a raw U+0001 through.
+    assert _accepts(bounded, '{"city": "ab\x01"}')
+    for fields in ({"response_format": {"type": "json_schema", "json_schema": {"name": "w", "schema": bounded}}},
+                   {"tools": [{"type": "function", "function": {"name": "f", "parameters": bounded}}],
+                    "tool_choice": {"type": "function", "function": {"name": "f"}}},
+                   {"structured_outputs": {"json": bounded}},
+                   {"structured_outputs": {"json": json.dumps(bounded)}}):
+        spec = constraint_for(chat(**fields))
+        assert spec is not None and spec.json is not None
+        sent = json.loads(spec.json)
+        assert not _accepts(sent, '{"city": "ab\x01"}')
+        assert not _accepts(sent, '{"city": "a", "tags": ["b\tc"]}')
+        assert _accepts(sent, '{"city": "Paris", "tags": ["ab", "cde"]}')
+        assert not _accepts(sent, '{"city": "Lisbon"}')  # the bounds still hold
+        assert not _accepts(sent, '{"city": "Rome", "tags": ["a"]}')
+    # A string with a pattern or a format of its own is sent as written.
+    own = {"type": "string", "maxLength": 3, "pattern": "^[a-z]+$"}
+    assert json_safe(own) == own
+    assert json_safe({"type": "string", "format": "email", "maxLength": 9})["maxLength"] == 9
 
 
 def test_choice_grammar_escapes_like_vllm():

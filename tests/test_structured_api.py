@@ -168,3 +168,15 @@ def test_bad_schema_is_a_400_from_the_official_client(deployment):
         deployment.client().completions.create(model=MODEL, prompt="x", max_tokens=4, extra_body={
             "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
                 "type": "integer", "minimum": 5, "maximum": 2}}}})
+
+
+def test_length_bounded_strings_always_parse(deployment):
+    # Unconstrained by a seed, many draws: a raw control character in the bounded "city" would
+    # fail json.loads (app/structured.py, json_safe).
+    out = deployment.client().chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=MAX_TOKENS, n=16, temperature=1.5,
+        response_format={"type": "json_schema", "json_schema": {"name": "weather", "schema": WEATHER}})
+    finished = [c.message.content for c in out.choices if c.finish_reason == "stop"]
+    assert len(finished) >= 12
+    for text in finished:
+        jsonschema.validate(json.loads(text), WEATHER)
