@@ -240,8 +240,14 @@ class FrontendConfig(_Section):
 class WorkerConfig(_Section):
     # Decode (or aggregated) worker processes the launcher starts on this node.
     num_decode: int = Field(1, ge=0)
-    # Concurrent requests one worker hands to its engine (Celery thread pool size).
-    concurrency: int = Field(64, ge=1)
+    # Requests one worker holds at once (its Celery thread pool size), running or waiting in its
+    # engine. Unset: twice engine.max_num_seqs, so the engine keeps a queue as long as its batch
+    # (Settings.worker_concurrency). A request's way into the engine (the task's start, its
+    # claim, its hand-off to the engine loop) takes milliseconds of a worker's GIL per request
+    # under load; an engine that holds only what it runs leaves each freed sequence empty for
+    # that long, while from its own queue vLLM fills the slot at its next step, and a whole
+    # batch can end in the same step (docs/benchmarks.md, "Against `vllm serve`").
+    concurrency: int | None = Field(None, ge=1)
     heartbeat_interval_s: float = Field(1.0, gt=0)
     # A worker whose heartbeat is older than this is dead: it leaves /health and routing.
     lease_s: float = Field(5.0, gt=0)
@@ -410,6 +416,11 @@ class Settings(_Section):
         if self.workers.stream_ttl_s < self.frontend.request_timeout_s:
             raise ValueError("workers.stream_ttl_s must be at least frontend.request_timeout_s")
         return self
+
+    @property
+    def worker_concurrency(self) -> int:
+        """The task threads of one worker: workers.concurrency, or twice engine.max_num_seqs."""
+        return self.workers.concurrency or 2 * self.engine.max_num_seqs
 
     @property
     def flower_address(self) -> str:

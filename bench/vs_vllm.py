@@ -17,7 +17,10 @@ vLLM gets them as flags through bench.deploy.vllm_server_args):
 - `agg_close`: `agg` closing every connection after its answer (frontend.keepalive_s: 0), for the
   A/B of HTTP keep-alive;
 - `agg_free`: `agg` with its engine's scheduler free to run on any core, as stock vLLM's is
-  (engine.scheduler_on_runner_cores: false).
+  (engine.scheduler_on_runner_cores: false);
+- `agg_nice0`: `agg` with its engine at the launcher's own priority (workers.nice: 0);
+- `agg_nobacklog`: `agg` with as many task threads as engine sequences (workers.concurrency set
+  to engine.max_num_seqs), so its engine holds no queue of its own, for the A/B of that default.
 
 Each server runs alone (the others stopped), one after another, with the same seed and load
 points, and the harness's comparison with the baseline is computed over the merged records.
@@ -32,7 +35,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from bench import report as harness_report
-from bench.deploy import LauncherDeployment, VllmServer
+from bench.deploy import ROOT, LauncherDeployment, VllmServer
 from bench.flags import help_text
 from bench.runner import RunOptions, RunResult
 from bench.scenario import MachineState, Workload, fmt, measure, merge, table, write_harness_folder, write_json
@@ -52,10 +55,13 @@ TARGETS = {  # label -> launcher config; the baseline has none
     "agg_celery": "configs/agg.yaml",
     "agg_close": "configs/agg.yaml",
     "agg_free": "configs/agg.yaml",
+    "agg_nice0": "configs/agg.yaml",
+    "agg_nobacklog": "configs/agg.yaml",
 }
 # A target's settings on top of its config (the launcher's --set).
 TARGET_SETS = {"agg_celery": {"frontend.publish": "celery"}, "agg_close": {"frontend.keepalive_s": "0"},
-               "agg_free": {"engine.scheduler_on_runner_cores": "false"}}
+               "agg_free": {"engine.scheduler_on_runner_cores": "false"},
+               "agg_nice0": {"workers.nice": "0"}}
 
 
 
@@ -235,7 +241,12 @@ def _measure_one(label: str, workload: Workload, spec: VsVllmSpec, out: Path, mo
     if config is None:
         server = VllmServer(ENGINE_CONFIG, out / "logs", name=label, place_scheduler=label == PLACED_BASELINE)
     else:
-        server = LauncherDeployment(config, out / "logs", spec.redis_db, sets=TARGET_SETS.get(label, {}), name=label)
+        sets = TARGET_SETS.get(label, {})
+        if label == "agg_nobacklog":
+            from config import load_settings
+
+            sets = {"workers.concurrency": str(load_settings(ROOT / config, environ={}).engine.max_num_seqs)}
+        server = LauncherDeployment(config, out / "logs", spec.redis_db, sets=sets, name=label)
     with server:
         return measure(workload, label, server.base_url, model)
 

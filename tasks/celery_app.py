@@ -77,7 +77,7 @@ def make_celery(settings: Settings) -> Celery:
         # each child its own engine, and its 4 s worker_process_init limit is shorter than an
         # engine's start.
         worker_pool="threads",
-        worker_concurrency=settings.workers.concurrency,
+        worker_concurrency=settings.worker_concurrency,
         # Delivery, on purpose: every queue (decode and the workers' own: generate; router:
         # route; prefill: prefill) is delivered at most once by the broker, and the frontend owns
         # retries (app/migration.py).

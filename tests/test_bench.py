@@ -620,3 +620,21 @@ def test_first_burst_growth_by_process_kind_and_the_report():
     assert "| off | 2 | 1,100 (1,000, 10) |" in text and "| vllm serve | 1 | 140 (–, –) |" in text
     assert "as-configured 160 ms; off 1,000 ms; vllm serve 150 ms." in text
     assert "| w (x2) |" in text and "| 60, 2.5 |" in text
+
+
+def test_occupancy_counts_requests_between_first_token_and_end():
+    from bench.occupancy import occupancy
+
+    def rec(target, start, ttft_ms, end):
+        return {"target": target, "load": "c=2", "ok": True, "start_s": start, "ttft_ms": ttft_ms, "end_s": end}
+
+    # "full": two requests stream over the whole run; "gappy": the second starts streaming only
+    # halfway through, so over the middle of the run one streams, then two.
+    records = [rec("full", 0.0, 0.0, 10.0), rec("full", 0.0, 0.0, 10.0),
+               rec("gappy", 0.0, 0.0, 10.0), rec("gappy", 0.0, 5000.0, 10.0),
+               {"target": "full", "load": "c=2", "ok": False, "start_s": 0.0, "ttft_ms": None, "end_s": 1.0}]
+    by_target = {o.target: o for o in occupancy(records)}
+    assert by_target["full"].mean_streaming == pytest.approx(2.0)
+    assert by_target["full"].share_under_half == 0
+    assert by_target["gappy"].mean_streaming == pytest.approx(1.5, abs=0.01)
+    assert by_target["gappy"].peak == 2

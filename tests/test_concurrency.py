@@ -96,7 +96,9 @@ async def _wait_in_flight(http: httpx.AsyncClient, done, timeout_s: float, tasks
     return await asyncio.wait_for(poll(), timeout_s)
 
 
-async def _hold_streams_open(dep, num_requests: int, max_tokens: int) -> float:
+async def _hold_streams_open(dep, num_requests: int, max_tokens: int, while_held=None) -> float:
+    """Opens the streams, waits until the frontend holds them all, runs ``while_held`` (blocking,
+    in a thread) if given, and hangs up; returns the in-flight peak."""
     client = openai.AsyncOpenAI(base_url=dep.base_url, api_key="none", max_retries=RETRIES, timeout=120)
 
     async def one(i: int):
@@ -110,7 +112,10 @@ async def _hold_streams_open(dep, num_requests: int, max_tokens: int) -> float:
         await _wait_in_flight(http, lambda n: n == 0, timeout_s=60)  # nothing else counts below
         tasks = [asyncio.create_task(one(i)) for i in range(num_requests)]
         try:
-            return await _wait_in_flight(http, lambda n: n >= num_requests, timeout_s=120, tasks=tasks)
+            peak = await _wait_in_flight(http, lambda n: n >= num_requests, timeout_s=120, tasks=tasks)
+            if while_held is not None:
+                await asyncio.to_thread(while_held)
+            return peak
         finally:
             for task in tasks:
                 task.cancel()
@@ -126,7 +131,17 @@ def test_frontend_holds_every_admitted_stream_open_at_once(deployment):
     # engine.max_num_seqs of them, and each of those has more tokens to make than it takes to open
     # them all, so the rest wait in the queue with their HTTP requests open.
     count = admitted_at_once(deployment)
-    assert deployment.settings.engine.max_num_seqs < count
+    settings = deployment.settings
+    assert settings.engine.max_num_seqs < settings.worker_concurrency <= count
+
+    def engine_holds_its_queue():
+        # The worker hands its engine more requests than it runs (workers.concurrency's default,
+        # twice max_num_seqs): the rest wait in vLLM's own queue, so a sequence that ends is
+        # replaced at the engine's next step, not after a task's way into the worker.
+        wait_for(lambda: next((s for s in live_status(deployment)
+                               if s.num_running + s.num_waiting >= settings.worker_concurrency), None),
+                 timeout_s=60, what=f"the engine to hold {settings.worker_concurrency} requests, running or waiting")
+
     # Near max_model_len (2048), for the widest margin; cancelled once seen, so it costs nothing.
-    peak = asyncio.run(_hold_streams_open(deployment, count, max_tokens=1900))
+    peak = asyncio.run(_hold_streams_open(deployment, count, max_tokens=1900, while_held=engine_holds_its_queue))
     assert peak >= count

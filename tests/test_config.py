@@ -121,3 +121,11 @@ def test_empty_model_path_means_tiny_model(tmp_path, monkeypatch):
     assert s.model.resolved_path == str(tmp_path / "tiny-llama")
     s = load_settings(write(tmp_path, "model:\n  path: org/some-model\n"), environ={})
     assert s.model.resolved_path == "org/some-model"
+
+
+def test_worker_concurrency_defaults_to_twice_the_engines_batch(tmp_path):
+    # The engine keeps a queue as long as its batch (config.py, WorkerConfig.concurrency).
+    s = load_settings(write(tmp_path, "engine:\n  max_num_seqs: 16\n"), environ={})
+    assert s.workers.concurrency is None and s.worker_concurrency == 32
+    s = load_settings(write(tmp_path, "engine:\n  max_num_seqs: 16\nworkers:\n  concurrency: 16\n"), environ={})
+    assert s.worker_concurrency == 16

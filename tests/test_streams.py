@@ -72,6 +72,53 @@ def test_batched_writer_raises_to_every_writer_when_redis_is_down():
     assert all(isinstance(r, redis.ConnectionError) for r in asyncio.run(main()))
 
 
+def test_cancel_watch_reads_every_requests_flag_in_one_round_trip(redis_url):
+    from workers.decode import CancelWatch
+
+    sync = redis.Redis.from_url(redis_url)
+    rids = [f"cw{i}" for i in range(32)]
+    gone = {"cw3", "cw17", "cw30"}
+    pipelines = 0
+
+    async def main():
+        nonlocal pipelines
+        client = redis.asyncio.Redis.from_url(redis_url)
+        real_pipeline = client.pipeline
+
+        def counting_pipeline(**kwargs):
+            nonlocal pipelines
+            pipelines += 1
+            return real_pipeline(**kwargs)
+
+        client.pipeline = counting_pipeline
+        watch = CancelWatch(client, interval_s=0.05)
+        for rid in rids:
+            watch.watch(rid)
+        for rid in gone:
+            sync.set(keys.cancel_flag(rid), 1, ex=60)
+
+        async def until_seen():
+            while not all(watch.cancelled(rid) for rid in gone):
+                await asyncio.sleep(0.01)
+
+        await asyncio.wait_for(until_seen(), timeout=10)
+        seen = {rid for rid in rids if watch.cancelled(rid)}
+        for rid in rids:
+            watch.unwatch(rid)
+        task = watch._task
+        assert task is not None
+        await asyncio.wait_for(task, timeout=10)  # nothing watched: it ends
+        await client.aclose()
+        return seen
+
+    try:
+        assert asyncio.run(main()) == gone
+    finally:
+        sync.delete(*(keys.cancel_flag(rid) for rid in gone))
+    # One pipeline per interval for all 32, not one round trip per request per interval.
+    assert 1 <= pipelines < 32, pipelines
+
+
 @pytest.fixture
 def reader(redis_url):
     client = redis.Redis.from_url(redis_url)
