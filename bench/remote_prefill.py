@@ -456,7 +456,7 @@ def write_plots(timelines: list[Timeline], out: Path) -> list[str]:
 
     bars = {label: [(name, stage_ms(mine, [(name, a, b)])[name] or 0.0) for name, a, b in stages]
             for (label, mine), stages in zip(groups.items(), (AGG_BARS, DISAGG_BARS))}
-    fig, ax = plt.subplots(figsize=(7, 2.8))
+    fig, ax = plt.subplots(figsize=(7, 3.2))
     colours = {}
     for y, stages in enumerate(bars.values()):
         left = 0.0
@@ -468,8 +468,7 @@ def write_plots(timelines: list[Timeline], out: Path) -> list[str]:
     ax.set_yticks(range(len(bars)), list(bars))
     ax.set(xlabel="ms (medians of each stage)", title="Where a first token's time goes")
     ax.grid(True, axis="x", alpha=0.3)
-    ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.3))
-    fig.tight_layout()
-    fig.savefig(out / "stages.png", dpi=80)
+    ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.25))
+    fig.savefig(out / "stages.png", dpi=80, bbox_inches="tight")
     plt.close(fig)
     return ["ttft_cdf.png", "stages.png"]
