@@ -32,7 +32,6 @@ from vllm.distributed.kv_transfer.kv_connector.v1.nixl.connector import NixlConn
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl.connector import NixlPushConnector as _PushConnector
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl.push_scheduler import NixlPushConnectorScheduler
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl.push_worker import NixlPushConnectorWorker
-from vllm.v1.request import RequestStatus
 
 import placement
 from kvtransfer import push
@@ -57,25 +56,12 @@ class NixlConnector(_PullConnector):
             super().__init__(vllm_config, role, kv_cache_config)
 
 
-# The statuses vLLM's push scheduler pushes a finished request's blocks for.
-_PUSHED_WHEN = (RequestStatus.FINISHED_LENGTH_CAPPED, RequestStatus.FINISHED_STOPPED)
-
-
 class PushScheduler(NixlPushConnectorScheduler):
-    """vLLM's push scheduler half, whose registration watchdog fails the receive it gives up on,
-    and which (on P) starts a prompt's WRITE in the step that computes it.
+    """vLLM's push scheduler half, whose registration watchdog fails the receive it gives up on.
 
     vLLM drops a request's watchdog entry when the request ends. We keep our own, and keep it
     when a request ends while still waiting for its push: the scheduler holds such a request's
     blocks until its receive finishes, and only a failed receive then gives them back.
-
-    vLLM hands P's worker a request's blocks to push once the request has finished, in the
-    metadata of the step after the one that computed its prompt. A prefill for a remote decode
-    asks for one token (max_tokens=1), so the step that computes its whole prompt is its last:
-    its blocks go in that step's metadata, and the worker, which reads it after the forward
-    (vLLM starts asynchronous KV loads after the forward), hands them to the writer a step
-    earlier. Such a request then holds its blocks until its WRITE is done or its lease ends even
-    if it is aborted instead of finishing, since the WRITE may already be reading them.
     """
 
     def __init__(self, vllm_config, engine_id, kv_cache_config):
@@ -84,14 +70,10 @@ class PushScheduler(NixlPushConnectorScheduler):
         self._push_live: set[str] = set()           # ... of which not yet finished
         self._push_outcomes: dict[str, str] = {}    # receive results, until the request ends
         self._received_unscheduled: set[str] = set()  # for the trace: received, not yet scheduled
-        self._prefills: dict[str, object] = {}     # on P: requests for a remote decode, not yet pushed
-        self._pushed_early: set[str] = set()       # ... whose blocks went in their computing step's metadata
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens):
         super().update_state_after_alloc(request, blocks, num_external_tokens)
         rid = request.request_id
-        if (request.kv_transfer_params or {}).get("do_remote_decode") and not self.use_host_buffer:
-            self._prefills[rid] = request
         registration = self._push_pending_registrations.get(rid)
         if registration is not None and rid not in self._push_waits:
             self._push_waits[rid] = self._push_registration_deadlines[rid]
@@ -115,32 +97,9 @@ class PushScheduler(NixlPushConnectorScheduler):
             logger.warning("[%s] no push arrived within %.1fs of registering; failing the receive (the "
                            "prompt is recomputed locally, or an ended request's blocks are freed)", rid,
                            self._push_registration_timeout)
-        early = self._computed_in_this_step(scheduler_output)
-        for rid in self._pushed_early.intersection(self._newly_finished_push_blocks):
-            # Finished after its early push: the worker has its blocks already.
-            del self._newly_finished_push_blocks[rid]
-            self._pushed_early.discard(rid)
         meta = super().build_connector_meta(scheduler_output)
         setattr(meta, push.EXPIRED_ATTR, expired)
-        if early:
-            meta.push_finished_blocks = {**(meta.push_finished_blocks or {}), **early}
         return meta
-
-    def _computed_in_this_step(self, scheduler_output) -> dict:
-        """On P: the blocks of the prefills whose whole prompt this step computes, and that end
-        with it (one token asked for). Only those scheduled whole in one step, whose blocks all
-        come with the step's new requests; a chunked one waits for its end, as in vLLM."""
-        early = {}
-        for new in scheduler_output.scheduled_new_reqs if self._prefills else ():
-            request = self._prefills.pop(new.req_id, None)
-            if (request is None or request.sampling_params is None or request.sampling_params.max_tokens != 1
-                    or new.num_computed_tokens + scheduler_output.num_scheduled_tokens.get(new.req_id, 0)
-                    < request.num_prompt_tokens):
-                continue
-            early[new.req_id] = self.get_exchange_clipped_blocks(new.block_ids)
-            self._pushed_early.add(new.req_id)
-            logger.debug("[%s] pushed from the step that computes it", new.req_id)
-        return early
 
     def update_connector_output(self, connector_output):
         super().update_connector_output(connector_output)
@@ -155,19 +114,6 @@ class PushScheduler(NixlPushConnectorScheduler):
 
     def request_finished(self, request, block_ids):
         rid = request.request_id
-        self._prefills.pop(rid, None)
-        if rid in self._pushed_early and request.status not in _PUSHED_WHEN:
-            # Aborted after its WRITE may have started: vLLM would free its blocks now.
-            status, request.status = request.status, RequestStatus.FINISHED_LENGTH_CAPPED
-            try:
-                delay_free, params = super().request_finished(request, block_ids)
-            finally:
-                request.status = status
-            self._pushed_early.discard(rid)
-            self._newly_finished_push_blocks.pop(rid, None)
-            logger.info("[%s] aborted after its push started; its blocks return when the WRITE is done or "
-                        "its lease ends", rid)
-            return delay_free, params
         delay_free, params = super().request_finished(request, block_ids)
         if rid not in self._push_live:
             logger.debug("[%s] finished in the scheduler", rid)  # on P: the prefill is computed
