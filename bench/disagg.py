@@ -591,7 +591,7 @@ def transfer_vs_raw(points: list[PointResult], raw: dict) -> list[dict]:
         rate = p.transfers.gbytes_per_s
         rows.append({"load": f"{p.deployment} rate={p.rate_per_s:g}/s", "kv_gbytes_per_s": rate,
                      **{f"ratio_to_{s}_{c}": ratio(rate, _raw_rate(raw, s, i))
-                        for s in raw["setups"] for i, c in ((0, "vllm_like"), (3, "256MiB"))}})
+                        for s in raw["setups"] for i, c in ((0, "vllm_like"), (-1, "256MiB"))}})
     return rows
 
 

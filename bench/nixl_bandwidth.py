@@ -3,9 +3,10 @@
 One spawned process (the "prefill" side) registers a numpy buffer as DRAM and hands its NIXL
 metadata to another (the "decode" side), which READs from it into its own registered buffer: the
 direction of vLLM's pull connector (NixlConnector), where the decode engine pulls the prefilled
-blocks. Each case is one transfer of `num_descs` descriptors of `desc_bytes` each, repeated; we
-time transfer() until check_xfer_state() says DONE (the span vLLM's transfer_duration covers), so
-the handle's creation is not counted.
+blocks (one case WRITEs instead, as the push connector does). Each case is one transfer of
+`num_descs` descriptors of `desc_bytes` each, repeated; we time transfer() until
+check_xfer_state() says DONE (the span vLLM's transfer_duration covers), so the handle's
+creation is not counted.
 
 Three setups: "deployment" is what our workers run (UCX's default transports, NIXL's progress
 thread on but sleeping 1 ms between idle polls, kvtransfer/nixl_agents.py); "nixl-default" is how
@@ -35,6 +36,11 @@ class Case:
     desc_bytes: int
     num_descs: int
     repeats: int
+    op: str = "READ"  # READ: the sink pulls from the source (vLLM's pull); WRITE: it pushes to it
+    # Each repeat to the next region of the source's buffer, not touched since the source filled
+    # it, so out of the caches, as the blocks a decode engine registers for a push are; otherwise
+    # every repeat moves the same (cache-warm) bytes.
+    fresh_far: bool = False
 
     @property
     def total_bytes(self) -> int:
@@ -56,14 +62,23 @@ def kv_block_bytes(num_layers: int, num_kv_heads: int, head_dim: int, block_size
 
 
 def default_cases(block_bytes: int, num_layers: int, prompt_blocks: int) -> list[Case]:
-    """vLLM-like block reads (one descriptor per layer and K/V half), 64 KiB descriptors, and one
-    large transfer for the peak rate."""
+    """vLLM-like block reads (one descriptor per layer and K/V half), 64 KiB descriptors, the
+    push connector's WRITE of a prompt, and one large transfer for the peak rate.
+
+    The push's shape: vLLM lays each layer's blocks out contiguously, so for a prompt in
+    consecutive blocks NIXL merges vLLM's per-block, per-layer descriptors into one per layer
+    (bench remote-prefill sees 4 in its telemetry for the tiny model)."""
     per_layer_half = block_bytes // (2 * num_layers)
+    per_layer = prompt_blocks * block_bytes // num_layers
     return [
         Case(f"{prompt_blocks} blocks as {2 * num_layers}x{per_layer_half // KIB} KiB descs (vLLM-like)",
              per_layer_half, prompt_blocks * 2 * num_layers, 50),
         Case("16 x 64 KiB", 64 * KIB, 16, 100),
         Case(f"{prompt_blocks} x {block_bytes // KIB} KiB (whole blocks)", block_bytes, prompt_blocks, 50),
+        # After the READs above, so the sink writes back the source's own bytes.
+        Case(f"WRITE {num_layers} x {per_layer // KIB} KiB (the push's shape)", per_layer, num_layers, 50, "WRITE"),
+        Case(f"WRITE {num_layers} x {per_layer // KIB} KiB, each into fresh memory", per_layer, num_layers,
+             min(50, 256 * MIB // (per_layer * num_layers) - 1), "WRITE", fresh_far=True),
         Case("1 x 256 MiB", 256 * MIB, 1, 5),
     ]
 
@@ -161,7 +176,7 @@ def _time_one(agent, handle) -> float:
 
 
 def _sink(conn, source_conn_meta, cases: list[Case], setup: Setup) -> None:
-    """READs every case from the source into its own buffer; sends back the times in seconds."""
+    """READs (or WRITEs) every case between the source and its own buffer; sends back the times in seconds."""
     import numpy as np
 
     agent = _agent("sink", setup)
@@ -175,7 +190,16 @@ def _sink(conn, source_conn_meta, cases: list[Case], setup: Setup) -> None:
     for case in cases:
         local = agent.get_xfer_descs(_descs(buf.ctypes.data, case), "DRAM")
         far = agent.get_xfer_descs(_descs(remote_base, case), "DRAM")
-        handle = agent.initialize_xfer("READ", local, far, remote)
+        if case.fresh_far:
+            # Regions of the 256 MiB case's buffer past the few MiB the cases before touched.
+            handles = [agent.initialize_xfer(case.op, local, agent.get_xfer_descs(
+                _descs(remote_base + i * case.total_bytes, case), "DRAM"), remote) for i in range(case.repeats + 1)]
+            _time_one(agent, handles[-1])  # warm-up
+            timings.append([_time_one(agent, h) for h in handles[:-1]])
+            for h in handles:
+                agent.release_xfer_handle(h)
+            continue
+        handle = agent.initialize_xfer(case.op, local, far, remote)
         _time_one(agent, handle)  # warm-up: connection set-up and first touch
         timings.append([_time_one(agent, handle) for _ in range(case.repeats)])
         agent.release_xfer_handle(handle)
@@ -258,7 +282,7 @@ def run(out: Path | None, setups: list[str], prompt_tokens: int = 1024, dtype_by
     the KV cache's element size (2 for bf16, 4 for float32 engines)."""
     block, cases = tiny_model_cases(prompt_tokens, dtype_bytes=dtype_bytes)
     body = {"kv_block_bytes": block, "uptime_before": _uptime(), "setups": {}}
-    lines = ["# Raw NIXL READ, process to process", "",
+    lines = ["# Raw NIXL, process to process", "",
              f"KV block of the tiny model: {block:,} bytes (32 tokens, all layers, K and V). "
              "Latency: transfer() until DONE, median of the repeats; GB/s = bytes / that median.", ""]
     for name in setups:

@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from bench.deploy import LauncherDeployment
+from bench.deploy import LauncherDeployment, redis_url_for
 from bench.flags import help_text
 from bench.scenario import MachineState, fmt, table, write_json
 from bench.stats import median
@@ -59,6 +59,9 @@ class RemotePrefillSpec:
                                                             "model; the benchmark model: "
                                                             "~/.cache/llmq/models/bench-llama)"))
     model_name: str = field(default="tiny-llama", metadata=help_text("model.name of both deployments"))
+    redis_port: int = field(default=6379, metadata=help_text("Redis server of both deployments (databases 4 and 5, "
+                                                              "flushed); another port: a private redis-server"))
+    port: int = field(default=0, metadata=help_text("agg's frontend port, disagg's the next (0: free ports)"))
 
 
 # -- the time line: pure ------------------------------------------------------------------------
@@ -72,6 +75,7 @@ MARKS = {
     "claim_seen": r"\[(?P<rid>[^\]]+)\] prefill claimed by",
     "p_finished": r"\[(?P<rid>[^\]]+)\] finished in the scheduler",
     "write_started": r"\[(?P<rid>[^\]]+)\] writing the KV to",
+    "write_posted": r"\[(?P<rid>[^\]]+)\] WRITE posted",
     "notif_drained": r"\[(?P<rid>[^\]]+)\] notification drained",
     "worker_received": r"\[(?P<rid>[^\]]+)\] receive reported by the worker",
     "received": r"\[(?P<rid>[^\]]+)\] push received",
@@ -125,6 +129,8 @@ def marks_from_log(lines, request_ids: list[str]) -> dict[str, dict[str, float]]
 # Values our connector module logs at DEBUG for a request (kvtransfer/nixl_agents.py).
 STEP_AFTER_PUSH = re.compile(r"\[(?P<rid>[^\]]+)\] step after the push: (?P<before>[0-9.]+) ms before it, "
                              r"forward (?P<forward>[0-9.]+) ms")
+WRITE_POSTED = re.compile(r"\[(?P<rid>[^\]]+)\] WRITE posted: transfer\(\) (?P<post_ms>[0-9.]+) ms, returned "
+                          r"(?P<done>\w+); with its preparation (?P<prep_ms>[0-9.]+) ms")
 WRITE_DONE = re.compile(r"\[(?P<rid>[^\]]+)\] WRITE reported done: NIXL (?P<ms>[0-9.]+) ms \(post (?P<post>[0-9.]+) "
                         r"ms\), (?P<descs>\d+) descriptors")
 
@@ -134,13 +140,15 @@ def traces_from_log(lines, request_ids: list[str]) -> dict[str, dict[str, list[f
     work before each, its forward) and NIXL's telemetry of the WRITE."""
     found: dict[str, dict[str, list[float]]] = {rid: {} for rid in request_ids}
     for line in lines:
-        for pattern in (STEP_AFTER_PUSH, WRITE_DONE):
+        for pattern in (STEP_AFTER_PUSH, WRITE_POSTED, WRITE_DONE):
             m = pattern.search(line)
             owner = m and next((rid for rid in request_ids if m.group("rid").startswith(rid)), None)
             if owner is not None:
                 for key, value in m.groupdict().items():
                     if key != "rid":
-                        found[owner].setdefault(key, []).append(float(value))
+                        # done: whether transfer() returned DONE, i.e. UCX copied inside it
+                        found[owner].setdefault(key, []).append(float(value == "DONE") if key == "done"
+                                                                else float(value))
     return found
 
 
@@ -167,6 +175,7 @@ DISAGG_STAGES = (
     ("prefill engine: queue, compute, to its WRITE", "claimed", "write_started"),
     ("  P: claim -> prefill computed (P's scheduler ends it)", "claimed", "p_finished"),
     ("  P: computed -> its WRITE starts", "p_finished", "write_started"),
+    ("  P: WRITE starts -> posted (prepared, transfer() returned)", "write_started", "write_posted"),
     ("WRITE, notify, decode engine receives", "write_started", "received"),
     ("  WRITE starts -> D's writer thread drains its notification", "write_started", "notif_drained"),
     ("  drained -> D's worker reports the receive", "notif_drained", "worker_received"),
@@ -264,10 +273,12 @@ def run(spec: RemotePrefillSpec, out: Path) -> Path:
     timelines: list[Timeline] = []
     with contextlib.ExitStack() as stack:
         deps = {}
-        for label, (config, db) in DEPLOYMENTS.items():
+        for i, (label, (config, db)) in enumerate(DEPLOYMENTS.items()):
             extra = {"disagg.connector": spec.connector} if label == "disagg" else {}
+            if spec.redis_port != 6379:
+                extra["redis_url"] = redis_url_for(db, port=spec.redis_port)
             deps[label] = stack.enter_context(LauncherDeployment(config, out / "logs", db, sets={**sets, **extra},
-                                                                 name=label))
+                                                                 name=label, port=spec.port and spec.port + i))
         fresh_leases(deps["disagg"].redis, 1, since_unix=0, timeout_s=180, role="prefill")
         clients = {label: openai.OpenAI(base_url=d.base_url, api_key="none", max_retries=0, timeout=120)
                    for label, d in deps.items()}
@@ -305,8 +316,9 @@ def run(spec: RemotePrefillSpec, out: Path) -> Path:
                  "machine_end": asdict(finished), "nixl_raw": raw,
                  "timelines": [asdict(t) for t in timelines]})
     write_json(out / "results.json", body)
+    plots = write_plots(timelines, out)
     path = out / "report.md"
-    path.write_text(markdown(spec, body, started, finished))
+    path.write_text(markdown(spec, body, started, finished) + "".join(f"\n![{p}]({p})\n" for p in plots))
     return path
 
 
@@ -329,6 +341,11 @@ def summary(spec: RemotePrefillSpec, timelines: list[Timeline], raw: dict, befor
     moved, seconds = after[0] - before[0], after[1] - before[1]
     cases = raw["setups"]["deployment"]["cases"]
     kv_rate = moved / seconds / 1e9 if seconds > 0 else None
+    per_prefill = moved / len(remote) if remote else None
+    posts = [t.trace["post_ms"][0] for t in remote if t.trace.get("post_ms")]
+    post_ms = median(posts)
+    # The WRITE on P's writer thread, post to completion, when transfer() itself completed it.
+    writer_rate = per_prefill / post_ms / 1e6 if per_prefill and post_ms else None
     return {
         "num_agg_ok": len(agg), "num_disagg_ok": len(dis), "num_remote": len(remote),
         "agg_stages_ms": stage_ms(agg, AGG_STAGES), "disagg_stages_ms": stage_ms(remote, DISAGG_STAGES),
@@ -344,13 +361,22 @@ def summary(spec: RemotePrefillSpec, timelines: list[Timeline], raw: dict, befor
             "WRITE, NIXL's telemetry (transfer)": traced("ms"),
             "WRITE, NIXL's telemetry (post)": traced("post"),
             "WRITE, descriptors after NIXL merged them": traced("descs"),
+            "WRITE on P's writer: transfer() (post to return)": post_ms,
+            "WRITE on P's writer: with the preparation": traced("prep_ms"),
+            "WRITE on P's writer: share returned DONE": median([t.trace["done"][0] for t in remote
+                                                                  if t.trace.get("done")]),
         },
         "model": {"prefill_ms": prefill, "decode_step_ms": step,
                   "ratio": prefill / step if prefill and step else None},
         "transfer": {"bytes": moved, "seconds": seconds, "gbytes_per_s": kv_rate,
-                     "bytes_per_prefill": moved / len(remote) if remote else None,
+                     "bytes_per_prefill": per_prefill,
+                     "writer_post_ms": {"median": post_ms, "min": min(posts, default=None),
+                                        "max": max(posts, default=None)},
+                     "writer_gbytes_per_s": writer_rate,
                      "raw": {c["name"]: c["gbytes_per_s"] for c in cases},
-                     "ratio_to_raw": {c["name"]: kv_rate / c["gbytes_per_s"] if kv_rate else None for c in cases}},
+                     "ratio_to_raw": {c["name"]: kv_rate / c["gbytes_per_s"] if kv_rate else None for c in cases},
+                     "writer_ratio_to_raw": {c["name"]: writer_rate / c["gbytes_per_s"] if writer_rate else None
+                                             for c in cases}},
     }
 
 
@@ -375,12 +401,72 @@ def markdown(spec: RemotePrefillSpec, body: dict, started: MachineState, finishe
     lines += ["## The KV transfer against raw NIXL (same run)", ""]
     lines += table(["", "value"], [["bytes moved (prefill worker)", f"{tr['bytes']:,}"],
                                    ["bytes per remote prefill", fmt(tr["bytes_per_prefill"], 0)],
-                                   ["summed transfer time, s", fmt(tr["seconds"], 4)],
-                                   ["KV GB/s while transferring", fmt(tr["gbytes_per_s"], 3)]]
-                   + [[f"raw NIXL READ, {name}: GB/s (KV / raw)",
-                       f"{fmt(rate, 2)} ({fmt(tr['ratio_to_raw'][name], 2)})"] for name, rate in tr["raw"].items()])
+                                   ["summed transfer time (NIXL's telemetry, vLLM's stats), s", fmt(tr["seconds"], 4)],
+                                   ["KV GB/s, vLLM's stats", fmt(tr["gbytes_per_s"], 3)],
+                                   ["P's writer: transfer() ms, median (min-max)",
+                                    f"{fmt(tr['writer_post_ms']['median'], 3)} ({fmt(tr['writer_post_ms']['min'], 3)}"
+                                    f"-{fmt(tr['writer_post_ms']['max'], 3)})"],
+                                   ["KV GB/s, P's writer (bytes per prefill / median transfer())",
+                                    fmt(tr["writer_gbytes_per_s"], 3)]]
+                   + [[f"raw NIXL, {name}: GB/s (stats / raw; writer / raw)",
+                       f"{fmt(rate, 2)} ({fmt(tr['ratio_to_raw'][name], 2)}; "
+                       f"{fmt(tr['writer_ratio_to_raw'][name], 2)})"]
+                      for name, rate in tr["raw"].items()])
     lines += ["## The benchmark model (agg, batch 1)", ""]
     lines += table(["", "value"], [[f"engine prefill of {spec.input_len} fresh tokens, ms", fmt(model["prefill_ms"])],
                                    ["one decode step, ms", fmt(model["decode_step_ms"], 2)],
                                    ["prefill / decode step", fmt(model["ratio"])]])
     return "\n".join(lines)
+
+
+# The stacked bars of the stages plot: (label, from mark, to mark).
+AGG_BARS = (("dispatch", "sent", "accepted"), ("engine: local prefill, first token", "accepted", "first_delta"),
+            ("delivery", "first_delta", "first_chunk"))
+DISAGG_BARS = (("dispatch", "sent", "accepted"), ("decision, publish, claim", "accepted", "claimed"),
+               ("P: queue, prefill, to its WRITE", "claimed", "write_started"),
+               ("WRITE, notify, D receives", "write_started", "received"),
+               ("D: first token", "received", "first_delta"), ("delivery", "first_delta", "first_chunk"))
+
+
+def write_plots(timelines: list[Timeline], out: Path) -> list[str]:
+    """ttft_cdf.png: TTFT CDF, local (agg) against remote (disagg) prefills; stages.png: each
+    deployment's median stages, stacked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = {"agg (local prefill)": [t for t in timelines if t.deployment == "agg" and t.first_chunk],
+              "disagg (remote prefill)": [t for t in timelines if t.deployment == "disagg" and t.first_chunk
+                                          and "received" in t.marks]}
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for i, (label, mine) in enumerate(groups.items()):
+        ttfts = sorted((t.first_chunk - t.sent) * 1000 for t in mine)
+        if ttfts:
+            ax.step(ttfts, [(k + 1) / len(ttfts) for k in range(len(ttfts))], where="post", color=f"C{i}",
+                    label=f"{label}, n={len(ttfts)}")
+    ax.set(xlabel="TTFT (ms)", ylabel="fraction of requests", title="TTFT CDF, one request at a time")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out / "ttft_cdf.png", dpi=80)
+    plt.close(fig)
+
+    bars = {label: [(name, stage_ms(mine, [(name, a, b)])[name] or 0.0) for name, a, b in stages]
+            for (label, mine), stages in zip(groups.items(), (AGG_BARS, DISAGG_BARS))}
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    colours = {}
+    for y, stages in enumerate(bars.values()):
+        left = 0.0
+        for label, ms in stages:
+            colour = colours.setdefault(label, f"C{len(colours) % 10}")
+            ax.barh(y, ms, left=left, color=colour, label=label if label not in ax.get_legend_handles_labels()[1]
+                    else None)
+            left += ms
+    ax.set_yticks(range(len(bars)), list(bars))
+    ax.set(xlabel="ms (medians of each stage)", title="Where a first token's time goes")
+    ax.grid(True, axis="x", alpha=0.3)
+    ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.25))
+    fig.savefig(out / "stages.png", dpi=80, bbox_inches="tight")
+    plt.close(fig)
+    return ["ttft_cdf.png", "stages.png"]

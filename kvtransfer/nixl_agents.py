@@ -20,16 +20,16 @@ from __future__ import annotations
 import logging
 import queue
 import sys
+import threading
 import time
+from collections.abc import Callable
 
 from vllm.distributed.device_communicators import shm_broadcast
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl import base_worker
-from vllm.distributed.kv_transfer.kv_connector.v1.nixl import push_worker as vllm_push_worker
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl.connector import NixlBaseConnector
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl.connector import NixlConnector as _PullConnector
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl.connector import NixlPushConnector as _PushConnector
-from vllm.distributed.kv_transfer.kv_connector.v1.nixl.metadata import PUSH_REG_NOTIF_PREFIX
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl.push_scheduler import NixlPushConnectorScheduler
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl.push_worker import NixlPushConnectorWorker
 
@@ -127,6 +127,36 @@ class PushScheduler(NixlPushConnectorScheduler):
         return delay_free, {**(params or {}), push.OUTCOME_KEY: outcome} if outcome else params
 
 
+class _PollWhilePending(threading.Event):
+    """The decode engine's wake event for vLLM's writer thread, whose untimed wait() times out
+    every ``push.RECV_POLL_S`` while a receive is pending.
+
+    The writer thread is the only one that reads NIXL's notifications, and vLLM wakes it only from
+    the engine's steps, so a WRITE's notification waited for the decode engine's next step before
+    its thread could take it at the step after. vLLM's loop parks on ``wait()`` with no timeout
+    when it has nothing of its own to poll for; with this event it polls while a push is awaited.
+    """
+
+    def __init__(self, pending: Callable[[], bool]):
+        super().__init__()
+        self._pending = pending
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if timeout is None and self._pending():
+            timeout = push.RECV_POLL_S
+        return super().wait(timeout)
+
+
+class _TracedNotifs(queue.Queue):
+    """The queue vLLM's writer thread puts the completion notifications it drained in; logs each
+    (at DEBUG, for bench remote-prefill's trace) as it is put."""
+
+    def put(self, item, block=True, timeout=None):
+        if not item.startswith(b"HB:") and logger.isEnabledFor(logging.DEBUG):
+            logger.debug("[%s] notification drained", item[:80].decode(errors="replace"))
+        super().put(item, block, timeout)
+
+
 class PushWorker(NixlPushConnectorWorker):
     """vLLM's push worker half: fails the receives the scheduler half gave up on, and (on P)
     starts no WRITE after the registration's write-by time."""
@@ -136,7 +166,13 @@ class PushWorker(NixlPushConnectorWorker):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        # Before register_kv_caches starts the writer thread, which reads both.
+        self._push_writer_wake = _PollWhilePending(lambda: bool(self._recving_metadata))
+        self._pending_completion_notifs = _TracedNotifs()
         self._traced: tuple[str, int] | None = None  # request received, steps left to log
+        self._last_post: tuple[float, str] = (0.0, "")  # the writer's last transfer(): seconds, state
+        if logger.isEnabledFor(logging.DEBUG):
+            self.nixl_wrapper.transfer = self._timed(self.nixl_wrapper.transfer)
         self._step_bound = self._step_forwarded = self._step_ended = 0.0
 
     def get_transfer_results(self):
@@ -165,6 +201,28 @@ class PushWorker(NixlPushConnectorWorker):
                              data["num_descriptors"][-1] if data["num_descriptors"] else None)
         return results
 
+    def _timed(self, transfer):
+        """NIXL's transfer() (in push mode only the writer thread calls it), timed for the trace."""
+        def timed(handle, *args, **kwargs):
+            began = time.perf_counter()
+            state = transfer(handle, *args, **kwargs)
+            self._last_post = (time.perf_counter() - began, state)
+            return state
+        return timed
+
+    def _xfer_blocks(self, read_spec, dst_engine_id, request_id, remote_request_id, local_xfer_side_handle,
+                     remote_xfer_side_handle):
+        began = time.perf_counter()
+        handle = super()._xfer_blocks(read_spec, dst_engine_id, request_id, remote_request_id,
+                                      local_xfer_side_handle, remote_xfer_side_handle)
+        if handle is not None and logger.isEnabledFor(logging.DEBUG):
+            # The transfer itself, on the thread that posts it: UCX may copy inside transfer()
+            # (then it returns DONE), or finish later, which only the engine's next step sees.
+            posted, state = self._last_post
+            logger.debug("[%s] WRITE posted: transfer() %.3f ms, returned %s; with its preparation %.3f ms",
+                         request_id, posted * 1000, state, (time.perf_counter() - began) * 1000)
+        return handle
+
     def start_load_kv(self, metadata):
         self._step_forwarded = time.perf_counter()  # vLLM starts async loads after the forward
         super().start_load_kv(metadata)
@@ -173,67 +231,6 @@ class PushWorker(NixlPushConnectorWorker):
                 # The same path vLLM takes when it cannot send a registration: reported as a
                 # failed receive in the next transfer results.
                 self._failed_recv_reqs.put(rid)
-
-    def _push_writer_loop(self) -> None:
-        """vLLM's writer loop (vllm 0.32, nixl/push_worker.py), which also polls while this
-        engine waits for a push, not only when woken.
-
-        The writer thread is the only one that reads NIXL's notifications, and vLLM wakes it only
-        from the engine's steps, so a WRITE's notification waited for the decode engine's next step
-        before its thread could take it at the step after (drained 1.3-2.7 ms after the copy ended,
-        bench remote-prefill). Polling every ``push.RECV_POLL_S`` while a receive is pending drains
-        it within that (0.4-1.8 ms). The rest is vLLM's loop, unchanged.
-        """
-        sleep_s = vllm_push_worker._PUSH_WRITER_POLL_INTERVAL_MS / 1000.0
-        while not self._push_writer_stop.is_set():
-            try:
-                while True:
-                    try:
-                        rid, rd = self._reg_send_inbox.get_nowait()
-                    except queue.Empty:
-                        break
-                    self._send_registration_to_p(rid, rd)
-                while True:
-                    try:
-                        rid, blocks, rd = self._deferred_push_inbox.get_nowait()
-                    except queue.Empty:
-                        break
-                    self._do_start_push_kv(rid, blocks, rd)
-                while True:
-                    try:
-                        rid, blocks = self._finished_blocks_inbox.get_nowait()
-                    except queue.Empty:
-                        break
-                    matched = self._pop_matching_registration(rid)
-                    if matched is not None:
-                        self._do_start_push_kv(rid, blocks, matched)
-                    else:
-                        self._push_finished_blocks[rid] = blocks
-                while True:
-                    try:
-                        rid = self._evict_finished_inbox.get_nowait()
-                    except queue.Empty:
-                        break
-                    self._push_finished_blocks.pop(rid, None)
-                    self._pending_d_registrations.pop(rid, None)
-                for notifs in self.nixl_wrapper.get_new_notifs().values():
-                    for notif in notifs:
-                        if notif.startswith(PUSH_REG_NOTIF_PREFIX):
-                            self._handle_push_reg_notif(notif)
-                        else:
-                            self._pending_completion_notifs.put(notif)
-                            if not notif.startswith(b"HB:"):
-                                logger.debug("[%s] notification drained", notif[:80].decode(errors="replace"))
-            except Exception:
-                logger.exception("nixl-push-writer error; continuing")
-            if self._push_finished_blocks:
-                self._push_writer_stop.wait(timeout=sleep_s)
-            elif self._recving_metadata:  # ours: a receive is pending (read across threads: a dict's truth)
-                self._push_writer_wake.wait(timeout=push.RECV_POLL_S)
-                self._push_writer_wake.clear()
-            else:
-                self._push_writer_wake.wait()
-                self._push_writer_wake.clear()
 
     def _do_start_push_kv(self, request_id, local_block_ids, registration_data):
         if not push.may_write(registration_data, time.time()):

@@ -25,7 +25,7 @@ WRITE_BY_KEY = "llmq_write_by_unix"
 # On the connector metadata D's scheduler half hands its worker half: receives to fail.
 EXPIRED_ATTR = "llmq_expired_push_recvs"
 # D's writer thread polls NIXL's notifications this often while a receive is pending
-# (nixl_agents.PushWorker._push_writer_loop).
+# (nixl_agents._PollWhilePending).
 RECV_POLL_S = 0.0005
 # In a D request's final kv_transfer_params: how its prompt's KV got there.
 OUTCOME_KEY = "llmq_push"

@@ -568,6 +568,8 @@ def test_a_remote_prefill_split_into_stages_from_every_process_log():
         "[decode0] [2026-12-04 15:00:00,023: INFO/MainProcess] [rp-1] remote prefill of 2048 tokens requested",
         "[prefill0] [2026-12-04 15:00:00,025: INFO/MainProcess] [rp-1] prefill claimed for decode0@vm (1 listener)",
         "[prefill0] VLLM INFO 2026-12-04 15:00:00.100 [nixl_agents.py:1] [rp-1-ab12cd34] writing the KV to d-1",
+        "[prefill0] VLLM DEBUG 2026-12-04 15:00:00.101 [nixl_agents.py:1] [rp-1-ab12cd34] WRITE posted: transfer() "
+        "0.412 ms, returned DONE; with its preparation 0.650 ms",
         "[decode0] VLLM DEBUG 2026-12-04 15:00:00.104 [nixl_agents.py:1] [rp-1-ef56ab78:1] notification drained",
         "[decode0] VLLM INFO 2026-12-04 15:00:00.108 [nixl_agents.py:1] [rp-1-ef56ab78] push received",
         "[prefill0] VLLM DEBUG 2026-12-04 15:00:00.109 [nixl_agents.py:1] [rp-1-ab12cd34] WRITE reported done: "
@@ -580,10 +582,11 @@ def test_a_remote_prefill_split_into_stages_from_every_process_log():
     assert stamp(log[0]) == pytest.approx(base + 0.010) and stamp("no time here") is None
     marks = marks_from_log(log, ["rp-1"])["rp-1"]  # the first time each mark is seen; rp-2 is not asked for
     assert {k: round((v - base) * 1000) for k, v in marks.items()} == {
-        "enqueued": 10, "requested": 23, "claimed": 25, "write_started": 100, "notif_drained": 104, "received": 108,
-        "write_done": 109}
+        "enqueued": 10, "requested": 23, "claimed": 25, "write_started": 100, "write_posted": 101, "notif_drained": 104,
+        "received": 108, "write_done": 109}
     assert traces_from_log(log, ["rp-1"])["rp-1"] == {"ms": [0.686], "post": [0.686], "descs": [4.0],
-                                                       "before": [3.66], "forward": [3.68]}
+                                                       "before": [3.66], "forward": [3.68], "post_ms": [0.412],
+                                                       "done": [1.0], "prep_ms": [0.65]}
     t = Timeline("disagg", "rp-1", sent=base, first_chunk=base + 0.130,
                  marks={**marks, "accepted": base + 0.020, "first_delta": base + 0.125, "last_delta": base + 0.249})
     ms = {k: round(v, 3) for k, v in stage_ms([t], DISAGG_STAGES).items() if v is not None}

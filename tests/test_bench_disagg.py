@@ -103,7 +103,10 @@ def test_default_cases_read_a_prompt_as_vllm_lays_it_out():
     vllm_like = cases[0]
     assert vllm_like.desc_bytes == 8 * KIB and vllm_like.num_descs == 40 * 8
     assert vllm_like.total_bytes == 40 * 64 * KIB == cases[2].total_bytes
-    assert cases[-1].total_bytes == 256 * MIB
+    push = [c for c in cases if c.op == "WRITE"]  # the push's WRITE of a prompt: one descriptor per layer
+    assert [(c.num_descs, c.total_bytes, c.fresh_far) for c in push] == [(4, 40 * 64 * KIB, False),
+                                                                          (4, 40 * 64 * KIB, True)]
+    assert cases[-1].total_bytes == 256 * MIB and cases.index(push[0]) > 2  # after the READs of the prompt
 
 
 def test_summarize_rates_bytes_over_the_median():
