@@ -286,6 +286,10 @@ class RouterConfig(_Section):
     mode: Literal["queue", "random", "round-robin", "kv"] = "queue"
     num_replicas: int = Field(1, ge=1)
     overlap_weight: float = Field(1.0, ge=0)
+    # The cost's balance term (router/policy.py): this many blocks for each of the router's last
+    # balance_window decisions that went to a worker. 0 leaves Dynamo's formula.
+    balance_weight: float = Field(0.0, ge=0)
+    balance_window: int = Field(32, ge=1)
     temperature: float = Field(0.0, ge=0)
     # A booking counts until the worker reports metrics this much newer than it.
     booking_lag_s: float = Field(1.0, ge=0)

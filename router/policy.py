@@ -1,21 +1,34 @@
 """How the router weighs prefix overlap against load, and how it books its own choices.
 
-The cost is Dynamo's newer formula, per worker:
+The cost is Dynamo's newer formula with a balance term, per worker:
 
-    cost = overlap_weight * prefill_blocks + decode_blocks
+    cost = overlap_weight * prefill_blocks + decode_blocks + balance_weight * recent_decisions
 
 ``prefill_blocks`` are the prompt blocks the worker would have to compute (prompt blocks minus the
 prefix it already holds); ``decode_blocks`` are the KV blocks it has in use, from its own last
 report, plus what this router booked on it since. A higher ``overlap_weight`` favours cache hits
-(TTFT); a lower one favours spreading load (ITL). With ``temperature`` 0 the cheapest worker wins
-(ties go to the one with fewer requests, then at random); above 0 a worker is drawn with
-probability softmax(-cost / max_cost / temperature), so near-equal workers share the traffic.
+(TTFT); a lower one favours spreading load (ITL).
+
+``recent_decisions`` is how many of this router's last ``balance_window`` decisions went to the
+worker. The first two terms are the load of the moment, and at low load that is whichever worker
+the one or two other requests in flight happen to be on. But where a new prefix lands decides
+where its later requests go, because they follow its cache, so a worker that took more of the
+recent traffic will take more of the next. The balance term places new prefixes by that share.
+It also outweighs a cached prefix once its holder's share runs far enough ahead, other things
+equal: at balance weight 16 and overlap weight 4 a recent decision counts as much as four prompt
+blocks, so a worker nine decisions ahead of another loses a 34-block prefix to it (9 x 16 > 4 x 34).
+The prefix is then computed on a second worker too, and its traffic splits between them.
+
+With ``temperature`` 0 the cheapest worker wins (ties go to the one with fewer requests, then at
+random); above 0 a worker is drawn with probability softmax(-cost / max_cost / temperature), so
+near-equal workers share the traffic.
 """
 
 from __future__ import annotations
 
 import math
 import random
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 
@@ -27,10 +40,12 @@ class Candidate:
     decode_blocks: int
     num_requests: int
     cost: float
+    recent_decisions: int = 0
 
 
-def cost(prefill_blocks: int, decode_blocks: int, overlap_weight: float) -> float:
-    return overlap_weight * prefill_blocks + decode_blocks
+def cost(prefill_blocks: int, decode_blocks: int, overlap_weight: float, recent_decisions: int = 0,
+         balance_weight: float = 0.0) -> float:
+    return overlap_weight * prefill_blocks + decode_blocks + balance_weight * recent_decisions
 
 
 def choose(candidates: list[Candidate], temperature: float, rng: random.Random) -> Candidate:
@@ -77,3 +92,27 @@ class Bookings:
 
     def forget(self, worker_id: str) -> None:
         self._by_worker.pop(worker_id, None)
+
+
+class RecentDecisions:
+    """The workers this router's last ``window`` decisions went to (the cost's balance term)."""
+
+    def __init__(self, window: int):
+        self._picks: deque[str] = deque(maxlen=window)
+        self._counts: Counter[str] = Counter()
+
+    def record(self, worker_id: str) -> None:
+        if len(self._picks) == self._picks.maxlen:
+            self._counts[self._picks[0]] -= 1
+        self._picks.append(worker_id)
+        self._counts[worker_id] += 1
+
+    def count(self, worker_id: str) -> int:
+        return self._counts[worker_id]
+
+    def forget(self, worker_id: str) -> None:
+        """A worker that left: its share no longer says anything about the others."""
+        kept = [w for w in self._picks if w != worker_id]
+        self._picks.clear()
+        self._picks.extend(kept)
+        self._counts.pop(worker_id, None)
