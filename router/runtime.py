@@ -105,7 +105,7 @@ class RouterRuntime:
         hit_tokens = decision.overlap_blocks * self.settings.engine.block_size
         forward(msgspec.structs.replace(req, prefix_hit_tokens=hit_tokens), worker_queue(decision.worker_id))
         costs = "".join(f"; cost {c.worker_id} {c.cost:g} (decode {c.decode_blocks}, {c.num_requests} req, "
-                        f"{c.recent_decisions} recent)"
+                        f"recent work {c.recent_work:.1f})"
                         for c in sorted(decision.candidates, key=lambda c: c.worker_id))
         logger.info("[%s] routed to %s (%s): overlap %d/%d blocks%s; in %.2fms", req.request_id,
                     decision.worker_id, decision.mode, decision.overlap_blocks, decision.prompt_blocks, costs,

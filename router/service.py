@@ -20,7 +20,7 @@ from config import Settings
 from router.events import KvEvents
 from router.index import RadixIndex, SharedIndex
 from router.membership import Membership
-from router.policy import Bookings, Candidate, RecentDecisions, choose, cost
+from router.policy import Bookings, Candidate, RecentDecisions, choose, cost, decision_work
 from router.snapshots import IndexSnapshots
 from tasks import keys
 from tasks.registry import WorkerStatus
@@ -82,7 +82,7 @@ class RouterService:
             candidates = [self._candidate(w, overlaps.get(w.worker_id, 0), prompt_blocks) for w in workers.values()]
             chosen = choose(candidates, self.config.temperature, self._rng)
             self.bookings.book(chosen.worker_id, chosen.prefill_blocks + 1, time.time())
-            self.recent.record(chosen.worker_id)
+            self.recent.record(chosen.worker_id, decision_work(chosen.prefill_blocks, prompt_blocks))
         self._count_hits(chosen.overlap_blocks, prompt_blocks)
         return Decision(chosen.worker_id, mode, chosen.overlap_blocks, prompt_blocks,
                         tuple(candidates))
@@ -95,7 +95,7 @@ class RouterService:
         booked_blocks, booked_requests = self.bookings.pending(status.worker_id)
         prefill = prompt_blocks - overlap
         decode = status.kv_blocks_used + booked_blocks
-        recent = self.recent.count(status.worker_id)
+        recent = self.recent.work(status.worker_id)
         return Candidate(status.worker_id, overlap, prefill, decode,
                          status.num_running + status.num_waiting + booked_requests,
                          cost(prefill, decode, self.config.overlap_weight, recent, self.config.balance_weight),
