@@ -292,6 +292,11 @@ class RouterConfig(_Section):
     mode: Literal["queue", "random", "round-robin", "kv"] = "queue"
     num_replicas: int = Field(1, ge=1)
     overlap_weight: float = Field(1.0, ge=0)
+    # The cost's balance term (router/policy.py): this many blocks per unit of the work the
+    # router's last balance_window decisions sent a worker (a request 1, its prefill up to 1
+    # more). 0 leaves Dynamo's formula.
+    balance_weight: float = Field(0.0, ge=0)
+    balance_window: int = Field(32, ge=1)
     temperature: float = Field(0.0, ge=0)
     # A booking counts until the worker reports metrics this much newer than it.
     booking_lag_s: float = Field(1.0, ge=0)

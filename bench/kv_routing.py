@@ -70,6 +70,8 @@ class KvRoutingSpec:
     modes: str = field(default=",".join(MODES), metadata=help_text("router modes to run, in order"))
     overlap_weight: float = field(default=0.0, metadata=help_text(
         "router.overlap_weight of the kv mode (0: the config's)"))
+    balance_weight: float = field(default=-1.0, metadata=help_text(
+        "router.balance_weight of the kv mode (negative: the config's; 0: no balance term)"))
     model_name: str = field(default="bench-llama", metadata=help_text("model.name of the deployment"))
     model_path: str = field(default="", metadata=help_text(
         "model.path (empty: MODEL_NAME in the model cache; build it with scripts/build_tiny_model.py --size bench)"))
@@ -305,6 +307,8 @@ def setup(spec: KvRoutingSpec) -> Setup:
             "engine.kv_cache_gib": repr(kv_cache_gib(spec.kv_cache_blocks, block_bytes))}
     if spec.overlap_weight > 0:
         sets["router.overlap_weight"] = repr(spec.overlap_weight)
+    if spec.balance_weight >= 0:
+        sets["router.balance_weight"] = repr(spec.balance_weight)
     return Setup(sets, block_size, block_bytes, spec.kv_cache_blocks)
 
 
@@ -358,7 +362,12 @@ def run_mode(mode: str, spec: KvRoutingSpec, common: Setup, out: Path) -> tuple[
             after = fresh_leases(client, NUM_DECODE, since_unix=time.time())
             with log_path.open("rb") as f:
                 f.seek(log_offset)
-                routed = routed_per_worker(f.read().decode(errors="replace"), mode)
+                point_log = f.read().decode(errors="replace")
+            routed = routed_per_worker(point_log, mode)
+            # The router's decisions, each with every candidate's cost: the deployment's log is
+            # trimmed when it stops, and these are what explain a split between the workers.
+            (out / f"routing-{mode}-c{concurrency}.log").write_text(
+                "".join(line + "\n" for line in point_log.splitlines() if "] routed to " in line))
             point = LoadPoint(LoadMode.CLOSED, concurrency)
             summary = summarize(mode, point, result.records, None)
             points.append(PointResult(mode, point.label, workload.options.seed, machine, engine_deltas(before, after),
@@ -508,7 +517,8 @@ def markdown(spec: KvRoutingSpec, common: Setup, blocks_total: dict[str, int], p
              f"{common.requested_blocks} blocks of {common.block_size} tokens ({common.block_bytes:,} bytes each, "
              f"engine.kv_cache_gib={common.sets['engine.kv_cache_gib']}); the engines reported "
              + ", ".join(f"{n} ({m})" for m, n in blocks_total.items()),
-             f"- router.overlap_weight {common.sets.get('router.overlap_weight', 'as in ' + CONFIG)}",
+             f"- router.overlap_weight {common.sets.get('router.overlap_weight', 'as in ' + CONFIG)}, "
+             f"router.balance_weight {common.sets.get('router.balance_weight', 'as in ' + CONFIG)}",
              f"- started {started.at}; load average (1/5/15 min) {started.label} at the start, "
              f"{finished.label} at the end; {started.num_cpus} CPUs ({cpu_label()}); engine.dtype {spec.dtype}",
              f"- workload: multiturn, {spec.num_requests} turns per load point in conversations of "

@@ -1,21 +1,37 @@
 """How the router weighs prefix overlap against load, and how it books its own choices.
 
-The cost is Dynamo's newer formula, per worker:
+The cost is Dynamo's newer formula with a balance term, per worker:
 
-    cost = overlap_weight * prefill_blocks + decode_blocks
+    cost = overlap_weight * prefill_blocks + decode_blocks + balance_weight * recent_work
 
 ``prefill_blocks`` are the prompt blocks the worker would have to compute (prompt blocks minus the
 prefix it already holds); ``decode_blocks`` are the KV blocks it has in use, from its own last
 report, plus what this router booked on it since. A higher ``overlap_weight`` favours cache hits
-(TTFT); a lower one favours spreading load (ITL). With ``temperature`` 0 the cheapest worker wins
-(ties go to the one with fewer requests, then at random); above 0 a worker is drawn with
-probability softmax(-cost / max_cost / temperature), so near-equal workers share the traffic.
+(TTFT); a lower one favours spreading load (ITL).
+
+``recent_work`` is what this router's last ``balance_window`` decisions sent the worker: each
+counts 1 for its request (the decode) plus the share of its prompt the worker had to compute (the
+prefill), so a full hit counts 1 and a full miss 2. The first two terms are the load of the
+moment, and at low load that is whichever worker the one or two other requests in flight happen
+to be on. But where a new prefix lands decides where its later requests go, because they follow
+its cache: a worker that took more of the recent work will take more of the next. The balance
+term places new prefixes by that share, counting prefills as well as requests, so that the worker
+holding a hot prefix (many requests, few prefills) and the one taking the new prefixes (fewer
+requests, more prefills) even out on both. It also outweighs a cached prefix once the holder's
+share runs far enough ahead, other things equal: at balance weight 8 and overlap weight 4 a full
+hit counts two prompt blocks, so a worker 18 hits ahead of another loses a 34-block prefix to it
+(18 x 8 > 4 x 34). The prefix is then computed on a second worker too, and its traffic splits.
+
+With ``temperature`` 0 the cheapest worker wins (ties go to the one with fewer requests, then at
+random); above 0 a worker is drawn with probability softmax(-cost / max_cost / temperature), so
+near-equal workers share the traffic.
 """
 
 from __future__ import annotations
 
 import math
 import random
+from collections import deque
 from dataclasses import dataclass, field
 
 
@@ -27,10 +43,18 @@ class Candidate:
     decode_blocks: int
     num_requests: int
     cost: float
+    recent_work: float = 0.0
 
 
-def cost(prefill_blocks: int, decode_blocks: int, overlap_weight: float) -> float:
-    return overlap_weight * prefill_blocks + decode_blocks
+def cost(prefill_blocks: int, decode_blocks: int, overlap_weight: float, recent_work: float = 0.0,
+         balance_weight: float = 0.0) -> float:
+    return overlap_weight * prefill_blocks + decode_blocks + balance_weight * recent_work
+
+
+def decision_work(prefill_blocks: int, prompt_blocks: int) -> float:
+    """One decision's share of the balance term: 1 for the request, plus the share of its prompt
+    the worker computes."""
+    return 1.0 + (prefill_blocks / prompt_blocks if prompt_blocks else 0.0)
 
 
 def choose(candidates: list[Candidate], temperature: float, rng: random.Random) -> Candidate:
@@ -77,3 +101,23 @@ class Bookings:
 
     def forget(self, worker_id: str) -> None:
         self._by_worker.pop(worker_id, None)
+
+
+class RecentDecisions:
+    """The work this router's last ``window`` decisions sent each worker (the cost's balance term).
+    A window holds a few dozen decisions, so summing it per candidate costs microseconds."""
+
+    def __init__(self, window: int):
+        self._picks: deque[tuple[str, float]] = deque(maxlen=window)
+
+    def record(self, worker_id: str, work: float) -> None:
+        self._picks.append((worker_id, work))
+
+    def work(self, worker_id: str) -> float:
+        return sum(w for worker, w in self._picks if worker == worker_id)
+
+    def forget(self, worker_id: str) -> None:
+        """A worker that left: its share no longer says anything about the others."""
+        kept = [pick for pick in self._picks if pick[0] != worker_id]
+        self._picks.clear()
+        self._picks.extend(kept)

@@ -104,7 +104,9 @@ class RouterRuntime:
         # The overlap tells the chosen decode worker how much of the prompt it need not prefill.
         hit_tokens = decision.overlap_blocks * self.settings.engine.block_size
         forward(msgspec.structs.replace(req, prefix_hit_tokens=hit_tokens), worker_queue(decision.worker_id))
-        costs = "".join(f"; cost {w} {c:g}" for w, c in sorted(decision.costs.items()))
+        costs = "".join(f"; cost {c.worker_id} {c.cost:g} (decode {c.decode_blocks}, {c.num_requests} req, "
+                        f"recent work {c.recent_work:.1f})"
+                        for c in sorted(decision.candidates, key=lambda c: c.worker_id))
         logger.info("[%s] routed to %s (%s): overlap %d/%d blocks%s; in %.2fms", req.request_id,
                     decision.worker_id, decision.mode, decision.overlap_blocks, decision.prompt_blocks, costs,
                     (time.perf_counter() - started) * 1000)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import cast
 
 import redis
@@ -20,7 +20,7 @@ from config import Settings
 from router.events import KvEvents
 from router.index import RadixIndex, SharedIndex
 from router.membership import Membership
-from router.policy import Bookings, Candidate, choose, cost
+from router.policy import Bookings, Candidate, RecentDecisions, choose, cost, decision_work
 from router.snapshots import IndexSnapshots
 from tasks import keys
 from tasks.registry import WorkerStatus
@@ -36,7 +36,7 @@ class Decision:
     mode: str
     overlap_blocks: int
     prompt_blocks: int
-    costs: dict[str, float] = field(default_factory=dict)  # kv mode: every candidate's, for the log
+    candidates: tuple[Candidate, ...] = ()  # kv mode: every candidate with its cost, for the log
 
 
 class RouterService:
@@ -46,9 +46,10 @@ class RouterService:
         self.redis = client
         self.shared = SharedIndex(RadixIndex(settings.engine.block_size))
         self.bookings = Bookings(lag_s=self.config.booking_lag_s)
+        self.recent = RecentDecisions(self.config.balance_window)
         self.snapshots = IndexSnapshots(client, self.shared, self.config.snapshot_every_events)
         self.events = KvEvents(client, self.shared, self.snapshots)
-        self.members = Membership(client, self.shared, self.bookings)
+        self.members = Membership(client, self.shared, self.bookings, self.recent)
         self._rng = rng or random.Random()
 
     @property
@@ -81,9 +82,10 @@ class RouterService:
             candidates = [self._candidate(w, overlaps.get(w.worker_id, 0), prompt_blocks) for w in workers.values()]
             chosen = choose(candidates, self.config.temperature, self._rng)
             self.bookings.book(chosen.worker_id, chosen.prefill_blocks + 1, time.time())
+            self.recent.record(chosen.worker_id, decision_work(chosen.prefill_blocks, prompt_blocks))
         self._count_hits(chosen.overlap_blocks, prompt_blocks)
         return Decision(chosen.worker_id, mode, chosen.overlap_blocks, prompt_blocks,
-                        {c.worker_id: c.cost for c in candidates})
+                        tuple(candidates))
 
     @staticmethod
     def _eligible(workers: dict[str, WorkerStatus], exclude: Collection[str]) -> dict[str, WorkerStatus]:
@@ -93,9 +95,11 @@ class RouterService:
         booked_blocks, booked_requests = self.bookings.pending(status.worker_id)
         prefill = prompt_blocks - overlap
         decode = status.kv_blocks_used + booked_blocks
+        recent = self.recent.work(status.worker_id)
         return Candidate(status.worker_id, overlap, prefill, decode,
                          status.num_running + status.num_waiting + booked_requests,
-                         cost(prefill, decode, self.config.overlap_weight))
+                         cost(prefill, decode, self.config.overlap_weight, recent, self.config.balance_weight),
+                         recent)
 
     def _count_hits(self, overlap_blocks: int, prompt_blocks: int) -> None:
         pipe = self.redis.pipeline(transaction=False)

@@ -35,7 +35,11 @@ def prompt(prefix: list[int], turn: int) -> list[int]:
 
 @pytest.fixture(scope="module")
 def routed(model_path, tmp_path_factory):
-    settings = make_settings(fresh_redis_url(), base="agg_router.yaml")
+    # These tests check the overlap and the momentary load against real engines, each from a state
+    # it states. The balance term (tests/test_router_policy.py, tests/test_router_service.py) would
+    # carry each test's decisions into the next: after the first test's six requests to one worker,
+    # it sent the second test's first request, a hit there, to the other.
+    settings = make_settings(fresh_redis_url(), base="agg_router.yaml", **{"router.balance_weight": "0"})
     assert settings.router.mode == "kv" and settings.workers.num_decode == 2
     dep = start_deployment(settings, tmp_path_factory.mktemp("kv"))
     wait_for(lambda: len(live_status(dep)) == 2, 120, "both decode workers")

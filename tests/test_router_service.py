@@ -235,3 +235,21 @@ def test_with_every_worker_excluded_there_is_no_candidate(client):
     lease_workers(client)
     with pytest.raises(NoCandidates, match="other than decode0@a, decode1@a, decode2@b"):
         router(client, mode="round-robin").decide(engine_blocks(1), exclude=WORKERS)
+
+
+def test_kv_decisions_count_their_work_and_a_departed_worker_loses_its_share(client):
+    lease_workers(client)
+    service = router(client, mode="kv")
+    weights = service.config
+    assert (weights.overlap_weight, weights.balance_weight) == (4.0, 8.0)
+    first = service.decide(engine_blocks(1, 2))
+    # Nobody holds the prompt: the worker computes all of it, so the decision counts 2.
+    assert service.recent.work(first.worker_id) == 2.0
+    second = service.decide(engine_blocks(3, 4))
+    mine = next(c for c in second.candidates if c.worker_id == first.worker_id)
+    assert mine.recent_work == 2.0
+    assert mine.cost == 4.0 * mine.prefill_blocks + mine.decode_blocks + 8.0 * 2.0
+    assert second.worker_id != first.worker_id
+    client.delete(keys.worker_lease(first.worker_id))
+    service.members.refresh(fresh=True)
+    assert service.recent.work(first.worker_id) == 0.0
