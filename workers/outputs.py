@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from tasks import keys
@@ -12,7 +13,7 @@ from tasks.messages import Accepted, Delta, Failed, OutputEvent, SamplingSpec, T
 logger = logging.getLogger(__name__)
 
 
-def _append(pipe, key: str, events: list[OutputEvent]) -> None:
+def _append(pipe, key: str, events: Sequence[OutputEvent]) -> None:
     """The one place that shapes a stream entry: field "m", an encoded OutputEvent."""
     for event in events:
         pipe.xadd(key, {"m": encode_event(event)})
@@ -90,10 +91,10 @@ class BatchedStreamWriter:
 
     def __init__(self, client):
         self._client = client  # a redis.asyncio.Redis bound to the engine's loop
-        self._pending: list[tuple[str, list[OutputEvent], asyncio.Future]] = []
+        self._pending: list[tuple[str, Sequence[OutputEvent], asyncio.Future]] = []
         self._flusher: asyncio.Task | None = None
 
-    async def write(self, request_id: str, events: list[OutputEvent]) -> None:
+    async def write(self, request_id: str, events: Sequence[OutputEvent]) -> None:
         if not events:
             return
         done = asyncio.get_running_loop().create_future()
