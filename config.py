@@ -197,6 +197,11 @@ class FrontendConfig(_Section):
     # Off: the gunicorn processes accept, and refuse at accept (docs/benchmarks.md, "Admission
     # control").
     gate: bool = True
+    # The gate's niceness (app/gate.py; it runs in a session of its own, whose group this sets
+    # too, placement.set_niceness). Below 0, its 429s win the cores from everything else in a
+    # burst; it spends microseconds a connection, so it takes little from anyone. Below 0 needs
+    # CAP_SYS_NICE (root has it): without it the gate logs so and runs at its parent's niceness.
+    gate_nice: int = Field(-10, ge=-20, le=19)
     # Niceness of the gunicorn worker processes (set as each starts, before its threads); the
     # gate and gunicorn's master keep the launcher's. Above 0, the gate's 429s win the cores from
     # the admitted requests' intake in a burst, but /health and /metrics, which the workers

@@ -22,7 +22,15 @@ consumed) and then either
   a kept-alive connection's later requests, and limits the gate cannot see, are its business.
 
 /health, /metrics and anything else always go through. A generation connection counts against
-its worker from its hand-over until the worker reports its first request finished.
+its worker from the gate's decision to admit it until the worker reports its first request
+finished.
+
+Refusals first: an admitted generation connection is held in the gate, not handed over at once,
+until the listen backlog is empty (accept() would block), or for at most ``HOLD_MAX_S``. A worker
+that gets a connection spends milliseconds of CPU on it (JSON, tokenizing, publishing); in a
+burst, on few cores, that CPU is what the refusals still in the backlog wait for. Held, the
+admitted connections reach the workers once the gate has answered every refusal it can; they take
+seconds anyway, and a lone request waits one more epoll_wait(0).
 
 The channel, one SOCK_SEQPACKET connection per worker process, one message per event:
 
@@ -33,7 +41,8 @@ The channel, one SOCK_SEQPACKET connection per worker process, one message per e
   workers), ``b`` (the worker stops: hand it nothing more).
 
 gunicorn's master starts the gate (app/gunicorn_conf.py) with the bound public socket and the
-channel's listening socket, and stops it on exit; the gate also exits when its parent is gone.
+channel's listening socket, in a session of its own at ``frontend.gate_nice``, and stops it on
+exit; the gate also exits when its parent is gone.
 """
 
 from __future__ import annotations
@@ -49,6 +58,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+import placement
 from app import metrics
 from app.admission import FULL_MEMORY_S, GENERATION_PATHS, Refused, refusal_bytes, request_size
 from config import load_settings
@@ -65,6 +75,9 @@ FIRST_BYTES_WAIT_S = 1.0
 ACCEPTS_PER_TURN = 64
 # The loop's longest sleep: how soon it sees a lapsed wait, or that its parent is gone.
 TICK_S = 0.1
+# The longest an admitted connection is held while the listen backlog keeps refilling (a burst
+# longer than this hands admitted connections over in batches of at most this age).
+HOLD_MAX_S = 0.1
 
 
 @dataclass
@@ -79,6 +92,14 @@ class Pending:
     sock: socket.socket
     accepted_at: float
     deadline: float
+
+
+@dataclass
+class Held:
+    """An admitted generation connection, counted against ``worker``, not yet handed to it."""
+    sock: socket.socket
+    worker: Worker
+    since: float
 
 
 def request_kind(data: bytes) -> str | None:
@@ -104,6 +125,8 @@ class Gate:
         self.epoll = select.epoll()
         self.workers: dict[int, Worker] = {}  # by channel fd
         self.pending: dict[int, Pending] = {}  # by connection fd
+        self.held: list[Held] = []  # admitted, in order, until the backlog is empty
+        self.backlog_empty = True  # the last accept() would have blocked
         self.decode_workers = 0  # as last reported; 0: unknown, no deployment bound here
         self.full: Refused | None = None  # the deployment-wide check's last refusal, until full_until
         self.full_until = 0.0
@@ -124,12 +147,14 @@ class Gate:
                     self.channel.getsockname())
         while not self.stopping and os.getppid() == self.ppid:
             try:
-                events = self.epoll.poll(TICK_S)
+                # With connections held, only look for more work: none means the backlog is empty.
+                events = self.epoll.poll(0 if self.held else TICK_S)
             except InterruptedError:
                 continue
+            self.backlog_empty = True
             for fd, _mask in events:
                 if fd == self.listener.fileno():
-                    self._accept()
+                    self.backlog_empty = self._accept()
                 elif fd == self.channel.fileno():
                     self._add_worker()
                 elif fd in self.workers:
@@ -137,12 +162,17 @@ class Gate:
                 elif fd in self.pending:
                     self._on_bytes(fd)
             self._expire()
+            if self.held and (self.backlog_empty or time.monotonic() - self.held[0].since >= HOLD_MAX_S):
+                self._release()
         logger.info("gate: stopping (%s); %d refused", "asked to" if self.stopping else "parent gone", self.refused)
         self.close()
 
     def close(self) -> None:
         for fd in list(self.pending):
             self._drop(fd)
+        for held in self.held:
+            held.sock.close()
+        self.held.clear()
         for worker in list(self.workers.values()):
             self._remove_worker(worker)
         self.epoll.close()
@@ -212,21 +242,23 @@ class Gate:
 
     # -- connections ---------------------------------------------------------------------------
 
-    def _accept(self) -> None:
+    def _accept(self) -> bool:
+        """Accepts up to ACCEPTS_PER_TURN connections; True if the backlog is empty now."""
         for _ in range(ACCEPTS_PER_TURN):
             try:
                 sock, _ = self.listener.accept()
             except BlockingIOError:
-                return
+                return True
             except OSError as e:  # ECONNABORTED, EMFILE: the next turn tries again
                 logger.warning("gate: accept failed: %s", e)
-                return
+                return True
             now = time.monotonic()
             sock.setblocking(False)
             self.pending[sock.fileno()] = Pending(sock, now, now + FIRST_BYTES_WAIT_S)
             # Edge-triggered: peeked bytes stay in the socket, so only new bytes wake it again.
             self.epoll.register(sock.fileno(), select.EPOLLIN | select.EPOLLET)
             self._on_bytes(sock.fileno())  # a client that sent at connect is answered now
+        return False
 
     def _on_bytes(self, fd: int) -> None:
         p = self.pending[fd]
@@ -247,7 +279,7 @@ class Gate:
             return
         refused = self.refusal()
         if refused is None:
-            self._hand(fd, counted=True)
+            self._admit(fd)
             return
         size = request_size(data)
         if size is None and data.find(b"\r\n\r\n") < 0 and len(data) < HEAD_BYTES:
@@ -300,6 +332,45 @@ class Gate:
         metrics.REQUESTS.labels(path, "429").inc()
         metrics.REFUSAL_SECONDS.labels("gate").observe(time.monotonic() - p.accepted_at)
 
+    def _admit(self, fd: int) -> None:
+        """Counts a generation connection against the least-loaded worker under its limit, and
+        holds it until the backlog is empty (_release); without such a worker, hands it over
+        uncounted now, for the worker's own check to refuse."""
+        worker = self._least_loaded(counted=True)
+        if worker is None:
+            self._hand(fd, counted=False)
+            return
+        worker.generation += 1
+        self.held.append(Held(self._forget(fd).sock, worker, time.monotonic()))
+
+    def _release(self) -> None:
+        """Hands the held connections to the workers they were counted against (or, if one's
+        channel is full or gone, to another)."""
+        held, self.held = self.held, []
+        for h in held:
+            if self.workers.get(h.worker.sock.fileno()) is h.worker:
+                try:
+                    socket.send_fds(h.worker.sock, [b"g"], [h.sock.fileno()])
+                    h.sock.close()  # the worker holds its own descriptor now
+                    continue
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    self._remove_worker(h.worker)
+            h.worker.generation = max(0, h.worker.generation - 1)
+            # Back to pending, handed over as before: to another worker now, or at its deadline.
+            now = time.monotonic()
+            self.pending[h.sock.fileno()] = Pending(h.sock, now, now + FIRST_BYTES_WAIT_S)
+            self.epoll.register(h.sock.fileno(), select.EPOLLIN | select.EPOLLET)
+            self._hand(h.sock.fileno(), counted=True)
+
+    def _least_loaded(self, counted: bool) -> Worker | None:
+        workers = list(self.workers.values())
+        self._turn += 1
+        start = self._turn % len(workers) if workers else 0
+        order = sorted(workers[start:] + workers[:start], key=lambda w: w.generation)
+        return next((w for w in order if not counted or w.generation < self.process_limit), None)
+
     def _hand(self, fd: int, counted: bool) -> None:
         """Passes the connection to the worker with the fewest generation requests (among those
         under their limit, for a counted one); without one, it keeps waiting until its deadline,
@@ -350,6 +421,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=settings.log_level, stream=sys.stdout,
                         format="%(asctime)s [%(process)d] [%(levelname)s] %(message)s")
     frontend = settings.frontend
+    try:
+        logger.info("gate: runs at %s (frontend.gate_nice)", placement.set_niceness(frontend.gate_nice))
+    except OSError as e:
+        logger.warning("gate: could not take niceness %d (frontend.gate_nice; below 0 needs CAP_SYS_NICE): %s; "
+                       "it runs at niceness %d, in a session of its own", frontend.gate_nice, e,
+                       os.getpriority(os.PRIO_PROCESS, 0))
     gate = Gate(socket.socket(fileno=args.listen_fd), socket.socket(fileno=args.channel_fd),
                 frontend.threads - frontend.reserved_threads, frontend.max_requests_per_decode_worker,
                 frontend.retry_after_s)
