@@ -49,6 +49,11 @@ class AdmissionSpec:
     redis_db: int = field(default=4, metadata=help_text("Redis database (1-5), flushed before the start"))
     floor: bool = field(default=True, metadata=help_text(
         "also burst the smallest Python server (a canned 429), with the engine idle and generating"))
+    bursts: int = field(default=3, metadata=help_text(
+        "bursts against the one deployment, each once the last one's admitted requests are done"))
+    client_nice: int = field(default=-10, metadata=help_text(
+        "niceness of the burst's client (and the floor's client and server), each in a session of its own; "
+        "0: an ordinary process, whose waits for the CPU count in the latencies"))
 
 
 @dataclass
@@ -206,6 +211,43 @@ def _content_length(head: bytes) -> int:
     return 0
 
 
+def _prioritized(nice: int) -> None:
+    """In a process just spawned: its own session at ``nice`` (placement.set_niceness). On 2 cores
+    the client shares the CPU with the deployment it measures; at 0, under autogroup, it is one
+    session among the frontend's, the gate's, the engine's, Redis's and the prober's, and the time
+    it waits to send a request or read an answer counts as the server's. A remote client's does
+    not: it runs on another machine. The same is done for the floor, so the two stay comparable."""
+    import placement
+
+    if nice:
+        os.setsid()
+        placement.set_niceness(nice)
+
+
+def _send_all_at(nice: int, replies, *args) -> None:
+    _prioritized(nice)
+    replies.put(send_all(*args))
+
+
+def send_all_prioritized(nice: int, *args) -> list[Reply]:
+    """send_all(*args) in a process of its own, at ``nice`` (see _prioritized)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    replies = ctx.Queue()
+    proc = ctx.Process(target=_send_all_at, args=(nice, replies, *args), daemon=True)
+    proc.start()
+    try:
+        return replies.get(timeout=args[-1] + 60)
+    finally:
+        proc.join(timeout=30)
+
+
+def _floor_server_at(nice: int, listener: socket.socket) -> None:
+    _prioritized(nice)
+    floor_server(listener)
+
+
 def _generate(root_url: str, num_requests: int, body: bytes, timeout_s: float) -> None:
     """In a process of its own: `num_requests` completions at once, for the engine to work on."""
     from urllib.parse import urlsplit
@@ -214,24 +256,28 @@ def _generate(root_url: str, num_requests: int, body: bytes, timeout_s: float) -
     send_all(url.hostname or "127.0.0.1", url.port or 80, "/v1/completions", body, num_requests, timeout_s)
 
 
-def measure_floor(num_requests: int, body: bytes, root_url: str, generating: int, timeout_s: float) -> dict:
+def measure_floor(num_requests: int, body: bytes, root_url: str, generating: int, timeout_s: float,
+                  client_nice: int = 0) -> dict:
     """The floor server's 429 latencies for a burst of `num_requests`: with the engine idle, then
-    while `generating` requests (within the limits) keep it busy. Same client as the real burst."""
+    while `generating` requests (within the limits) keep it busy. Same client as the real burst,
+    at the same niceness, and the server at it too."""
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
     listener = socket.create_server(("127.0.0.1", 0), backlog=2048)
-    server = ctx.Process(target=floor_server, args=(listener,), daemon=True)
+    server = ctx.Process(target=_floor_server_at, args=(client_nice, listener), daemon=True)
     server.start()
     port = listener.getsockname()[1]
     out = {}
     try:
         send_all("127.0.0.1", port, "/v1/completions", body, 1, 60)  # the server is up and serving
-        out["idle"] = _latencies_ms(send_all("127.0.0.1", port, "/v1/completions", body, num_requests, 60))
+        out["idle"] = _latencies_ms(send_all_prioritized(client_nice, "127.0.0.1", port, "/v1/completions", body,
+                                                         num_requests, 60))
         load = ctx.Process(target=_generate, args=(root_url, generating, body, timeout_s), daemon=True)
         load.start()
         time.sleep(1.0)  # admitted and prefilled: the engine is decoding
-        out["generating"] = _latencies_ms(send_all("127.0.0.1", port, "/v1/completions", body, num_requests, 60))
+        out["generating"] = _latencies_ms(send_all_prioritized(client_nice, "127.0.0.1", port, "/v1/completions",
+                                                               body, num_requests, 60))
         load.join(timeout=timeout_s)
     finally:
         server.kill()
@@ -280,10 +326,11 @@ def _probe_forever(root_url: str, paths: tuple[str, ...], interval_s: float, sto
 
 def burst(root_url: str, num_requests: int, prompt: list[int], max_tokens: int, timeout_s: float,
           poll_interval_s: float = 0.05, probe_paths: tuple[str, ...] = ("/health", "/metrics"),
-          ) -> tuple[list[Reply], list[Probe]]:
+          client_nice: int = 0) -> tuple[list[Reply], list[Probe]]:
     """`num_requests` completions at once, each on its own connection (as that many independent
     clients would: all in the listen backlog at once), with `probe_paths` timed meanwhile from
-    another process. `root_url` has no /v1."""
+    another process. `root_url` has no /v1. With `client_nice`, the client runs in a process of
+    its own at that niceness (_prioritized); the prober does not."""
     import multiprocessing
     from urllib.parse import urlsplit
 
@@ -300,8 +347,8 @@ def burst(root_url: str, num_requests: int, prompt: list[int], max_tokens: int, 
     started = time.monotonic()
     try:
         url = urlsplit(root_url)
-        replies = send_all(url.hostname or "127.0.0.1", url.port or 80, "/v1/completions", body, num_requests,
-                           timeout_s)
+        args = (url.hostname or "127.0.0.1", url.port or 80, "/v1/completions", body, num_requests, timeout_s)
+        replies = send_all_prioritized(client_nice, *args) if client_nice else send_all(*args)
     finally:
         stop.set()
         if probe_paths:
@@ -388,45 +435,74 @@ def run(spec: AdmissionSpec, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     sets = dict(item.split("=", 1) for item in spec.sets.split(",") if item)
     machine = MachineState.now()
+    bursts = []
     with LauncherDeployment(spec.config, out / "logs", redis_db=spec.redis_db, sets=sets) as dep:
         root = dep.base_url.removesuffix("/v1")
         prompt = [10 + (i * 37) % 1500 for i in range(spec.input_len)]
         # One request first, so the burst measures admission, not a cold engine.
         burst(root, 1, prompt, 4, spec.request_timeout_s, probe_paths=())
-        with urllib.request.urlopen(f"{root}/metrics", timeout=30) as resp:
-            _, hist_before = _refusal_metrics(resp.read().decode())
-        at_burst = MachineState.now()
-        started = time.monotonic()
-        replies, probes = burst(root, spec.burst_size, prompt, spec.output_len, spec.request_timeout_s,
-                                spec.poll_interval_s)
-        wall_s = time.monotonic() - started
-        with urllib.request.urlopen(f"{root}/metrics", timeout=30) as resp:
-            counters, hist_after = _refusal_metrics(resp.read().decode())
-        left_in_set = int(dep.redis.zcard(keys.ADMITTED))
+        for _ in range(spec.bursts):
+            # Every admitted request of the last burst has been answered (send_all reads each to
+            # its end); its place in the deployment goes back as its response closes.
+            deadline = time.monotonic() + 60
+            while dep.redis.zcard(keys.ADMITTED) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            with urllib.request.urlopen(f"{root}/metrics", timeout=30) as resp:
+                _, hist_before = _refusal_metrics(resp.read().decode())
+            at_burst = MachineState.now()
+            started = time.monotonic()
+            replies, probes = burst(root, spec.burst_size, prompt, spec.output_len, spec.request_timeout_s,
+                                    spec.poll_interval_s, client_nice=spec.client_nice)
+            wall_s = time.monotonic() - started
+            with urllib.request.urlopen(f"{root}/metrics", timeout=30) as resp:
+                counters, hist_after = _refusal_metrics(resp.read().decode())
+            summary = summarize(replies, probes, spec.output_len)
+            summary.update(wall_s=wall_s, refused_counters=counters,
+                           admitted_set_after=int(dep.redis.zcard(keys.ADMITTED)),
+                           server_side=server_side(hist_before, hist_after))
+            bursts.append({"at_burst": asdict(at_burst), "summary": summary, "replies": [asdict(r) for r in replies],
+                           "probes": [asdict(p) for p in probes]})
+            logger.info("burst %d: 200: %d, 429: %d, other: %d; 429 p99 %s ms; /health max %s ms", len(bursts),
+                        summary["ok"], summary["refused"], summary["other"], fmt(summary["refused_p99_ms"]),
+                        fmt(summary["health"]["max_ms"]))
+        floor = {}
         if spec.floor:
             body = json.dumps({"model": MODEL, "prompt": prompt, "max_tokens": spec.output_len, "ignore_eos": True,
                                "temperature": 0}).encode()
-            floor = measure_floor(spec.burst_size, body, root, 150, spec.request_timeout_s)
-    summary = summarize(replies, probes, spec.output_len)
-    summary.update(wall_s=wall_s, refused_counters=counters, admitted_set_after=left_in_set,
-                   server_side=server_side(hist_before, hist_after), floor=floor if spec.floor else {})
-    write_json(out / "results.json", {"spec": asdict(spec), "machine": asdict(machine),
-                                      "at_burst": asdict(at_burst), "summary": summary,
-                                      "replies": [asdict(r) for r in replies],
-                                      "probes": [asdict(p) for p in probes]})
+            floor = measure_floor(spec.burst_size, body, root, 150, spec.request_timeout_s, spec.client_nice)
+    write_json(out / "results.json", {"spec": asdict(spec), "machine": asdict(machine), "bursts": bursts,
+                                      "floor": floor})
     report = out / "report.md"
-    report.write_text("\n".join(_report_lines(spec, summary, at_burst)))
-    logger.info("200: %d, 429: %d, other: %d; 429 p99 %s ms; /health max %s ms", summary["ok"], summary["refused"],
-                summary["other"], fmt(summary["refused_p99_ms"]), fmt(summary["health"]["max_ms"]))
+    report.write_text("\n".join(_report_lines(spec, bursts, floor)))
     return report
 
 
-def _report_lines(spec: AdmissionSpec, s: dict, at_burst: MachineState) -> list[str]:
-    h, m = s["health"], s["metrics"]
-    lines = [f"# A burst of {spec.burst_size} against {spec.config}", "",
+def _report_lines(spec: AdmissionSpec, bursts: list[dict], floor: dict) -> list[str]:
+    lines = [f"# {len(bursts)} bursts of {spec.burst_size} against {spec.config}", "",
              f"{spec.input_len}-token prompts, max_tokens {spec.output_len} (ignore_eos), non-streaming, one "
-             f"connection each; overrides: {spec.sets or 'none'}. Load average at the burst: {at_burst.label}.", ""]
-    lines += table(["answers", "count"], [
+             f"connection each; overrides: {spec.sets or 'none'}; the client at niceness {spec.client_nice}"
+             f"{' in a session of its own' if spec.client_nice else ''}.", ""]
+    lines += table(["burst", "load average", "200 (all tokens)", "429", "other", "429 p50 / p99 / max (ms)",
+                    "/health p99 / max (ms)", "/metrics p99 / max (ms)"], [
+        [str(i + 1), MachineState(**b["at_burst"]).label, f"{s['ok']} ({s['ok_full_tokens']})", str(s["refused"]),
+         str(s["other"]), f"{fmt(s['refused_p50_ms'])} / {fmt(s['refused_p99_ms'])} / {fmt(s['refused_max_ms'])}",
+         f"{fmt(s['health']['p99_ms'])} / {fmt(s['health']['max_ms'])}",
+         f"{fmt(s['metrics']['p99_ms'])} / {fmt(s['metrics']['max_ms'])}"]
+        for i, b in enumerate(bursts) for s in [b["summary"]]])
+    for i, b in enumerate(bursts):
+        lines += [f"## Burst {i + 1}", ""] + _burst_lines(b["summary"])
+    if floor:
+        lines += ["The floor: the smallest Python server answering a canned 429 (bench/admission.py, floor_server), "
+                  "the same burst from the same client, after ours:", ""]
+        lines += table(["floor server, engine", "429s", "p50 (ms)", "p99 (ms)", "max (ms)"], [
+            [state, f"{v['refused']} of {v['of']}", fmt(v["p50_ms"]), fmt(v["p99_ms"]), fmt(v["max_ms"])]
+            for state, v in floor.items()])
+    return lines
+
+
+def _burst_lines(s: dict) -> list[str]:
+    h, m = s["health"], s["metrics"]
+    lines = table(["answers", "count"], [
         ["200", str(s["ok"])], ["of which with all tokens", str(s["ok_full_tokens"])],
         ["429", str(s["refused"])], ["of which with Retry-After", str(s["refused_with_retry_after"])],
         ["of which type rate_limit_exceeded", str(s["refused_openai_shape"])],
@@ -441,13 +517,7 @@ def _report_lines(spec: AdmissionSpec, s: dict, at_burst: MachineState) -> list[
         ["200 (s)", fmt(s["ok_p50_s"], 2), "–", fmt(s["ok_max_s"], 2)]])
     lines += table(["refused at", "count", "accept to 429, p50 at most (ms)", "p99 at most (ms)"], [
         [where, str(v["count"]), fmt(v["p50_le_ms"]), fmt(v["p99_le_ms"])] for where, v in s["server_side"].items()])
-    if s["floor"]:
-        lines += ["The floor: the smallest Python server answering a canned 429 (bench/admission.py, floor_server), "
-                  "the same burst from the same client, after ours:", ""]
-        lines += table(["floor server, engine", "429s", "p50 (ms)", "p99 (ms)", "max (ms)"], [
-            [state, f"{v['refused']} of {v['of']}", fmt(v["p50_ms"]), fmt(v["p99_ms"]), fmt(v["max_ms"])]
-            for state, v in s["floor"].items()])
     if s["other_examples"]:
         lines += ["Other answers: " + "; ".join(s["other_examples"]), ""]
-    lines.append(f"The burst took {s['wall_s']:.1f} s from the first request sent to the last answer.")
+    lines += [f"The burst took {s['wall_s']:.1f} s from the first request sent to the last answer.", ""]
     return lines

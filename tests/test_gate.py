@@ -5,8 +5,12 @@ front of gunicorn, is exercised by tests/test_admission.py's burst."""
 from __future__ import annotations
 
 import json
+import os
 import select
+import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -14,7 +18,7 @@ from collections.abc import Iterator
 import pytest
 
 from app.gate import Gate, request_kind
-from conftest import wait_for
+from conftest import ROOT, wait_for
 
 
 def test_request_kind_is_read_from_the_request_line():
@@ -173,3 +177,89 @@ def test_a_whole_request_is_needed_to_refuse_and_the_gate_waits_for_it(running):
     assert status.startswith("HTTP/1.1 429") and headers["connection"] == "close"
     for sock in (held, conn, client, worker):
         sock.close()
+
+
+def test_in_a_burst_every_refusal_is_written_before_an_admitted_connection_is_handed_over(tmp_path):
+    # The burst waits in the listen backlog, whole requests, before the gate's loop starts: it
+    # answers all it refuses in the turn that accepts them, and only then hands the admitted
+    # ones to the worker, whose intake would otherwise take the CPU the refusals wait for.
+    listener = socket.create_server(("127.0.0.1", 0), backlog=64)
+    channel = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    path = str(tmp_path / "gate.sock")
+    channel.bind(path)
+    channel.listen(8)
+    gate = Gate(listener, channel, process_limit=2, per_decode_worker=100, retry_after_s=1)
+    worker = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    worker.connect(path)
+    worker.settimeout(5)
+    gate._add_worker()  # its connection is in the channel's backlog: taken now, before the loop
+    assert len(gate.workers) == 1
+    clients = [socket.create_connection(("127.0.0.1", listener.getsockname()[1]), timeout=5) for _ in range(20)]
+    for client in clients:
+        client.sendall(_post())
+    thread = threading.Thread(target=gate.serve, daemon=True)
+    thread.start()
+    try:
+        first_msg, first = _handed(worker)
+        refused_by_then = gate.refused  # read once the first admitted connection arrived
+        second_msg, second = _handed(worker)
+        assert (first_msg, second_msg) == (b"g", b"g")
+        assert refused_by_then == 18
+        assert first.recv(65536) == _post() and second.recv(65536) == _post()  # handed over unread
+        statuses = []
+        for client in clients:
+            ready = select.select([client], [], [], 0)[0]
+            statuses.append(_answer(client)[0] if ready else "no answer")
+        # The two admitted got nothing from the gate; the 18 others their 429.
+        assert sorted(statuses).count("HTTP/1.1 429 Too Many Requests") == 18
+    finally:
+        gate.stopping = True
+        thread.join(timeout=5)
+        for sock in [worker, *clients]:
+            sock.close()
+    assert not thread.is_alive()
+
+
+def test_the_gate_starts_and_serves_without_the_privilege_its_niceness_needs(tmp_path):
+    # Root is made an unprivileged user here: CAP_SYS_NICE dropped, RLIMIT_NICE at 0. Any other
+    # user lacks both already.
+    prefix = ["prlimit", "--nice=0:0", "--"] if shutil.which("prlimit") else []
+    if os.geteuid() == 0:
+        if not prefix or not shutil.which("setpriv"):
+            pytest.skip("needs setpriv and prlimit to run the gate as root without CAP_SYS_NICE")
+        prefix += ["setpriv", "--inh-caps=-sys_nice", "--bounding-set=-sys_nice", "--"]
+    listener = socket.create_server(("127.0.0.1", 0))
+    channel = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    path = str(tmp_path / "gate.sock")
+    channel.bind(path)
+    channel.listen(8)
+    env = {**os.environ, "LLMQ__FRONTEND__GATE_NICE": "-10"}
+    gate = subprocess.Popen([*prefix, sys.executable, "-m", "app.gate", "--listen-fd", str(listener.fileno()),
+                             "--channel-fd", str(channel.fileno())], pass_fds=(listener.fileno(), channel.fileno()),
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    port = listener.getsockname()[1]
+    listener.close()
+    channel.close()
+    lines: list[str] = []
+    try:
+        assert gate.stdout is not None
+        deadline = time.monotonic() + 60
+        while not any("gate: listening" in line for line in lines) and time.monotonic() < deadline:
+            if select.select([gate.stdout], [], [], 1)[0]:
+                line = gate.stdout.readline().decode()
+                assert line, "the gate exited:\n" + "".join(lines)
+                lines.append(line)
+        assert any("could not take niceness -10" in line and "CAP_SYS_NICE" in line for line in lines), lines
+        worker = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        worker.connect(path)
+        worker.settimeout(10)
+        client = socket.create_connection(("127.0.0.1", port), timeout=10)
+        client.sendall(b"GET /health HTTP/1.1\r\nHost: h\r\n\r\n")
+        msg, conn = _handed(worker)
+        assert msg == b"o" and conn.recv(100).startswith(b"GET /health ")
+        for sock in (worker, client, conn):
+            sock.close()
+    finally:
+        gate.terminate()
+        gate.wait(timeout=10)
