@@ -2,7 +2,11 @@
 
 One deployment (configs/agg.yaml by default: one decode worker, 4 gunicorn processes of 80
 threads). `--burst-size` non-streaming completions are sent at once, each on its own connection,
-while one client polls /health and another /metrics, each sequentially, every `--poll-interval-s`.
+while one client polls /health and another /metrics, each sequentially, every `--poll-interval-s`;
+`--bursts` times, each once the last one's admitted requests are done. The burst's client runs
+in a session of its own at `--client-nice` (-10), as do the floor's client and server: on a
+2-core machine it shares the CPU with the deployment, and its own waits for the CPU would count
+as the server's latency (see _prioritized); 0 runs it as an ordinary process.
 It reports how many were answered 200 and 429, the 429s' latency at the client (from each
 request's connect to the last byte of its answer), whether every 429 carried Retry-After and
 OpenAI's error shape, whether every 200 had all its tokens, the latencies of /health and /metrics
@@ -10,7 +14,8 @@ during the burst, the refusals the frontend counted in /metrics, where the front
 (at accept, on gunicorn's main loop, or in the WSGI middleware on a thread) with its own
 accept-to-429 time (llmq_frontend_refusal_seconds: the wait in the listen backlog is the
 difference from the client's), and the deployment-wide admission set in Redis after the burst
-(it must be empty: no leak).
+(it must be empty: no leak). `python -m bench.admission --run LABEL=DIR ... --out PNG` plots
+the 429s' latency by place in the burst, from results folders.
 """
 
 from __future__ import annotations
@@ -521,3 +526,53 @@ def _burst_lines(s: dict) -> list[str]:
         lines += ["Other answers: " + "; ".join(s["other_examples"]), ""]
     lines += [f"The burst took {s['wall_s']:.1f} s from the first request sent to the last answer.", ""]
     return lines
+
+
+def write_plot(runs: dict[str, Path], path: Path, goal_ms: float = 50.0) -> Path:
+    """The 429s' latency against their place in the burst (the n-th request sent), a colour per
+    run (label -> results folder) and a line per burst, with the goal as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    for c, (label, folder) in enumerate(runs.items()):
+        results = json.loads((folder / "results.json").read_text())
+        p99s = ", ".join(fmt(one["summary"]["refused_p99_ms"], 0) for one in results["bursts"])
+        for b, one in enumerate(results["bursts"]):
+            points = [(i, r["latency_s"] * 1000) for i, r in enumerate(one["replies"]) if r["status"] == 429]
+            ax.plot([i for i, _ in points], [ms for _, ms in points], color=f"C{c % 10}", linewidth=0.8,
+                    label=f"{label} (p99 per burst: {p99s} ms)" if b == 0 else None)
+    ax.axhline(goal_ms, color="black", linestyle="--", linewidth=0.8, label=f"goal: p99 under {goal_ms:g} ms")
+    ax.set(xlabel="place in the burst of 800 (n-th request sent)", ylabel="429 latency at the client (ms)",
+           title="Refusals during a burst, configs/agg.yaml, a line per burst")
+    ax.set_ylim(bottom=0)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    from PIL import Image
+
+    with Image.open(path) as image:  # a palette of a few colours: under 30 KB, for git
+        image.convert("RGB").quantize(colors=32).save(path, optimize=True)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m bench.admission",
+                                     description="plot the 429s' latency by place in the burst, from results folders")
+    parser.add_argument("--run", action="append", required=True, metavar="LABEL=DIR", help="a run's results folder")
+    parser.add_argument("--out", type=Path, required=True, help="the PNG to write")
+    args = parser.parse_args(argv)
+    runs = {label: Path(folder) for label, _, folder in (item.partition("=") for item in args.run)}
+    print(write_plot(runs, args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
