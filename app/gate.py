@@ -22,15 +22,7 @@ consumed) and then either
   a kept-alive connection's later requests, and limits the gate cannot see, are its business.
 
 /health, /metrics and anything else always go through. A generation connection counts against
-its worker from the gate's decision to admit it until the worker reports its first request
-finished.
-
-Refusals first: an admitted generation connection is held in the gate, not handed over at once,
-until the listen backlog is empty (accept() would block), or for at most ``HOLD_MAX_S``. A worker
-that gets a connection spends milliseconds of CPU on it (JSON, tokenizing, publishing); in a
-burst, on few cores, that CPU is what the refusals still in the backlog wait for. Held, the
-admitted connections reach the workers once the gate has answered every refusal it can; they take
-seconds anyway, and a lone request waits one more epoll_wait(0).
+its worker from its hand-over until the worker reports its first request finished.
 
 The channel, one SOCK_SEQPACKET connection per worker process, one message per event:
 
@@ -75,9 +67,6 @@ FIRST_BYTES_WAIT_S = 1.0
 ACCEPTS_PER_TURN = 64
 # The loop's longest sleep: how soon it sees a lapsed wait, or that its parent is gone.
 TICK_S = 0.1
-# The longest an admitted connection is held while the listen backlog keeps refilling (a burst
-# longer than this hands admitted connections over in batches of at most this age).
-HOLD_MAX_S = 0.1
 
 
 @dataclass
@@ -92,14 +81,6 @@ class Pending:
     sock: socket.socket
     accepted_at: float
     deadline: float
-
-
-@dataclass
-class Held:
-    """An admitted generation connection, counted against ``worker``, not yet handed to it."""
-    sock: socket.socket
-    worker: Worker
-    since: float
 
 
 def request_kind(data: bytes) -> str | None:
@@ -125,8 +106,6 @@ class Gate:
         self.epoll = select.epoll()
         self.workers: dict[int, Worker] = {}  # by channel fd
         self.pending: dict[int, Pending] = {}  # by connection fd
-        self.held: list[Held] = []  # admitted, in order, until the backlog is empty
-        self.backlog_empty = True  # the last accept() would have blocked
         self.decode_workers = 0  # as last reported; 0: unknown, no deployment bound here
         self.full: Refused | None = None  # the deployment-wide check's last refusal, until full_until
         self.full_until = 0.0
@@ -147,14 +126,12 @@ class Gate:
                     self.channel.getsockname())
         while not self.stopping and os.getppid() == self.ppid:
             try:
-                # With connections held, only look for more work: none means the backlog is empty.
-                events = self.epoll.poll(0 if self.held else TICK_S)
+                events = self.epoll.poll(TICK_S)
             except InterruptedError:
                 continue
-            self.backlog_empty = True
             for fd, _mask in events:
                 if fd == self.listener.fileno():
-                    self.backlog_empty = self._accept()
+                    self._accept()
                 elif fd == self.channel.fileno():
                     self._add_worker()
                 elif fd in self.workers:
@@ -162,17 +139,12 @@ class Gate:
                 elif fd in self.pending:
                     self._on_bytes(fd)
             self._expire()
-            if self.held and (self.backlog_empty or time.monotonic() - self.held[0].since >= HOLD_MAX_S):
-                self._release()
         logger.info("gate: stopping (%s); %d refused", "asked to" if self.stopping else "parent gone", self.refused)
         self.close()
 
     def close(self) -> None:
         for fd in list(self.pending):
             self._drop(fd)
-        for held in self.held:
-            held.sock.close()
-        self.held.clear()
         for worker in list(self.workers.values()):
             self._remove_worker(worker)
         self.epoll.close()
@@ -242,23 +214,21 @@ class Gate:
 
     # -- connections ---------------------------------------------------------------------------
 
-    def _accept(self) -> bool:
-        """Accepts up to ACCEPTS_PER_TURN connections; True if the backlog is empty now."""
+    def _accept(self) -> None:
         for _ in range(ACCEPTS_PER_TURN):
             try:
                 sock, _ = self.listener.accept()
             except BlockingIOError:
-                return True
+                return
             except OSError as e:  # ECONNABORTED, EMFILE: the next turn tries again
                 logger.warning("gate: accept failed: %s", e)
-                return True
+                return
             now = time.monotonic()
             sock.setblocking(False)
             self.pending[sock.fileno()] = Pending(sock, now, now + FIRST_BYTES_WAIT_S)
             # Edge-triggered: peeked bytes stay in the socket, so only new bytes wake it again.
             self.epoll.register(sock.fileno(), select.EPOLLIN | select.EPOLLET)
             self._on_bytes(sock.fileno())  # a client that sent at connect is answered now
-        return False
 
     def _on_bytes(self, fd: int) -> None:
         p = self.pending[fd]
@@ -279,7 +249,7 @@ class Gate:
             return
         refused = self.refusal()
         if refused is None:
-            self._admit(fd)
+            self._hand(fd, counted=True)
             return
         size = request_size(data)
         if size is None and data.find(b"\r\n\r\n") < 0 and len(data) < HEAD_BYTES:
@@ -331,45 +301,6 @@ class Gate:
         metrics.REFUSED.labels(refused.reason).inc()
         metrics.REQUESTS.labels(path, "429").inc()
         metrics.REFUSAL_SECONDS.labels("gate").observe(time.monotonic() - p.accepted_at)
-
-    def _admit(self, fd: int) -> None:
-        """Counts a generation connection against the least-loaded worker under its limit, and
-        holds it until the backlog is empty (_release); without such a worker, hands it over
-        uncounted now, for the worker's own check to refuse."""
-        worker = self._least_loaded(counted=True)
-        if worker is None:
-            self._hand(fd, counted=False)
-            return
-        worker.generation += 1
-        self.held.append(Held(self._forget(fd).sock, worker, time.monotonic()))
-
-    def _release(self) -> None:
-        """Hands the held connections to the workers they were counted against (or, if one's
-        channel is full or gone, to another)."""
-        held, self.held = self.held, []
-        for h in held:
-            if self.workers.get(h.worker.sock.fileno()) is h.worker:
-                try:
-                    socket.send_fds(h.worker.sock, [b"g"], [h.sock.fileno()])
-                    h.sock.close()  # the worker holds its own descriptor now
-                    continue
-                except BlockingIOError:
-                    pass
-                except OSError:
-                    self._remove_worker(h.worker)
-            h.worker.generation = max(0, h.worker.generation - 1)
-            # Back to pending, handed over as before: to another worker now, or at its deadline.
-            now = time.monotonic()
-            self.pending[h.sock.fileno()] = Pending(h.sock, now, now + FIRST_BYTES_WAIT_S)
-            self.epoll.register(h.sock.fileno(), select.EPOLLIN | select.EPOLLET)
-            self._hand(h.sock.fileno(), counted=True)
-
-    def _least_loaded(self, counted: bool) -> Worker | None:
-        workers = list(self.workers.values())
-        self._turn += 1
-        start = self._turn % len(workers) if workers else 0
-        order = sorted(workers[start:] + workers[:start], key=lambda w: w.generation)
-        return next((w for w in order if not counted or w.generation < self.process_limit), None)
 
     def _hand(self, fd: int, counted: bool) -> None:
         """Passes the connection to the worker with the fewest generation requests (among those

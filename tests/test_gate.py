@@ -179,47 +179,6 @@ def test_a_whole_request_is_needed_to_refuse_and_the_gate_waits_for_it(running):
         sock.close()
 
 
-def test_in_a_burst_every_refusal_is_written_before_an_admitted_connection_is_handed_over(tmp_path):
-    # The burst waits in the listen backlog, whole requests, before the gate's loop starts: it
-    # answers all it refuses in the turn that accepts them, and only then hands the admitted
-    # ones to the worker, whose intake would otherwise take the CPU the refusals wait for.
-    listener = socket.create_server(("127.0.0.1", 0), backlog=64)
-    channel = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    path = str(tmp_path / "gate.sock")
-    channel.bind(path)
-    channel.listen(8)
-    gate = Gate(listener, channel, process_limit=2, per_decode_worker=100, retry_after_s=1)
-    worker = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    worker.connect(path)
-    worker.settimeout(5)
-    gate._add_worker()  # its connection is in the channel's backlog: taken now, before the loop
-    assert len(gate.workers) == 1
-    clients = [socket.create_connection(("127.0.0.1", listener.getsockname()[1]), timeout=5) for _ in range(20)]
-    for client in clients:
-        client.sendall(_post())
-    thread = threading.Thread(target=gate.serve, daemon=True)
-    thread.start()
-    try:
-        first_msg, first = _handed(worker)
-        refused_by_then = gate.refused  # read once the first admitted connection arrived
-        second_msg, second = _handed(worker)
-        assert (first_msg, second_msg) == (b"g", b"g")
-        assert refused_by_then == 18
-        assert first.recv(65536) == _post() and second.recv(65536) == _post()  # handed over unread
-        statuses = []
-        for client in clients:
-            ready = select.select([client], [], [], 0)[0]
-            statuses.append(_answer(client)[0] if ready else "no answer")
-        # The two admitted got nothing from the gate; the 18 others their 429.
-        assert sorted(statuses).count("HTTP/1.1 429 Too Many Requests") == 18
-    finally:
-        gate.stopping = True
-        thread.join(timeout=5)
-        for sock in [worker, *clients]:
-            sock.close()
-    assert not thread.is_alive()
-
-
 def test_the_gate_starts_and_serves_without_the_privilege_its_niceness_needs(tmp_path):
     # Root is made an unprivileged user here: CAP_SYS_NICE dropped, RLIMIT_NICE at 0. Any other
     # user lacks both already.
