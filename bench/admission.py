@@ -569,7 +569,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run", action="append", required=True, metavar="LABEL=DIR", help="a run's results folder")
     parser.add_argument("--out", type=Path, required=True, help="the PNG to write")
     args = parser.parse_args(argv)
-    runs = {label: Path(folder) for label, _, folder in (item.partition("=") for item in args.run)}
+    runs = {label: Path(folder) for label, _, folder in (item.rpartition("=") for item in args.run)}
     print(write_plot(runs, args.out))
     return 0
 
