@@ -275,9 +275,15 @@ def set_niceness(niceness: int, pid: int = 0) -> str:
     CAP_SYS_NICE (or RLIMIT_NICE). Returns what was set, for a log line."""
     pid = pid or os.getpid()
     os.setpriority(os.PRIO_PROCESS, pid, niceness)
+    return f"niceness {niceness}" + (", its session's group too" if set_session_niceness(niceness, pid) else "")
+
+
+def set_session_niceness(niceness: int, pid: int) -> bool:
+    """Sets the niceness of the session group of ``pid``, if it leads its session under autogroup
+    (False otherwise: nothing to do). Raises OSError when refused, as set_niceness."""
     path = AUTOGROUP.format(pid=pid)
     if os.getsid(pid) != pid or not os.path.exists(path):
-        return f"niceness {niceness}"
+        return False
     for attempt in range(AUTOGROUP_TRIES):
         try:
             with open(path, "w") as f:
@@ -287,7 +293,7 @@ def set_niceness(niceness: int, pid: int = 0) -> str:
             if attempt == AUTOGROUP_TRIES - 1:
                 raise
             time.sleep(AUTOGROUP_RETRY_S)
-    return f"niceness {niceness}, its session's group too"
+    return True
 
 
 # -- the scheduler's placement -----------------------------------------------------------------

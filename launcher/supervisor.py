@@ -80,9 +80,11 @@ class Supervisor:
         child.proc = proc
         if child.nice:
             # The child has called setsid() and exec'd by now; the processes it starts later (an
-            # engine's) join its session and so its group.
+            # engine's) join its session and so its group. The process's own niceness is its
+            # argv's to set: nice(1) adds to whatever it finds, and may not have run yet.
             try:
-                logger.info("%s runs at %s", child.name, placement.set_niceness(child.nice, proc.pid))
+                if placement.set_session_niceness(child.nice, proc.pid):
+                    logger.info("%s's session runs at niceness %d", child.name, child.nice)
             except OSError as e:
                 logger.warning("%s: could not set its session's niceness to %d: %s", child.name, child.nice, e)
         threading.Thread(target=_relay, args=(child.name, proc.stdout), daemon=True).start()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import select
 import shutil
 import socket
@@ -201,14 +202,16 @@ def test_the_gate_starts_and_serves_without_the_privilege_its_niceness_needs(tmp
     listener.close()
     channel.close()
     lines: list[str] = []
+    # Read on a thread: select() on the pipe misses lines already in the reader's buffer.
+    out: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [out.put(line.decode()) for line in gate.stdout], daemon=True).start()
     try:
-        assert gate.stdout is not None
         deadline = time.monotonic() + 60
         while not any("gate: listening" in line for line in lines) and time.monotonic() < deadline:
-            if select.select([gate.stdout], [], [], 1)[0]:
-                line = gate.stdout.readline().decode()
-                assert line, "the gate exited:\n" + "".join(lines)
-                lines.append(line)
+            try:
+                lines.append(out.get(timeout=1))
+            except queue.Empty:
+                assert gate.poll() is None, "the gate exited:\n" + "".join(lines)
         assert any("could not take niceness -10" in line and "CAP_SYS_NICE" in line for line in lines), lines
         worker = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         worker.connect(path)
