@@ -197,11 +197,17 @@ class FrontendConfig(_Section):
     # Off: the gunicorn processes accept, and refuse at accept (docs/benchmarks.md, "Admission
     # control").
     gate: bool = True
-    # Niceness of the gunicorn worker processes (set as each starts, before its threads); the
-    # gate and gunicorn's master keep the launcher's. Above 0, the gate's 429s win the cores from
-    # the admitted requests' intake in a burst, but /health and /metrics, which the workers
-    # serve, lose them too; 0 until an A/B shows a gain beyond the noise (docs/benchmarks.md,
-    # "Admission control").
+    # The gate's niceness (app/gate.py; it runs in a session of its own, whose group this sets
+    # too, placement.set_niceness). Below 0, its 429s win the cores from everything else in a
+    # burst; it spends microseconds a connection, so it takes little from anyone. Below 0 needs
+    # CAP_SYS_NICE (root has it): without it the gate logs so and runs at its parent's niceness.
+    gate_nice: int = Field(-10, ge=-20, le=19)
+    # Niceness of the gunicorn worker processes (set as each starts, before its threads);
+    # gunicorn's master keeps the launcher's, the gate has frontend.gate_nice. Under autogroup it
+    # weighs only against the master, in gunicorn's session (placement.set_niceness); elsewhere,
+    # above 0, the gate's 429s win the cores from the admitted requests' intake in a burst, but
+    # /health and /metrics, which the workers serve, lose them too; 0 until an A/B shows a gain
+    # beyond the noise (docs/benchmarks.md, "Admission control").
     worker_nice: int = Field(0, ge=0, le=19)
 
     @model_validator(mode="after")

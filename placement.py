@@ -9,6 +9,8 @@
 - How an unbound engine waits (``unbound_engine_env``, ``spin_less_when_unbound``): its OpenMP
   threads sleep at a barrier, and its two processes sleep between looks at their queues, instead
   of spinning, since they share their cores with everything else.
+- A process's CPU priority where the kernel shares the CPU out by session (``set_niceness``):
+  ``workers.nice`` for the engines, ``frontend.gate_nice`` for the gate.
 - The gc freezes (``frontend.gc_freeze``, and always in a worker): a heap built at start-up is
   frozen, so collections while serving do not walk it.
 
@@ -250,6 +252,48 @@ def amx_allowed(log: logging.Logger = logger) -> bool:
     torch.cpu._is_amx_tile_supported = lambda: False
     log.warning("Linux refused this process AMX; vLLM's CPU attention uses its AVX-512 kernels")
     return False
+
+
+# -- niceness, by session ------------------------------------------------------------------------
+
+# With autogroup (CONFIG_SCHED_AUTOGROUP, on by default in most distributions' kernels, and
+# kernel.sched_autogroup_enabled = 1), the CPU is shared out between sessions first, then between
+# the processes of a session; a process's niceness only weighs against its own session's. The
+# launcher starts every child in a session of its own, so a niceness alone moves nothing between
+# them: the session's group has a niceness of its own, in /proc/PID/autogroup.
+AUTOGROUP = "/proc/{pid}/autogroup"
+# Without CAP_SYS_ADMIN, the kernel takes one autogroup change in the whole machine per 100 ms
+# and answers EAGAIN to the others.
+AUTOGROUP_TRIES = 5
+AUTOGROUP_RETRY_S = 0.11
+
+
+def set_niceness(niceness: int, pid: int = 0) -> str:
+    """Sets process ``pid``'s niceness (0: this process's; every thread's, as a whole process's
+    is set when it has one thread) and, if it leads a session under autogroup, its session's
+    group's too. Raises OSError when refused: lowering a niceness below the current one needs
+    CAP_SYS_NICE (or RLIMIT_NICE). Returns what was set, for a log line."""
+    pid = pid or os.getpid()
+    os.setpriority(os.PRIO_PROCESS, pid, niceness)
+    return f"niceness {niceness}" + (", its session's group too" if set_session_niceness(niceness, pid) else "")
+
+
+def set_session_niceness(niceness: int, pid: int) -> bool:
+    """Sets the niceness of the session group of ``pid``, if it leads its session under autogroup
+    (False otherwise: nothing to do). Raises OSError when refused, as set_niceness."""
+    path = AUTOGROUP.format(pid=pid)
+    if os.getsid(pid) != pid or not os.path.exists(path):
+        return False
+    for attempt in range(AUTOGROUP_TRIES):
+        try:
+            with open(path, "w") as f:
+                f.write(str(niceness))
+            break
+        except BlockingIOError:
+            if attempt == AUTOGROUP_TRIES - 1:
+                raise
+            time.sleep(AUTOGROUP_RETRY_S)
+    return True
 
 
 # -- the scheduler's placement -----------------------------------------------------------------

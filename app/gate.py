@@ -33,7 +33,8 @@ The channel, one SOCK_SEQPACKET connection per worker process, one message per e
   workers), ``b`` (the worker stops: hand it nothing more).
 
 gunicorn's master starts the gate (app/gunicorn_conf.py) with the bound public socket and the
-channel's listening socket, and stops it on exit; the gate also exits when its parent is gone.
+channel's listening socket, in a session of its own at ``frontend.gate_nice``, and stops it on
+exit; the gate also exits when its parent is gone.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+import placement
 from app import metrics
 from app.admission import FULL_MEMORY_S, GENERATION_PATHS, Refused, refusal_bytes, request_size
 from config import load_settings
@@ -350,6 +352,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=settings.log_level, stream=sys.stdout,
                         format="%(asctime)s [%(process)d] [%(levelname)s] %(message)s")
     frontend = settings.frontend
+    try:
+        logger.info("gate: runs at %s (frontend.gate_nice)", placement.set_niceness(frontend.gate_nice))
+    except OSError as e:
+        logger.warning("gate: could not take niceness %d (frontend.gate_nice; below 0 needs CAP_SYS_NICE): %s; "
+                       "it runs at niceness %d, in a session of its own", frontend.gate_nice, e,
+                       os.getpriority(os.PRIO_PROCESS, 0))
     gate = Gate(socket.socket(fileno=args.listen_fd), socket.socket(fileno=args.channel_fd),
                 frontend.threads - frontend.reserved_threads, frontend.max_requests_per_decode_worker,
                 frontend.retry_after_s)

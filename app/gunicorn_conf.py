@@ -73,7 +73,10 @@ def on_starting(server):
         _gate_proc = subprocess.Popen(
             [sys.executable, "-m", "app.gate", "--listen-fd", str(public.fileno()),
              "--channel-fd", str(channel.fileno())],
-            pass_fds=(public.fileno(), channel.fileno()), cwd=os.path.dirname(os.path.dirname(__file__)))
+            pass_fds=(public.fileno(), channel.fileno()), cwd=os.path.dirname(os.path.dirname(__file__)),
+            # A session of its own: under autogroup the CPU is shared between sessions first, and
+            # in gunicorn's the gate would be one process of five (placement.set_niceness).
+            start_new_session=True)
     server.log.info("gate started (pid %d) on %s:%d", _gate_proc.pid, _settings.frontend.host,
                     _settings.frontend.port)
 

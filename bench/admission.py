@@ -2,7 +2,11 @@
 
 One deployment (configs/agg.yaml by default: one decode worker, 4 gunicorn processes of 80
 threads). `--burst-size` non-streaming completions are sent at once, each on its own connection,
-while one client polls /health and another /metrics, each sequentially, every `--poll-interval-s`.
+while one client polls /health and another /metrics, each sequentially, every `--poll-interval-s`;
+`--bursts` times, each once the last one's admitted requests are done. The burst's client runs
+in a session of its own at `--client-nice` (-10), as do the floor's client and server: on a
+2-core machine it shares the CPU with the deployment, and its own waits for the CPU would count
+as the server's latency (see _prioritized); 0 runs it as an ordinary process.
 It reports how many were answered 200 and 429, the 429s' latency at the client (from each
 request's connect to the last byte of its answer), whether every 429 carried Retry-After and
 OpenAI's error shape, whether every 200 had all its tokens, the latencies of /health and /metrics
@@ -10,7 +14,8 @@ during the burst, the refusals the frontend counted in /metrics, where the front
 (at accept, on gunicorn's main loop, or in the WSGI middleware on a thread) with its own
 accept-to-429 time (llmq_frontend_refusal_seconds: the wait in the listen backlog is the
 difference from the client's), and the deployment-wide admission set in Redis after the burst
-(it must be empty: no leak).
+(it must be empty: no leak). `python -m bench.admission --run LABEL=DIR ... --out PNG` plots
+the 429s' latency by place in the burst, from results folders.
 """
 
 from __future__ import annotations
@@ -49,6 +54,11 @@ class AdmissionSpec:
     redis_db: int = field(default=4, metadata=help_text("Redis database (1-5), flushed before the start"))
     floor: bool = field(default=True, metadata=help_text(
         "also burst the smallest Python server (a canned 429), with the engine idle and generating"))
+    bursts: int = field(default=3, metadata=help_text(
+        "bursts against the one deployment, each once the last one's admitted requests are done"))
+    client_nice: int = field(default=-10, metadata=help_text(
+        "niceness of the burst's client (and the floor's client and server), each in a session of its own; "
+        "0: an ordinary process, whose waits for the CPU count in the latencies"))
 
 
 @dataclass
@@ -206,6 +216,43 @@ def _content_length(head: bytes) -> int:
     return 0
 
 
+def _prioritized(nice: int) -> None:
+    """In a process just spawned: its own session at ``nice`` (placement.set_niceness). On 2 cores
+    the client shares the CPU with the deployment it measures; at 0, under autogroup, it is one
+    session among the frontend's, the gate's, the engine's, Redis's and the prober's, and the time
+    it waits to send a request or read an answer counts as the server's. A remote client's does
+    not: it runs on another machine. The same is done for the floor, so the two stay comparable."""
+    import placement
+
+    if nice:
+        os.setsid()
+        placement.set_niceness(nice)
+
+
+def _send_all_at(nice: int, replies, *args) -> None:
+    _prioritized(nice)
+    replies.put(send_all(*args))
+
+
+def send_all_prioritized(nice: int, *args) -> list[Reply]:
+    """send_all(*args) in a process of its own, at ``nice`` (see _prioritized)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    replies = ctx.Queue()
+    proc = ctx.Process(target=_send_all_at, args=(nice, replies, *args), daemon=True)
+    proc.start()
+    try:
+        return replies.get(timeout=args[-1] + 60)
+    finally:
+        proc.join(timeout=30)
+
+
+def _floor_server_at(nice: int, listener: socket.socket) -> None:
+    _prioritized(nice)
+    floor_server(listener)
+
+
 def _generate(root_url: str, num_requests: int, body: bytes, timeout_s: float) -> None:
     """In a process of its own: `num_requests` completions at once, for the engine to work on."""
     from urllib.parse import urlsplit
@@ -214,24 +261,28 @@ def _generate(root_url: str, num_requests: int, body: bytes, timeout_s: float) -
     send_all(url.hostname or "127.0.0.1", url.port or 80, "/v1/completions", body, num_requests, timeout_s)
 
 
-def measure_floor(num_requests: int, body: bytes, root_url: str, generating: int, timeout_s: float) -> dict:
+def measure_floor(num_requests: int, body: bytes, root_url: str, generating: int, timeout_s: float,
+                  client_nice: int = 0) -> dict:
     """The floor server's 429 latencies for a burst of `num_requests`: with the engine idle, then
-    while `generating` requests (within the limits) keep it busy. Same client as the real burst."""
+    while `generating` requests (within the limits) keep it busy. Same client as the real burst,
+    at the same niceness, and the server at it too."""
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
     listener = socket.create_server(("127.0.0.1", 0), backlog=2048)
-    server = ctx.Process(target=floor_server, args=(listener,), daemon=True)
+    server = ctx.Process(target=_floor_server_at, args=(client_nice, listener), daemon=True)
     server.start()
     port = listener.getsockname()[1]
     out = {}
     try:
         send_all("127.0.0.1", port, "/v1/completions", body, 1, 60)  # the server is up and serving
-        out["idle"] = _latencies_ms(send_all("127.0.0.1", port, "/v1/completions", body, num_requests, 60))
+        out["idle"] = _latencies_ms(send_all_prioritized(client_nice, "127.0.0.1", port, "/v1/completions", body,
+                                                         num_requests, 60))
         load = ctx.Process(target=_generate, args=(root_url, generating, body, timeout_s), daemon=True)
         load.start()
         time.sleep(1.0)  # admitted and prefilled: the engine is decoding
-        out["generating"] = _latencies_ms(send_all("127.0.0.1", port, "/v1/completions", body, num_requests, 60))
+        out["generating"] = _latencies_ms(send_all_prioritized(client_nice, "127.0.0.1", port, "/v1/completions",
+                                                               body, num_requests, 60))
         load.join(timeout=timeout_s)
     finally:
         server.kill()
@@ -280,10 +331,11 @@ def _probe_forever(root_url: str, paths: tuple[str, ...], interval_s: float, sto
 
 def burst(root_url: str, num_requests: int, prompt: list[int], max_tokens: int, timeout_s: float,
           poll_interval_s: float = 0.05, probe_paths: tuple[str, ...] = ("/health", "/metrics"),
-          ) -> tuple[list[Reply], list[Probe]]:
+          client_nice: int = 0) -> tuple[list[Reply], list[Probe]]:
     """`num_requests` completions at once, each on its own connection (as that many independent
     clients would: all in the listen backlog at once), with `probe_paths` timed meanwhile from
-    another process. `root_url` has no /v1."""
+    another process. `root_url` has no /v1. With `client_nice`, the client runs in a process of
+    its own at that niceness (_prioritized); the prober does not."""
     import multiprocessing
     from urllib.parse import urlsplit
 
@@ -300,8 +352,8 @@ def burst(root_url: str, num_requests: int, prompt: list[int], max_tokens: int, 
     started = time.monotonic()
     try:
         url = urlsplit(root_url)
-        replies = send_all(url.hostname or "127.0.0.1", url.port or 80, "/v1/completions", body, num_requests,
-                           timeout_s)
+        args = (url.hostname or "127.0.0.1", url.port or 80, "/v1/completions", body, num_requests, timeout_s)
+        replies = send_all_prioritized(client_nice, *args) if client_nice else send_all(*args)
     finally:
         stop.set()
         if probe_paths:
@@ -388,45 +440,74 @@ def run(spec: AdmissionSpec, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     sets = dict(item.split("=", 1) for item in spec.sets.split(",") if item)
     machine = MachineState.now()
+    bursts = []
     with LauncherDeployment(spec.config, out / "logs", redis_db=spec.redis_db, sets=sets) as dep:
         root = dep.base_url.removesuffix("/v1")
         prompt = [10 + (i * 37) % 1500 for i in range(spec.input_len)]
         # One request first, so the burst measures admission, not a cold engine.
         burst(root, 1, prompt, 4, spec.request_timeout_s, probe_paths=())
-        with urllib.request.urlopen(f"{root}/metrics", timeout=30) as resp:
-            _, hist_before = _refusal_metrics(resp.read().decode())
-        at_burst = MachineState.now()
-        started = time.monotonic()
-        replies, probes = burst(root, spec.burst_size, prompt, spec.output_len, spec.request_timeout_s,
-                                spec.poll_interval_s)
-        wall_s = time.monotonic() - started
-        with urllib.request.urlopen(f"{root}/metrics", timeout=30) as resp:
-            counters, hist_after = _refusal_metrics(resp.read().decode())
-        left_in_set = int(dep.redis.zcard(keys.ADMITTED))
+        for _ in range(spec.bursts):
+            # Every admitted request of the last burst has been answered (send_all reads each to
+            # its end); its place in the deployment goes back as its response closes.
+            deadline = time.monotonic() + 60
+            while dep.redis.zcard(keys.ADMITTED) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            with urllib.request.urlopen(f"{root}/metrics", timeout=30) as resp:
+                _, hist_before = _refusal_metrics(resp.read().decode())
+            at_burst = MachineState.now()
+            started = time.monotonic()
+            replies, probes = burst(root, spec.burst_size, prompt, spec.output_len, spec.request_timeout_s,
+                                    spec.poll_interval_s, client_nice=spec.client_nice)
+            wall_s = time.monotonic() - started
+            with urllib.request.urlopen(f"{root}/metrics", timeout=30) as resp:
+                counters, hist_after = _refusal_metrics(resp.read().decode())
+            summary = summarize(replies, probes, spec.output_len)
+            summary.update(wall_s=wall_s, refused_counters=counters,
+                           admitted_set_after=int(dep.redis.zcard(keys.ADMITTED)),
+                           server_side=server_side(hist_before, hist_after))
+            bursts.append({"at_burst": asdict(at_burst), "summary": summary, "replies": [asdict(r) for r in replies],
+                           "probes": [asdict(p) for p in probes]})
+            logger.info("burst %d: 200: %d, 429: %d, other: %d; 429 p99 %s ms; /health max %s ms", len(bursts),
+                        summary["ok"], summary["refused"], summary["other"], fmt(summary["refused_p99_ms"]),
+                        fmt(summary["health"]["max_ms"]))
+        floor = {}
         if spec.floor:
             body = json.dumps({"model": MODEL, "prompt": prompt, "max_tokens": spec.output_len, "ignore_eos": True,
                                "temperature": 0}).encode()
-            floor = measure_floor(spec.burst_size, body, root, 150, spec.request_timeout_s)
-    summary = summarize(replies, probes, spec.output_len)
-    summary.update(wall_s=wall_s, refused_counters=counters, admitted_set_after=left_in_set,
-                   server_side=server_side(hist_before, hist_after), floor=floor if spec.floor else {})
-    write_json(out / "results.json", {"spec": asdict(spec), "machine": asdict(machine),
-                                      "at_burst": asdict(at_burst), "summary": summary,
-                                      "replies": [asdict(r) for r in replies],
-                                      "probes": [asdict(p) for p in probes]})
+            floor = measure_floor(spec.burst_size, body, root, 150, spec.request_timeout_s, spec.client_nice)
+    write_json(out / "results.json", {"spec": asdict(spec), "machine": asdict(machine), "bursts": bursts,
+                                      "floor": floor})
     report = out / "report.md"
-    report.write_text("\n".join(_report_lines(spec, summary, at_burst)))
-    logger.info("200: %d, 429: %d, other: %d; 429 p99 %s ms; /health max %s ms", summary["ok"], summary["refused"],
-                summary["other"], fmt(summary["refused_p99_ms"]), fmt(summary["health"]["max_ms"]))
+    report.write_text("\n".join(_report_lines(spec, bursts, floor)))
     return report
 
 
-def _report_lines(spec: AdmissionSpec, s: dict, at_burst: MachineState) -> list[str]:
-    h, m = s["health"], s["metrics"]
-    lines = [f"# A burst of {spec.burst_size} against {spec.config}", "",
+def _report_lines(spec: AdmissionSpec, bursts: list[dict], floor: dict) -> list[str]:
+    lines = [f"# {len(bursts)} bursts of {spec.burst_size} against {spec.config}", "",
              f"{spec.input_len}-token prompts, max_tokens {spec.output_len} (ignore_eos), non-streaming, one "
-             f"connection each; overrides: {spec.sets or 'none'}. Load average at the burst: {at_burst.label}.", ""]
-    lines += table(["answers", "count"], [
+             f"connection each; overrides: {spec.sets or 'none'}; the client at niceness {spec.client_nice}"
+             f"{' in a session of its own' if spec.client_nice else ''}.", ""]
+    lines += table(["burst", "load average", "200 (all tokens)", "429", "other", "429 p50 / p99 / max (ms)",
+                    "/health p99 / max (ms)", "/metrics p99 / max (ms)"], [
+        [str(i + 1), MachineState(**b["at_burst"]).label, f"{s['ok']} ({s['ok_full_tokens']})", str(s["refused"]),
+         str(s["other"]), f"{fmt(s['refused_p50_ms'])} / {fmt(s['refused_p99_ms'])} / {fmt(s['refused_max_ms'])}",
+         f"{fmt(s['health']['p99_ms'])} / {fmt(s['health']['max_ms'])}",
+         f"{fmt(s['metrics']['p99_ms'])} / {fmt(s['metrics']['max_ms'])}"]
+        for i, b in enumerate(bursts) for s in [b["summary"]]])
+    for i, b in enumerate(bursts):
+        lines += [f"## Burst {i + 1}", ""] + _burst_lines(b["summary"])
+    if floor:
+        lines += ["The floor: the smallest Python server answering a canned 429 (bench/admission.py, floor_server), "
+                  "the same burst from the same client, after ours:", ""]
+        lines += table(["floor server, engine", "429s", "p50 (ms)", "p99 (ms)", "max (ms)"], [
+            [state, f"{v['refused']} of {v['of']}", fmt(v["p50_ms"]), fmt(v["p99_ms"]), fmt(v["max_ms"])]
+            for state, v in floor.items()])
+    return lines
+
+
+def _burst_lines(s: dict) -> list[str]:
+    h, m = s["health"], s["metrics"]
+    lines = table(["answers", "count"], [
         ["200", str(s["ok"])], ["of which with all tokens", str(s["ok_full_tokens"])],
         ["429", str(s["refused"])], ["of which with Retry-After", str(s["refused_with_retry_after"])],
         ["of which type rate_limit_exceeded", str(s["refused_openai_shape"])],
@@ -441,13 +522,57 @@ def _report_lines(spec: AdmissionSpec, s: dict, at_burst: MachineState) -> list[
         ["200 (s)", fmt(s["ok_p50_s"], 2), "–", fmt(s["ok_max_s"], 2)]])
     lines += table(["refused at", "count", "accept to 429, p50 at most (ms)", "p99 at most (ms)"], [
         [where, str(v["count"]), fmt(v["p50_le_ms"]), fmt(v["p99_le_ms"])] for where, v in s["server_side"].items()])
-    if s["floor"]:
-        lines += ["The floor: the smallest Python server answering a canned 429 (bench/admission.py, floor_server), "
-                  "the same burst from the same client, after ours:", ""]
-        lines += table(["floor server, engine", "429s", "p50 (ms)", "p99 (ms)", "max (ms)"], [
-            [state, f"{v['refused']} of {v['of']}", fmt(v["p50_ms"]), fmt(v["p99_ms"]), fmt(v["max_ms"])]
-            for state, v in s["floor"].items()])
     if s["other_examples"]:
         lines += ["Other answers: " + "; ".join(s["other_examples"]), ""]
-    lines.append(f"The burst took {s['wall_s']:.1f} s from the first request sent to the last answer.")
+    lines += [f"The burst took {s['wall_s']:.1f} s from the first request sent to the last answer.", ""]
     return lines
+
+
+def write_plot(runs: dict[str, Path], path: Path, goal_ms: float = 50.0) -> Path:
+    """The 429s' latency against their place in the burst (the n-th request sent), a colour per
+    run (label -> results folder) and a line per burst, with the goal as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    for c, (label, folder) in enumerate(runs.items()):
+        results = json.loads((folder / "results.json").read_text())
+        p99s = ", ".join(fmt(one["summary"]["refused_p99_ms"], 0) for one in results["bursts"])
+        for b, one in enumerate(results["bursts"]):
+            points = [(i, r["latency_s"] * 1000) for i, r in enumerate(one["replies"]) if r["status"] == 429]
+            ax.plot([i for i, _ in points], [ms for _, ms in points], color=f"C{c % 10}", linewidth=0.8,
+                    label=f"{label} (p99 per burst: {p99s} ms)" if b == 0 else None)
+    ax.axhline(goal_ms, color="black", linestyle="--", linewidth=0.8, label=f"goal: p99 under {goal_ms:g} ms")
+    ax.set(xlabel="place in the burst of 800 (n-th request sent)", ylabel="429 latency at the client (ms)",
+           title="Refusals during a burst, configs/agg.yaml, a line per burst")
+    ax.set_ylim(bottom=0)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    from PIL import Image
+
+    with Image.open(path) as image:  # a palette of a few colours: under 30 KB, for git
+        image.convert("RGB").quantize(colors=32).save(path, optimize=True)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m bench.admission",
+                                     description="plot the 429s' latency by place in the burst, from results folders")
+    parser.add_argument("--run", action="append", required=True, metavar="LABEL=DIR", help="a run's results folder")
+    parser.add_argument("--out", type=Path, required=True, help="the PNG to write")
+    args = parser.parse_args(argv)
+    runs = {label: Path(folder) for label, _, folder in (item.rpartition("=") for item in args.run)}
+    print(write_plot(runs, args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -108,9 +108,12 @@ def worker_children(settings: Settings, roles: set[str]) -> list[Child]:
     envs = placement.engine_cores(len(specs), settings.engine.omp_threads_bind, moves_kv=settings.disagg.enabled)
     children = [_celery_worker(name, queue, settings, 3, env) for (name, queue), env in zip(specs, envs)]
     if settings.workers.nice:
-        # Through nice(1), which execs the worker: the same pid, reniced before its first thread.
+        # Through nice(1), which execs the worker: the same pid, reniced before its first thread;
+        # and its session's group (the supervisor gives each child a session), without which the
+        # niceness weighs nothing against the other children's sessions under autogroup.
         for child in children:
             child.argv = ["nice", "-n", str(settings.workers.nice), *child.argv]
+            child.nice = settings.workers.nice
     return children
 
 

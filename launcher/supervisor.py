@@ -20,6 +20,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import placement
+
 logger = logging.getLogger("launcher")
 
 MAX_RESTARTS = 5
@@ -36,6 +38,9 @@ class Child:
     # for Dynamo; a child that keeps crashing stops the deployment instead.
     restart: bool = True
     env: dict[str, str] = field(default_factory=dict)  # on top of the supervisor's
+    # The niceness of the child's session (placement.set_niceness), set as it starts; its argv
+    # sets the process's own (nice(1)), before its first thread.
+    nice: int = 0
     proc: subprocess.Popen | None = field(default=None, repr=False)
     restarts: list[float] = field(default_factory=list, repr=False)
 
@@ -73,6 +78,15 @@ class Supervisor:
             start_new_session=True,
         )
         child.proc = proc
+        if child.nice:
+            # The child has called setsid() and exec'd by now; the processes it starts later (an
+            # engine's) join its session and so its group. The process's own niceness is its
+            # argv's to set: nice(1) adds to whatever it finds, and may not have run yet.
+            try:
+                if placement.set_session_niceness(child.nice, proc.pid):
+                    logger.info("%s's session runs at niceness %d", child.name, child.nice)
+            except OSError as e:
+                logger.warning("%s: could not set its session's niceness to %d: %s", child.name, child.nice, e)
         threading.Thread(target=_relay, args=(child.name, proc.stdout), daemon=True).start()
 
     def install_signal_handlers(self) -> None:

@@ -1,12 +1,13 @@
 """A deployed decode worker puts vLLM's busy-polling scheduler process on its model runner's cores,
-at the runner's niceness, workers.nice (placement.place_scheduler itself is tested in test_placement.py)."""
+at the runner's niceness, workers.nice (placement.place_scheduler itself is tested in test_placement.py); the
+engine and the gate run at their niceness in sessions of their own (placement.set_niceness)."""
 
 import os
 
 import psutil
 import pytest
 
-from placement import RUNNER_PROCESS_TITLE, SCHEDULER_PROCESS_TITLE
+from placement import AUTOGROUP, RUNNER_PROCESS_TITLE, SCHEDULER_PROCESS_TITLE
 
 
 @pytest.mark.integration
@@ -24,3 +25,32 @@ def test_deployed_engine_scheduler_shares_its_runners_core_at_the_workers_nicene
     # The runner is bound (one engine, vLLM's own binding), and the scheduler shares its cores.
     assert len(runner[0].cpu_affinity()) < (os.cpu_count() or 1)
     assert {tuple(os.sched_getaffinity(t.id)) for t in scheduler[0].threads()} == {tuple(runner[0].cpu_affinity())}
+
+
+def _autogroup_nice(pid: int) -> int | None:
+    """The niceness of the session group the kernel schedules ``pid`` in; None without autogroup."""
+    path = AUTOGROUP.format(pid=pid)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return int(f.read().split()[-1])  # "/autogroup-17 nice 10"
+
+
+@pytest.mark.integration
+def test_deployed_engine_and_gate_run_at_their_niceness_in_sessions_of_their_own(deployment):
+    # Under autogroup a niceness weighs only against the processes of one's own session, so the
+    # engine's and the gate's are set on their sessions' groups too.
+    tree = psutil.Process(deployment.proc.pid).children(recursive=True)
+    engine = [p for p in tree if " ".join(p.cmdline()).startswith((SCHEDULER_PROCESS_TITLE, RUNNER_PROCESS_TITLE))]
+    gate = [p for p in tree if p.cmdline()[1:3] == ["-m", "app.gate"]]
+    assert len(engine) == 2 and len(gate) == 1, [p.cmdline() for p in tree]
+    settings = deployment.settings
+    for proc in engine:
+        assert _autogroup_nice(proc.pid) in (None, settings.workers.nice)
+    gate_pid = gate[0].pid
+    assert os.getsid(gate_pid) == gate_pid
+    assert settings.frontend.gate_nice == -10
+    # As root (CAP_SYS_NICE) it runs at -10; as anyone else, at the launcher's niceness.
+    expected = settings.frontend.gate_nice if os.geteuid() == 0 else os.getpriority(os.PRIO_PROCESS, 0)
+    assert gate[0].nice() == expected
+    assert _autogroup_nice(gate_pid) in (None, expected)

@@ -5,8 +5,13 @@ front of gunicorn, is exercised by tests/test_admission.py's burst."""
 from __future__ import annotations
 
 import json
+import os
+import queue
 import select
+import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -14,7 +19,7 @@ from collections.abc import Iterator
 import pytest
 
 from app.gate import Gate, request_kind
-from conftest import wait_for
+from conftest import ROOT, wait_for
 
 
 def test_request_kind_is_read_from_the_request_line():
@@ -173,3 +178,50 @@ def test_a_whole_request_is_needed_to_refuse_and_the_gate_waits_for_it(running):
     assert status.startswith("HTTP/1.1 429") and headers["connection"] == "close"
     for sock in (held, conn, client, worker):
         sock.close()
+
+
+def test_the_gate_starts_and_serves_without_the_privilege_its_niceness_needs(tmp_path):
+    # Root is made an unprivileged user here: CAP_SYS_NICE dropped, RLIMIT_NICE at 0. Any other
+    # user lacks both already.
+    prefix = ["prlimit", "--nice=0:0", "--"] if shutil.which("prlimit") else []
+    if os.geteuid() == 0:
+        if not prefix or not shutil.which("setpriv"):
+            pytest.skip("needs setpriv and prlimit to run the gate as root without CAP_SYS_NICE")
+        prefix += ["setpriv", "--inh-caps=-sys_nice", "--bounding-set=-sys_nice", "--"]
+    listener = socket.create_server(("127.0.0.1", 0))
+    channel = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    path = str(tmp_path / "gate.sock")
+    channel.bind(path)
+    channel.listen(8)
+    env = {**os.environ, "LLMQ__FRONTEND__GATE_NICE": "-10"}
+    gate = subprocess.Popen([*prefix, sys.executable, "-m", "app.gate", "--listen-fd", str(listener.fileno()),
+                             "--channel-fd", str(channel.fileno())], pass_fds=(listener.fileno(), channel.fileno()),
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    port = listener.getsockname()[1]
+    listener.close()
+    channel.close()
+    lines: list[str] = []
+    # Read on a thread: select() on the pipe misses lines already in the reader's buffer.
+    out: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [out.put(line.decode()) for line in gate.stdout], daemon=True).start()
+    try:
+        deadline = time.monotonic() + 60
+        while not any("gate: listening" in line for line in lines) and time.monotonic() < deadline:
+            try:
+                lines.append(out.get(timeout=1))
+            except queue.Empty:
+                assert gate.poll() is None, "the gate exited:\n" + "".join(lines)
+        assert any("could not take niceness -10" in line and "CAP_SYS_NICE" in line for line in lines), lines
+        worker = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        worker.connect(path)
+        worker.settimeout(10)
+        client = socket.create_connection(("127.0.0.1", port), timeout=10)
+        client.sendall(b"GET /health HTTP/1.1\r\nHost: h\r\n\r\n")
+        msg, conn = _handed(worker)
+        assert msg == b"o" and conn.recv(100).startswith(b"GET /health ")
+        for sock in (worker, client, conn):
+            sock.close()
+    finally:
+        gate.terminate()
+        gate.wait(timeout=10)

@@ -308,3 +308,30 @@ def test_every_process_a_worker_spawns_has_amx_permission_before_it_runs(tmp_pat
                            "import queue; q = queue.Queue(); granted(q); print(q.get())"],
                           capture_output=True, text=True, timeout=60, check=True).stdout
     assert bare.strip() == "False"
+
+
+# -- niceness, by session ----------------------------------------------------------------------
+
+def _autogroup_nice(pid: int) -> int:
+    # "/autogroup-17 nice 10"
+    with open(placement.AUTOGROUP.format(pid=pid)) as f:
+        return int(f.read().split()[-1])
+
+
+def test_set_niceness_sets_a_session_leaders_group_and_only_the_process_of_a_session_it_does_not_lead():
+    leader = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    member = subprocess.Popen(["sleep", "60"])  # in the test runner's session
+    try:
+        ours = os.getpriority(os.PRIO_PROCESS, 0)
+        assert placement.set_niceness(ours + 5, leader.pid).startswith(f"niceness {ours + 5}")
+        assert os.getpriority(os.PRIO_PROCESS, leader.pid) == ours + 5
+        assert placement.set_niceness(ours + 3, member.pid) == f"niceness {ours + 3}"
+        assert os.getpriority(os.PRIO_PROCESS, member.pid) == ours + 3
+        if not os.path.exists(placement.AUTOGROUP.format(pid=leader.pid)):
+            pytest.skip("this kernel has no autogroup: the process's niceness is all there is")
+        assert _autogroup_nice(leader.pid) == ours + 5
+        assert _autogroup_nice(member.pid) == _autogroup_nice(os.getpid())  # the runner's session is left alone
+    finally:
+        for proc in (leader, member):
+            proc.kill()
+            proc.wait(timeout=10)
