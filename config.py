@@ -273,11 +273,12 @@ class WorkerConfig(_Section):
     # A worker whose engine is not up by then exits (and the launcher starts it again) rather
     # than sit half-started: vLLM's start can hang, e.g. when a port it needs is taken.
     engine_start_timeout_s: float = Field(600.0, gt=0)
-    # Niceness the launcher starts decode and prefill workers at; their engine processes inherit
-    # it. On a node they share with the frontend, its latency-critical paths (the gate's 429s,
-    # /health, a new request's way in) then win the cores from the engine's compute. 0: as the
-    # launcher itself (docs/benchmarks.md, "Admission control", has the A/B).
-    nice: int = Field(10, ge=0, le=19)
+    # Niceness the launcher starts decode and prefill workers at (and their sessions' groups,
+    # placement.set_niceness); their engine processes inherit it. Above 0, the frontend's paths
+    # win the cores from the engine's compute, and on few cores saturated throughput pays for it
+    # heavily, while the gate's 429s keep their speed through frontend.gate_nice alone
+    # (docs/benchmarks.md, "Admission control"). 0: as the launcher itself.
+    nice: int = Field(0, ge=0, le=19)
 
     @model_validator(mode="after")
     def _lease_outlives_heartbeat(self) -> WorkerConfig:

@@ -19,7 +19,6 @@ def test_deployed_engine_scheduler_shares_its_runners_core_at_the_workers_nicene
     assert len(scheduler) == 1 and len(runner) == 1, sorted(by_title)
     assert deployment.settings.engine.scheduler_nice == 10  # applies to a free-running scheduler only
     nice = deployment.settings.workers.nice
-    assert nice == 10
     assert {os.getpriority(os.PRIO_PROCESS, t.id) for t in scheduler[0].threads()} == {nice}
     assert runner[0].nice() == nice
     # The runner is bound (one engine, vLLM's own binding), and the scheduler shares its cores.
