@@ -68,6 +68,13 @@ class ChatChoice(BaseModel):
     finish_reason: str | None
 
 
+# One server-sent event, the schema OpenAPI gives for text/event-stream (OpenAPI 3.0/3.1 put the
+# per-event schema in "schema"; 3.2 names it itemSchema): a JSON chunk in "data", or "[DONE]".
+SSE_EVENT = {"type": "object", "properties": {
+    "data": {"type": "string", "contentMediaType": "application/json"},
+    "event": {"type": "string"}, "id": {"type": "string"}, "retry": {"type": "integer", "minimum": 0}}}
+
+
 class ChatCompletion(BaseModel):
     """The whole answer; with ``stream``, server-sent events of chat.completion.chunk objects."""
 
@@ -181,8 +188,12 @@ def document(settings: Settings) -> dict:
     def operation(e: Endpoint) -> dict:
         ok: dict[str, Any] = {}
         for ctype in e.content_types:
-            json_body = ctype == "application/json" and e.response is not None
-            ok[ctype] = {"schema": ref(e.response, "serialization") if json_body and e.response else {"type": "string"}}
+            if ctype == "text/event-stream":
+                ok[ctype] = {"schema": SSE_EVENT}
+            elif ctype == "application/json" and e.response is not None:
+                ok[ctype] = {"schema": ref(e.response, "serialization")}
+            else:
+                ok[ctype] = {"schema": {"type": "string"}}
         responses: dict[str, Any] = {"200": {"description": (e.response.__doc__ or "OK").strip().splitlines()[0]
                                              if e.response else "OK", "content": ok}}
         for status in e.statuses():
