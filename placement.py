@@ -278,6 +278,17 @@ def set_niceness(niceness: int, pid: int = 0) -> str:
     return f"niceness {niceness}" + (", its session's group too" if set_session_niceness(niceness, pid) else "")
 
 
+def session_niceness(pid: int) -> int | None:
+    """The niceness of the session group the kernel schedules ``pid`` in; None without autogroup,
+    or for a session in the root group (the kernel's own and the init's: their file reads empty)."""
+    try:
+        with open(AUTOGROUP.format(pid=pid)) as f:
+            line = f.read().split()  # ["/autogroup-17", "nice", "10"]
+    except FileNotFoundError:
+        return None
+    return int(line[-1]) if line else None
+
+
 def set_session_niceness(niceness: int, pid: int) -> bool:
     """Sets the niceness of the session group of ``pid``, if it leads its session under autogroup
     (False otherwise: nothing to do). Raises OSError when refused, as set_niceness."""

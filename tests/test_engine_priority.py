@@ -7,7 +7,7 @@ import os
 import psutil
 import pytest
 
-from placement import AUTOGROUP, RUNNER_PROCESS_TITLE, SCHEDULER_PROCESS_TITLE
+from placement import RUNNER_PROCESS_TITLE, SCHEDULER_PROCESS_TITLE, session_niceness
 
 
 @pytest.mark.integration
@@ -26,15 +26,6 @@ def test_deployed_engine_scheduler_shares_its_runners_core_at_the_workers_nicene
     assert {tuple(os.sched_getaffinity(t.id)) for t in scheduler[0].threads()} == {tuple(runner[0].cpu_affinity())}
 
 
-def _autogroup_nice(pid: int) -> int | None:
-    """The niceness of the session group the kernel schedules ``pid`` in; None without autogroup."""
-    path = AUTOGROUP.format(pid=pid)
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return int(f.read().split()[-1])  # "/autogroup-17 nice 10"
-
-
 @pytest.mark.integration
 def test_deployed_engine_and_gate_run_at_their_niceness_in_sessions_of_their_own(deployment):
     # Under autogroup a niceness weighs only against the processes of one's own session, so the
@@ -45,11 +36,11 @@ def test_deployed_engine_and_gate_run_at_their_niceness_in_sessions_of_their_own
     assert len(engine) == 2 and len(gate) == 1, [p.cmdline() for p in tree]
     settings = deployment.settings
     for proc in engine:
-        assert _autogroup_nice(proc.pid) in (None, settings.workers.nice)
+        assert session_niceness(proc.pid) in (None, settings.workers.nice)
     gate_pid = gate[0].pid
     assert os.getsid(gate_pid) == gate_pid
     assert settings.frontend.gate_nice == -10
     # As root (CAP_SYS_NICE) it runs at -10; as anyone else, at the launcher's niceness.
     expected = settings.frontend.gate_nice if os.geteuid() == 0 else os.getpriority(os.PRIO_PROCESS, 0)
     assert gate[0].nice() == expected
-    assert _autogroup_nice(gate_pid) in (None, expected)
+    assert session_niceness(gate_pid) in (None, expected)
