@@ -117,6 +117,11 @@ class Gate:
         self.refused = 0
         for sock in (listener, channel):
             sock.setblocking(False)
+        if listener.family in (socket.AF_INET, socket.AF_INET6):
+            # Accepted connections inherit it, as from gunicorn's own listener: without it, Nagle
+            # holds a stream's first chunk, written right after its headers, until the client's
+            # delayed ACK (40 ms), and every later chunk behind an unacknowledged one.
+            listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.epoll.register(channel.fileno(), select.EPOLLIN)
 
     # -- the loop ------------------------------------------------------------------------------

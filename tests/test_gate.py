@@ -100,6 +100,8 @@ def test_a_connection_is_handed_over_unread_and_a_generation_request_past_the_li
     msg, conn = _handed(worker)
     assert msg == b"g"
     assert conn.recv(65536) == _post()  # the gate only peeked
+    # Small writes go out at once (a stream's chunks), as on gunicorn's own listener.
+    assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
 
     # The worker's one generation place is taken: the next generation request gets the gate's 429.
     refused = running.send(_post())
