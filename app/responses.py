@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
 from app.tools import ChoiceTools
 from tasks.messages import Delta, TokenLogprob
+
+# Encodes every stream's chunk, once a token: msgspec takes about a tenth of json.dumps's CPU.
+_JSON = msgspec.json.Encoder()
 
 
 @dataclass
@@ -95,8 +99,10 @@ class Formatter:
         return body
 
     @staticmethod
-    def sse(body: dict) -> str:
-        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+    def sse(body: dict) -> bytes:
+        # Bytes, which the WSGI server writes as they are. UTF-8 as it is (as json.dumps with
+        # ensure_ascii=False), no spaces after separators, and a NaN or infinity as null: valid JSON.
+        return b"data: " + _JSON.encode(body) + b"\n\n"
 
     def role_chunk(self, index: int, include_usage: bool) -> dict:
         return self._chunk([{"index": index, "delta": {"role": "assistant", "content": ""},
@@ -138,10 +144,10 @@ class Formatter:
         return self._chunk([], usage, True)
 
     @staticmethod
-    def error_chunk(body: dict) -> str:
-        return f"data: {json.dumps(body)}\n\n"
+    def error_chunk(body: dict) -> bytes:
+        return b"data: " + _JSON.encode(body) + b"\n\n"
 
-    DONE = "data: [DONE]\n\n"
+    DONE = b"data: [DONE]\n\n"
 
     # -- whole responses -------------------------------------------------------------------
 

@@ -361,7 +361,7 @@ def _stream(gen: Generation) -> Response:
     _stage("first")
     request_id = g.internal_id
 
-    def body() -> Iterator[str]:
+    def body() -> Iterator[bytes]:
         try:
             for chunk in gen.chunks([first] if first is not None else []):
                 yield gen.fmt.sse(chunk)
