@@ -63,6 +63,20 @@ def test_batched_writer_keeps_each_streams_order_in_few_round_trips(redis_url):
     assert len(pipelines) <= 10, len(pipelines)
 
 
+def test_submitted_writes_keep_their_order_and_each_future_says_when_it_is_in(redis_url):
+    # The relay's use (workers/decode.py): the next write is queued before the last is awaited.
+    async def main():
+        client = redis.asyncio.Redis.from_url(redis_url)
+        writer = BatchedStreamWriter(client)
+        futures = [writer.submit("sub", [Delta(index=0, text=f"t{step}", token_ids=[step])]) for step in range(4)]
+        await asyncio.gather(*futures)
+        await client.aclose()
+        return futures
+
+    assert all(f.done() and f.exception() is None for f in asyncio.run(main()))
+    assert _texts(redis.Redis.from_url(redis_url), "sub") == ["t0", "t1", "t2", "t3"]
+
+
 def test_batched_writer_raises_to_every_writer_when_redis_is_down():
     async def main():
         client = redis.asyncio.Redis(port=free_port(), socket_connect_timeout=1)

@@ -73,6 +73,12 @@ class CancelWatch:
             self._cancelled.update(rid for rid, flag in zip(rids, flags) if flag and rid in self._watched)
 
 
+def _consume(done: asyncio.Future) -> None:
+    # Reads an abandoned write's failure, so asyncio does not log it as never retrieved.
+    if not done.cancelled():
+        done.exception()
+
+
 class DecodeRuntime(WorkerRuntime):
     role = "decode"
 
@@ -152,16 +158,39 @@ class DecodeRuntime(WorkerRuntime):
                 kv_params = await remote.kv_transfer_params(aredis, req)
             generation = self.engine.generate(rid, req.prompt_token_ids, req.sampling, kv_transfer_params=kv_params)
             deltas_from = DeltaMaker(req.sampling)
-            async with contextlib.aclosing(generation) as outputs:
-                async for output in outputs:
-                    events = deltas_from(output)
-                    num_tokens += sum(len(d.token_ids) for d in events)
-                    # While this write is awaited the engine keeps stepping; DELTA outputs that
-                    # arrive meanwhile are merged, so a slow Redis means bigger writes, not lag.
-                    await writer.write(rid, events)
-                    last = output
-                    if cancels.cancelled(rid):
-                        return num_tokens, None
+            # At most one write of this request in flight: the previous one is awaited before the
+            # next is queued, and the last before returning (Finished follows every Delta). While
+            # a write is awaited the engine keeps stepping; DELTA outputs that arrive meanwhile
+            # are merged, so a slow Redis means bigger writes, not lag. A write is not awaited
+            # right away: its flush is done by the next step, so the relay suspends once a token,
+            # on the engine's output, rather than twice.
+            written: asyncio.Future | None = None
+            try:
+                async with contextlib.aclosing(generation) as outputs:
+                    async for output in outputs:
+                        events = deltas_from(output)
+                        num_tokens += sum(len(d.token_ids) for d in events)
+                        if written is not None:
+                            await written  # raises the write's failure
+                            written = None
+                        if events:
+                            written = writer.submit(rid, events)
+                        last = output
+                        if cancels.cancelled(rid):
+                            return num_tokens, None
+                if written is not None:
+                    await written
+                    written = None
+            except Exception:
+                # The engine failed: its earlier Deltas go in before the failure does.
+                if written is not None:
+                    with contextlib.suppress(Exception):
+                        await written
+                    written = None
+                raise
+            finally:
+                if written is not None:  # left early: its outcome is nobody's business now
+                    written.add_done_callback(_consume)
         if remote is not None and kv_params is not None:
             remote.settle(rid, last.kv_transfer_params if last is not None else None)
         return num_tokens, last

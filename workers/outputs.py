@@ -95,14 +95,19 @@ class BatchedStreamWriter:
         self._flusher: asyncio.Task | None = None
 
     async def write(self, request_id: str, events: Sequence[OutputEvent]) -> None:
-        if not events:
-            return
+        if events:
+            await self.submit(request_id, events)
+
+    def submit(self, request_id: str, events: Sequence[OutputEvent]) -> asyncio.Future:
+        """Queues the events; the future is done once they are in Redis, or holds the failure.
+        A request that awaits its previous future before submitting more keeps the backpressure
+        ``write`` has, without waiting for each flush (see workers/decode.py)."""
         done = asyncio.get_running_loop().create_future()
         self._pending.append((keys.output_stream(request_id), events, done))
         if self._flusher is None or self._flusher.done():
             # Started, not awaited: it runs after every request woken by this step has queued.
             self._flusher = asyncio.create_task(self._flush())
-        await done
+        return done
 
     async def _flush(self) -> None:
         while self._pending:
