@@ -105,6 +105,16 @@ def test_the_celery_app_carries_the_consuming_step():
     assert consuming.ConsumingStep in app.steps["consumer"]
 
 
+def test_workers_send_task_events_only_where_flower_reads_them():
+    from config import load_settings
+    from tasks.celery_app import make_celery
+
+    with_flower = make_celery(load_settings(ROOT / "configs" / "agg.yaml", environ={}))
+    assert with_flower.conf.worker_send_task_events and with_flower.conf.task_send_sent_event
+    without = make_celery(load_settings(ROOT / "configs" / "agg.yaml", ["flower.enabled=false"], environ={}))
+    assert not without.conf.worker_send_task_events and not without.conf.task_send_sent_event
+
+
 def test_a_worker_holds_a_lease_only_while_it_consumes(scratch_redis_url):
     client = redis.Redis.from_url(scratch_redis_url)
     serving = threading.Event()
