@@ -11,6 +11,7 @@
   of spinning, since they share their cores with everything else.
 - A process's CPU priority where the kernel shares the CPU out by session (``set_niceness``):
   ``workers.nice`` for the engines, ``frontend.gate_nice`` for the gate.
+- A short section of a thread at real-time priority (``RealtimeSection``): a KV WRITE's copy.
 - The gc freezes (``frontend.gc_freeze``, and always in a worker): a heap built at start-up is
   frozen, so collections while serving do not walk it.
 
@@ -305,6 +306,57 @@ def set_session_niceness(niceness: int, pid: int) -> bool:
                 raise
             time.sleep(AUTOGROUP_RETRY_S)
     return True
+
+
+# -- a short section at real-time priority -------------------------------------------------------
+
+# SCHED_FIFO's lowest priority: above every SCHED_OTHER thread, whatever its niceness or session
+# group, and below any real-time thread the system runs.
+REALTIME_PRIORITY = 1
+
+
+class RealtimeSection:
+    """Runs short sections of the calling thread at SCHED_FIFO ``priority``, back at its own
+    policy (and niceness, which the kernel keeps) after each.
+
+    On a shared core, a thread woken for a short piece of latency-bound work (a KV WRITE's copy)
+    otherwise waits for, or is preempted by, whatever else runs there; a real-time thread runs
+    until it blocks. So only bounded work that never waits in a loop belongs in a section: a
+    thread that spun at this priority would starve its core's other threads (the kernel's RT
+    throttling leaves them 5%). Linux keeps the policy per thread, so a section changes the
+    calling thread only; SCHED_RESET_ON_FORK keeps a child forked meanwhile off real time.
+
+    Where the kernel refuses (no CAP_SYS_NICE and RLIMIT_RTPRIO 0, or a cgroup without real-time
+    runtime), logs once on ``log`` and runs every later section at the thread's own priority.
+    A thread that is not SCHED_OTHER on entry (already real time, or batch/idle) is left as is."""
+
+    def __init__(self, priority: int = REALTIME_PRIORITY, log: logging.Logger = logger, what: str = "section"):
+        self.priority = priority
+        self.enabled = True
+        self._log = log
+        self._what = what
+
+    @contextlib.contextmanager
+    def section(self) -> Iterator[None]:
+        if not self.enabled or os.sched_getscheduler(0) != os.SCHED_OTHER:
+            yield
+            return
+        try:
+            os.sched_setscheduler(0, os.SCHED_FIFO | os.SCHED_RESET_ON_FORK, os.sched_param(self.priority))
+        except OSError as e:
+            self.enabled = False
+            self._log.warning("the %s runs at normal priority: SCHED_FIFO %d refused (%s)", self._what,
+                              self.priority, e)
+            yield
+            return
+        try:
+            yield
+        finally:
+            try:
+                os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+            except OSError as e:  # lowering one's own priority is never refused; if it were, stop
+                self.enabled = False
+                self._log.error("the %s could not leave SCHED_FIFO (%s); no more sections", self._what, e)
 
 
 # -- the scheduler's placement -----------------------------------------------------------------

@@ -41,6 +41,9 @@ class Case:
     # it, so out of the caches, as the blocks a decode engine registers for a push are; otherwise
     # every repeat moves the same (cache-warm) bytes.
     fresh_far: bool = False
+    # With a notification to the far side, as the push's WRITE carries one (its request id): UCX
+    # then sends it once the WRITE's bytes are there.
+    notify: bool = False
 
     @property
     def total_bytes(self) -> int:
@@ -79,6 +82,8 @@ def default_cases(block_bytes: int, num_layers: int, prompt_blocks: int) -> list
         Case(f"WRITE {num_layers} x {per_layer // KIB} KiB (the push's shape)", per_layer, num_layers, 50, "WRITE"),
         Case(f"WRITE {num_layers} x {per_layer // KIB} KiB, each into fresh memory", per_layer, num_layers,
              min(50, 256 * MIB // (per_layer * num_layers) - 1), "WRITE", fresh_far=True),
+        Case(f"WRITE {num_layers} x {per_layer // KIB} KiB, each into fresh memory, notified", per_layer,
+             num_layers, min(50, 256 * MIB // (per_layer * num_layers) - 1), "WRITE", fresh_far=True, notify=True),
         Case("1 x 256 MiB", 256 * MIB, 1, 5),
     ]
 
@@ -190,16 +195,18 @@ def _sink(conn, source_conn_meta, cases: list[Case], setup: Setup) -> None:
     for case in cases:
         local = agent.get_xfer_descs(_descs(buf.ctypes.data, case), "DRAM")
         far = agent.get_xfer_descs(_descs(remote_base, case), "DRAM")
+        notif_msg = b"raw-write" if case.notify else b""
         if case.fresh_far:
             # Regions of the 256 MiB case's buffer past the few MiB the cases before touched.
             handles = [agent.initialize_xfer(case.op, local, agent.get_xfer_descs(
-                _descs(remote_base + i * case.total_bytes, case), "DRAM"), remote) for i in range(case.repeats + 1)]
+                _descs(remote_base + i * case.total_bytes, case), "DRAM"), remote, notif_msg)
+                for i in range(case.repeats + 1)]
             _time_one(agent, handles[-1])  # warm-up
             timings.append([_time_one(agent, h) for h in handles[:-1]])
             for h in handles:
                 agent.release_xfer_handle(h)
             continue
-        handle = agent.initialize_xfer(case.op, local, far, remote)
+        handle = agent.initialize_xfer(case.op, local, far, remote, notif_msg)
         _time_one(agent, handle)  # warm-up: connection set-up and first touch
         timings.append([_time_one(agent, handle) for _ in range(case.repeats)])
         agent.release_xfer_handle(handle)

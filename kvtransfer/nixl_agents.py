@@ -174,6 +174,12 @@ class PushWorker(NixlPushConnectorWorker):
         if logger.isEnabledFor(logging.DEBUG):
             self.nixl_wrapper.transfer = self._timed(self.nixl_wrapper.transfer)
         self._step_bound = self._step_forwarded = self._step_ended = 0.0
+        # On P, the writer thread's WRITE (its descriptors, NIXL's post and UCX's copy inside it)
+        # at real-time priority: it shares its core with the engine's own threads and, on a small
+        # machine, the frontends, Celery and Redis, which otherwise preempt the copy. Bounded
+        # work: the handshake it may need runs on vLLM's executor, and the WRITE's completion is
+        # checked by the engine's main thread, so the section never waits in a loop.
+        self._write_at_rt = placement.RealtimeSection(log=logger, what="KV WRITE")
 
     def get_transfer_results(self):
         results = super().get_transfer_results()
@@ -239,7 +245,8 @@ class PushWorker(NixlPushConnectorWorker):
                            registration_data.get("decode_engine_id"))
             return
         logger.info("[%s] writing the KV to %s", request_id, registration_data.get("decode_engine_id"))
-        super()._do_start_push_kv(request_id, local_block_ids, registration_data)
+        with self._write_at_rt.section():
+            super()._do_start_push_kv(request_id, local_block_ids, registration_data)
 
 
 class NixlPushConnector(_PushConnector):

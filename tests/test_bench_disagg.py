@@ -104,8 +104,8 @@ def test_default_cases_read_a_prompt_as_vllm_lays_it_out():
     assert vllm_like.desc_bytes == 8 * KIB and vllm_like.num_descs == 40 * 8
     assert vllm_like.total_bytes == 40 * 64 * KIB == cases[2].total_bytes
     push = [c for c in cases if c.op == "WRITE"]  # the push's WRITE of a prompt: one descriptor per layer
-    assert [(c.num_descs, c.total_bytes, c.fresh_far) for c in push] == [(4, 40 * 64 * KIB, False),
-                                                                          (4, 40 * 64 * KIB, True)]
+    assert [(c.num_descs, c.total_bytes, c.fresh_far, c.notify) for c in push] == [
+        (4, 40 * 64 * KIB, False, False), (4, 40 * 64 * KIB, True, False), (4, 40 * 64 * KIB, True, True)]
     assert cases[-1].total_bytes == 256 * MIB and cases.index(push[0]) > 2  # after the READs of the prompt
 
 

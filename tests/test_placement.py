@@ -310,6 +310,60 @@ def test_every_process_a_worker_spawns_has_amx_permission_before_it_runs(tmp_pat
     assert bare.strip() == "False"
 
 
+# -- a short section at real-time priority -----------------------------------------------------
+
+_REALTIME_CHILD = """
+import logging, os, threading, placement
+logging.basicConfig(level=logging.INFO, format="LOG:%(message)s")
+rt = placement.RealtimeSection(what="probe")
+seen = []
+def thread():
+    os.setpriority(os.PRIO_PROCESS, 0, 3)  # this thread's niceness (Linux keeps one per thread)
+    with rt.section():
+        seen.append((os.sched_getscheduler(0) & ~os.SCHED_RESET_ON_FORK, os.sched_getparam(0).sched_priority))
+    seen.append((os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, 0)))
+t = threading.Thread(target=thread)
+t.start()
+t.join()
+print(rt.enabled, *seen[0], *seen[1], os.sched_getscheduler(0), flush=True)
+"""
+
+
+def test_realtime_section_raises_only_the_calling_thread_and_restores_its_policy_and_niceness():
+    enabled, inside, prio, after, nice, main = probe(_REALTIME_CHILD)
+    if enabled == "False":
+        pytest.skip("SCHED_FIFO is refused here (no CAP_SYS_NICE): the refusal has its own test")
+    assert (int(inside), int(prio)) == (os.SCHED_FIFO, placement.REALTIME_PRIORITY)
+    assert (int(after), int(nice)) == (os.SCHED_OTHER, 3)
+    assert int(main) == os.SCHED_OTHER
+
+
+def test_realtime_section_refused_logs_once_and_runs_at_normal_priority(monkeypatch, caplog):
+    calls = []
+
+    def refuse(pid, policy, param):
+        calls.append(policy)
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "sched_setscheduler", refuse)
+    rt = placement.RealtimeSection(what="probe")
+    ran = 0
+    with caplog.at_level("WARNING", logger=placement.logger.name):
+        for _ in range(3):
+            with rt.section():
+                ran += 1
+    assert ran == 3 and not rt.enabled and len(calls) == 1
+    assert [r.getMessage() for r in caplog.records] == [
+        "the probe runs at normal priority: SCHED_FIFO 1 refused ([Errno 1] Operation not permitted)"]
+
+
+def test_realtime_section_leaves_a_thread_that_is_not_sched_other_alone(monkeypatch):
+    monkeypatch.setattr(os, "sched_getscheduler", lambda pid: os.SCHED_BATCH)
+    monkeypatch.setattr(os, "sched_setscheduler", lambda *a: pytest.fail("changed a batch thread's policy"))
+    with placement.RealtimeSection().section():
+        pass
+
+
 # -- niceness, by session ----------------------------------------------------------------------
 
 def test_set_niceness_sets_a_session_leaders_group_and_only_the_process_of_a_session_it_does_not_lead():
