@@ -57,11 +57,14 @@ TARGETS = {  # label -> launcher config; the baseline has none
     "agg_free": "configs/agg.yaml",
     "agg_nice0": "configs/agg.yaml",
     "agg_nobacklog": "configs/agg.yaml",
+    "agg_nicem5": "configs/agg.yaml",
+    "agg_nicem10": "configs/agg.yaml",
 }
 # A target's settings on top of its config (the launcher's --set).
 TARGET_SETS = {"agg_celery": {"frontend.publish": "celery"}, "agg_close": {"frontend.keepalive_s": "0"},
                "agg_free": {"engine.scheduler_on_runner_cores": "false"},
-               "agg_nice0": {"workers.nice": "0"}}
+               "agg_nice0": {"workers.nice": "0"}, "agg_nicem5": {"workers.nice": "-5"},
+               "agg_nicem10": {"workers.nice": "-10"}}
 
 
 
