@@ -277,8 +277,9 @@ class WorkerConfig(_Section):
     # placement.set_niceness); their engine processes inherit it. Above 0, the frontend's paths
     # win the cores from the engine's compute, and on few cores saturated throughput pays for it
     # heavily, while the gate's 429s keep their speed through frontend.gate_nice alone
-    # (docs/benchmarks.md, "Admission control"). 0: as the launcher itself.
-    nice: int = Field(0, ge=0, le=19)
+    # (docs/benchmarks.md, "Admission control"). 0: as the launcher itself. Below 0 needs
+    # CAP_SYS_NICE (root has it): without it the launcher logs so and the workers run at its own.
+    nice: int = Field(0, ge=-20, le=19)
 
     @model_validator(mode="after")
     def _lease_outlives_heartbeat(self) -> WorkerConfig:

@@ -9,8 +9,8 @@
 - How an unbound engine waits (``unbound_engine_env``, ``spin_less_when_unbound``): its OpenMP
   threads sleep at a barrier, and its two processes sleep between looks at their queues, instead
   of spinning, since they share their cores with everything else.
-- A process's CPU priority where the kernel shares the CPU out by session (``set_niceness``):
-  ``workers.nice`` for the engines, ``frontend.gate_nice`` for the gate.
+- A process's CPU priority where the kernel shares the CPU out by session (``set_niceness``,
+  ``may_lower_niceness``): ``workers.nice`` for the engines, ``frontend.gate_nice`` for the gate.
 - A short section of a thread at real-time priority (``RealtimeSection``): a KV WRITE's copy.
 - The gc freezes (``frontend.gc_freeze``, and always in a worker): a heap built at start-up is
   frozen, so collections while serving do not walk it.
@@ -277,6 +277,32 @@ def set_niceness(niceness: int, pid: int = 0) -> str:
     pid = pid or os.getpid()
     os.setpriority(os.PRIO_PROCESS, pid, niceness)
     return f"niceness {niceness}" + (", its session's group too" if set_session_niceness(niceness, pid) else "")
+
+
+# Linux's capability number (<linux/capability.h>): a thread with it may lower any niceness.
+CAP_SYS_NICE = 23
+
+
+def may_lower_niceness(niceness: int) -> bool:
+    """Whether this process may take ``niceness`` (so start a child at it), as Linux decides
+    (kernel/sched/core.c, can_nice): a niceness at or above its own always; a lower one with
+    CAP_SYS_NICE, or where RLIMIT_NICE reaches it (the limit counts 20 - niceness)."""
+    import resource
+
+    if niceness >= os.getpriority(os.PRIO_PROCESS, 0):
+        return True
+    soft, _ = resource.getrlimit(resource.RLIMIT_NICE)
+    if soft == resource.RLIM_INFINITY or 20 - niceness <= soft:
+        return True
+    return _has_capability(CAP_SYS_NICE)
+
+
+def _has_capability(cap: int) -> bool:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> cap & 1)
+    return False
 
 
 def session_niceness(pid: int) -> int | None:

@@ -18,7 +18,10 @@ vLLM gets them as flags through bench.deploy.vllm_server_args):
   A/B of HTTP keep-alive;
 - `agg_free`: `agg` with its engine's scheduler free to run on any core, as stock vLLM's is
   (engine.scheduler_on_runner_cores: false);
-- `agg_nice0`: `agg` with its engine at the launcher's own priority (workers.nice: 0);
+- `agg_nice0`: `agg` with its engine at the launcher's own priority (workers.nice: 0, where
+  configs/agg.yaml has -5);
+- `agg_nicem10`: `agg` with its engine at niceness -10 (workers.nice: -10); `agg_nicem5` is -5,
+  configs/agg.yaml's own, for runs that set another baseline;
 - `agg_nobacklog`: `agg` with as many task threads as engine sequences (workers.concurrency set
   to engine.max_num_seqs), so its engine holds no queue of its own, for the A/B of that default.
 
@@ -57,11 +60,14 @@ TARGETS = {  # label -> launcher config; the baseline has none
     "agg_free": "configs/agg.yaml",
     "agg_nice0": "configs/agg.yaml",
     "agg_nobacklog": "configs/agg.yaml",
+    "agg_nicem5": "configs/agg.yaml",
+    "agg_nicem10": "configs/agg.yaml",
 }
 # A target's settings on top of its config (the launcher's --set).
 TARGET_SETS = {"agg_celery": {"frontend.publish": "celery"}, "agg_close": {"frontend.keepalive_s": "0"},
                "agg_free": {"engine.scheduler_on_runner_cores": "false"},
-               "agg_nice0": {"workers.nice": "0"}}
+               "agg_nice0": {"workers.nice": "0"}, "agg_nicem5": {"workers.nice": "-5"},
+               "agg_nicem10": {"workers.nice": "-10"}}
 
 
 

@@ -107,13 +107,20 @@ def worker_children(settings: Settings, roles: set[str]) -> list[Child]:
         specs += [(f"prefill{i}", queues.PREFILL) for i in range(settings.disagg.num_prefill)]
     envs = placement.engine_cores(len(specs), settings.engine.omp_threads_bind, moves_kv=settings.disagg.enabled)
     children = [_celery_worker(name, queue, settings, 3, env) for (name, queue), env in zip(specs, envs)]
-    if settings.workers.nice:
+    nice = settings.workers.nice
+    if children and nice < 0 and not placement.may_lower_niceness(nice):
+        # nice(1) would warn and run the worker anyway; one line here says why, and the session's
+        # group is left alone rather than refused.
+        logger.warning("workers.nice %d needs CAP_SYS_NICE (or RLIMIT_NICE): the workers run at the launcher's "
+                       "niceness, %d", nice, os.getpriority(os.PRIO_PROCESS, 0))
+        nice = 0
+    if nice:
         # Through nice(1), which execs the worker: the same pid, reniced before its first thread;
         # and its session's group (the supervisor gives each child a session), without which the
         # niceness weighs nothing against the other children's sessions under autogroup.
         for child in children:
-            child.argv = ["nice", "-n", str(settings.workers.nice), *child.argv]
-            child.nice = settings.workers.nice
+            child.argv = ["nice", "-n", str(nice), *child.argv]
+            child.nice = nice
     return children
 
 

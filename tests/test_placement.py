@@ -10,6 +10,7 @@ import psutil
 import pytest
 
 import placement
+from config import load_settings
 from conftest import ROOT, wait_for
 from placement import (
     NOBIND,
@@ -111,6 +112,34 @@ def test_an_unbound_engine_keeps_the_thread_count_and_wait_policy_it_was_given()
     assert unbound_engine_env({OMP_THREADS_ENV: "4", OMP_WAIT_POLICY_ENV: "ACTIVE"}) == {}
     assert engine_bind_env("auto", True, environ={OMP_THREADS_ENV: "2"}) == {
         OMP_BIND_ENV: NOBIND, OMP_WAIT_POLICY_ENV: "PASSIVE"}
+
+
+# -- niceness ----------------------------------------------------------------------------------
+
+def test_lowering_a_niceness_needs_cap_sys_nice_or_an_rlimit_nice_that_reaches_it(monkeypatch):
+    ours = os.getpriority(os.PRIO_PROCESS, 0)
+    monkeypatch.setattr(placement, "_has_capability", lambda cap: False)
+    monkeypatch.setattr("resource.getrlimit", lambda which: (0, 0))
+    assert placement.may_lower_niceness(ours) and placement.may_lower_niceness(min(ours + 3, 19))
+    assert not placement.may_lower_niceness(ours - 1)
+    # RLIMIT_NICE counts 20 - niceness: 25 reaches -5, not -6.
+    monkeypatch.setattr("resource.getrlimit", lambda which: (25, 25))
+    assert placement.may_lower_niceness(-5) and not placement.may_lower_niceness(-6)
+    monkeypatch.setattr(placement, "_has_capability", lambda cap: cap == placement.CAP_SYS_NICE)
+    assert placement.may_lower_niceness(-20)
+
+
+@pytest.mark.parametrize("allowed", [True, False])
+def test_the_launcher_starts_workers_below_its_niceness_only_where_it_may(monkeypatch, allowed):
+    from launcher.__main__ import worker_children
+
+    monkeypatch.setattr(placement, "may_lower_niceness", lambda niceness: allowed)
+    settings = load_settings(ROOT / "configs" / "agg.yaml", ["workers.nice=-5"], environ={})
+    [child] = worker_children(settings, {"decode"})
+    if allowed:
+        assert child.argv[:3] == ["nice", "-n", "-5"] and child.nice == -5
+    else:  # as without CAP_SYS_NICE: at the launcher's own niceness, the session's group untouched
+        assert child.argv[0] != "nice" and child.nice == 0
 
 
 def test_builders_leave_the_environment_alone(monkeypatch):
