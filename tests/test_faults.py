@@ -136,7 +136,11 @@ def _redis_child(dep: Deployment) -> psutil.Process | None:
     # redis-server retitles itself "redis-server 127.0.0.1:PORT".
     port = dep.settings.redis_url.rsplit(":", 1)[1].split("/")[0]
     for p in psutil.Process(dep.proc.pid).children():
-        if _alive(p) and "redis-server" in " ".join(p.cmdline()) and f":{port}" in " ".join(p.cmdline()):
+        try:
+            cmdline = " ".join(p.cmdline())
+        except psutil.NoSuchProcess:  # a zombie too: the killed server, dead since children()
+            continue
+        if _alive(p) and "redis-server" in cmdline and f":{port}" in cmdline:
             return p
     return None
 
