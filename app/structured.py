@@ -14,7 +14,11 @@ ignores (multipleOf, uniqueItems); it never gets one xgrammar cannot parse.
 A JSON schema travels rewritten in one way (``json_safe``): xgrammar compiles a string bounded by
 ``minLength``/``maxLength`` to a character class that admits raw control characters, which JSON
 forbids, so a sampled answer could fail ``json.loads`` (mlc-ai/xgrammar#800). The same bounds as a
-``pattern`` go through xgrammar's JSON-string-aware regex, which never emits them.
+``pattern`` go through xgrammar's JSON-string-aware regex, which never emits them. That pattern
+spells a character as one alternative per UTF-8 length (``UTF8_CHAR``): a single class for any
+character also lets through byte sequences that are not UTF-8 (an overlong ``F0 80 80 80``, a
+surrogate's ``ED A0 80``), which xgrammar counts as one character and the detokenizer turns into
+up to four U+FFFD, past ``maxLength``.
 """
 
 from __future__ import annotations
@@ -31,6 +35,9 @@ from tasks.messages import StructuredSpec
 
 # vLLM's limit on nesting in a schema (vllm/sampling_params.py, MAX_STRUCTURED_OUTPUT_JSON_NESTING).
 MAX_JSON_NESTING = 64
+# One Unicode scalar value, an alternative per UTF-8 length: xgrammar compiles each of these
+# ranges to exactly its well-formed byte sequences, and nothing else.
+UTF8_CHAR = r"(?:[\u0000-\u007f]|[\u0080-\u07ff]|[\u0800-\ud7ff]|[\ue000-\uffff]|[\u{10000}-\u{10ffff}])"
 # xgrammar prefixes its errors with a time and a C++ source location.
 _XGRAMMAR_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: ")
 
@@ -76,7 +83,7 @@ def json_safe(schema: Any) -> Any:
         low, high = out.pop("minLength", 0), out.pop("maxLength", "")
         if not isinstance(low, int) or not isinstance(high, (int, str)):
             return schema  # not a bound xgrammar accepts; _compile reports it as it is
-        out["pattern"] = f"^[\\s\\S]{{{low},{high}}}$"
+        out["pattern"] = f"^{UTF8_CHAR}{{{low},{high}}}$"
     return out
 
 

@@ -348,7 +348,9 @@ def burst(root_url: str, num_requests: int, prompt: list[int], max_tokens: int, 
     raw: list[tuple] = []
     if probe_paths:
         prober.start()
-        raw.append(results.get(timeout=60))  # the prober is running before the burst starts
+        # One whole round first: each path probed once on a new connection and once on its kept-
+        # alive one, so both kinds are open before the burst starts.
+        raw.extend(results.get(timeout=60) for _ in range(2 * len(probe_paths)))
     started = time.monotonic()
     try:
         url = urlsplit(root_url)

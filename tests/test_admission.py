@@ -313,7 +313,8 @@ def test_probe_lane_is_chosen_from_the_request_line():
 PER_PROCESS = 6
 PER_WORKER = 8
 BURST = 60
-MAX_TOKENS = 16
+# Long enough that the admitted requests outlast several rounds of the prober's probes.
+MAX_TOKENS = 64
 
 
 @pytest.fixture(scope="module")

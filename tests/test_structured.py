@@ -104,7 +104,7 @@ def test_tools_defs_are_lifted_and_conflicts_refused():
         forced_tools_schema(chat(tools=[tool, other], tool_choice="required"))
 
 
-def _accepts(schema: dict, text: str) -> bool:
+def _accepts(schema: dict, text: str | bytes) -> bool:
     """Whether xgrammar, given this schema, lets a model write exactly ``text``."""
     vocab = [chr(i) for i in range(128)]  # one token a character, so any ASCII text can be written
     compiled = xgr.GrammarCompiler(xgr.TokenizerInfo(vocab)).compile_json_schema(json.dumps(schema))
@@ -135,6 +135,22 @@ def test_length_bounded_strings_never_admit_control_characters():
     own = {"type": "string", "maxLength": 3, "pattern": "^[a-z]+$"}
     assert json_safe(own) == own
     assert json_safe({"type": "string", "format": "email", "maxLength": 9})["maxLength"] == 9
+
+
+def test_length_bounded_strings_admit_only_well_formed_utf8():
+    bounded = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 3}}, "required": ["city"]}
+    sent = json_safe(bounded)
+    for text in ("abc", "é", "你好", "😀", "\U0010ffff", "\ufffd", "\ue000"):
+        assert _accepts(sent, '{"city": "%s"}' % text), text
+    assert not _accepts(sent, '{"city": "abcd"}')
+    # Not UTF-8: an overlong NUL in 4, 3 and 2 bytes, a surrogate, past U+10FFFF. Each would come
+    # out of the detokenizer as 1-4 U+FFFD, so 3 of them could make 12 characters.
+    not_utf8 = (b"\xf0\x80\x80\x80", b"\xe0\x80\x80", b"\xc0\x80", b"\xed\xa0\x80", b"\xf4\x90\x80\x80")
+    for raw in not_utf8:
+        assert not _accepts(sent, b'{"city": "' + raw + b'"}'), raw
+    # Why the pattern spells each length apart: one class for any character admits the overlongs.
+    one_class = {"type": "object", "properties": {"city": {"type": "string", "pattern": "^[\\s\\S]{0,3}$"}}}
+    assert _accepts(one_class, b'{"city": "\xf0\x80\x80\x80"}')
 
 
 def test_choice_grammar_escapes_like_vllm():
