@@ -34,6 +34,13 @@ class BadTransferParams(ValueError):
     """kv_transfer_params from a prefill worker that the decode engine must not be given."""
 
 
+# For an engine's processes: PyTorch backs its CPU allocations of 2 MiB and more with transparent
+# huge pages (it aligns them and madvises MADV_HUGEPAGE), the KV cache among them. UCX copies a
+# WRITE between two processes' KV caches page by page in the kernel (CMA), so with 4 KiB pages a
+# 4 MiB WRITE walks a thousand pages on each side; raw NIXL's numpy buffers get huge pages from
+# numpy itself. Only the machine's THP setting "never" refuses them.
+KV_HUGE_PAGES_ENV = {"THP_MEM_ALLOC_ENABLE": "1"}
+
 # Side-channel ports come from below Linux's ephemeral range (32768-60999), where nothing takes a
 # port implicitly. A port from bind(0) is in that range, and the engine binds it half a minute
 # later: in between, another process's socket may take it implicitly (EADDRINUSE, and vLLM's engine
@@ -117,6 +124,6 @@ def transfer_config(role: str, engine_id: str, connector: str,
         },
     )
     # Our module reads the delay in the engine's processes (kvtransfer/nixl_agents.py).
-    return TransferSetup(config, placement.nixl_agent_env(progress_delay_us))
+    return TransferSetup(config, placement.nixl_agent_env(progress_delay_us) | KV_HUGE_PAGES_ENV)
 
 

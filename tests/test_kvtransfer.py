@@ -7,7 +7,7 @@ import os
 import pytest
 
 from config import DisaggConfig
-from kvtransfer.connector import BadTransferParams, engine_id_for, side_channel, transfer_config
+from kvtransfer.connector import KV_HUGE_PAGES_ENV, BadTransferParams, engine_id_for, side_channel, transfer_config
 from kvtransfer.policy import Thresholds, ThresholdSource, should_prefill_remotely
 from kvtransfer.stats import TransferStats
 from kvtransfer.transfer import PullTransfer
@@ -86,7 +86,7 @@ def test_transfer_config_loads_our_connectors_unless_delay_is_off(monkeypatch):
     assert tamed.config.kv_connector_module_path == "kvtransfer.nixl_agents"
     assert tamed.config.kv_role == "kv_consumer" and tamed.config.kv_buffer_device == "cpu"
     # The delay is for the engine's processes: returned for the worker to apply, not set here.
-    assert tamed.env == {PROGRESS_DELAY_ENV: "250"}
+    assert tamed.env == {PROGRESS_DELAY_ENV: "250", **KV_HUGE_PAGES_ENV}
     stock = transfer_config("prefill", "e-2", "pull", progress_delay_us=0)
     assert stock.config.kv_role == "kv_producer" and stock.config.kv_connector_module_path is None
     assert dict(os.environ) == before

@@ -15,7 +15,7 @@ import redis.asyncio
 
 from config import load_settings
 from kvtransfer import push
-from kvtransfer.connector import BadTransferParams, transfer_config
+from kvtransfer.connector import KV_HUGE_PAGES_ENV, BadTransferParams, transfer_config
 from kvtransfer.registry import NixlEndpoint, register
 from kvtransfer.stats import DisaggCounters
 from kvtransfer.transfer import PushTransfer
@@ -72,7 +72,7 @@ def test_push_always_loads_our_connector_with_its_timeouts(monkeypatch):
     assert cfg.kv_connector == "NixlPushConnector" and cfg.kv_connector_module_path == "kvtransfer.nixl_agents"
     assert cfg.kv_load_failure_policy == "recompute"
     assert cfg.kv_connector_extra_config == {"push_registration_timeout": 7, "kv_lease_duration": 12}
-    assert transfer.env == {PROGRESS_DELAY_ENV: "0"}
+    assert transfer.env == {PROGRESS_DELAY_ENV: "0", **KV_HUGE_PAGES_ENV}
     assert dict(os.environ) == before
 
 
