@@ -130,7 +130,8 @@ def marks_from_log(lines, request_ids: list[str]) -> dict[str, dict[str, float]]
 STEP_AFTER_PUSH = re.compile(r"\[(?P<rid>[^\]]+)\] step after the push: (?P<before>[0-9.]+) ms before it, "
                              r"forward (?P<forward>[0-9.]+) ms")
 WRITE_POSTED = re.compile(r"\[(?P<rid>[^\]]+)\] WRITE posted: transfer\(\) (?P<post_ms>[0-9.]+) ms, returned "
-                          r"(?P<done>\w+); with its preparation (?P<prep_ms>[0-9.]+) ms")
+                          r"(?P<done>\w+)(?:, (?P<faults>\d+) minor faults)?; with its preparation "
+                          r"(?P<prep_ms>[0-9.]+) ms")
 WRITE_DONE = re.compile(r"\[(?P<rid>[^\]]+)\] WRITE reported done: NIXL (?P<ms>[0-9.]+) ms \(post (?P<post>[0-9.]+) "
                         r"ms\), (?P<descs>\d+) descriptors")
 
@@ -145,7 +146,7 @@ def traces_from_log(lines, request_ids: list[str]) -> dict[str, dict[str, list[f
             owner = m and next((rid for rid in request_ids if m.group("rid").startswith(rid)), None)
             if owner is not None:
                 for key, value in m.groupdict().items():
-                    if key != "rid":
+                    if key != "rid" and value is not None:
                         # done: whether transfer() returned DONE, i.e. UCX copied inside it
                         found[owner].setdefault(key, []).append(float(value == "DONE") if key == "done"
                                                                 else float(value))
@@ -363,6 +364,7 @@ def summary(spec: RemotePrefillSpec, timelines: list[Timeline], raw: dict, befor
             "WRITE, descriptors after NIXL merged them": traced("descs"),
             "WRITE on P's writer: transfer() (post to return)": post_ms,
             "WRITE on P's writer: with the preparation": traced("prep_ms"),
+            "WRITE on P's writer: minor page faults in transfer()": traced("faults"),
             "WRITE on P's writer: share returned DONE": median([t.trace["done"][0] for t in remote
                                                                   if t.trace.get("done")]),
         },

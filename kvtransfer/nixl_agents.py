@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import resource
 import sys
 import threading
 import time
@@ -70,6 +71,8 @@ class PushScheduler(NixlPushConnectorScheduler):
         self._push_live: set[str] = set()           # ... of which not yet finished
         self._push_outcomes: dict[str, str] = {}    # receive results, until the request ends
         self._received_unscheduled: set[str] = set()  # for the trace: received, not yet scheduled
+        # The engine loop's nap after a step that reported a receive is skipped (push.py).
+        self._loop_clock = push.engine_loop_clock(sys.modules.get("vllm.v1.engine.core"))
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens):
         super().update_state_after_alloc(request, blocks, num_external_tokens)
@@ -110,6 +113,8 @@ class PushScheduler(NixlPushConnectorScheduler):
                 self._push_outcomes[rid] = outcome
                 if outcome == push.RECEIVED:
                     self._received_unscheduled.add(rid)
+                if self._loop_clock is not None:
+                    self._loop_clock.skip_next_nap = True
                 logger.info("[%s] push %s", rid, outcome)
 
     def request_finished(self, request, block_ids):
@@ -170,7 +175,10 @@ class PushWorker(NixlPushConnectorWorker):
         self._push_writer_wake = _PollWhilePending(lambda: bool(self._recving_metadata))
         self._pending_completion_notifs = _TracedNotifs()
         self._traced: tuple[str, int] | None = None  # request received, steps left to log
-        self._last_post: tuple[float, str] = (0.0, "")  # the writer's last transfer(): seconds, state
+        # The writer's last transfer(): seconds, state, and the minor page faults its thread took
+        # meanwhile (a copy into pages of the peer that were never touched faults them in, counted
+        # to the thread that copies).
+        self._last_post: tuple[float, str, int] = (0.0, "", 0)
         if logger.isEnabledFor(logging.DEBUG):
             self.nixl_wrapper.transfer = self._timed(self.nixl_wrapper.transfer)
         self._step_bound = self._step_forwarded = self._step_ended = 0.0
@@ -210,9 +218,11 @@ class PushWorker(NixlPushConnectorWorker):
     def _timed(self, transfer):
         """NIXL's transfer() (in push mode only the writer thread calls it), timed for the trace."""
         def timed(handle, *args, **kwargs):
+            faults = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
             began = time.perf_counter()
             state = transfer(handle, *args, **kwargs)
-            self._last_post = (time.perf_counter() - began, state)
+            self._last_post = (time.perf_counter() - began, state,
+                               resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - faults)
             return state
         return timed
 
@@ -224,9 +234,10 @@ class PushWorker(NixlPushConnectorWorker):
         if handle is not None and logger.isEnabledFor(logging.DEBUG):
             # The transfer itself, on the thread that posts it: UCX may copy inside transfer()
             # (then it returns DONE), or finish later, which only the engine's next step sees.
-            posted, state = self._last_post
-            logger.debug("[%s] WRITE posted: transfer() %.3f ms, returned %s; with its preparation %.3f ms",
-                         request_id, posted * 1000, state, (time.perf_counter() - began) * 1000)
+            posted, state, faults = self._last_post
+            logger.debug("[%s] WRITE posted: transfer() %.3f ms, returned %s, %d minor faults; with its "
+                         "preparation %.3f ms", request_id, posted * 1000, state, faults,
+                         (time.perf_counter() - began) * 1000)
         return handle
 
     def start_load_kv(self, metadata):

@@ -10,6 +10,9 @@ keeps its blocks (scripts/push_probe.py). kvtransfer/nixl_agents.py closes that 
   frees the blocks first.
 - A registration carries the wall-clock time after which P must not start its WRITE, so a slow
   (not dead) P never writes into blocks D has already given back and handed to another request.
+- D's engine loop naps 1 ms after every step that ran no model while requests wait, including
+  the step that reports a receive, so the received request's first forward waited out that nap:
+  ``EngineLoopClock`` skips the nap after such a step.
 - A D request's final kv_transfer_params say whether the KV arrived or the engine recomputed it,
   so the decode worker can count the outcome (kvtransfer/transfer.py).
 
@@ -19,6 +22,8 @@ Only the engine processes import vllm; this module does not, so it is tested wit
 from __future__ import annotations
 
 from collections.abc import Iterable
+from types import ModuleType
+from typing import Any
 
 # In D's registration (sent to P over NIXL): P starts no WRITE after this Unix time.
 WRITE_BY_KEY = "llmq_write_by_unix"
@@ -64,3 +69,35 @@ def outcome_of(final_kv_transfer_params: dict | None) -> str | None:
     value = final_kv_transfer_params.get(OUTCOME_KEY)
     return value if value in (RECEIVED, RECOMPUTED) else None
 
+
+
+class EngineLoopClock:
+    """Stands in for the ``time`` module in vLLM's engine-core module, whose one ``sleep`` is the
+    1 ms nap after a step that ran no model while requests wait (for a push, say). A receive that
+    such a step reported makes its request schedulable on the next step, so the nap after it only
+    delays the request's first forward: set ``skip_next_nap`` and that one nap is skipped.
+    Everything else is ``time``'s. The scheduler half sets the flag and the loop naps on the same
+    thread, the engine core's."""
+
+    def __init__(self, real: ModuleType):
+        self._real = real
+        self.skip_next_nap = False
+
+    def __getattr__(self, name: str):
+        return getattr(self._real, name)
+
+    def sleep(self, seconds: float) -> None:
+        if self.skip_next_nap:
+            self.skip_next_nap = False
+            return
+        self._real.sleep(seconds)
+
+
+def engine_loop_clock(engine_core: Any) -> EngineLoopClock | None:
+    """The clock of vLLM's engine-core module (``vllm.v1.engine.core``), put in place once per
+    process; None where that module is not loaded (a scheduler outside vLLM's engine core)."""
+    if engine_core is None:
+        return None
+    if not isinstance(engine_core.time, EngineLoopClock):
+        engine_core.time = EngineLoopClock(engine_core.time)
+    return engine_core.time

@@ -569,7 +569,7 @@ def test_a_remote_prefill_split_into_stages_from_every_process_log():
         "[prefill0] [2026-12-04 15:00:00,025: INFO/MainProcess] [rp-1] prefill claimed for decode0@vm (1 listener)",
         "[prefill0] VLLM INFO 2026-12-04 15:00:00.100 [nixl_agents.py:1] [rp-1-ab12cd34] writing the KV to d-1",
         "[prefill0] VLLM DEBUG 2026-12-04 15:00:00.101 [nixl_agents.py:1] [rp-1-ab12cd34] WRITE posted: transfer() "
-        "0.412 ms, returned DONE; with its preparation 0.650 ms",
+        "0.412 ms, returned DONE, 3 minor faults; with its preparation 0.650 ms",
         "[decode0] VLLM DEBUG 2026-12-04 15:00:00.104 [nixl_agents.py:1] [rp-1-ef56ab78:1] notification drained",
         "[decode0] VLLM INFO 2026-12-04 15:00:00.108 [nixl_agents.py:1] [rp-1-ef56ab78] push received",
         "[prefill0] VLLM DEBUG 2026-12-04 15:00:00.109 [nixl_agents.py:1] [rp-1-ab12cd34] WRITE reported done: "
@@ -586,7 +586,7 @@ def test_a_remote_prefill_split_into_stages_from_every_process_log():
         "received": 108, "write_done": 109}
     assert traces_from_log(log, ["rp-1"])["rp-1"] == {"ms": [0.686], "post": [0.686], "descs": [4.0],
                                                        "before": [3.66], "forward": [3.68], "post_ms": [0.412],
-                                                       "done": [1.0], "prep_ms": [0.65]}
+                                                       "done": [1.0], "faults": [3.0], "prep_ms": [0.65]}
     t = Timeline("disagg", "rp-1", sent=base, first_chunk=base + 0.130,
                  marks={**marks, "accepted": base + 0.020, "first_delta": base + 0.125, "last_delta": base + 0.249})
     ms = {k: round(v, 3) for k, v in stage_ms([t], DISAGG_STAGES).items() if v is not None}

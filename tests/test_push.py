@@ -61,6 +61,25 @@ def test_outcome_of_a_decode_request(params, outcome):
     assert push.outcome_of(params) == outcome
 
 
+def test_the_engine_loop_skips_one_nap_after_a_receive():
+    import time
+    import types
+
+    core = types.ModuleType("engine_core_stand_in")
+    core.time = time
+    clock = push.engine_loop_clock(core)
+    assert core.time is clock and push.engine_loop_clock(core) is clock  # put in place once
+    assert push.engine_loop_clock(None) is None
+    assert clock.monotonic is time.monotonic  # the rest is time's
+    clock.skip_next_nap = True
+    began = time.perf_counter()
+    clock.sleep(0.2)
+    assert time.perf_counter() - began < 0.1 and not clock.skip_next_nap
+    began = time.perf_counter()
+    clock.sleep(0.02)  # only the one nap
+    assert time.perf_counter() - began >= 0.02
+
+
 def test_push_always_loads_our_connector_with_its_timeouts(monkeypatch):
     import vllm.config  # noqa: F401  importing vLLM and torch sets variables of their own
 
