@@ -581,9 +581,17 @@ def _raw_rate(raw: dict, setup: str, index: int) -> float:
     return raw["setups"][setup]["cases"][index]["gbytes_per_s"]
 
 
+def _push_write_rate(raw: dict, setup: str) -> float | None:
+    """The raw rate of the push connector's own shape (a WRITE of one prompt, a descriptor per
+    layer, between warm buffers), or None where the run did not measure it."""
+    cases = raw["setups"].get(setup, {}).get("cases", [])
+    return next((c["gbytes_per_s"] for c in cases if c.get("op") == "WRITE" and not c.get("fresh_far")), None)
+
+
 def transfer_vs_raw(points: list[PointResult], raw: dict) -> list[dict]:
     """Each disagg point's KV transfer rate as a ratio of the raw rates measured in this run:
-    the vLLM-like case (the same descriptors for one long prompt) and the 256 MiB case."""
+    the vLLM-like case (the same descriptors for one long prompt) and the 256 MiB case of every
+    setup, and the push's WRITE as our workers set NIXL up (what a push moves, the way it moves it)."""
     rows = []
     for p in points:
         if p.transfers is None:
@@ -591,7 +599,8 @@ def transfer_vs_raw(points: list[PointResult], raw: dict) -> list[dict]:
         rate = p.transfers.gbytes_per_s
         rows.append({"load": f"{p.deployment} rate={p.rate_per_s:g}/s", "kv_gbytes_per_s": rate,
                      **{f"ratio_to_{s}_{c}": ratio(rate, _raw_rate(raw, s, i))
-                        for s in raw["setups"] for i, c in ((0, "vllm_like"), (-1, "256MiB"))}})
+                        for s in raw["setups"] for i, c in ((0, "vllm_like"), (-1, "256MiB"))},
+                     "ratio_to_deployment_push_write": ratio(rate, _push_write_rate(raw, "deployment"))})
     return rows
 
 

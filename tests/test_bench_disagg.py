@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import pytest
 
 from bench.disagg import (
     DisaggSpec,
     Goal,
+    PointResult,
     TransferCounters,
     chunk_times_s,
     long_sessions,
     ratio,
     transfer_delta,
+    transfer_vs_raw,
     window_stats,
 )
 from bench.nixl_bandwidth import KIB, MIB, Case, default_cases, kv_block_bytes, summarize
@@ -114,3 +118,17 @@ def test_summarize_rates_bytes_over_the_median():
     assert r.latency_ms_p50 == pytest.approx(2.0)
     assert (r.latency_ms_min, r.latency_ms_max) == (pytest.approx(1.0), pytest.approx(10.0))
     assert r.gbytes_per_s == pytest.approx(MIB / 0.002 / 1e9)
+
+
+def test_a_push_is_set_against_the_raw_write_of_its_own_shape():
+    cases = default_cases(64 * KIB, num_layers=4, prompt_blocks=40)
+    rates = {c.name: 1.0 + i for i, c in enumerate(cases)}  # 1, 2, ... GB/s in the cases' order
+    raw = {"setups": {name: {"cases": [{**asdict(c), "gbytes_per_s": rates[c.name]} for c in cases]}
+                      for name in ("deployment", "direct")}}
+    moved = TransferCounters(kv_bytes=8_000_000_000, kv_seconds=2.0, remote_prefills=10)  # 4 GB/s
+    point = PointResult("disagg", "disagg", 1.0, 0, "", window_stats([], 0.0, 1.0, 256), {}, moved, 10)
+    [row] = transfer_vs_raw([point], raw)
+    write = next(c for c in cases if c.op == "WRITE" and not c.fresh_far)
+    assert row["ratio_to_deployment_push_write"] == pytest.approx(4.0 / rates[write.name])
+    assert row["ratio_to_direct_vllm_like"] == pytest.approx(4.0 / 1.0)
+    assert row["ratio_to_deployment_256MiB"] == pytest.approx(4.0 / len(cases))
