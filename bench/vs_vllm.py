@@ -18,10 +18,10 @@ vLLM gets them as flags through bench.deploy.vllm_server_args):
   A/B of HTTP keep-alive;
 - `agg_free`: `agg` with its engine's scheduler free to run on any core, as stock vLLM's is
   (engine.scheduler_on_runner_cores: false);
-- `agg_nice0`: `agg` with its engine at the launcher's own priority (workers.nice: 0, where
-  configs/agg.yaml has -5);
-- `agg_nicem10`: `agg` with its engine at niceness -10 (workers.nice: -10); `agg_nicem5` is -5,
-  configs/agg.yaml's own, for runs that set another baseline;
+- `agg_nice0`: `agg` with its engine at the launcher's own priority (workers.nice: 0, the
+  default), for runs whose baseline sets another;
+- `agg_nicem5`, `agg_nicem10`: `agg` with its engine at niceness -5 or -10 (workers.nice below 0
+  needs CAP_SYS_NICE);
 - `agg_nobacklog`: `agg` with as many task threads as engine sequences (workers.concurrency set
   to engine.max_num_seqs), so its engine holds no queue of its own, for the A/B of that default.
 

@@ -70,7 +70,6 @@ def outcome_of(final_kv_transfer_params: dict | None) -> str | None:
     return value if value in (RECEIVED, RECOMPUTED) else None
 
 
-
 class EngineLoopClock:
     """Stands in for the ``time`` module in vLLM's engine-core module, whose one ``sleep`` is the
     1 ms nap after a step that ran no model while requests wait (for a push, say). A receive that
