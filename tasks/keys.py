@@ -24,7 +24,10 @@ def worker_lease(worker_id: str) -> str:
     return f"{PREFIX}:worker:{worker_id}"
 
 
-WORKER_LEASE_PATTERN = f"{PREFIX}:worker:*"
+# The set of every lease key a worker has renewed: readers list the workers from it instead of
+# scanning the keyspace. A lease that expired leaves its member behind until a reader drops it.
+WORKER_LEASES = f"{PREFIX}:worker-leases"
+
 
 def stored_response(response_id: str) -> str:
     """A hash for one stored /v1/responses response: its status, its body, and the conversation

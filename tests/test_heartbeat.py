@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 
 import redis
+import redis.asyncio as aioredis
 
+from conftest import fresh_redis_url, wait_for
 from tasks import keys
-from tasks.registry import is_alive
+from tasks.registry import WorkerStatus, alive_workers, drop_lease, is_alive, live_workers, renew_lease
 from workers.heartbeat import Heartbeat
 
 
@@ -60,3 +63,48 @@ def test_a_beat_stuck_inside_renewal_does_not_hold_up_stop(scratch_redis_url, ca
     assert "is stuck" in caplog.text
     beat._thread.join(timeout=10)
     client.delete(keys.worker_lease("stuck@test"))
+
+
+def _status(worker_id: str, role: str = "decode") -> WorkerStatus:
+    return WorkerStatus(worker_id, role, [role], "h", 1, 0.0, 0.0)
+
+
+def test_leases_are_listed_from_their_set_and_gone_ones_leave_it():
+    # A database of its own: these assert on every lease listed.
+    client = redis.Redis.from_url(fresh_redis_url())
+    renew_lease(client, _status("a@test"), lease_s=60)
+    renew_lease(client, _status("b@test", role="prefill"), lease_s=60)
+    renew_lease(client, _status("c@test"), lease_s=60)
+    client.delete(keys.worker_lease("c@test"))  # as the launcher does when a worker dies
+    assert [w.worker_id for w in live_workers(client)] == ["a@test", "b@test"]
+    assert [w.worker_id for w in live_workers(client, role="decode")] == ["a@test"]
+    # The reader dropped the member of the deleted lease; the live ones stay.
+    assert client.smembers(keys.WORKER_LEASES) == {keys.worker_lease("a@test").encode(),
+                                                   keys.worker_lease("b@test").encode()}
+    drop_lease(client, "a@test")
+    assert client.smembers(keys.WORKER_LEASES) == {keys.worker_lease("b@test").encode()}
+    renew_lease(client, _status("c@test"), lease_s=60)  # a worker back after its lease lapsed
+    assert [w.worker_id for w in live_workers(client)] == ["b@test", "c@test"]
+
+
+def test_an_expired_lease_is_not_listed():
+    client = redis.Redis.from_url(fresh_redis_url())
+    renew_lease(client, _status("brief@test"), lease_s=0.05)
+    wait_for(lambda: not client.exists(keys.worker_lease("brief@test")), 5, "the lease to expire")
+    assert live_workers(client) == []
+    assert not client.exists(keys.WORKER_LEASES)  # its last member dropped, the set went with it
+
+
+def test_the_async_reader_lists_the_same():
+    url = fresh_redis_url()
+    renew_lease(redis.Redis.from_url(url), _status("p@test", role="prefill"), lease_s=60)
+
+    async def read():
+        client = aioredis.Redis.from_url(url)
+        try:
+            return await alive_workers(client, role="prefill"), await alive_workers(client, role="decode")
+        finally:
+            await client.aclose()
+
+    prefill, decode = asyncio.run(read())
+    assert [w.worker_id for w in prefill] == ["p@test"] and decode == []
