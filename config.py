@@ -111,6 +111,11 @@ class EngineConfig(_Section):
     # place_scheduler; docs/benchmarks.md, "Scheduler placement"). A no-op where the runner is
     # not bound (engine.omp_threads_bind: nobind, or more disaggregated engines than cores).
     scheduler_on_runner_cores: bool = True
+    # ...but only while the engine holds more than this many requests: at fewer, once the load has
+    # stayed there for a second, the scheduler runs free, as in vLLM's own server, and hands each
+    # step over without waiting for its turn on the runner's core (placement.AdaptiveScheduler;
+    # docs/benchmarks.md, "Scheduler placement"). 0 keeps it pinned.
+    scheduler_free_max_requests: int = Field(1, ge=0)
     # JSON from structured outputs and forced tool calls without whitespace between its tokens
     # (vLLM's structured_outputs_config.disable_any_whitespace). Off, a grammar lets the model put
     # any whitespace there, and a small or untrained model may spend its max_tokens on it. On, the

@@ -18,6 +18,8 @@ vLLM gets them as flags through bench.deploy.vllm_server_args):
   A/B of HTTP keep-alive;
 - `agg_free`: `agg` with its engine's scheduler free to run on any core, as stock vLLM's is
   (engine.scheduler_on_runner_cores: false);
+- `agg_pinned`: `agg` with its engine's scheduler pinned to the runner's core at every load
+  (engine.scheduler_free_max_requests: 0), for the A/B of freeing it at one request;
 - `agg_nice0`: `agg` with its engine at the launcher's own priority (workers.nice: 0, the
   default), for runs whose baseline sets another;
 - `agg_nicem5`, `agg_nicem10`: `agg` with its engine at niceness -5 or -10 (workers.nice below 0
@@ -58,6 +60,7 @@ TARGETS = {  # label -> launcher config; the baseline has none
     "agg_celery": "configs/agg.yaml",
     "agg_close": "configs/agg.yaml",
     "agg_free": "configs/agg.yaml",
+    "agg_pinned": "configs/agg.yaml",
     "agg_nice0": "configs/agg.yaml",
     "agg_nobacklog": "configs/agg.yaml",
     "agg_nicem5": "configs/agg.yaml",
@@ -66,9 +69,9 @@ TARGETS = {  # label -> launcher config; the baseline has none
 # A target's settings on top of its config (the launcher's --set).
 TARGET_SETS = {"agg_celery": {"frontend.publish": "celery"}, "agg_close": {"frontend.keepalive_s": "0"},
                "agg_free": {"engine.scheduler_on_runner_cores": "false"},
+               "agg_pinned": {"engine.scheduler_free_max_requests": "0"},
                "agg_nice0": {"workers.nice": "0"}, "agg_nicem5": {"workers.nice": "-5"},
                "agg_nicem10": {"workers.nice": "-10"}}
-
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,15 @@
-"""A deployed decode worker puts vLLM's busy-polling scheduler process on its model runner's cores,
-at the runner's niceness, workers.nice (placement.place_scheduler itself is tested in test_placement.py); the
-engine and the gate run at their niceness in sessions of their own (placement.set_niceness)."""
+"""A deployed decode worker puts vLLM's busy-polling scheduler process on its model runner's cores
+while it holds more than one request and frees it at one, at the runner's niceness, workers.nice
+(placement.place_scheduler and AdaptiveScheduler are tested in test_placement.py); the engine and
+the gate run at their niceness in sessions of their own (placement.set_niceness)."""
 
 import os
+import threading
 
 import psutil
 import pytest
 
+from conftest import wait_for
 from placement import RUNNER_PROCESS_TITLE, SCHEDULER_PROCESS_TITLE, may_lower_niceness, session_niceness
 
 
@@ -18,19 +21,45 @@ def engine_niceness(settings) -> int:
 
 
 @pytest.mark.integration
-def test_deployed_engine_scheduler_shares_its_runners_core_at_the_workers_niceness(deployment):
+def test_deployed_engine_scheduler_takes_its_runners_core_under_load_at_the_workers_niceness(deployment):
     tree = psutil.Process(deployment.proc.pid).children(recursive=True)
     by_title = {" ".join(p.cmdline()): p for p in tree}
     scheduler = [p for title, p in by_title.items() if title.startswith(SCHEDULER_PROCESS_TITLE)]
     runner = [p for title, p in by_title.items() if title.startswith(RUNNER_PROCESS_TITLE)]
     assert len(scheduler) == 1 and len(runner) == 1, sorted(by_title)
-    assert deployment.settings.engine.scheduler_nice == 10  # applies to a free-running scheduler only
+    assert deployment.settings.engine.scheduler_nice == 10  # applies to a scheduler never pinned only
+    assert deployment.settings.engine.scheduler_free_max_requests == 1
     nice = engine_niceness(deployment.settings)
     assert {os.getpriority(os.PRIO_PROCESS, t.id) for t in scheduler[0].threads()} == {nice}
     assert runner[0].nice() == nice
-    # The runner is bound (one engine, vLLM's own binding), and the scheduler shares its cores.
+    # The runner is bound (one engine, vLLM's own binding).
+    pinned = {tuple(runner[0].cpu_affinity())}
+    free = {tuple(scheduler[0].parent().cpu_affinity())}  # the worker's, which it inherited
     assert len(runner[0].cpu_affinity()) < (os.cpu_count() or 1)
-    assert {tuple(os.sched_getaffinity(t.id)) for t in scheduler[0].threads()} == {tuple(runner[0].cpu_affinity())}
+
+    def scheduler_cores() -> set[tuple[int, ...]]:
+        return {tuple(sorted(os.sched_getaffinity(t.id))) for t in scheduler[0].threads()}
+
+    # Idle, or at one stream, it runs free; held more than one request, it shares the runner's cores.
+    wait_for(lambda: scheduler_cores() == free, 30, "the idle engine's scheduler to run free")
+    client = deployment.client()
+    seen: list[set] = []
+
+    def stream() -> None:
+        for _ in client.completions.create(model=deployment.settings.model.name, prompt="the load", max_tokens=400,
+                                           stream=True, extra_body={"ignore_eos": True}):
+            seen.append(scheduler_cores())
+
+    streams = [threading.Thread(target=stream) for _ in range(3)]
+    for each in streams:
+        each.start()
+    for each in streams:
+        each.join(timeout=120)
+    assert not any(each.is_alive() for each in streams)
+    assert pinned in seen  # while the three streamed
+    assert {tuple(sorted(os.sched_getaffinity(t.id))) for t in scheduler[0].threads()} <= pinned | free
+    wait_for(lambda: scheduler_cores() == free, 30, "the scheduler to run free again")
+    assert {os.getpriority(os.PRIO_PROCESS, t.id) for t in scheduler[0].threads()} == {nice}
 
 
 @pytest.mark.integration

@@ -201,6 +201,70 @@ def test_pins_the_scheduler_to_its_runners_core_and_renices_it_only_when_unpinne
         parent.wait(timeout=10)
 
 
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores to pin to one of them")
+def test_the_scheduler_is_pinned_under_load_and_freed_once_the_load_settles_at_one_request():
+    # A stand-in scheduler process with two threads, as the worker left it: pinned to one core.
+    free = os.sched_getaffinity(0)
+    pinned = {min(free)}
+    stand_in = subprocess.Popen([sys.executable, "-c", "import threading, time\n"
+                                 "threading.Thread(target=time.sleep, args=(60,)).start(); time.sleep(60)"])
+    try:
+        wait_for(lambda: len(os.listdir(f"/proc/{stand_in.pid}/task")) == 2, 10, "the stand-in's second thread")
+        for tid in os.listdir(f"/proc/{stand_in.pid}/task"):
+            os.sched_setaffinity(int(tid), pinned)
+
+        def threads_on() -> set[frozenset[int]]:
+            return {frozenset(os.sched_getaffinity(int(t))) for t in os.listdir(f"/proc/{stand_in.pid}/task")}
+
+        clock = Clock()
+        adaptive = placement.AdaptiveScheduler([stand_in.pid], pinned, free, free_max=1, settle_s=1.0, clock=clock)
+        adaptive.enter()
+        assert adaptive.leave()  # one request came and went: free it once the settle has passed
+        clock.now = 0.5
+        adaptive.settle()
+        assert threads_on() == {frozenset(pinned)}  # not yet
+        clock.now = 1.0
+        adaptive.settle()
+        assert threads_on() == {frozenset(free)} and not adaptive.pinned
+        adaptive.enter()
+        assert threads_on() == {frozenset(free)}  # one request: stays free
+        adaptive.enter()
+        assert threads_on() == {frozenset(pinned)} and adaptive.pinned  # two: pinned at once
+        clock.now = 1.5
+        assert adaptive.leave()  # back at one: quiet from now
+        clock.now = 1.9
+        adaptive.enter()  # a closed loop at the boundary: two again before the settle
+        assert adaptive.leave()  # and one again: quiet from 1.9, not 1.5
+        clock.now = 2.6
+        adaptive.settle()  # the first drop's timer: 1.1 s after it, 0.7 after the last
+        assert adaptive.pinned and threads_on() == {frozenset(pinned)}
+        clock.now = 2.9
+        adaptive.settle()
+        assert not adaptive.pinned and threads_on() == {frozenset(free)}
+    finally:
+        stand_in.kill()
+        stand_in.wait(timeout=10)
+
+
+def test_no_scheduler_moves_where_nothing_was_pinned_or_free_max_is_0():
+    cores = os.sched_getaffinity(0)
+    for adaptive in (placement.AdaptiveScheduler([os.getpid()], cores, cores, free_max=1),  # the runner is unbound
+                     placement.AdaptiveScheduler([os.getpid()], {min(cores)}, cores, free_max=0)):
+        adaptive.enter()
+        assert not adaptive.leave()  # nothing to settle, ever
+        adaptive.settle()
+        assert os.sched_getaffinity(0) == cores
+
+
 # -- NIXL's agents -----------------------------------------------------------------------------
 
 class FakeAgentConfig:

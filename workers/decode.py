@@ -144,7 +144,8 @@ class DecodeRuntime(WorkerRuntime):
         aredis, writer, cancels = await self._async_redis()
         cancels.watch(rid)
         try:
-            return await self._relay(req, aredis, writer, cancels)
+            with self.engine.holding():
+                return await self._relay(req, aredis, writer, cancels)
         finally:
             cancels.unwatch(rid)
 

@@ -16,7 +16,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Iterator
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FuturesTimeout
 from dataclasses import dataclass, field
@@ -184,6 +184,8 @@ class EngineHost:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="engine-loop", daemon=True)
         self._engine: AsyncLLM | None = None
+        # Pinned under load, free at a stream or so; nothing to move until the engine is placed.
+        self.scheduler = placement.AdaptiveScheduler([], set(), set(), 0)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -206,7 +208,12 @@ class EngineHost:
                                "(workers.engine_start_timeout_s)") from None
         e = self.settings.engine
         if e.scheduler_nice or e.scheduler_on_runner_cores:
-            placement.place_scheduler(e.scheduler_nice, e.scheduler_on_runner_cores)
+            free = os.sched_getaffinity(0)  # what the scheduler had: it inherited this process's
+            placed = placement.place_scheduler(e.scheduler_nice, e.scheduler_on_runner_cores)
+            if e.scheduler_on_runner_cores and placed:
+                pinned = set.union(*(os.sched_getaffinity(pid) for pid in placed))
+                self.scheduler = placement.AdaptiveScheduler(placed, pinned, free, e.scheduler_free_max_requests)
+                self._loop.call_soon_threadsafe(self._settle_later)  # idle from the start
         logger.info(
             "engine ready: model=%s kv_blocks=%d block_size=%d in %.1fs",
             self.settings.model.resolved_path, self.num_kv_blocks,
@@ -257,6 +264,20 @@ class EngineHost:
         coroutine given to ``run``); closing it early aborts the request in the engine."""
         prompt: TokensPrompt = {"prompt_token_ids": prompt_token_ids}
         return self._started.generate(prompt, sampling_params(spec, kv_transfer_params), request_id)
+
+    @contextlib.contextmanager
+    def holding(self) -> Iterator[None]:
+        """Around one request's life in the engine, on the engine's loop: the scheduler's
+        placement follows the number held (placement.AdaptiveScheduler)."""
+        self.scheduler.enter()
+        try:
+            yield
+        finally:
+            if self.scheduler.leave():
+                self._settle_later()
+
+    def _settle_later(self) -> None:
+        self._loop.call_later(self.scheduler.settle_s, self.scheduler.settle)
 
     def run(self, coro) -> Future:
         """Runs a coroutine on the engine's event loop; the caller's thread waits on the future.
