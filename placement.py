@@ -287,10 +287,18 @@ def may_lower_niceness(niceness: int) -> bool:
     """Whether this process may take ``niceness`` (so start a child at it), as Linux decides
     (kernel/sched/core.c, can_nice): a niceness at or above its own always; a lower one with
     CAP_SYS_NICE, or where RLIMIT_NICE reaches it (the limit counts 20 - niceness)."""
-    import resource
 
     if niceness >= os.getpriority(os.PRIO_PROCESS, 0):
         return True
+    return may_renice_up_to(niceness)
+
+
+def may_renice_up_to(niceness: int) -> bool:
+    """Whether this process may give any process of its user ``niceness`` however high that
+    process's is now: with CAP_SYS_NICE, or where RLIMIT_NICE reaches it (Linux's set_one_prio
+    asks the target's limit, and a child inherits ours)."""
+    import resource
+
     soft, _ = resource.getrlimit(resource.RLIMIT_NICE)
     if soft == resource.RLIM_INFINITY or 20 - niceness <= soft:
         return True
@@ -443,13 +451,20 @@ class AdaptiveScheduler:
     ``settle_s``. A burst pins at once; its tail frees only after the settle, so a closed loop at
     the boundary does not flap. ``free_max`` 0 keeps them pinned.
 
+    Free, it runs at ``nice[1]`` (``engine.scheduler_nice``), pinned at ``nice[0]`` (the runner's):
+    a free scheduler spinning at the frontend's and Celery's priority on their core starves the
+    delivery of tokens, and a stream's tokens then arrive together at its end, as from vLLM's own
+    server under load. The caller moves a scheduler only where it may renice it back.
+
     ``enter`` and ``leave`` run on the engine's loop thread, the only caller: no lock. A move
-    sets the affinity of each scheduler thread (Linux keeps it per thread)."""
+    sets the affinity and niceness of each scheduler thread (Linux keeps both per thread)."""
 
     def __init__(self, scheduler_pids: list[int], pinned: set[int], free: set[int], free_max: int,
-                 settle_s: float = 1.0, clock: Callable[[], float] = time.monotonic):
+                 settle_s: float = 1.0, clock: Callable[[], float] = time.monotonic,
+                 nice: tuple[int, int] = (0, 0)):
         self._pids = scheduler_pids if pinned and free != pinned and free_max > 0 else []
         self._cores = {True: pinned, False: free}
+        self._nice = {True: nice[0], False: nice[1]}
         self.free_max, self.settle_s = free_max, settle_s
         self.held = 0
         self.pinned = True  # as place_scheduler left them
@@ -477,16 +492,19 @@ class AdaptiveScheduler:
 
     def _move(self, pinned: bool) -> None:
         self.pinned = pinned
-        cores = self._cores[pinned]
+        cores, nice = self._cores[pinned], self._nice[pinned]
         for pid in self._pids:
             try:
                 for tid in os.listdir(f"/proc/{pid}/task"):
                     with contextlib.suppress(ProcessLookupError):  # a thread that just ended
+                        # Pinned, niceness first: a free scheduler at its niceness would lose its
+                        # turns on the runner's core for as long as it took.
+                        os.setpriority(os.PRIO_PROCESS, int(tid), nice)
                         os.sched_setaffinity(int(tid), cores)
             except OSError as e:
                 logger.warning("could not move scheduler process %d: %s", pid, e)
-        logger.info("vLLM scheduler %s (cores %s) at %d request(s) held", "pinned" if pinned else "free",
-                    ",".join(map(str, sorted(cores))), self.held)
+        logger.info("vLLM scheduler %s (cores %s, niceness %d) at %d request(s) held", "pinned" if pinned else "free",
+                    ",".join(map(str, sorted(cores))), nice, self.held)
 
 
 def _runner_cores(scheduler) -> set[int]:

@@ -222,23 +222,28 @@ def test_the_scheduler_is_pinned_under_load_and_freed_once_the_load_settles_at_o
         for tid in os.listdir(f"/proc/{stand_in.pid}/task"):
             os.sched_setaffinity(int(tid), pinned)
 
-        def threads_on() -> set[frozenset[int]]:
-            return {frozenset(os.sched_getaffinity(int(t))) for t in os.listdir(f"/proc/{stand_in.pid}/task")}
+        ours = os.getpriority(os.PRIO_PROCESS, 0)
+        free_nice = min(ours + 3, 19) if placement.may_renice_up_to(ours) else ours
+
+        def threads_on() -> set[tuple[frozenset[int], int]]:
+            return {(frozenset(os.sched_getaffinity(int(t))), os.getpriority(os.PRIO_PROCESS, int(t)))
+                    for t in os.listdir(f"/proc/{stand_in.pid}/task")}
 
         clock = Clock()
-        adaptive = placement.AdaptiveScheduler([stand_in.pid], pinned, free, free_max=1, settle_s=1.0, clock=clock)
+        adaptive = placement.AdaptiveScheduler([stand_in.pid], pinned, free, free_max=1, settle_s=1.0, clock=clock,
+                                               nice=(ours, free_nice))
         adaptive.enter()
         assert adaptive.leave()  # one request came and went: free it once the settle has passed
         clock.now = 0.5
         adaptive.settle()
-        assert threads_on() == {frozenset(pinned)}  # not yet
+        assert threads_on() == {(frozenset(pinned), ours)}  # not yet
         clock.now = 1.0
         adaptive.settle()
-        assert threads_on() == {frozenset(free)} and not adaptive.pinned
+        assert threads_on() == {(frozenset(free), free_nice)} and not adaptive.pinned
         adaptive.enter()
-        assert threads_on() == {frozenset(free)}  # one request: stays free
+        assert threads_on() == {(frozenset(free), free_nice)}  # one request: stays free
         adaptive.enter()
-        assert threads_on() == {frozenset(pinned)} and adaptive.pinned  # two: pinned at once
+        assert threads_on() == {(frozenset(pinned), ours)} and adaptive.pinned  # two: pinned at once
         clock.now = 1.5
         assert adaptive.leave()  # back at one: quiet from now
         clock.now = 1.9
@@ -246,10 +251,10 @@ def test_the_scheduler_is_pinned_under_load_and_freed_once_the_load_settles_at_o
         assert adaptive.leave()  # and one again: quiet from 1.9, not 1.5
         clock.now = 2.6
         adaptive.settle()  # the first drop's timer: 1.1 s after it, 0.7 after the last
-        assert adaptive.pinned and threads_on() == {frozenset(pinned)}
+        assert adaptive.pinned and threads_on() == {(frozenset(pinned), ours)}
         clock.now = 2.9
         adaptive.settle()
-        assert not adaptive.pinned and threads_on() == {frozenset(free)}
+        assert not adaptive.pinned and threads_on() == {(frozenset(free), free_nice)}
     finally:
         stand_in.kill()
         stand_in.wait(timeout=10)

@@ -210,15 +210,26 @@ class EngineHost:
         if e.scheduler_nice or e.scheduler_on_runner_cores:
             free = os.sched_getaffinity(0)  # what the scheduler had: it inherited this process's
             placed = placement.place_scheduler(e.scheduler_nice, e.scheduler_on_runner_cores)
-            if e.scheduler_on_runner_cores and placed:
-                pinned = set.union(*(os.sched_getaffinity(pid) for pid in placed))
-                self.scheduler = placement.AdaptiveScheduler(placed, pinned, free, e.scheduler_free_max_requests)
-                self._loop.call_soon_threadsafe(self._settle_later)  # idle from the start
+            if e.scheduler_on_runner_cores and placed and e.scheduler_free_max_requests:
+                self._adapt_scheduler(placed, free)
         logger.info(
             "engine ready: model=%s kv_blocks=%d block_size=%d in %.1fs",
             self.settings.model.resolved_path, self.num_kv_blocks,
             self.settings.engine.block_size, time.monotonic() - started,
         )
+
+    def _adapt_scheduler(self, placed: list[int], free: set[int]) -> None:
+        e = self.settings.engine
+        pinned = set.union(*(os.sched_getaffinity(pid) for pid in placed))
+        pinned_nice = os.getpriority(os.PRIO_PROCESS, placed[0])
+        free_nice = max(e.scheduler_nice, pinned_nice)
+        if free_nice > pinned_nice and not placement.may_renice_up_to(pinned_nice):
+            logger.info("the vLLM scheduler stays pinned at every load: freed at niceness %d, it could not be "
+                        "brought back to %d without CAP_SYS_NICE", free_nice, pinned_nice)
+            return
+        self.scheduler = placement.AdaptiveScheduler(placed, pinned, free, e.scheduler_free_max_requests,
+                                                     nice=(pinned_nice, free_nice))
+        self._loop.call_soon_threadsafe(self._settle_later)  # idle from the start
 
     async def _create(self):
         from vllm.v1.engine.async_llm import AsyncLLM
