@@ -38,6 +38,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
+from app import metrics
 from app.gateway import Driving, Pause
 
 logger = logging.getLogger(__name__)
@@ -120,21 +121,21 @@ class Sink:
     def _step(self, by_reader: bool) -> None:
         """Under the lock: drives the iterator until it would block, and sends what it gave."""
         frames = []
-        back = False
+        back = ""  # why the stream goes back to the request thread, if it does
         self._driving.by_reader = by_reader
         try:
             for chunk in self._chunks:
                 if chunk is Pause.WOULD_BLOCK:
                     break
                 if chunk is Pause.NEEDS_THREAD:
-                    back = True
+                    back = "needs_thread"
                     break
                 assert not isinstance(chunk, Pause)
                 frames.append(frame(self._encode(chunk)))
             else:
-                back = True  # the end: the request thread writes [DONE]
+                back = "end"  # the request thread writes [DONE]
         except BaseException as e:  # noqa: BLE001  raised again on the request thread
-            self._error, back = e, True
+            self._error, back = e, "error"
         finally:
             self._driving.by_reader = True
         if frames:
@@ -144,8 +145,9 @@ class Sink:
             except BlockingIOError:
                 sent = 0
             except OSError as e:  # the client is gone: that is the error to raise, not the stream's
-                self._error, sent, back = e, len(data), True
+                self._error, sent, back = e, len(data), "send_failed"
             if sent < len(data):
-                self._unsent, back = data[sent:], True
+                self._unsent, back = data[sent:], "full_socket"
         if back:
+            metrics.STREAM_HANDBACKS.labels(back).inc()
             self._handed_back.set()
