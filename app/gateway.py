@@ -8,6 +8,7 @@ Nothing waits on Celery results.
 
 from __future__ import annotations
 
+import enum
 import logging
 import queue
 import threading
@@ -23,7 +24,7 @@ from app import metrics, migration
 from app.errors import APIError, ClientGone, NoWorkers, RedisUnavailable, UpstreamTimeout
 from app.migration import Attempts, CannotMigrate, is_lost
 from app.publish import TaskPublisher
-from app.streams import StreamReader
+from app.streams import Replies, StreamReader
 from config import Settings
 from tasks import keys, queues, redis_conn
 from tasks.messages import (
@@ -51,6 +52,30 @@ WORKER_CACHE_S = 1.0
 # The leases the per-request checks read are cached this long: every request thread of a process
 # shares one read, whatever the number of requests.
 LIVENESS_CACHE_S = 0.25
+
+
+class Pause(enum.Enum):
+    """What Gateway.events yields in place of a delta to a driver that does not wait (``Driving``)."""
+
+    WOULD_BLOCK = "would_block"  # nothing is queued yet: drive it again when entries arrive
+    NEEDS_THREAD = "needs_thread"  # the next step may call Redis: only the request thread may take it
+
+
+@dataclass
+class Driving:
+    """How a request's Gateway.events is driven. By default its request thread waits in it for
+    each entry. A streaming response's sink (app/sink.py) sets ``nonblocking``: events then
+    yields Pause.WOULD_BLOCK when nothing is queued; and ``by_reader`` while the stream reader
+    thread drives it: events then leaves its periodic checks to the request thread, and yields
+    Pause.NEEDS_THREAD before any step that may call Redis (a Failed event, a failed read, an
+    Accepted or Routed), which resumes when the request thread drives it."""
+
+    nonblocking: bool = False
+    by_reader: bool = False
+    # Set by events: when its periodic checks (deadlines, liveness, migration) are next due, and
+    # the queue it reads.
+    next_check: float = 0.0
+    replies: Replies | None = None
 
 
 @dataclass
@@ -94,7 +119,7 @@ class _Watch:
     def __init__(self, streams: StreamReader, subs: list[SubRequest]):
         self._streams = streams
         self._subs: dict[str, SubRequest] = {}
-        self.replies: queue.SimpleQueue = queue.SimpleQueue()
+        self.replies: Replies = Replies()
         if subs:
             self.add(subs)
 
@@ -275,33 +300,45 @@ class Gateway:
         for sub, _ in sends:
             sub.sent_at, sub.holders = sent_at, dict(holders)
 
-    def events(self, subs: list[SubRequest],
-               client_gone: Callable[[], bool] | None = None) -> Iterator[tuple[SubRequest, Delta]]:
+    def events(self, subs: list[SubRequest], client_gone: Callable[[], bool] | None = None,
+               driving: Driving | None = None) -> Iterator[tuple[SubRequest, Delta] | Pause]:
         """Yields (sub-request, delta) until every sub-request has finished, moving a sub-request
         whose worker is lost to another (app/migration.py). Raises APIError on failure or timeout,
         after cancelling whatever is still running. ``client_gone`` is asked once a poll interval,
         for responses that write nothing until the end: a stream learns that its client left when
-        a write fails (GeneratorExit), a whole answer would not."""
+        a write fails (GeneratorExit), a whole answer would not. ``driving``: how it is driven;
+        it yields Pauses only when that says so."""
         watch = subs[0].watch if subs and all(s.watch is subs[0].watch for s in subs) else None
         if watch is None:
             watch = _Watch(self.streams, subs)
         for each in subs:
             each.watch = None
-        started = next_check = last_delta = time.monotonic()
+        if driving is None:
+            driving = Driving()
+        driving.replies = watch.replies
+        started = next_check = last_delta = driving.next_check = time.monotonic()
         first_delta = True
         try:
             while any(s.finished is None for s in subs):
-                if time.monotonic() >= next_check:  # at most once a poll interval, not per token
+                # At most once a poll interval, not per token; never on the stream reader thread.
+                if time.monotonic() >= next_check and not driving.by_reader:
                     if client_gone is not None and client_gone():
                         logger.info("[%s] client closed the connection; cancelling", subs[0].request_id)
                         raise ClientGone("the client closed the connection")
                     self._check(subs, watch, started)
-                    next_check = time.monotonic() + POLL_INTERVAL_S
+                    next_check = driving.next_check = time.monotonic() + POLL_INTERVAL_S
                 try:
-                    key, entries = watch.replies.get(timeout=max(0.0, next_check - time.monotonic()))
+                    if driving.nonblocking:
+                        key, entries = watch.replies.get_nowait()
+                    else:
+                        key, entries = watch.replies.get(timeout=max(0.0, next_check - time.monotonic()))
                 except queue.Empty:
+                    if driving.nonblocking:
+                        yield Pause.WOULD_BLOCK
                     continue
                 if isinstance(entries, Exception):
+                    if driving.by_reader:
+                        yield Pause.NEEDS_THREAD
                     self._stream_lost(subs, watch, entries)
                     continue
                 sub = watch.sub_for(key)
@@ -309,6 +346,8 @@ class Gateway:
                     continue
                 for _, fields in entries:
                     event = decode_event(fields[b"m"])
+                    if driving.by_reader and not isinstance(event, (Delta, Finished)):
+                        yield Pause.NEEDS_THREAD  # resumed by the request thread, at this event
                     if isinstance(event, Delta):
                         now = time.monotonic()
                         if first_delta:

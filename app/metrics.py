@@ -48,6 +48,10 @@ MIGRATION_FAILURES = Counter("llmq_frontend_migration_failures_total",
                              "Sub-requests that had to move and could not: limit, unresumable, no_worker", ["reason"])
 RESENDS = Counter("llmq_frontend_resends_total",
                   "Unaccepted sub-requests sent again because a worker that may have held them was lost")
+# "end" is the usual one; "full_socket" counts clients that did not keep up with their stream.
+STREAM_HANDBACKS = Counter("llmq_frontend_stream_handbacks_total",
+                           "Streams the stream reader handed back to their request thread (app/sink.py), by why",
+                           ["reason"])
 COMPLETION_TOKENS = Counter("llmq_frontend_completion_tokens_total", "Completion tokens streamed to clients")
 PROMPTS_REFUSED_BY_SIZE = Counter("llmq_frontend_prompts_refused_by_size_total",
                                   "Prompts refused as too long from their size in bytes, before tokenizing")

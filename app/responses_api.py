@@ -52,6 +52,7 @@ from app import openapi
 from app.admission import TICKET_ENVIRON_KEY, Ticket
 from app.api import endpoint
 from app.errors import APIError, BadRequest
+from app.gateway import Pause
 from app.response_store import RUNNING, ResponseStore
 from app.routes import (
     GENERATION_ERRORS,
@@ -616,6 +617,7 @@ def create_response(req: ResponsesRequest):
 def _stream(gen: Generation, shaper: Shaper, store: ResponseStore | None, conversation: list[dict]) -> FlaskResponse:
     # As chat streams do: the first delta before the 200, so an early failure has its own status.
     first = next(gen.deltas, None)
+    assert not isinstance(first, Pause)  # this thread waits: no Pause (no sink here, app/sink.py)
     request_id = g.internal_id
     translator = StreamTranslator(shaper)
 
@@ -623,7 +625,8 @@ def _stream(gen: Generation, shaper: Shaper, store: ResponseStore | None, conver
         try:
             yield from map(sse, translator.start())
             for chunk in gen.chunks([first] if first is not None else []):
-                yield from map(sse, translator.feed(chunk))
+                if not isinstance(chunk, Pause):
+                    yield from map(sse, translator.feed(chunk))
             yield from map(sse, translator.finish())
             if store is not None:
                 store.put(dump(translator.final), conversation + as_input_items(translator.final.output))

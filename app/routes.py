@@ -21,10 +21,11 @@ from app import metrics, openapi
 from app.api import endpoint
 from app.disconnect import client_gone
 from app.errors import APIError, BadRequest, ModelNotFound, RedisUnavailable
-from app.gateway import Gateway, SubRequest
+from app.gateway import Driving, Gateway, Pause, SubRequest
 from app.processor import Processor
 from app.responses import Choice, Formatter, Usage
 from app.schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from app.sink import Sink
 from tasks.messages import Delta, TokenLogprob
 from tasks.registry import live_workers
 
@@ -218,9 +219,11 @@ class Generation:
     fmt: Formatter
     req: ChatCompletionRequest | CompletionRequest
     subs: list[SubRequest]
-    events: Iterator[tuple[SubRequest, Delta]]  # closing it cancels whatever still runs
-    deltas: Iterator[tuple[int, Delta]]
+    events: Iterator[tuple[SubRequest, Delta] | Pause]  # closing it cancels whatever still runs
+    # Pauses come only while ``driving`` asks for them (a stream's sink, app/sink.py).
+    deltas: Iterator[tuple[int, Delta] | Pause]
     usage: Usage
+    driving: Driving
 
     def headers(self, final: bool) -> dict[str, str]:
         return {**_routing_headers(self.subs), **_migration_header(self.subs, final)}
@@ -228,7 +231,10 @@ class Generation:
     def whole(self) -> dict:
         """The whole chat or completion body, once every choice has finished."""
         choices: dict[int, Choice] = {}
-        for index, delta in self.deltas:
+        for item in self.deltas:
+            if isinstance(item, Pause):
+                continue
+            index, delta = item
             choice = choices.setdefault(index, Choice())
             choice.text += delta.text
             choice.logprobs.extend(delta.logprobs or [])
@@ -236,12 +242,16 @@ class Generation:
         self.usage.cached_tokens = sum(s.finished.num_cached_tokens for s in self.subs if s.finished)
         return self.fmt.response(choices, self.usage)
 
-    def chunks(self, pending: list[tuple[int, Delta]]) -> Iterator[dict]:
-        """The stream's chunk bodies, after ``pending`` (deltas already read). Raises APIError
-        if the request fails mid-stream."""
+    def chunks(self, pending: list[tuple[int, Delta]]) -> Iterator[dict | Pause]:
+        """The stream's chunk bodies, after ``pending`` (deltas already read), and the Pauses
+        ``driving`` asks for. Raises APIError if the request fails mid-stream."""
         include_usage = bool(self.req.stream_options and self.req.stream_options.include_usage)
         started: set[int] = set()
-        for index, delta in itertools.chain(pending, self.deltas):
+        for item in itertools.chain(pending, self.deltas):
+            if isinstance(item, Pause):
+                yield item
+                continue
+            index, delta = item
             if self.fmt.chat and index not in started:
                 started.add(index)
                 yield self.fmt.role_chunk(index, include_usage)
@@ -264,9 +274,10 @@ def start_generation(kind: str, req: ChatCompletionRequest | CompletionRequest, 
     fmt = Formatter(kind, g.request_id, req.model, want_logprobs=req.num_logprobs is not None, tools=tools)
     usage = Usage(prompt_tokens=sum(len(p) for p in prompts))
     metrics.PROMPT_TOKENS.inc(usage.prompt_tokens)
-    events = gateway.events(subs, client_gone=client_gone)
+    driving = Driving()
+    events = gateway.events(subs, client_gone=client_gone, driving=driving)
     echoed = _echoed(events, subs, req, prompts) if isinstance(req, CompletionRequest) and req.echo else events
-    return Generation(fmt, req, subs, events, _numbered(echoed, usage), usage)
+    return Generation(fmt, req, subs, events, _numbered(echoed, usage), usage, driving)
 
 
 def client_gone_check() -> Callable[[], bool]:
@@ -321,15 +332,19 @@ def _migration_header(subs: list[SubRequest], always: bool) -> dict[str, str]:
     return {"X-Migrations": str(count)} if count or always else {}
 
 
-def _echoed(events: Iterator[tuple[SubRequest, Delta]], subs: list[SubRequest], req: CompletionRequest,
-            prompts: list[list[int]]) -> Iterator[tuple[SubRequest, Delta]]:
+def _echoed(events: Iterator[tuple[SubRequest, Delta] | Pause], subs: list[SubRequest], req: CompletionRequest,
+            prompts: list[list[int]]) -> Iterator[tuple[SubRequest, Delta] | Pause]:
     """Puts each prompt's text, and with logprobs its tokens' logprobs, before its choices' first
     delta, as vLLM's server echoes; with max_tokens 0 the one token generated is dropped."""
     processor = _processor()
     texts = processor.echo_texts(req, prompts)
     which = {id(sub): i for i, sub in enumerate(subs)}
     started: set[tuple[int, int]] = set()
-    for sub, delta in events:
+    for item in events:
+        if isinstance(item, Pause):
+            yield item
+            continue
+        sub, delta = item
         if req.echo_only:
             delta = msgspec.structs.replace(delta, text="", token_ids=[],
                                             logprobs=[] if delta.logprobs is not None else None)
@@ -346,9 +361,13 @@ def _echoed(events: Iterator[tuple[SubRequest, Delta]], subs: list[SubRequest], 
         yield sub, delta
 
 
-def _numbered(events: Iterator[tuple[SubRequest, Delta]], usage: Usage) -> Iterator[tuple[int, Delta]]:
+def _numbered(events: Iterator[tuple[SubRequest, Delta] | Pause], usage: Usage) -> Iterator[tuple[int, Delta] | Pause]:
     """Gives each delta its choice index in the response, and counts completion tokens."""
-    for sub, delta in events:
+    for item in events:
+        if isinstance(item, Pause):
+            yield item
+            continue
+        sub, delta = item
         usage.completion_tokens += len(delta.token_ids)
         metrics.COMPLETION_TOKENS.inc(len(delta.token_ids))
         yield sub.choice_offset + delta.index, delta
@@ -358,17 +377,34 @@ def _stream(gen: Generation) -> Response:
     # Wait for the first delta before answering, so that failures before any output (no worker
     # took it, the engine refused it) still get their own status code rather than a 200 stream.
     first = next(gen.deltas, None)
+    assert not isinstance(first, Pause)  # this thread waits: no Pause
     _stage("first")
     request_id = g.internal_id
+    environ = request.environ
 
     def body() -> Iterator[bytes]:
+        chunks = gen.chunks([first] if first is not None else [])
+        sink: Sink | None = None
+        first_out = False
         try:
-            for chunk in gen.chunks([first] if first is not None else []):
+            for chunk in chunks:
+                if isinstance(chunk, Pause):  # only while a sink drives it, which takes its own
+                    continue
                 yield gen.fmt.sse(chunk)
+                if not first_out:
+                    first_out = True
+                    # gunicorn has sent the headers and the first chunk: the stream reader thread
+                    # writes the chunks from here, and this thread waits until it hands the
+                    # stream back (its end, an error, a client that does not keep up).
+                    sink = Sink.start(environ, chunks, gen.fmt.sse, gen.driving)
+                    if sink is not None:
+                        sink.park()
         except APIError as e:
             logger.warning("[%s] failed mid-stream: %s", request_id, e.message)
             yield gen.fmt.error_chunk(e.body())
         finally:
+            if sink is not None:
+                sink.close()
             # Runs when the client disconnects too: closing the event reader cancels the work.
             gen.events.close()  # type: ignore[attr-defined]
         yield gen.fmt.DONE

@@ -24,6 +24,7 @@ import queue
 import threading
 import time
 import uuid
+from collections.abc import Callable
 
 import redis
 from redis.typing import KeyT, StreamIdT
@@ -38,6 +39,14 @@ BLOCK_MS = 1000
 # WAKE_RENEW_S, well inside the TTL, so a busy Redis or a failover does not let it lapse.
 WAKE_TTL_S = 60
 WAKE_RENEW_S = 15.0
+
+
+class Replies(queue.SimpleQueue):
+    """A request's queue of ``(key, entries)``. ``on_put``, when set, is called on the reader
+    thread after each put, outside the reader's lock: a streaming response's sink (app/sink.py)
+    then handles the entries on that thread, and its request thread is not woken."""
+
+    on_put: Callable[[], None] | None = None
 
 
 class StreamReader:
@@ -63,7 +72,7 @@ class StreamReader:
         (a migrated request's new attempt) from one queue. ``pipe``: a Redis pipeline to queue the
         reader's wake-up on, which the caller executes (with the request's task, app/publish.py):
         the streams are read from then on. Without one, ``open`` sends the wake-up itself."""
-        q: queue.SimpleQueue = into if into is not None else queue.SimpleQueue()
+        q: queue.SimpleQueue = into if into is not None else Replies()
         with self._lock:
             self._start_if_needed()
             for key in stream_keys:
@@ -137,6 +146,7 @@ class StreamReader:
             self._deliver(reply or [])
 
     def _deliver(self, reply) -> None:
+        told: dict[int, Callable[[], None]] = {}
         with self._lock:
             for raw_key, entries in reply:
                 key = raw_key.decode() if isinstance(raw_key, bytes) else raw_key
@@ -147,12 +157,25 @@ class StreamReader:
                 if stream is not None:  # else closed meanwhile: nobody is waiting for it
                     stream[0] = entries[-1][0]
                     stream[1].put((key, entries))
+                    if (on_put := getattr(stream[1], "on_put", None)) is not None:
+                        told[id(stream[1])] = on_put
+        self._tell(told.values())
+
+    @staticmethod
+    def _tell(callbacks) -> None:
+        # Outside the lock: a sink's step may close streams (a finished sub-request's).
+        for on_put in callbacks:
+            try:
+                on_put()
+            except Exception:  # noqa: BLE001  one request's bug must not stop every stream
+                logger.exception("handling delivered entries failed")
 
     def _fail_all(self, error: Exception) -> None:
         with self._lock:
             waiting = {id(q): q for _, q in self._streams.values()}
         for q in waiting.values():
             q.put((None, error))
+        self._tell([on_put for q in waiting.values() if (on_put := getattr(q, "on_put", None)) is not None])
         # redis-py reconnects on the next call; the requests that were told fail with 503, and
         # the next ones try again. Bounded, so a Redis outage does not spin this thread.
         time.sleep(0.5)

@@ -49,6 +49,22 @@ def test_frontend_metrics_move_with_traffic(deployment):
     assert after[("llmq_frontend_requests_in_flight", ())] >= 0
 
 
+def test_a_streams_chunks_after_the_first_are_written_by_the_stream_reader(deployment):
+    # The sink (app/sink.py) hands a stream back once: "end" when it wrote every chunk to the last.
+    ended = ("llmq_frontend_stream_handbacks_total", (("reason", "end"),))
+    before = scrape(f"{frontend_url(deployment)}/metrics")
+    stream = deployment.client().chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=32, stream=True,
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+    chunks = list(stream)
+    after = scrape(f"{frontend_url(deployment)}/metrics")
+    assert chunks[-1].usage.completion_tokens == 32
+    assert sum(len(c.choices[0].delta.content or "") for c in chunks if c.choices) > 0
+    assert after.get(ended, 0) == before.get(ended, 0) + 1
+    assert {k for k in after if k[0] == "llmq_frontend_stream_handbacks_total" and after[k] != before.get(k, 0)} \
+        == {ended}
+
+
 def test_worker_metrics_are_discoverable_and_move(deployment):
     [url] = worker_metric_urls(deployment)["decode"]
     # Listening on loopback only, as nothing in the config says otherwise, and advertised so.
