@@ -100,17 +100,19 @@ def first_tokens_from_prefill(dep) -> int:
     return dep.log().count("first token from the prefill engine)")
 
 
-@pytest.mark.parametrize("max_tokens", [12, 1])
-def test_the_first_token_comes_from_the_prefill_engine(disagg, deployment, max_tokens):
+@pytest.mark.parametrize("max_tokens, prompt_len", [(12, 900), (12, 896), (1, 900)])
+def test_the_first_token_comes_from_the_prefill_engine(disagg, deployment, max_tokens, prompt_len):
     """Push: the prefill engine samples the first token with the request's sampling, the decode
     worker streams it, and the decode engine continues from it (max_tokens 1: only takes the KV,
     so the prefill engine's blocks go back). The answer is the aggregated one, usage counts the
-    client's prompt, and no block stays allocated on either engine."""
+    client's prompt, and no block stays allocated on either engine. 896 tokens fill their last
+    block (32 tokens each): the decode engine's t1 needs a block the prefill engine has not."""
     if disagg.settings.disagg.connector != "push":
         pytest.skip("the first token comes from the prefill engine with push only")
     decode_before = settled(disagg, "decode", lambda w: w.kv_blocks_used == 0, "the decode worker to be idle")
     asked_before = first_tokens_from_prefill(disagg)
-    prompt = long_prompt(6 + max_tokens)
+    assert disagg.settings.engine.block_size == 32
+    prompt = long_prompt(6 + max_tokens + prompt_len)[:prompt_len]
     chunks = list(disagg.client(timeout=120).completions.create(
         model=MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True,
         stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
