@@ -444,3 +444,94 @@ def test_the_prefill_engines_deltas_merge_into_one():
     assert merged([Delta(0, "", [9], [lp]), Delta(0, "b", [], [], "length")]) == Delta(0, "b", [9], [lp], "length")
     assert merged([Delta(0, "a", [3])]) == Delta(0, "a", [3])
     assert merged([]) is None
+
+
+class _Engine:
+    """A stand-in decode engine: two tokens, 41 and 42, then the push's outcome."""
+
+    def __init__(self):
+        self.asked: list = []
+
+    def generate(self, rid, prompt, sampling, kv_transfer_params=None):
+        from types import SimpleNamespace
+
+        self.asked.append((prompt, sampling, kv_transfer_params))
+
+        async def outputs():
+            for token, finish in ((41, None), (42, "length")):
+                yield SimpleNamespace(outputs=[SimpleNamespace(index=0, text=f"<{token}>", token_ids=[token],
+                                                               logprobs=None, finish_reason=finish)],
+                                      prompt_logprobs=None, kv_transfer_params={"llmq_push": "received"},
+                                      num_cached_tokens=3)
+        return outputs()
+
+
+def _relay(req, leg):
+    """DecodeRuntime._relay with the given leg, on a stand-in engine and stream writer: returns its
+    result, the engine's requests, the Deltas written and the settled params, once any request
+    that only takes the KV has ended too."""
+    from types import SimpleNamespace
+
+    from workers.decode import DecodeRuntime
+
+    written, settled = [], []
+
+    class Remote:
+        async def decode_leg(self, aredis, r):
+            return leg
+
+        def settle(self, rid, params):
+            settled.append(params)
+
+    class Writer:
+        def submit(self, rid, events):
+            written.extend(events)
+            done = asyncio.get_running_loop().create_future()
+            done.set_result(None)
+            return done
+
+    runtime = SimpleNamespace(engine=_Engine(), remote_prefill=Remote(), _releases=set())
+    runtime._release = lambda rid, leg, remote: DecodeRuntime._release(runtime, rid, leg, remote)
+
+    async def run():
+        result = await DecodeRuntime._relay(runtime, req, None, Writer(), SimpleNamespace(cancelled=lambda rid: False))
+        async with asyncio.timeout(5):
+            while runtime._releases:
+                await asyncio.gather(*runtime._releases)
+        return result
+
+    return asyncio.run(run()), runtime.engine.asked, written, settled
+
+
+def test_the_decode_worker_streams_the_first_token_then_the_decode_engines():
+    """t1 goes out first, the engine runs prompt + [t1] for the rest, and the counts are the
+    client's: its prompt, max_tokens completion tokens."""
+    from tasks.messages import Delta
+    from workers.decode import Ended
+    from workers.disagg import leg_from_first
+
+    req = _req(msgspec.structs.replace(_spec(temperature=0.0), max_tokens=3))  # the prompt: [5, 6, 7]
+    leg = leg_from_first(req, {"do_remote_prefill": True}, Delta(0, "a", [40], finish_reason="length"))
+    (num_tokens, ended), asked, written, settled = _relay(req, leg)
+    assert [(prompt, spec.max_tokens, params) for prompt, spec, params in asked] == \
+        [([5, 6, 7, 40], 2, {"do_remote_prefill": True})]
+    assert [d.token_ids for d in written] == [[40], [41], [42]] and written[0].text == "a"
+    assert [d.finish_reason for d in written] == [None, None, "length"]
+    assert num_tokens == req.sampling.max_tokens and ended == Ended(num_cached_tokens=3)
+    assert settled == [{"llmq_push": "received"}]
+
+
+def test_a_first_token_that_ends_the_request_is_all_the_client_gets():
+    """max_tokens 1: the client's answer is t1 alone; the decode engine's request, which takes the
+    KV so the prefill engine's blocks go back, runs after it and its tokens go nowhere."""
+    from tasks.messages import Delta
+    from workers.decode import Ended
+    from workers.disagg import RELEASE_SAMPLING, leg_from_first
+
+    req = _req(msgspec.structs.replace(_spec(), max_tokens=1))
+    leg = leg_from_first(req, {"do_remote_prefill": True}, Delta(0, "a", [40], finish_reason="length"))
+    (num_tokens, ended), asked, written, settled = _relay(req, leg)
+    assert (num_tokens, ended) == (1, Ended(num_cached_tokens=0))
+    assert written == [Delta(0, "a", [40], finish_reason="length")]
+    assert asked == [([5, 6, 7, 40], RELEASE_SAMPLING, {"do_remote_prefill": True})]
+    assert settled == [{"llmq_push": "received"}]
