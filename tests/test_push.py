@@ -490,6 +490,9 @@ def _relay(req, leg):
             done.set_result(None)
             return done
 
+        async def write(self, rid, events):
+            await self.submit(rid, events)
+
     runtime = SimpleNamespace(engine=_Engine(), remote_prefill=Remote(), _releases=set())
     runtime._release = lambda rid, leg, remote: DecodeRuntime._release(runtime, rid, leg, remote)
 

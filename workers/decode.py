@@ -173,11 +173,12 @@ class DecodeRuntime(WorkerRuntime):
             # on the engine's output, rather than twice.
             written: asyncio.Future | None = None
             if leg is not None and leg.first is not None:
-                # The prefill engine's first token goes out while the decode engine takes the KV.
-                written = writer.submit(rid, [leg.first])
+                # The prefill engine's first token is the client's first: in Redis before the
+                # decode engine's request is even added (adding a long prompt takes the loop for
+                # milliseconds), and the decode engine's tokens follow it.
+                await writer.write(rid, [leg.first])
                 num_tokens = len(leg.first.token_ids)
                 if leg.release_only:
-                    await written
                     assert remote is not None
                     task = asyncio.create_task(self._release(rid, leg, remote))
                     self._releases.add(task)
