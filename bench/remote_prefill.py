@@ -187,6 +187,10 @@ DISAGG_STAGES = (
     ("  scheduled -> first token written to Redis", "scheduled", "first_delta"),
     ("delivery: first Delta -> client", "first_delta", "first_chunk"),
     ("(prefill worker's PrefillDone, after the claim)", "claimed", "prefill_done"),
+    # With the first token from the prefill engine, the first Delta comes from PrefillDone,
+    # before the decode engine registers: the WRITE and the receive are after it.
+    ("(P computed -> the decode worker has PrefillDone)", "p_finished", "done_seen"),
+    ("(the decode worker has PrefillDone -> first token in Redis)", "done_seen", "first_delta"),
     ("TTFT", "sent", "first_chunk"),
 )
 AGG_STAGES = (

@@ -74,6 +74,16 @@ class PushScheduler(NixlPushConnectorScheduler):
         # The engine loop's nap after a step that reported a receive is skipped (push.py).
         self._loop_clock = push.engine_loop_clock(sys.modules.get("vllm.v1.engine.core"))
 
+    def get_num_new_matched_tokens(self, request, num_computed_tokens):
+        # vLLM takes D's whole prompt as pushed; a prompt that ends with the first token P sampled
+        # has one token more than P computed (push.pushed_tokens).
+        count, load_async = super().get_num_new_matched_tokens(request, num_computed_tokens)
+        params = request.kv_transfer_params or {}
+        if count and push.PREFILLED_KEY in params:
+            count = push.pushed_tokens(count, num_computed_tokens, params[push.PREFILLED_KEY])
+            load_async = load_async and count > 0
+        return count, load_async
+
     def update_state_after_alloc(self, request, blocks, num_external_tokens):
         super().update_state_after_alloc(request, blocks, num_external_tokens)
         rid = request.request_id

@@ -32,6 +32,9 @@ EXPIRED_ATTR = "llmq_expired_push_recvs"
 # D's writer thread polls NIXL's notifications this often while a receive is pending
 # (nixl_agents._PollWhilePending).
 RECV_POLL_S = 0.0005
+# In a D request's kv_transfer_params: how many of its prompt's tokens P computed, when fewer
+# than all (its prompt ends with the first token, which P sampled and D computes).
+PREFILLED_KEY = "llmq_prefilled_tokens"
 # In a D request's final kv_transfer_params: how its prompt's KV got there.
 OUTCOME_KEY = "llmq_push"
 RECEIVED = "received"
@@ -59,6 +62,16 @@ def outcomes(finished_recving: Iterable[str] | None, failed_recving: Iterable[st
     """One step's receive results by request id. vLLM lists a failed receive as finished too."""
     failed = set(failed_recving or ())
     return {rid: RECOMPUTED if rid in failed else RECEIVED for rid in set(finished_recving or ()) | failed}
+
+
+def pushed_tokens(matched: int, num_computed_tokens: int, prefilled: int | None) -> int:
+    """How many tokens D takes from P's push, of the ``matched`` vLLM would take (its whole prompt
+    beyond D's own ``num_computed_tokens``): no more than P computed. D then allocates exactly as
+    many blocks as P WRITEs (P's request ends on its prompt: no block holds its sampled token),
+    and computes the rest of its prompt itself, the first token among it."""
+    if prefilled is None:
+        return matched
+    return max(0, min(matched, prefilled - num_computed_tokens))
 
 
 def outcome_of(final_kv_transfer_params: dict | None) -> str | None:

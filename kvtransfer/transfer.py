@@ -41,6 +41,7 @@ from kvtransfer.registry import NixlEndpoint
 from kvtransfer.stats import DisaggCounters
 from tasks import keys
 from tasks.messages import (
+    Delta,
     PrefillClaimed,
     PrefillRequest,
     decode_prefill_claimed,
@@ -191,6 +192,22 @@ class PushTransfer(KvTransfer):
         else:
             logger.info("[%s] PrefillDone from %s: prefilled in %.3fs and pushed", rid, done.prefill_worker_id,
                         done.prefill_s)
+
+    async def wait_first(self, pubsub, rid: str, wait_s: float) -> Delta:
+        """After the claim, for a prefill that samples the request's first token: the prefill
+        worker's PrefillDone, and the token in it. The decode engine registers only after it (for
+        prompt + [t1]); the prefill engine holds its finished request's blocks for that late
+        registration (vLLM's push writer matches a registration to finished blocks whichever
+        comes first), up to the lease. Raises TimeoutError or BadTransferParams."""
+        done = decode_prefill_done(await next_message(pubsub, keys.prefill_done_channel(rid), wait_s))
+        self.counters.num_prefill_done_notices += 1
+        if done.error is not None:
+            raise BadTransferParams(f"the prefill failed on {done.prefill_worker_id}: {done.error}")
+        if done.first is None:
+            raise BadTransferParams(f"PrefillDone from {done.prefill_worker_id} carries no first token")
+        logger.info("[%s] PrefillDone from %s: prefilled in %.3fs, first token %s; registering blocks for its push",
+                    rid, done.prefill_worker_id, done.prefill_s, done.first.token_ids)
+        return done.first
 
     def settle(self, rid: str, final_kv_transfer_params: dict | None) -> None:
         """Counts how the remote prefill ended, from the decode request's final params."""

@@ -12,8 +12,9 @@ import msgspec
 
 # Bump when a field changes meaning or a required field is added; peers reject other versions
 # before decoding the rest, so a mixed-version rollout fails loudly instead of mis-parsing.
-WIRE_VERSION = 5  # 2: GenerateRequest.prefix_hit_tokens; 3: GenerateRequest.exclude_workers, SamplingSpec.logit_bias;
-# 4: SamplingSpec.structured; 5: SamplingSpec.prompt_logprobs, Delta.prompt_logprobs
+WIRE_VERSION = 6  # 2: GenerateRequest.prefix_hit_tokens; 3: GenerateRequest.exclude_workers, SamplingSpec.logit_bias;
+# 4: SamplingSpec.structured; 5: SamplingSpec.prompt_logprobs, Delta.prompt_logprobs;
+# 6: PrefillRequest.sampling, PrefillDone.first
 
 
 class StructuredSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -48,8 +49,8 @@ class SamplingSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # (token id, bias added to its logit) pairs. Pairs, not a dict: Celery's JSON would turn
     # int keys into strings on the way.
     logit_bias: list[tuple[int, float]] = []
-    # Only the decode engine applies it: a remote prefill samples no token the client sees
-    # (workers/disagg.py, PREFILL_SAMPLING), so a PrefillRequest does not carry it.
+    # Only the decode engine applies it: a request with it never has its first token sampled
+    # by a prefill engine (workers/disagg.py, ``first_token_from_prefill``).
     structured: StructuredSpec | None = None
     # Top alternatives for each prompt token (echo with logprobs); None = no prompt logprobs.
     # The worker then prefills locally: a remote prefill's KV comes without the prompt's logits.
@@ -78,6 +79,10 @@ class PrefillRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     prompt_token_ids: list[int]
     decode_worker_id: str
     deadline_unix: float
+    # The request's own sampling: the prefill engine samples the first token with it (one
+    # token) and PrefillDone carries it to the decode worker, which streams it. None: the
+    # prefill engine's token is nobody's (greedy) and the decode engine samples the first token.
+    sampling: SamplingSpec | None = None
     version: int = WIRE_VERSION
 
 
@@ -94,6 +99,10 @@ class PrefillDone(msgspec.Struct, frozen=True):
     kv_transfer_params: dict | None = None
     error: str | None = None
     prefill_s: float = 0.0  # the prefill engine's time for it, for the decode worker's log
+    # The first token the prefill engine sampled, as its Delta, when the request carried its
+    # sampling: finish_reason "stop" if it ended the request, "length" since it was the prefill
+    # engine's one token.
+    first: Delta | None = None
 
 
 class PrefillClaimed(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -96,6 +96,41 @@ def test_disaggregated_tokens_equal_aggregated(disagg, deployment):
                                                                       rel=2**-7, abs=2**-7)
 
 
+def first_tokens_from_prefill(dep) -> int:
+    return dep.log().count("first token from the prefill engine)")
+
+
+@pytest.mark.parametrize("max_tokens, prompt_len", [(12, 900), (12, 896), (1, 900)])
+def test_the_first_token_comes_from_the_prefill_engine(disagg, deployment, max_tokens, prompt_len):
+    """Push: the prefill engine samples the first token with the request's sampling, the decode
+    worker streams it, and the decode engine continues from it (max_tokens 1: only takes the KV,
+    so the prefill engine's blocks go back). The answer is the aggregated one, usage counts the
+    client's prompt, and no block stays allocated on either engine. 896 tokens fill their last
+    block (32 tokens each): the decode engine's t1 needs a block the prefill engine has not."""
+    if disagg.settings.disagg.connector != "push":
+        pytest.skip("the first token comes from the prefill engine with push only")
+    decode_before = settled(disagg, "decode", lambda w: w.kv_blocks_used == 0, "the decode worker to be idle")
+    asked_before = first_tokens_from_prefill(disagg)
+    assert disagg.settings.engine.block_size == 32
+    prompt = long_prompt(6 + max_tokens + prompt_len)[:prompt_len]
+    chunks = list(disagg.client(timeout=120).completions.create(
+        model=MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True,
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    texts = [c.choices[0].text for c in chunks if c.choices]
+    assert texts and chunks[-1].usage is not None
+    assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (len(prompt), max_tokens)
+    reference = greedy(deployment, prompt, max_tokens=max_tokens)
+    assert "".join(texts) == reference.choices[0].text
+    assert first_tokens_from_prefill(disagg) == asked_before + 1
+    after = settled(disagg, "decode", lambda w: w.num_remote_prefills > decode_before.num_remote_prefills,
+                    "the push to be counted")
+    assert after.num_local_fallbacks == decode_before.num_local_fallbacks
+    # Within the prefill engine's lease (30 s): a block it kept for a registration that never
+    # came would still be held.
+    assert settled(disagg, "decode", lambda w: w.kv_blocks_used == 0, "decode blocks to be free").kv_blocks_used == 0
+    assert settled(disagg, "prefill", lambda w: w.kv_blocks_used == 0, "prefill blocks to be free").kv_blocks_used == 0
+
+
 def test_thresholds_change_at_run_time(disagg):
     if disagg.settings.disagg.connector != "pull":
         pytest.skip("the threshold policy is the same for both connectors; tested on pull")
@@ -206,5 +241,6 @@ def test_killed_prefill_worker_falls_back_locally_without_leaking(disagg, deploy
     assert settled(disagg, "decode", lambda w: w.kv_blocks_used == 0, "blocks to be free").kv_blocks_used == 0
     assert after.num_remote_prefills == decode_before.num_remote_prefills
     if disagg.settings.disagg.connector == "push":
-        # The push path was taken and failed, rather than the claim never coming.
-        assert "the push never came; the decode engine recomputed the prompt locally" in disagg.log()
+        # The claim came, and then no PrefillDone with the first token: the decode engine never
+        # registered, and the decode worker prefilled locally.
+        assert "remote prefill failed (no PrefillDone within" in disagg.log()

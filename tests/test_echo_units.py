@@ -46,4 +46,4 @@ def test_prompt_logprobs_are_prefilled_locally():
     remote = RemotePrefill(settings, "decode0@h", send_prefill=lambda preq: None, counters=DisaggCounters())
     req = GenerateRequest("r1", list(range(4000)), SamplingSpec(max_tokens=1, prompt_logprobs=0), deadline_unix=0)
     # Decided before any look at Redis (None here) or at the thresholds.
-    assert asyncio.run(remote.kv_transfer_params(None, req)) is None
+    assert asyncio.run(remote.decode_leg(None, req)) is None

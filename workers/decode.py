@@ -9,13 +9,14 @@ import logging
 import os
 import signal
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from config import Settings
 from tasks import keys
 from tasks.messages import Finished, GenerateRequest, PrefillRequest, prefill_to_task_arg, task_argsrepr
 from tasks.queues import PREFILL_TASK
-from workers.disagg import RemotePrefill
+from workers.disagg import DecodeLeg, RemotePrefill
 from workers.outputs import ACCEPTED, CANCELLED, BatchedStreamWriter, DeltaMaker, OutputWriter
 from workers.runtime import WorkerRuntime
 
@@ -73,6 +74,13 @@ class CancelWatch:
             self._cancelled.update(rid for rid, flag in zip(rids, flags) if flag and rid in self._watched)
 
 
+@dataclass(frozen=True)
+class Ended:
+    """How a request's generation ended, for its Finished."""
+
+    num_cached_tokens: int
+
+
 def _consume(done: asyncio.Future) -> None:
     # Reads an abandoned write's failure, so asyncio does not log it as never retrieved.
     if not done.cancelled():
@@ -91,6 +99,9 @@ class DecodeRuntime(WorkerRuntime):
         self._aredis: Any = None  # redis.asyncio.Redis, built on the engine loop
         self._writer: BatchedStreamWriter | None = None
         self._cancels: CancelWatch | None = None
+        # Decode engine requests that only take a remote prefill's KV (DecodeRuntime._release):
+        # held, or the loop could collect them mid-run.
+        self._releases: set[asyncio.Task] = set()
 
     def _send_prefill(self, preq: PrefillRequest) -> None:
         from tasks import app
@@ -116,7 +127,7 @@ class DecodeRuntime(WorkerRuntime):
             return
         started = time.monotonic()
         try:
-            num_tokens, last = self.engine.run(self._stream(req)).result()
+            num_tokens, ended = self.engine.run(self._stream(req)).result()
         except TimeoutError:
             self.metrics.requests.labels("timeout").inc()
             logger.warning("[%s] deadline passed during generation; aborted", rid)
@@ -125,20 +136,20 @@ class DecodeRuntime(WorkerRuntime):
             self.metrics.requests.labels("failed").inc()
             self._fail(req, out, e)
         else:
-            if last is None:
+            if ended is None:
                 self.metrics.requests.labels("cancelled").inc()
                 logger.info("[%s] client went away; aborted after %d tokens", rid, num_tokens)
                 return
             out.write([Finished(num_prompt_tokens=len(req.prompt_token_ids),
-                                num_cached_tokens=last.num_cached_tokens or 0)])
+                                num_cached_tokens=ended.num_cached_tokens)])
             self.metrics.requests.labels("finished").inc()
             logger.info("[%s] done: prompt=%d completion=%d cached=%d in %.3fs", rid,
-                        len(req.prompt_token_ids), num_tokens, last.num_cached_tokens or 0,
+                        len(req.prompt_token_ids), num_tokens, ended.num_cached_tokens,
                         time.monotonic() - started)
 
     async def _stream(self, req: GenerateRequest):
         """Relays engine outputs to the request's stream, on the engine's loop. Returns
-        (tokens, last output), or (tokens, None) if the client cancelled. Raises TimeoutError
+        (tokens, Ended), or (tokens, None) if the client cancelled. Raises TimeoutError
         past the deadline; leaving early in any way aborts the request in the engine."""
         rid = req.request_id
         aredis, writer, cancels = await self._async_redis()
@@ -154,11 +165,7 @@ class DecodeRuntime(WorkerRuntime):
         num_tokens, last = 0, None
         remote = self.remote_prefill
         async with asyncio.timeout(req.deadline_unix - time.time()):
-            kv_params = None
-            if remote is not None:
-                kv_params = await remote.kv_transfer_params(aredis, req)
-            generation = self.engine.generate(rid, req.prompt_token_ids, req.sampling, kv_transfer_params=kv_params)
-            deltas_from = DeltaMaker(req.sampling)
+            leg = await remote.decode_leg(aredis, req) if remote is not None else None
             # At most one write of this request in flight: the previous one is awaited before the
             # next is queued, and the last before returning (Finished follows every Delta). While
             # a write is awaited the engine keeps stepping; DELTA outputs that arrive meanwhile
@@ -166,6 +173,23 @@ class DecodeRuntime(WorkerRuntime):
             # right away: its flush is done by the next step, so the relay suspends once a token,
             # on the engine's output, rather than twice.
             written: asyncio.Future | None = None
+            if leg is not None and leg.first is not None:
+                # The prefill engine's first token is the client's first: in Redis before the
+                # decode engine's request is even added (adding a long prompt takes the loop for
+                # milliseconds), and the decode engine's tokens follow it.
+                await writer.write(rid, [leg.first])
+                num_tokens = len(leg.first.token_ids)
+                if leg.release_only:
+                    assert remote is not None
+                    task = asyncio.create_task(self._release(rid, leg, remote))
+                    self._releases.add(task)
+                    task.add_done_callback(self._releases.discard)
+                    return num_tokens, Ended(0)
+            prompt, sampling = (leg.prompt_token_ids, leg.sampling) if leg is not None else \
+                (req.prompt_token_ids, req.sampling)
+            generation = self.engine.generate(rid, prompt, sampling,
+                                              kv_transfer_params=leg.kv_transfer_params if leg else None)
+            deltas_from = DeltaMaker(req.sampling)
             try:
                 async with contextlib.aclosing(generation) as outputs:
                     async for output in outputs:
@@ -192,9 +216,26 @@ class DecodeRuntime(WorkerRuntime):
             finally:
                 if written is not None:  # left early: its outcome is nobody's business now
                     written.add_done_callback(_consume)
-        if remote is not None and kv_params is not None:
+        if remote is not None and leg is not None:
             remote.settle(rid, last.kv_transfer_params if last is not None else None)
-        return num_tokens, last
+        # The decode engine's prompt may end with the first token: cached counts the prompt's.
+        cached = (last.num_cached_tokens or 0) if last is not None else 0
+        return num_tokens, Ended(min(cached, len(req.prompt_token_ids)))
+
+    async def _release(self, rid: str, leg: DecodeLeg, remote: RemotePrefill) -> None:
+        """Runs the decode engine's request of a remote prefill whose first token ended it: it
+        takes the pushed KV, so the prefill engine's blocks go back (or its registration times
+        out and it recomputes), and its token is dropped. The client has its answer already."""
+        last = None
+        try:
+            # Under the request's own id: the prefill engine matches the registration by it.
+            async for output in self.engine.generate(rid, leg.prompt_token_ids, leg.sampling,
+                                                     kv_transfer_params=leg.kv_transfer_params):
+                last = output
+        except Exception:  # noqa: BLE001  nobody waits for it; the prefill engine's lease ends its hold
+            logger.exception("[%s] the decode engine's request that takes the pushed KV failed", rid)
+        else:
+            remote.settle(rid, last.kv_transfer_params if last is not None else None)
 
     async def _async_redis(self) -> tuple:
         # One asyncio client, one stream writer and one cancel watch, created on (and bound to)
