@@ -122,12 +122,18 @@ def _read_texts(sock: socket.socket, timeout_s: float = 30) -> list[str]:
         at = size_end + 4 + size
 
 
-def test_the_reader_writes_every_chunk_after_the_first_in_order(redis_url):
-    gateway, client = _gateway(redis_url), redis.Redis.from_url(redis_url)
+def _taken_over(gateway, client, first: str):
+    """A streaming request whose first chunk (``first``) is out and whose sink has taken over."""
     server, peer = _tcp_pair()
     req = Request(gateway, server)
-    _write(client, req.id, [_delta("t0")])
+    _write(client, req.id, [_delta(first)])
     wait_for(lambda: req.driving.by_reader, 10, "the sink to take over")
+    return req, peer
+
+
+def test_the_reader_writes_every_chunk_after_the_first_in_order(redis_url):
+    gateway, client = _gateway(redis_url), redis.Redis.from_url(redis_url)
+    req, peer = _taken_over(gateway, client, "t0")
     texts = [f"t{i}" for i in range(1, 41)]
     for text in texts:  # one XADD each: the reader takes one step per entry it delivers
         _write(client, req.id, [_delta(text)])
@@ -169,10 +175,7 @@ def test_a_client_that_does_not_read_is_handed_back_and_stalls_no_other_stream(r
 
 def test_a_failure_mid_stream_reaches_the_request_thread_after_the_chunks_before_it(redis_url):
     gateway, client = _gateway(redis_url), redis.Redis.from_url(redis_url)
-    server, peer = _tcp_pair()
-    req = Request(gateway, server)
-    _write(client, req.id, [_delta("a")])
-    wait_for(lambda: req.driving.by_reader, 10, "the sink to take over")
+    req, peer = _taken_over(gateway, client, "a")
     _write(client, req.id, [_delta("b"), _delta("c"), Failed(status=503, type="server_error", message="engine died")])
     assert _read_texts(peer) == ["a", "b", "c"]
     req.join()
@@ -182,10 +185,7 @@ def test_a_failure_mid_stream_reaches_the_request_thread_after_the_chunks_before
 def test_the_request_thread_runs_the_periodic_checks_while_the_reader_writes(redis_url):
     # Its deadline passes while the sink has the stream: the check that raises it is the thread's.
     gateway, client = _gateway(redis_url, **{"frontend.request_timeout_s": "1"}), redis.Redis.from_url(redis_url)
-    server, peer = _tcp_pair()
-    req = Request(gateway, server)
-    _write(client, req.id, [_delta("a")])
-    wait_for(lambda: req.driving.by_reader, 10, "the sink to take over")
+    req, peer = _taken_over(gateway, client, "a")
     _write(client, req.id, [_delta("b")])
     assert _read_texts(peer) == ["a", "b"]
     req.join()
