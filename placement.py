@@ -468,8 +468,14 @@ class AdaptiveScheduler:
         self.free_max, self.settle_s = free_max, settle_s
         self.held = 0
         self.pinned = True  # as place_scheduler left them
+        self.moves = 0
         self._clock = clock
         self._quiet_since = clock()
+
+    @property
+    def adapts(self) -> bool:
+        """Whether there is a scheduler to move."""
+        return bool(self._pids)
 
     def enter(self) -> None:
         self.held += 1
@@ -492,6 +498,7 @@ class AdaptiveScheduler:
 
     def _move(self, pinned: bool) -> None:
         self.pinned = pinned
+        self.moves += 1
         cores, nice = self._cores[pinned], self._nice[pinned]
         for pid in self._pids:
             try:

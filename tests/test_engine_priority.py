@@ -4,12 +4,14 @@ while it holds more than one request and frees it at one, at the runner's nicene
 the gate run at their niceness in sessions of their own (placement.set_niceness)."""
 
 import os
+import re
 import threading
+import urllib.request
 
 import psutil
 import pytest
 
-from conftest import wait_for
+from conftest import live_status, wait_for
 from placement import (
     RUNNER_PROCESS_TITLE,
     SCHEDULER_PROCESS_TITLE,
@@ -67,6 +69,13 @@ def test_deployed_engine_scheduler_takes_its_runners_core_under_load_at_the_work
     assert not any(each.is_alive() for each in streams)
     assert pinned in seen  # while the three streamed
     wait_for(lambda: placed() == free, 30, "the scheduler to run free again")
+    if free != pinned:  # the worker's /metrics says where it is, and that it moved
+        status = next(w for w in live_status(deployment) if w.metrics_address)
+        with urllib.request.urlopen(f"http://{status.metrics_address}/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+        assert "llmq_decode_scheduler_pinned 0.0" in text
+        moves = float(re.search(r"^llmq_decode_scheduler_moves_total (\S+)$", text, re.M).group(1))
+        assert moves >= 3  # freed at start, pinned under the three streams, freed again
 
 
 @pytest.mark.integration

@@ -255,6 +255,7 @@ def test_the_scheduler_is_pinned_under_load_and_freed_once_the_load_settles_at_o
         clock.now = 2.9
         adaptive.settle()
         assert not adaptive.pinned and threads_on() == {(frozenset(free), free_nice)}
+        assert adaptive.adapts and adaptive.moves == 3  # freed, pinned, freed
     finally:
         stand_in.kill()
         stand_in.wait(timeout=10)
@@ -268,6 +269,7 @@ def test_no_scheduler_moves_where_nothing_was_pinned_or_free_max_is_0():
         assert not adaptive.leave()  # nothing to settle, ever
         adaptive.settle()
         assert os.sched_getaffinity(0) == cores
+        assert not adaptive.adapts and adaptive.moves == 0
 
 
 # -- NIXL's agents -----------------------------------------------------------------------------

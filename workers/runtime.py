@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 # Figures that only ever grow; Prometheus gets them as counters.
 COUNTER_FIGURES = {"prefix_cache_queries", "prefix_cache_hits", "num_batched_steps", "num_remote_prefills",
                    "num_local_fallbacks", "num_prefills_served", "num_prefills_dropped", "num_prefill_done_notices",
-                   "kv_transfer_bytes", "kv_transfer_seconds"}
+                   "kv_transfer_bytes", "kv_transfer_seconds", "scheduler_moves"}
 
 class WorkerRuntime:
     """What every engine worker has: its engine, heartbeat and metrics; the KV-event forwarder
@@ -108,6 +108,10 @@ class WorkerRuntime:
         figures = self._load_figures()
         queries = figures["prefix_cache_queries"]
         figures["prefix_cache_hit_rate"] = figures["prefix_cache_hits"] / queries if queries else 0.0
+        scheduler = self.engine.scheduler
+        if scheduler.adapts:  # where the scheduler moves with the load (placement.AdaptiveScheduler)
+            figures["scheduler_pinned"] = int(scheduler.pinned)
+            figures["scheduler_moves"] = scheduler.moves
         return figures
 
     def _load_figures(self) -> dict:
