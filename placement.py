@@ -445,7 +445,7 @@ class AdaptiveScheduler:
     Pinned (``place_scheduler``), the scheduler and its runner take turns on one core, and a step
     hand-over waits for a ``sched_yield`` to come round; free, each busy-polls their queue from a
     core of its own and the hand-over is immediate, as in vLLM's own server. At one stream free
-    is the faster (about half a millisecond a token); at many, the free scheduler's spin takes the
+    is the faster; at many, the free scheduler's spin takes the
     core the frontend, Celery and Redis need, and pinned is far faster. So: pinned while the
     engine holds more than ``free_max`` requests, free once it has held at most that many for
     ``settle_s``. A burst pins at once; its tail frees only after the settle, so a closed loop at
@@ -490,7 +490,7 @@ class AdaptiveScheduler:
             return False
         if self.held == self.free_max:
             self._quiet_since = self._clock()
-        return bool(self._pids) and self.pinned
+        return self.adapts and self.pinned
 
     def settle(self) -> None:
         if self.pinned and self.held <= self.free_max and self._clock() - self._quiet_since >= self.settle_s:

@@ -67,12 +67,12 @@ class StreamReader:
         """This process's wake stream ("" before ``start`` or the first ``open``)."""
         return self._wake_key if self._pid == os.getpid() else ""
 
-    def open(self, stream_keys: list[str], into: queue.SimpleQueue | None = None, pipe=None) -> queue.SimpleQueue:
+    def open(self, stream_keys: list[str], into: Replies | None = None, pipe=None) -> Replies:
         """``into``: a queue an earlier ``open`` returned, so one waiting thread reads more streams
         (a migrated request's new attempt) from one queue. ``pipe``: a Redis pipeline to queue the
         reader's wake-up on, which the caller executes (with the request's task, app/publish.py):
         the streams are read from then on. Without one, ``open`` sends the wake-up itself."""
-        q: queue.SimpleQueue = into if into is not None else Replies()
+        q = into if into is not None else Replies()
         with self._lock:
             self._start_if_needed()
             for key in stream_keys:
@@ -157,7 +157,7 @@ class StreamReader:
                 if stream is not None:  # else closed meanwhile: nobody is waiting for it
                     stream[0] = entries[-1][0]
                     stream[1].put((key, entries))
-                    if (on_put := getattr(stream[1], "on_put", None)) is not None:
+                    if (on_put := stream[1].on_put) is not None:
                         told[id(stream[1])] = on_put
         self._tell(told.values())
 
@@ -175,7 +175,7 @@ class StreamReader:
             waiting = {id(q): q for _, q in self._streams.values()}
         for q in waiting.values():
             q.put((None, error))
-        self._tell([on_put for q in waiting.values() if (on_put := getattr(q, "on_put", None)) is not None])
+        self._tell([on_put for q in waiting.values() if (on_put := q.on_put) is not None])
         # redis-py reconnects on the next call; the requests that were told fail with 503, and
         # the next ones try again. Bounded, so a Redis outage does not spin this thread.
         time.sleep(0.5)

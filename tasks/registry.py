@@ -4,7 +4,7 @@ Each worker renews one key with a TTL. A worker that dies stops renewing, and it
 that is the whole failure detector, with no separate bookkeeping to go stale.
 
 Readers find the leases through one set of their key names (``keys.WORKER_LEASES``), not a SCAN
-of the keyspace, which at hundreds of open output streams was a sixth of Redis's CPU. The set
+of the keyspace, which grows with every open output stream. The set
 only says where to look: a member whose key expired (or was deleted, as the launcher does when a
 worker dies) reads as nothing and is dropped, in the same script that reads it, so a worker
 renewing at that moment is never dropped with it.
