@@ -354,6 +354,10 @@ class DisaggConfig(_Section):
     # the decode engine's heartbeats renew it while it waits. (vLLM's kv_lease_duration; at least
     # 6, since vLLM heartbeats every kv_lease_s // 6 whole seconds.)
     kv_lease_s: int = Field(30, ge=6)
+    # The engines' PyTorch allocations of 2 MiB and more, the KV cache among them, in transparent
+    # huge pages (kvtransfer/connector.py): fewer pages for a KV WRITE to walk. False leaves
+    # PyTorch's allocator as it is.
+    kv_huge_pages: bool = True
 
 
 class FlowerConfig(_Section):

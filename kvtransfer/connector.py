@@ -98,7 +98,8 @@ class TransferSetup:
 
 def transfer_config(role: str, engine_id: str, connector: str,
                     progress_delay_us: int = placement.DEFAULT_PROGRESS_DELAY_US,
-                    push_registration_timeout_s: float = 10.0, kv_lease_s: int = 30) -> TransferSetup:
+                    push_registration_timeout_s: float = 10.0, kv_lease_s: int = 30,
+                    huge_pages: bool = True) -> TransferSetup:
     from vllm.config import KVTransferConfig
 
     # Push always goes through our module: vLLM's own push connector leaves a decode request
@@ -124,6 +125,7 @@ def transfer_config(role: str, engine_id: str, connector: str,
         },
     )
     # Our module reads the delay in the engine's processes (kvtransfer/nixl_agents.py).
-    return TransferSetup(config, placement.nixl_agent_env(progress_delay_us) | KV_HUGE_PAGES_ENV)
+    pages = KV_HUGE_PAGES_ENV if huge_pages else {}
+    return TransferSetup(config, placement.nixl_agent_env(progress_delay_us) | pages)
 
 

@@ -87,6 +87,8 @@ def test_transfer_config_loads_our_connectors_unless_delay_is_off(monkeypatch):
     assert tamed.config.kv_role == "kv_consumer" and tamed.config.kv_buffer_device == "cpu"
     # The delay is for the engine's processes: returned for the worker to apply, not set here.
     assert tamed.env == {PROGRESS_DELAY_ENV: "250", **KV_HUGE_PAGES_ENV}
+    assert transfer_config("decode", "e-1", "pull", progress_delay_us=250, huge_pages=False).env == {
+        PROGRESS_DELAY_ENV: "250"}
     stock = transfer_config("prefill", "e-2", "pull", progress_delay_us=0)
     assert stock.config.kv_role == "kv_producer" and stock.config.kv_connector_module_path is None
     assert dict(os.environ) == before

@@ -80,7 +80,8 @@ class WorkerRuntime:
         logger.info("NIXL side channel %s:%d (engine %s, %s connector)", host, port, engine_id, connector)
         d = self.settings.disagg
         transfer = transfer_config(self.role, engine_id, connector, d.nixl_progress_delay_us,
-                                   push_registration_timeout_s=d.push_registration_timeout_s, kv_lease_s=d.kv_lease_s)
+                                   push_registration_timeout_s=d.push_registration_timeout_s, kv_lease_s=d.kv_lease_s,
+                                   huge_pages=d.kv_huge_pages)
         os.environ.update(channel.env | transfer.env)  # for the engine's processes, which spawn from this one
         return transfer.config
 
