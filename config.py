@@ -358,6 +358,11 @@ class DisaggConfig(_Section):
     # huge pages (kvtransfer/connector.py): fewer pages for a KV WRITE to walk. False leaves
     # PyTorch's allocator as it is.
     kv_huge_pages: bool = True
+    # Where a launcher starts both decode and prefill workers and their engines have cores of
+    # their own: everything else it starts (frontend, Celery's processes, Flower, a local Redis)
+    # runs on the prefill engines' cores, and a decode engine's core is its own
+    # (placement.host_cores). False: they run on any core.
+    isolate_decode_cores: bool = True
 
 
 class FlowerConfig(_Section):

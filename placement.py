@@ -2,6 +2,8 @@
 
 - Which cores a vLLM engine's OpenMP threads are bound to (``engine.omp_threads_bind``): the
   launcher gives several engines a core each, and an engine that moves KV over NIXL runs unbound.
+- Where everything else a launcher starts runs (``disagg.isolate_decode_cores``): off its decode
+  engines' cores, on its prefill engines'.
 - Where a vLLM scheduler process runs (``engine.scheduler_on_runner_cores``,
   ``engine.scheduler_nice``): on its model runner's cores, or else niced.
 - How NIXL's agents poll (``disagg.nixl_progress_delay_us``): their progress thread sleeps between
@@ -32,7 +34,7 @@ import gc
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 logger = logging.getLogger(__name__)
@@ -96,6 +98,30 @@ def core_range(index: int, num_engines: int, cores: int) -> str:
     first = index * per
     last = cores - 1 if index == num_engines - 1 else first + per - 1
     return str(first) if first == last else f"{first}-{last}"
+
+
+def cores_of(spec: str) -> set[int]:
+    """The cores a bind list names: "1", "0-3" or "0,2-3"."""
+    cores: set[int] = set()
+    for part in spec.split(","):
+        first, _, last = part.partition("-")
+        cores.update(range(int(first), int(last or first) + 1))
+    return cores
+
+
+def host_cores(envs: Sequence[Mapping[str, str]], decode: Sequence[bool]) -> set[int] | None:
+    """Where a launcher runs everything it starts besides its engines (the frontend, Celery's
+    worker processes, Flower, a Redis), when it keeps its decode engines' cores for them: the
+    cores of its prefill engines. None (anywhere) unless it starts both kinds and every engine got
+    cores of its own (``engine_cores``; ``envs`` in the order of ``decode``, which says which
+    engines decode).
+
+    A decode engine steps every few milliseconds for every stream it holds, and whatever runs on
+    its core meanwhile (a frontend thread, Celery, Redis) delays that step for all of them; a
+    prefill step is long, and the same interruption costs it a far smaller share."""
+    if not (any(decode) and not all(decode)) or not all(OMP_BIND_ENV in env for env in envs):
+        return None
+    return set().union(*(cores_of(env[OMP_BIND_ENV]) for env, dec in zip(envs, decode) if not dec))
 
 
 # OpenMP's own variables, read by the engine's processes when they start.

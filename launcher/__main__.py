@@ -97,16 +97,29 @@ def _celery_worker(name: str, queue: str, settings: Settings, stop_order: int, e
                         "--without-gossip", "--loglevel", settings.log_level], stop_order=stop_order, env=env or {})
 
 
-def worker_children(settings: Settings, roles: set[str]) -> list[Child]:
-    """Decode workers, then prefill workers; each engine gets its own core where there are several,
-    all at ``workers.nice``."""
+def engine_workers(settings: Settings, roles: set[str]) -> list[tuple[str, str, dict[str, str]]]:
+    """(name, queue, engine environment) of each decode worker, then each prefill worker; each
+    engine gets its own core where there are several."""
     specs = []
     if "decode" in roles:
         specs += [(f"decode{i}", queues.DECODE) for i in range(settings.workers.num_decode)]
     if "prefill" in roles and settings.disagg.enabled:
         specs += [(f"prefill{i}", queues.PREFILL) for i in range(settings.disagg.num_prefill)]
     envs = placement.engine_cores(len(specs), settings.engine.omp_threads_bind, moves_kv=settings.disagg.enabled)
-    children = [_celery_worker(name, queue, settings, 3, env) for (name, queue), env in zip(specs, envs)]
+    return [(name, queue, env) for (name, queue), env in zip(specs, envs)]
+
+
+def host_cores(settings: Settings, roles: set[str]) -> set[int] | None:
+    """The cores for everything this launcher starts besides its engines, or None for any."""
+    if not (settings.disagg.enabled and settings.disagg.isolate_decode_cores):
+        return None
+    workers = engine_workers(settings, roles)
+    return placement.host_cores([env for _, _, env in workers], [queue == queues.DECODE for _, queue, _ in workers])
+
+
+def worker_children(settings: Settings, roles: set[str]) -> list[Child]:
+    """Decode workers, then prefill workers, all at ``workers.nice``."""
+    children = [_celery_worker(name, queue, settings, 3, env) for name, queue, env in engine_workers(settings, roles)]
     nice = settings.workers.nice
     if children and nice < 0 and not placement.may_lower_niceness(nice):
         # nice(1) would warn and run the worker anyway; one line here says why, and the session's
@@ -230,6 +243,11 @@ def serve(args: argparse.Namespace) -> int:
 
     supervisor = Supervisor(env, grace_s=args.grace_s, on_exit=lease_dropper(settings))
     supervisor.install_signal_handlers()
+    if cores := host_cores(settings, roles):
+        # Inherited by every child; vLLM binds each engine's runner to its own cores regardless.
+        os.sched_setaffinity(0, cores)
+        logger.info("the decode engines' cores are theirs: the frontend, Celery, Flower and a local Redis run on "
+                    "cores %s, the prefill engines' (disagg.isolate_decode_cores)", ",".join(map(str, sorted(cores))))
     try:
         ensure_redis(settings, supervisor, run_dir)
         for child in worker_children(settings, roles):

@@ -17,6 +17,7 @@ import psutil
 import pytest
 
 from conftest import fresh_redis_url, live_status, make_settings, start_deployment, wait_for
+from placement import RUNNER_PROCESS_TITLE, SCHEDULER_PROCESS_TITLE
 from tasks import keys, queues
 from tasks.messages import PrefillRequest, prefill_to_task_arg
 
@@ -129,6 +130,24 @@ def test_the_first_token_comes_from_the_prefill_engine(disagg, deployment, max_t
     # came would still be held.
     assert settled(disagg, "decode", lambda w: w.kv_blocks_used == 0, "decode blocks to be free").kv_blocks_used == 0
     assert settled(disagg, "prefill", lambda w: w.kv_blocks_used == 0, "prefill blocks to be free").kv_blocks_used == 0
+
+
+def test_the_decode_engine_has_its_core_to_itself(disagg):
+    # disagg.isolate_decode_cores: everything else the launcher started runs on the prefill
+    # engine's core, and the decode scheduler stays pinned beside its runner at every load.
+    procs = psutil.Process(disagg.proc.pid).children(recursive=True)
+    title = lambda p: " ".join(p.cmdline())  # noqa: E731
+
+    def engine(worker: str, process_title: str) -> set[int]:
+        [celery] = [p for p in procs if f"{worker}@" in title(p)]
+        [proc] = [p for p in celery.children(recursive=True) if title(p).startswith(process_title)]
+        return set(proc.cpu_affinity())
+
+    decode, prefill = engine("decode0", RUNNER_PROCESS_TITLE), engine("prefill0", RUNNER_PROCESS_TITLE)
+    assert decode.isdisjoint(prefill)
+    assert engine("decode0", SCHEDULER_PROCESS_TITLE) == decode
+    rest = [p for p in procs if not title(p).startswith("VLLM::")]
+    assert len(rest) >= 3 and {title(p): set(p.cpu_affinity()) for p in rest} == {title(p): prefill for p in rest}
 
 
 def test_thresholds_change_at_run_time(disagg):

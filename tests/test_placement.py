@@ -106,6 +106,35 @@ def test_a_worker_keeps_the_cores_the_launcher_gave_its_engine():
     assert engine_bind_env("auto", True, environ={OMP_BIND_ENV: NOBIND}) == UNBOUND
 
 
+def test_a_bind_list_names_its_cores():
+    assert placement.cores_of("1") == {1}
+    assert placement.cores_of("0-3") == {0, 1, 2, 3}
+    assert placement.cores_of("0,2-3") == {0, 2, 3}
+
+
+def test_the_launcher_keeps_decode_cores_for_decode_engines_only_where_each_engine_has_its_own():
+    bound = [{OMP_BIND_ENV: "0-1"}, {OMP_BIND_ENV: "2"}, {OMP_BIND_ENV: "3"}]
+    assert placement.host_cores(bound, [True, False, False]) == {2, 3}
+    assert placement.host_cores(bound[:2], [True, True]) is None     # aggregated: no prefill engine's core
+    assert placement.host_cores(bound[:2], [False, False]) is None   # a prefill-only node
+    assert placement.host_cores([{OMP_THREADS_ENV: "1"}] * 2, [True, False]) is None  # unbound engines
+
+
+@pytest.mark.parametrize("sets,roles,cores", [
+    ([], {"decode", "prefill", "frontend"}, {1}),
+    (["disagg.isolate_decode_cores=false"], {"decode", "prefill", "frontend"}, None),
+    ([], {"decode", "frontend"}, None),  # a node of decode workers only
+])
+def test_the_launcher_runs_the_rest_on_the_prefill_engines_cores(monkeypatch, sets, roles, cores):
+    from launcher.__main__ import host_cores
+
+    for var in (OMP_THREADS_ENV, OMP_BIND_ENV, OMP_WAIT_POLICY_ENV):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    settings = load_settings(ROOT / "configs" / "disagg.yaml", sets, environ={})
+    assert host_cores(settings, roles) == cores
+
+
 def test_an_unbound_engine_keeps_the_thread_count_and_wait_policy_it_was_given():
     # The launcher's share of the cores (engine_cores), or the operator's own settings.
     assert unbound_engine_env({OMP_THREADS_ENV: "4"}) == {OMP_WAIT_POLICY_ENV: "PASSIVE"}

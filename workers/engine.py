@@ -223,6 +223,12 @@ class EngineHost:
         pinned = set.union(*(os.sched_getaffinity(pid) for pid in placed))
         pinned_nice = os.getpriority(os.PRIO_PROCESS, placed[0])
         free_nice = max(e.scheduler_nice, pinned_nice)
+        if free.isdisjoint(pinned):
+            # The launcher keeps this engine's cores for it (disagg.isolate_decode_cores): freed, the
+            # scheduler would wait at its niceness behind a prefill engine's compute.
+            logger.info("the vLLM scheduler stays pinned at every load: this worker runs off its runner's cores %s",
+                        ",".join(map(str, sorted(pinned))))
+            return
         if free_nice > pinned_nice and not placement.may_renice_up_to(pinned_nice):
             logger.info("the vLLM scheduler stays pinned at every load: freed at niceness %d, it could not be "
                         "brought back to %d without CAP_SYS_NICE", free_nice, pinned_nice)
