@@ -27,14 +27,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import logging
+import os
 import random
 import re
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -79,6 +81,9 @@ class DisaggSpec:
     disagg_sets: str = field(default="", metadata=help_text(
         "disagg deployments to measure, '|'-separated, each comma-separated KEY=VALUE overrides (empty: one, "
         "as configured); e.g. 'disagg.connector=push|disagg.connector=pull'"))
+    client_on_host_cores: bool = field(default=True, metadata=help_text(
+        "run the load generator on the cores of the deployment's own processes (the launcher's), not on an isolated "
+        "decode engine's (disagg.isolate_decode_cores), as a client on another host would"))
     model_path: str = field(default="", metadata=help_text("model.path of every deployment (empty: the tiny "
                                                             "model; the benchmark model: "
                                                             "~/.cache/llmq/models/bench-llama)"))
@@ -448,39 +453,61 @@ def run_deployment(dep: Deployment, spec: DisaggSpec, out: Path, points: list[Po
     wait_for_other_benchmarks()
     with LauncherDeployment(config, out / "logs", spec.redis_db or db, sets={**sets, **dep.sets},
                             name=dep.label) as launched:
-        redis = launched.redis
         if dep.kind == DISAGG:
-            fresh_leases(redis, 1, since_unix=0, timeout_s=180, role="prefill")
+            fresh_leases(launched.redis, 1, since_unix=0, timeout_s=180, role="prefill")
         target = Target(dep.label, launched.base_url, spec.model_name)
         labels = process_labels(launched.process.pid) if launched.process else {}
-        warm = replace(spec, duration_s=8.0, warm_s=0.0)  # unrecorded: the first transfers' handshake
-        asyncio.run(run_steady(target, warm, max(0.5, min(spec.rates)), spec.seed + 1000, labels))
-        time.sleep(2.0)
-        for i, rate in enumerate(spec.rates):
-            before = fresh_leases(redis, dep.num_decode, since_unix=time.time())
-            prefill_before = fresh_leases(redis, 1, time.time(), role="prefill") if dep.kind == DISAGG else []
-            uptime = MachineState.now().uptime
-            logger.info("[%s rate=%g/s] %s", dep.label, rate, uptime)
-            point_records, cpu = asyncio.run(run_steady(target, spec, rate, spec.seed + i, labels))
-            time.sleep(1.5)  # the engines' last steps reach their stat loggers
-            after = fresh_leases(redis, dep.num_decode, since_unix=time.time())
-            transfers, served = None, None
-            if dep.kind == DISAGG:
-                prefill_after = fresh_leases(redis, 1, time.time(), role="prefill")
-                transfers = transfer_delta(before, after)
-                if spec.connector == "push":
-                    # The side that moves the KV counts its bytes and time: with push, the prefill
-                    # worker WRITEs it (the remote prefills and fallbacks stay the decode side's).
-                    moved = transfer_delta(prefill_before, prefill_after)
-                    transfers = replace(transfers, kv_bytes=moved.kv_bytes, kv_seconds=moved.kv_seconds)
-                served = sum(w.num_prefills_served for w in prefill_after) - sum(
-                    w.num_prefills_served for w in prefill_before)
-            window = window_stats(point_records, spec.warm_s, spec.duration_s, spec.stream_output_len)
-            points.append(PointResult(dep.label, dep.kind, rate, spec.seed + i, uptime, window, cpu, transfers,
-                                      served))
-            logger.info("[%s rate=%g/s] stream ITL p99 %s ms, %s output tok/s", dep.label, rate,
-                        fmt(window.stream_itl_ms.p99, 1), fmt(window.output_tok_per_s, 0))
-            records += [{**r.to_json(), "deployment": dep.label, "rate_per_s": rate} for r in point_records]
+        with client_cores(launched.process.pid if launched.process and spec.client_on_host_cores else None):
+            run_points(dep, spec, launched, target, labels, points, records)
+
+
+@contextlib.contextmanager
+def client_cores(launcher_pid: int | None) -> Iterator[None]:
+    """This thread, the load generator's event loop, on the launcher's cores while inside."""
+    everywhere = os.sched_getaffinity(0)
+    if launcher_pid is not None and (host := os.sched_getaffinity(launcher_pid)) != everywhere:
+        logger.info("the load generator runs on cores %s, the deployment's own processes'",
+                    ",".join(map(str, sorted(host))))
+        os.sched_setaffinity(0, host)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, everywhere)
+
+
+def run_points(dep: Deployment, spec: DisaggSpec, launched, target: Target, labels: dict[int, str],
+               points: list[PointResult], records: list[dict]) -> None:
+    from bench.cache_stats import fresh_leases
+
+    redis = launched.redis
+    warm = replace(spec, duration_s=8.0, warm_s=0.0)  # unrecorded: the first transfers' handshake
+    asyncio.run(run_steady(target, warm, max(0.5, min(spec.rates)), spec.seed + 1000, labels))
+    time.sleep(2.0)
+    for i, rate in enumerate(spec.rates):
+        before = fresh_leases(redis, dep.num_decode, since_unix=time.time())
+        prefill_before = fresh_leases(redis, 1, time.time(), role="prefill") if dep.kind == DISAGG else []
+        uptime = MachineState.now().uptime
+        logger.info("[%s rate=%g/s] %s", dep.label, rate, uptime)
+        point_records, cpu = asyncio.run(run_steady(target, spec, rate, spec.seed + i, labels))
+        time.sleep(1.5)  # the engines' last steps reach their stat loggers
+        after = fresh_leases(redis, dep.num_decode, since_unix=time.time())
+        transfers, served = None, None
+        if dep.kind == DISAGG:
+            prefill_after = fresh_leases(redis, 1, time.time(), role="prefill")
+            transfers = transfer_delta(before, after)
+            if spec.connector == "push":
+                # The side that moves the KV counts its bytes and time: with push, the prefill
+                # worker WRITEs it (the remote prefills and fallbacks stay the decode side's).
+                moved = transfer_delta(prefill_before, prefill_after)
+                transfers = replace(transfers, kv_bytes=moved.kv_bytes, kv_seconds=moved.kv_seconds)
+            served = sum(w.num_prefills_served for w in prefill_after) - sum(
+                w.num_prefills_served for w in prefill_before)
+        window = window_stats(point_records, spec.warm_s, spec.duration_s, spec.stream_output_len)
+        points.append(PointResult(dep.label, dep.kind, rate, spec.seed + i, uptime, window, cpu, transfers,
+                                  served))
+        logger.info("[%s rate=%g/s] stream ITL p99 %s ms, %s output tok/s", dep.label, rate,
+                    fmt(window.stream_itl_ms.p99, 1), fmt(window.output_tok_per_s, 0))
+        records += [{**r.to_json(), "deployment": dep.label, "rate_per_s": rate} for r in point_records]
 
 
 def run(spec: DisaggSpec, out: Path) -> Path:
@@ -650,7 +677,10 @@ def markdown(spec: DisaggSpec, points: list[PointResult], raw: dict, started: Ma
              f"{s.long_output_len} out) arriving open loop (Poisson) for {s.duration_s:g} s; window "
              f"{s.warm_s:g}-{s.duration_s:g} s; rate i uses seed {s.seed} + i on every deployment",
              "- disagg: prompts longer than 512 uncached tokens are prefilled on the prefill worker while the "
-             "prefill queue holds fewer than 4; " + MOVES[s.connector], ""]
+             "prefill queue holds fewer than 4; " + MOVES[s.connector],
+             "- the load generator runs " + ("on the cores of each deployment's own processes (where a launcher keeps "
+                                             "a decode engine's core for it, off that core)" if s.client_on_host_cores
+                                             else "on any core"), ""]
     for rate in dict.fromkeys(p.rate_per_s for p in points):
         here = [p for p in points if p.rate_per_s == rate]
         lines += [f"## {rate:g} long prompts/s", ""]

@@ -1,11 +1,14 @@
-"""Unit tests for bench/disagg.py and bench/nixl_bandwidth.py's pure parts: no engines, no NIXL."""
+"""Unit tests for bench/disagg.py and bench/nixl_bandwidth.py's pure parts, and where bench/disagg.py runs its load generator: no engines, no NIXL."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 from dataclasses import asdict
 
 import pytest
 
+from bench import disagg
 from bench.disagg import (
     DisaggSpec,
     Goal,
@@ -20,6 +23,7 @@ from bench.disagg import (
 )
 from bench.nixl_bandwidth import KIB, MIB, Case, default_cases, kv_block_bytes, summarize
 from bench.records import RequestRecord
+from conftest import wait_for
 from tasks.registry import WorkerStatus
 
 
@@ -132,3 +136,19 @@ def test_a_push_is_set_against_the_raw_write_of_its_own_shape():
     assert row["ratio_to_deployment_push_write"] == pytest.approx(4.0 / rates[write.name])
     assert row["ratio_to_direct_vllm_like"] == pytest.approx(4.0 / 1.0)
     assert row["ratio_to_deployment_256MiB"] == pytest.approx(4.0 / len(cases))
+
+
+def test_the_load_generator_runs_on_the_launchers_cores_while_inside_and_anywhere_after():
+    everywhere = os.sched_getaffinity(0)
+    one = {min(everywhere)}
+    launcher = subprocess.Popen(["taskset", "-c", str(min(everywhere)), "sleep", "60"])
+    try:
+        wait_for(lambda: os.sched_getaffinity(launcher.pid) == one, 10, "taskset to bind the stand-in launcher")
+        with disagg.client_cores(launcher.pid):
+            assert os.sched_getaffinity(0) == one
+        assert os.sched_getaffinity(0) == everywhere
+        with disagg.client_cores(None):
+            assert os.sched_getaffinity(0) == everywhere
+    finally:
+        launcher.kill()
+        launcher.wait(timeout=10)
