@@ -109,6 +109,10 @@ def cores_of(spec: str) -> set[int]:
     return cores
 
 
+# Set by the launcher in the environment of a decode engine whose cores it keeps for that engine.
+OWN_CORES_ENV = "LLMQ_ENGINE_OWNS_ITS_CORES"
+
+
 def host_cores(envs: Sequence[Mapping[str, str]], decode: Sequence[bool]) -> set[int] | None:
     """Where a launcher runs everything it starts besides its engines (the frontend, Celery's
     worker processes, Flower, a Redis), when it keeps its decode engines' cores for them: the
@@ -193,7 +197,11 @@ def spin_less_when_unbound(shm_broadcast, log: logging.Logger = logger, moves_kv
     most one at either end), and then the scheduler and the runner each wait for the other until
     a poll times out. Bound engines keep vLLM's spin, theirs being on their own core, unless they
     move KV (``moves_kv``): such engines have a core each and none is left over, so their spin
-    would take the frontend's, Celery's and Redis's time."""
+    would take the frontend's, Celery's and Redis's time. A decode engine whose cores the launcher
+    keeps for it (``OWN_CORES_ENV``, ``host_cores``) keeps the spin too: nothing else waits for
+    its core, and each nap's wake-up would preempt its own runner mid-step."""
+    if os.environ.get(OWN_CORES_ENV) == "1":
+        return False
     if not moves_kv and os.environ.get(OMP_BIND_ENV) != NOBIND:
         return False
     cls = shm_broadcast.SpinCondition

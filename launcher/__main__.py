@@ -118,8 +118,11 @@ def host_cores(settings: Settings, roles: set[str]) -> set[int] | None:
 
 
 def worker_children(settings: Settings, roles: set[str]) -> list[Child]:
-    """Decode workers, then prefill workers, all at ``workers.nice``."""
-    children = [_celery_worker(name, queue, settings, 3, env) for name, queue, env in engine_workers(settings, roles)]
+    """Decode workers, then prefill workers, all at ``workers.nice``. Where the launcher keeps the
+    decode engines' cores for them, their environment says so (placement.OWN_CORES_ENV)."""
+    own = {placement.OWN_CORES_ENV: "1"} if host_cores(settings, roles) else {}
+    children = [_celery_worker(name, queue, settings, 3, {**env, **(own if queue == queues.DECODE else {})})
+                for name, queue, env in engine_workers(settings, roles)]
     nice = settings.workers.nice
     if children and nice < 0 and not placement.may_lower_niceness(nice):
         # nice(1) would warn and run the worker anyway; one line here says why, and the session's

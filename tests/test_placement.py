@@ -135,6 +135,19 @@ def test_the_launcher_runs_the_rest_on_the_prefill_engines_cores(monkeypatch, se
     assert host_cores(settings, roles) == cores
 
 
+def test_only_decode_engines_whose_cores_the_launcher_keeps_are_told_so(monkeypatch):
+    from launcher.__main__ import worker_children
+
+    for var in (OMP_THREADS_ENV, OMP_BIND_ENV, OMP_WAIT_POLICY_ENV):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    for sets, told in (([], {"decode0": "1", "prefill0": None}),
+                       (["disagg.isolate_decode_cores=false"], {"decode0": None, "prefill0": None})):
+        settings = load_settings(ROOT / "configs" / "disagg.yaml", sets, environ={})
+        children = worker_children(settings, {"decode", "prefill"})
+        assert {c.name: c.env.get(placement.OWN_CORES_ENV) for c in children} == told
+
+
 def test_an_unbound_engine_keeps_the_thread_count_and_wait_policy_it_was_given():
     # The launcher's share of the cores (engine_cores), or the operator's own settings.
     assert unbound_engine_env({OMP_THREADS_ENV: "4"}) == {OMP_WAIT_POLICY_ENV: "PASSIVE"}
@@ -399,9 +412,13 @@ def test_an_unbound_engines_queue_readers_nap_instead_of_spinning_and_keep_vllms
     assert shm.waits == [5, 7, None]
 
 
-def test_engines_that_move_kv_nap_even_when_bound(monkeypatch):
-    # They have a core each and none is left over for the frontend, Celery and Redis.
+def test_engines_that_move_kv_nap_even_when_bound_unless_their_cores_are_their_own(monkeypatch):
+    # They have a core each and none is left over for the frontend, Celery and Redis, unless the
+    # launcher keeps a decode engine's core for it.
     monkeypatch.setenv(OMP_BIND_ENV, "0")
+    monkeypatch.setenv(placement.OWN_CORES_ENV, "1")
+    assert not spin_less_when_unbound(_FakeShmBroadcast(), moves_kv=True)
+    monkeypatch.delenv(placement.OWN_CORES_ENV)
     assert spin_less_when_unbound(_FakeShmBroadcast(), moves_kv=True)
 
 
