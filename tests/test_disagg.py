@@ -148,6 +148,9 @@ def test_the_decode_engine_has_its_core_to_itself(disagg):
     assert engine("decode0", SCHEDULER_PROCESS_TITLE) == decode
     rest = [p for p in procs if not title(p).startswith("VLLM::")]
     assert len(rest) >= 3 and {title(p): set(p.cpu_affinity()) for p in rest} == {title(p): prefill for p in rest}
+    # Its queue readers keep vLLM's spin on the core that is its own; the prefill engine's nap.
+    napping = {line.split("]", 1)[0] + "]" for line in disagg.log().splitlines() if "between looks" in line}
+    assert "[prefill0]" in napping and "[decode0]" not in napping
 
 
 def test_thresholds_change_at_run_time(disagg):
