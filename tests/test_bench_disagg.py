@@ -1,4 +1,5 @@
-"""Unit tests for bench/disagg.py and bench/nixl_bandwidth.py's pure parts, and where bench/disagg.py runs its load generator: no engines, no NIXL."""
+"""Unit tests for bench/disagg.py and bench/nixl_bandwidth.py's pure parts, and where bench/disagg.py runs
+its load generator: no engines, no NIXL."""
 
 from __future__ import annotations
 
