@@ -327,8 +327,9 @@ class RouterConfig(_Section):
 
 class DisaggConfig(_Section):
     """Disaggregated prefill. A decode worker prefills remotely when the uncached part of a
-    prompt is longer than max_local_prefill_length and the prefill queue is shorter than
-    max_prefill_queue_size. Both thresholds can be changed at run time (kvtransfer/policy.py)."""
+    prompt is longer than max_local_prefill_length and fewer than max_prefill_queue_size remote
+    prefills wait (queued, or its own not yet answered). Both thresholds can be changed at run
+    time (kvtransfer/policy.py)."""
 
     enabled: bool = False
     # push: decode allocates and prefill writes, the order of Dynamo's disaggregated design

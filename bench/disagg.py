@@ -18,7 +18,8 @@ window, from `--warm-s` after it started to `--duration-s`, when the streams sto
 requests: the streams' inter-token gaps that end in it, every token that arrived in it (output
 tok/s), the time-to-first-token of the requests sent in it, and the CPU each process used over it.
 Around each point the workers' leases are read (KV bytes and seconds, remote prefills, local
-fallbacks); after minus before is that point's KV traffic.
+fallbacks, long prompts kept local by the prefill backlog); after minus before is that point's KV
+traffic.
 
 Deployments use Redis databases 4 (agg) and 5 (disagg), or all `--redis-db`, flushed before each start.
 """
@@ -37,7 +38,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, astuple, dataclass, field, replace
 from pathlib import Path
 
 from bench.client import ClientOptions, HttpClient, SessionRunner, run_open
@@ -235,21 +236,18 @@ class TransferCounters:
     kv_seconds: float = 0.0
     remote_prefills: int = 0
     local_fallbacks: int = 0
+    local_by_backlog: int = 0
 
     @classmethod
     def of(cls, status) -> TransferCounters:
         return cls(status.kv_transfer_bytes, status.kv_transfer_seconds, status.num_remote_prefills,
-                   status.num_local_fallbacks)
+                   status.num_local_fallbacks, status.num_local_by_backlog)
 
     def __sub__(self, earlier: TransferCounters) -> TransferCounters:
-        return TransferCounters(self.kv_bytes - earlier.kv_bytes, self.kv_seconds - earlier.kv_seconds,
-                                self.remote_prefills - earlier.remote_prefills,
-                                self.local_fallbacks - earlier.local_fallbacks)
+        return TransferCounters(*(a - b for a, b in zip(astuple(self), astuple(earlier), strict=True)))
 
     def __add__(self, other: TransferCounters) -> TransferCounters:
-        return TransferCounters(self.kv_bytes + other.kv_bytes, self.kv_seconds + other.kv_seconds,
-                                self.remote_prefills + other.remote_prefills,
-                                self.local_fallbacks + other.local_fallbacks)
+        return TransferCounters(*(a + b for a, b in zip(astuple(self), astuple(other), strict=True)))
 
     @property
     def gbytes_per_s(self) -> float | None:
@@ -275,7 +273,7 @@ def transfer_delta(before: Sequence, after: Sequence) -> TransferCounters:
         now, old = TransferCounters.of(w), earlier.get(w.worker_id)
         restarted = old is None or (old.pid, old.started_unix) != (w.pid, w.started_unix)
         delta = now if restarted else now - TransferCounters.of(old)
-        if min(delta.kv_bytes, delta.kv_seconds, delta.remote_prefills, delta.local_fallbacks) < 0:
+        if min(astuple(delta)) < 0:
             delta = now
         total = total + delta
     return total
@@ -676,8 +674,8 @@ def markdown(spec: DisaggSpec, points: list[PointResult], raw: dict, started: Ma
              f"out, closed loop) and long prompts ({s.long_input_len}-{s.long_input_max} tokens in / "
              f"{s.long_output_len} out) arriving open loop (Poisson) for {s.duration_s:g} s; window "
              f"{s.warm_s:g}-{s.duration_s:g} s; rate i uses seed {s.seed} + i on every deployment",
-             "- disagg: prompts longer than 512 uncached tokens are prefilled on the prefill worker while the "
-             "prefill queue holds fewer than 4; " + MOVES[s.connector],
+             "- disagg: prompts longer than 512 uncached tokens are prefilled on the prefill worker while fewer "
+             "than 4 remote prefills wait (the config's, unless `--disagg-sets` says otherwise); " + MOVES[s.connector],
              "- the load generator runs " + ("on the cores of each deployment's own processes (where a launcher keeps "
                                              "a decode engine's core for it, off that core)" if s.client_on_host_cores
                                              else "on any core"), ""]
@@ -700,7 +698,8 @@ def markdown(spec: DisaggSpec, points: list[PointResult], raw: dict, started: Ma
                 continue
             mover = "prefill" if s.connector == "push" else "decode"
             lines += table([f"{p.deployment}: KV over NIXL (leases, after − before)", "value"], [
-                ["remote prefills / local fallbacks (decode worker)", f"{t.remote_prefills} / {t.local_fallbacks}"],
+                ["remote prefills / local fallbacks / local by backlog (decode worker)",
+                 f"{t.remote_prefills} / {t.local_fallbacks} / {t.local_by_backlog}"],
                 ["prefills served (prefill worker)", str(p.prefill_served)],
                 [f"bytes moved ({mover} worker)", f"{t.kv_bytes:,}"],
                 ["summed transfer time, s", fmt(t.kv_seconds, 4)],

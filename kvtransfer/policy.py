@@ -19,10 +19,10 @@ class Thresholds:
     max_prefill_queue_size: int
 
 
-def should_prefill_remotely(prompt_len: int, prefix_hit_len: int, prefill_queue_len: int, t: Thresholds) -> bool:
-    """Remote when the uncached part of the prompt is long and the prefill queue has room."""
-    return (prompt_len - prefix_hit_len > t.max_local_prefill_length
-            and prefill_queue_len < t.max_prefill_queue_size)
+def should_prefill_remotely(prompt_len: int, prefix_hit_len: int, backlog: int, t: Thresholds) -> bool:
+    """Remote when the uncached part of the prompt is long and the prefill backlog (remote
+    prefills waiting: RemotePrefill.decode_leg) has room."""
+    return prompt_len - prefix_hit_len > t.max_local_prefill_length and backlog < t.max_prefill_queue_size
 
 
 class ThresholdSource:

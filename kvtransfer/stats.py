@@ -41,6 +41,8 @@ class DisaggCounters:
 
     num_remote_prefills: int = 0
     num_local_fallbacks: int = 0
+    # Long prompts prefilled locally because max_prefill_queue_size remote prefills were waiting.
+    num_local_by_backlog: int = 0
     num_prefills_served: int = 0
     num_prefills_dropped: int = 0
     num_prefill_done_notices: int = 0

@@ -38,10 +38,12 @@ class WorkerStatus(msgspec.Struct, frozen=True):
     num_batched_steps: int = 0
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
-    # Disaggregation: decode workers count remote prefills and local fallbacks; prefill workers
+    # Disaggregation: decode workers count remote prefills, local fallbacks and long prompts kept
+    # local by the prefill backlog; prefill workers
     # count prefills served and dropped; both count KV moved over NIXL.
     num_remote_prefills: int = 0
     num_local_fallbacks: int = 0
+    num_local_by_backlog: int = 0
     num_prefills_served: int = 0
     num_prefills_dropped: int = 0
     num_prefill_done_notices: int = 0  # PrefillDone messages a decode worker got over pub/sub

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import queue
 import time
 
 import msgspec
@@ -236,16 +237,22 @@ def test_push_outcomes_are_counted_when_the_request_ends():
     assert (remote._counters.num_remote_prefills, remote._counters.num_local_fallbacks) == (1, 1)
 
 
+def prefill_worker_up(client: redis.Redis) -> None:
+    """A stand-in prefill worker's lease and NIXL endpoint, as a live one keeps them."""
+    from tasks.registry import WorkerStatus, renew_lease
+
+    register(client, P_ENDPOINT, lease_s=30)
+    renew_lease(client, WorkerStatus("prefill0@h", "prefill", ["prefill"], "h", 1, 0.0, 0.0), lease_s=30)
+
+
 def decode_side(redis_url: str, client: redis.Redis, sampling, answer, counters: DisaggCounters,
                 settings=SETTINGS):
     """RemotePrefill.decode_leg for request r1 against a stand-in prefill worker: ``answer(preq)``
     is what it publishes once it has the PrefillRequest, in PrefillServer.serve's order. Returns
     the leg and the PrefillRequest it sent."""
     from tasks.messages import GenerateRequest
-    from tasks.registry import WorkerStatus, renew_lease
 
-    register(client, P_ENDPOINT, lease_s=30)
-    renew_lease(client, WorkerStatus("prefill0@h", "prefill", ["prefill"], "h", 1, 0.0, 0.0), lease_s=30)
+    prefill_worker_up(client)
     sent: list[PrefillRequest] = []
 
     def prefill_worker(preq: PrefillRequest) -> None:
@@ -332,6 +339,52 @@ def test_a_prefill_that_brings_no_first_token_ends_in_a_local_prefill(client, re
     assert preq.sampling is not None and leg is None
     assert counters.num_local_fallbacks == 1
     assert client.pubsub_numsub(keys.prefill_done_channel("r1"))[0][1] == 0, "the subscription must be closed"
+
+
+def test_a_long_prompt_prefills_locally_while_the_workers_own_remote_prefills_fill_the_backlog(client, redis_url):
+    """A prefill worker takes queued prefills as soon as it has task threads, so the queue stays
+    empty however far behind its engine is: the backlog also counts the decode worker's own remote
+    prefills that wait for an answer. At max_prefill_queue_size 1, a second long prompt prefills
+    locally while the first waits, and a third goes remote once the first has its answer."""
+    from tasks.messages import GenerateRequest, SamplingSpec
+
+    settings = load_settings("configs/disagg.yaml", ["disagg.connector=push", "disagg.max_prefill_queue_size=1"],
+                             environ={})
+    prefill_worker_up(client)
+    sent: queue.SimpleQueue[PrefillRequest] = queue.SimpleQueue()  # put from the executor's thread
+    counters = DisaggCounters()
+    spec = SamplingSpec(max_tokens=4, stop=["x"])  # the decode engine samples t1: the claim answers
+
+    def request(rid: str) -> GenerateRequest:
+        return GenerateRequest(rid, list(range(settings.disagg.max_local_prefill_length + 1)), spec,
+                               deadline_unix=time.time() + 30)
+
+    async def answer(remote: RemotePrefill, preq: PrefillRequest, leg_task: asyncio.Task):
+        for channel, raw in (claimed(preq), done(preq)):
+            client.publish(channel, raw)
+        async with asyncio.timeout(10):
+            leg = await leg_task
+            while remote.transfer._reports:  # the PrefillDone report
+                await asyncio.gather(*remote.transfer._reports)
+        return leg
+
+    async def run():
+        aredis = redis.asyncio.Redis.from_url(redis_url)
+        try:
+            remote = RemotePrefill(settings, "decode0@h", send_prefill=sent.put, counters=counters)
+            first = asyncio.create_task(remote.decode_leg(aredis, request("r1")))
+            preq1 = await asyncio.to_thread(sent.get, timeout=10)  # sent, and nobody answers yet
+            assert await remote.decode_leg(aredis, request("r2")) is None, "the backlog is full: local"
+            assert await answer(remote, preq1, first) is not None and remote.outstanding == 0
+            third = asyncio.create_task(remote.decode_leg(aredis, request("r3")))
+            preq3 = await asyncio.to_thread(sent.get, timeout=10)
+            assert preq3.request_id == "r3" and await answer(remote, preq3, third) is not None
+        finally:
+            await aredis.aclose()
+
+    asyncio.run(run())
+    assert sent.empty(), "r2 was never sent"
+    assert (counters.num_local_by_backlog, counters.num_local_fallbacks) == (1, 0)
 
 
 # -- the first token from the prefill engine: pure parts -----------------------------------------

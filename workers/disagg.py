@@ -111,6 +111,10 @@ class RemotePrefill:
         self._thresholds = ThresholdSource(settings.disagg)
         self._prefill_alive = False
         self._prefill_checked_at = float("-inf")
+        # This worker's remote prefills not yet answered (decode_leg's wait). A prefill worker
+        # takes queued prefills as soon as it has task threads for them, many more than its engine
+        # computes at once, so the queue alone stays near empty however far behind it is.
+        self.outstanding = 0
 
     async def decode_leg(self, aredis, req: GenerateRequest) -> DecodeLeg | None:
         """The decode engine's request for a remote prefill, or None to prefill locally.
@@ -120,13 +124,27 @@ class RemotePrefill:
         blocks only then, for prompt + [t1] (the prefill engine keeps its finished request's
         blocks for a registration that comes late). Otherwise the decode engine registers right
         after the claim, for the prompt, and samples t1 itself."""
-        rid = req.request_id
         if req.sampling.prompt_logprobs is not None:
             return None  # the prompt's logprobs come from its logits, which only a local prefill has
         thresholds = await self._thresholds.current(aredis)
-        queue_len = await aredis.llen(queues.PREFILL)
-        if not should_prefill_remotely(len(req.prompt_token_ids), req.prefix_hit_tokens, queue_len, thresholds):
+        backlog = max(await aredis.llen(queues.PREFILL), self.outstanding)
+        prompt_len, hit = len(req.prompt_token_ids), req.prefix_hit_tokens
+        if not should_prefill_remotely(prompt_len, hit, backlog, thresholds):
+            if should_prefill_remotely(prompt_len, hit, 0, thresholds):  # long enough: kept by the backlog
+                self._counters.num_local_by_backlog += 1
+                logger.info("[%s] prefilling %d tokens locally: %d remote prefills waiting "
+                            "(disagg.max_prefill_queue_size %d)", req.request_id, prompt_len - hit, backlog,
+                            thresholds.max_prefill_queue_size)
             return None
+        # Counted before the next await: requests deciding meanwhile on this loop see it.
+        self.outstanding += 1
+        try:
+            return await self._remote_leg(aredis, req, backlog)
+        finally:
+            self.outstanding -= 1
+
+    async def _remote_leg(self, aredis, req: GenerateRequest, backlog: int) -> DecodeLeg | None:
+        rid = req.request_id
         if not await self._prefill_workers_alive(aredis):
             self._counters.num_local_fallbacks += 1
             logger.warning("[%s] no live prefill worker; prefilling locally", rid)
@@ -141,8 +159,8 @@ class RemotePrefill:
             preq = PrefillRequest(rid, req.prompt_token_ids, self.worker_id, deadline_unix=time.time() + wait_s,
                                   sampling=req.sampling if first_token else None)
             await asyncio.get_running_loop().run_in_executor(None, self._send, preq)
-            logger.info("[%s] remote prefill of %d tokens requested (queue %d, %s%s)", rid,
-                        len(req.prompt_token_ids), queue_len, self.transfer.connector,
+            logger.info("[%s] remote prefill of %d tokens requested (backlog %d, %s%s)", rid,
+                        len(req.prompt_token_ids), backlog, self.transfer.connector,
                         ", first token from the prefill engine" if first_token else "")
             params, prefill_worker = await self.transfer.wait(aredis, pubsub, rid, wait_s)
             if first_token:

@@ -27,8 +27,8 @@ logger = logging.getLogger(__name__)
 
 # Figures that only ever grow; Prometheus gets them as counters.
 COUNTER_FIGURES = {"prefix_cache_queries", "prefix_cache_hits", "num_batched_steps", "num_remote_prefills",
-                   "num_local_fallbacks", "num_prefills_served", "num_prefills_dropped", "num_prefill_done_notices",
-                   "kv_transfer_bytes", "kv_transfer_seconds", "scheduler_moves"}
+                   "num_local_fallbacks", "num_local_by_backlog", "num_prefills_served", "num_prefills_dropped",
+                   "num_prefill_done_notices", "kv_transfer_bytes", "kv_transfer_seconds", "scheduler_moves"}
 
 class WorkerRuntime:
     """What every engine worker has: its engine, heartbeat and metrics; the KV-event forwarder
