@@ -219,6 +219,44 @@ def test_other_requests_keep_streaming_during_a_remote_prefill(disagg):
     assert after.num_local_fallbacks == before.num_local_fallbacks
 
 
+def test_a_long_prompt_prefills_locally_while_the_backlog_is_full(disagg):
+    """The prefill worker takes a queued prefill at once, so while its frozen engine holds one
+    remote prefill the `prefill` queue is empty: the decode worker's own count of unanswered
+    remote prefills keeps the next long prompt local at max_prefill_queue_size 1, and that one is
+    answered while the first still waits."""
+    if disagg.settings.disagg.connector != "pull":
+        pytest.skip("the backlog is the same code for both connectors; tested on pull")
+    from kvtransfer.policy import THRESHOLDS_CACHE_S
+
+    before = settled(disagg, "decode", lambda w: w.kv_blocks_used == 0, "the decode worker to be idle")
+    received_before = prefill_tasks_received(disagg)
+    result: dict = {}
+
+    def ask_long():
+        result["first"] = greedy(disagg, long_prompt(20), max_tokens=2)
+
+    disagg.redis.hset(keys.DISAGG_THRESHOLDS, "max_prefill_queue_size", 1)
+    try:
+        # The documented re-read interval: every decision after it sees the new limit.
+        time.sleep(THRESHOLDS_CACHE_S + 0.1)
+        with frozen_prefill_engine(disagg):
+            t = threading.Thread(target=ask_long)
+            t.start()
+            wait_for(lambda: prefill_tasks_received(disagg) > received_before, 30, "the prefill worker's pickup")
+            assert disagg.redis.llen(queues.PREFILL) == 0
+            second = greedy(disagg, long_prompt(21), max_tokens=2)
+            assert second.usage.completion_tokens == 2 and "first" not in result
+        t.join(timeout=120)
+    finally:
+        disagg.redis.delete(keys.DISAGG_THRESHOLDS)
+    assert result["first"].usage.completion_tokens == 2
+    after = settled(disagg, "decode", lambda w: w.num_remote_prefills > before.num_remote_prefills
+                    and w.num_local_by_backlog > before.num_local_by_backlog, "the remote and the local prefill")
+    assert (after.num_remote_prefills, after.num_local_by_backlog) == (before.num_remote_prefills + 1,
+                                                                      before.num_local_by_backlog + 1)
+    assert after.num_local_fallbacks == before.num_local_fallbacks
+
+
 def test_prefill_for_a_gone_decode_worker_is_dropped(disagg):
     from tasks.celery_app import make_celery
 
