@@ -39,8 +39,8 @@ class WorkerStatus(msgspec.Struct, frozen=True):
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
     # Disaggregation: decode workers count remote prefills, local fallbacks and long prompts kept
-    # local by the prefill backlog; prefill workers
-    # count prefills served and dropped; both count KV moved over NIXL.
+    # local by the prefill backlog; prefill workers count prefills served and dropped; both count
+    # KV moved over NIXL.
     num_remote_prefills: int = 0
     num_local_fallbacks: int = 0
     num_local_by_backlog: int = 0
